@@ -1,0 +1,1 @@
+"""The data plane: windows and splits, normalisation statistics, shard plans and rank loaders."""

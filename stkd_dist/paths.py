@@ -1,0 +1,70 @@
+"""Where stkd-dist keeps its files.
+
+The storage root holds datasets (``datasets/NAME.zarr``), soft-label caches, checkpoints and runs
+(``runs/RUN``). It is ``storage/`` in the current directory by default; ``STKD_STORAGE`` or the
+``--storage`` option moves it (a local path or a mounted volume).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from stkd_dist.errors import StoreError
+
+STORAGE_ENV = "STKD_STORAGE"
+DEFAULT_STORAGE = "storage"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def storage_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """Return the storage root: ``override``, else ``$STKD_STORAGE``, else ``./storage``."""
+    if override:
+        return Path(override).expanduser()
+    return Path(os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE).expanduser()
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Validate a dataset or run name (letters, digits, ``_.-``; no path separators)."""
+    if not _NAME_RE.match(name) or name.endswith(".zarr"):
+        raise StoreError(
+            f"{name!r} is not a valid {what}: use letters, digits, '_', '.' or '-' "
+            "(no slashes, no '.zarr' suffix)",
+            where=f"--{what}",
+        )
+    return name
+
+
+def dataset_path(name: str, storage: str | os.PathLike[str] | None = None) -> Path:
+    """Path of the store of dataset ``name`` under the storage root."""
+    return storage_root(storage) / "datasets" / f"{check_name(name)}.zarr"
+
+
+def resolve_dataset(
+    ref: str | os.PathLike[str], storage: str | os.PathLike[str] | None = None
+) -> Path:
+    """Resolve a dataset given as a store path or as a name under ``<storage>/datasets``.
+
+    A reference that exists as a path wins; otherwise a plain name is looked up in the storage
+    root. Raises :class:`StoreError` naming both places when neither exists.
+    """
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    text = str(ref)
+    if _NAME_RE.match(text) and not text.endswith(".zarr"):
+        named = dataset_path(text, storage)
+        if named.exists():
+            return named
+        raise StoreError(
+            f"no store at {path} and no dataset named {text!r} at {named} "
+            "(create one with `stkd ingest` or `stkd synth`)",
+            where=text,
+        )
+    raise StoreError("no such store (give a store path or a dataset name)", where=str(ref))
+
+
+def run_dir(run_name: str, storage: str | os.PathLike[str] | None = None) -> Path:
+    """Directory of run ``run_name``: ``<storage>/runs/<run_name>``."""
+    return storage_root(storage) / "runs" / check_name(run_name, "run-name")

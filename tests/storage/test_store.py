@@ -1,0 +1,147 @@
+"""The canonical store: layout, xarray round-trip, atomic writes, validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from stkd_dist.errors import InputError, StoreError
+from stkd_dist.storage import SCHEMA_VERSION, StoreMeta, choose_chunks, open_store, write_store
+
+
+def test_xarray_reads_store_with_named_dims(make_store):
+    path = make_store(steps=200, nodes=5, channels=2)
+    ds = xr.open_zarr(path)
+    assert dict(ds.sizes) == {"time": 200, "node": 5, "channel": 2}
+    assert ds["values"].dims == ("time", "node", "channel")
+    assert list(ds["channel"].values) == ["c0", "c1"]
+    assert list(ds["node"].values) == [f"n{i}" for i in range(5)]
+    assert ds["time"].dtype.kind == "M"
+    assert pd.Timestamp(ds["time"].values[1]) - pd.Timestamp(ds["time"].values[0]) == pd.Timedelta(
+        "5min"
+    )
+    # unobserved readings are NaN in `values` and False in `mask`
+    values, mask = ds["values"].values, ds["mask"].values
+    assert np.array_equal(np.isnan(values), ~mask)
+
+
+def test_store_attributes(make_store):
+    store = open_store(make_store(steps=300, chunk_steps=50))
+    attrs = store.attrs
+    assert attrs["stkd_schema_version"] == SCHEMA_VERSION
+    assert store.chunks == (50, 6, 2)
+    assert len(store.fingerprint) == 32
+    observed = store.mask[...]
+    assert attrs["missing_fraction"] == pytest.approx(1 - observed.mean())
+    assert set(attrs["missing"]) == {"c0", "c1"}
+    assert "0-210" in attrs["stats"]  # default 70 % training split of 300 steps
+
+
+def test_fingerprint_depends_on_content_not_chunking(tmp_path):
+    from tests.conftest import random_store
+
+    a = open_store(random_store(tmp_path / "a.zarr", chunk_steps=32, seed=1)).fingerprint
+    b = open_store(random_store(tmp_path / "b.zarr", chunk_steps=100, seed=1)).fingerprint
+    c = open_store(random_store(tmp_path / "c.zarr", chunk_steps=32, seed=2)).fingerprint
+    assert a == b
+    assert a != c
+
+
+def _meta(steps: int, nodes: int, channels: int, **kw) -> StoreMeta:
+    return StoreMeta(
+        name="x",
+        time=pd.date_range("2024-01-01", periods=steps, freq="5min"),
+        node_ids=[str(i) for i in range(nodes)],
+        channels=[f"c{i}" for i in range(channels)],
+        freq="5min",
+        **kw,
+    )
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    values = da.ones((10, 3, 1), chunks=(5, 3, 1))
+    mask = da.ones((10, 3, 1), dtype=bool, chunks=(5, 3, 1))
+    dest = tmp_path / "bad.zarr"
+    with pytest.raises(InputError, match="adjacency is 2x2 but the data has 3 nodes"):
+        write_store(dest, values, mask, _meta(10, 3, 1, adjacency=np.eye(2)))
+    assert list(tmp_path.iterdir()) == []
+
+    def boom(block):
+        raise RuntimeError("disk full")
+
+    broken = values.map_blocks(boom, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_store(dest, broken, mask, _meta(10, 3, 1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_needs_overwrite(make_store):
+    path = make_store()
+    before = open_store(path).fingerprint
+    values = da.zeros((40, 2, 1), chunks=(20, 2, 1))
+    mask = da.ones((40, 2, 1), dtype=bool, chunks=(20, 2, 1))
+    with pytest.raises(StoreError, match="destination exists"):
+        write_store(path, values, mask, _meta(40, 2, 1))
+    assert open_store(path).fingerprint == before
+    write_store(path, values, mask, _meta(40, 2, 1), overwrite=True)
+    assert open_store(path).shape == (40, 2, 1)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_missing_chunk_is_detected(make_store):
+    path = make_store(steps=200, chunk_steps=50)
+    chunk = next(p for p in (path / "values" / "c").rglob("*") if p.is_file())
+    chunk.unlink()
+    with pytest.raises(StoreError, match="chunks missing on disk"):
+        open_store(path)
+
+
+def test_corrupted_chunk_is_reported_on_read(make_store):
+    path = make_store(steps=200, chunk_steps=50)
+    chunk = path / "values" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(b"garbage" * 10)
+    store = open_store(path)
+    store.read(0, 50)  # chunk 0 is intact
+    with pytest.raises(StoreError, match="corrupted"):
+        store.read(40, 60)
+
+
+def test_other_schema_version_is_rejected(make_store):
+    path = make_store()
+    meta_file = path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["stkd_schema_version"] = 99
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="schema version is 99"):
+        open_store(path)
+
+
+def test_open_by_name(storage_root: Path, make_store):
+    src = make_store(name="mini")
+    (storage_root / "datasets").mkdir()
+    shutil.copytree(src, storage_root / "datasets" / "mini.zarr")
+    assert open_store("mini").name == "mini"
+    with pytest.raises(StoreError, match="no dataset named 'nope'"):
+        open_store("nope")
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((2016, 207, 1), (2016, 207, 1)),  # Los-loop: small, one time chunk
+        ((500_000, 2000, 1), (524, 2000, 1)),  # long and wide: ~4 MiB chunks along time
+        ((100, 1_000_000, 3), (100, 1365, 3)),  # very wide: nodes chunked too
+    ],
+)
+def test_choose_chunks(shape, expected):
+    chunks = choose_chunks(*shape)
+    assert chunks == expected
+    nbytes = np.prod(chunks) * 4
+    assert nbytes <= 16 * 2**20

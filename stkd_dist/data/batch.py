@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -42,3 +43,20 @@ class WindowBatch(NamedTuple):
     @property
     def size(self) -> int:
         return int(self.index.shape[0])
+
+
+@dataclass(frozen=True)
+class DataDims:
+    """The sizes a model is built for, derived from a dataset and a window spec."""
+
+    nodes: int
+    input_steps: int
+    horizon: int
+    in_channels: int
+    out_channels: int
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "input_steps", "horizon", "in_channels", "out_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DataDims.{name} must be a positive int, got {value!r}")

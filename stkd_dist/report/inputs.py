@@ -1,0 +1,91 @@
+"""What a report is made from: the files a run directory holds.
+
+A run directory (``<storage>/runs/<run>/``) holds:
+
+* ``metrics.json`` (required): one entry per model or baseline (``teacher``, ``student_kd``,
+  ``student_scratch``, ``last_value``, ``historical_average``) with ``mae``, ``rmse``, ``mape`` and
+  per-horizon lists (``mae_per_horizon``, ...); models also ``params`` and ``latency_ms``; optional
+  ``mae_per_node``. A ``dataset`` entry has ``name``, ``fingerprint``, ``nodes``, ``steps``.
+* ``history.json`` (optional): ``{model: [{"epoch", "train_loss", "val_mae"}, ...]}``.
+* ``forecasts.npz`` (optional): ``time`` (datetime64 [T]), ``node_ids`` [S], ``truth`` [T, S] and one
+  array per model ``pred_<model>`` [T, S]: forecasts vs truth for a few sensors over a day.
+* ``locations.npz`` (optional): ``latitude``, ``longitude`` [node], for the per-sensor error map.
+* ``sweep/leaderboard.csv`` (optional): one row per trial (``trial``, ``params``, ``test_mae``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stkd_dist.errors import InputError
+
+MODEL_ORDER = ("teacher", "student_kd", "student_scratch", "last_value", "historical_average")
+LABELS = {
+    "teacher": "teacher",
+    "student_kd": "student (distilled)",
+    "student_scratch": "student (no distillation)",
+    "last_value": "last value",
+    "historical_average": "historical average",
+}
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """The parsed contents of a run directory."""
+
+    run_dir: Path
+    metrics: dict[str, dict[str, Any]]
+    dataset: dict[str, Any]
+    history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    forecasts: dict[str, np.ndarray] | None = None
+    locations: dict[str, np.ndarray] | None = None
+    leaderboard: pd.DataFrame | None = None
+
+    @property
+    def models(self) -> list[str]:
+        """Entries in display order: known names first, then any others."""
+        known = [m for m in MODEL_ORDER if m in self.metrics]
+        return known + sorted(m for m in self.metrics if m not in MODEL_ORDER)
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name.replace("_", " "))
+
+
+def load_inputs(run_dir: str | Path) -> ReportInputs:
+    """Read a run directory; raises :class:`InputError` when ``metrics.json`` is missing or bad."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        raise InputError("no metrics.json: run `stkd distill` (or evaluate) first", where=str(path))
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e})", where=str(path)) from e
+    dataset = raw.pop("dataset", {})
+    for name, entry in raw.items():
+        if not isinstance(entry, dict) or "mae" not in entry:
+            raise InputError(
+                f"entry {name!r} must be an object with at least 'mae'", where=str(path)
+            )
+    history = {}
+    if (run_dir / "history.json").exists():
+        history = json.loads((run_dir / "history.json").read_text())
+    forecasts = _npz(run_dir / "forecasts.npz")
+    locations = _npz(run_dir / "locations.npz")
+    board = run_dir / "sweep" / "leaderboard.csv"
+    leaderboard = pd.read_csv(board) if board.exists() else None
+    return ReportInputs(run_dir, raw, dataset, history, forecasts, locations, leaderboard)
+
+
+def _npz(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}

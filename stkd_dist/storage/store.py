@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
+import zarr.abc.store
 import zarr.errors
 
 from stkd_dist.errors import StoreError
@@ -36,15 +37,21 @@ class DatasetStore:
     Args:
         path: the ``.zarr`` directory.
         mode: ``"r"`` (default) or ``"r+"`` to update attributes (statistics).
+        zarr_store: read the arrays through this zarr store object instead of opening ``path``
+            directly (e.g. a wrapper that records which chunks are read); ``path`` must still
+            be the store's directory.
     """
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
+    def __init__(
+        self, path: str | Path, mode: str = "r", *, zarr_store: zarr.abc.store.Store | None = None
+    ) -> None:
         self.path = Path(path)
         where = str(self.path)
         if not self.path.exists():
             raise StoreError("no such store", where=where)
         try:
-            self.group = zarr.open_group(self.path, mode=mode, zarr_format=3)
+            source = self.path if zarr_store is None else zarr_store
+            self.group = zarr.open_group(source, mode=mode, zarr_format=3)
         except (
             zarr.errors.GroupNotFoundError,
             FileNotFoundError,

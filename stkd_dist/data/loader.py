@@ -1,0 +1,193 @@
+"""Rank loader: one rank's batches for one epoch, read block by block from the Zarr store.
+
+For each block of its :class:`~stkd_dist.data.plan.RankShard` the loader reads the block's steps
+plus the ``L+H-1``-step halo in one ``store.read`` (so only those chunks are touched), cuts the
+windows out with :meth:`WindowReader.batch_from_block` and yields :class:`WindowBatch` es of
+``plan.batch_size`` entries (a batch may take windows from two consecutive blocks).
+
+Prefetch uses one background **thread**, never a process: zarr v3 runs its I/O on an asyncio
+event loop in a thread of its own, and a process forked after that loop started inherits a loop
+whose thread does not exist in the child, so reads there can hang. Threads share the loop safely,
+and decompression and NumPy release the GIL, so a reading thread overlaps with batch assembly.
+(Use ``torch.utils.data.DataLoader(num_workers=0)`` and the ``spawn`` start method for any extra
+processes.)
+
+Memory: at most two blocks are held at once, the one batches are cut from and the next one being
+read, plus the batch under construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stkd_dist.data.batch import WindowBatch
+from stkd_dist.data.plan import ShardPlan, make_plan
+from stkd_dist.data.reader import WindowReader
+from stkd_dist.errors import InputError
+
+_Block = tuple[np.ndarray, np.ndarray]  # values float32, mask bool: [t, node, channel]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Entries ``[first, stop)`` of the rank's sequence, served from steps ``[lo, hi)``.
+
+    ``random`` segments (padding that reaches beyond the last block) are read window by window
+    with :meth:`WindowReader.batch` instead of as one block.
+    """
+
+    lo: int
+    hi: int
+    first: int
+    stop: int
+    random: bool = False
+
+
+def concat_batches(parts: list[WindowBatch]) -> WindowBatch:
+    """Concatenate batches along the batch dimension."""
+    if len(parts) == 1:
+        return parts[0]
+    return WindowBatch(*(torch.cat(ts) for ts in zip(*parts, strict=True)))
+
+
+class RankLoader:
+    """Iterates one rank's batches for one epoch: reads each block's chunks (plus the L+H-1 halo) from Zarr, prefetches the next block in a background THREAD, yields WindowBatch.
+
+    Every rank of a plan yields ``len(loader) == plan.num_batches`` batches and batch ``i`` has
+    the same size on every rank, so data-parallel ranks step in lockstep. Padding entries have
+    ``valid=False`` and an all-False ``mask``.
+
+    Args:
+        reader: the window reader of the dataset.
+        plan: the epoch's shard plan (the same on every rank).
+        rank: this rank, ``0 <= rank < plan.world_size``.
+        prefetch: read the next block in a background thread while batches are cut.
+    """
+
+    def __init__(
+        self, reader: WindowReader, plan: ShardPlan, rank: int, prefetch: bool = True
+    ) -> None:
+        self.reader = reader
+        self.plan = plan
+        self.rank = rank
+        self.prefetch = bool(prefetch)
+        self.shard = plan.rank(rank)  # validates the rank
+        if self.shard.windows and max(self.shard.windows) > reader.last_window:
+            raise InputError(
+                f"the plan has window {max(self.shard.windows)} but this dataset's last window "
+                f"is {reader.last_window}: the plan was made for another dataset or window",
+                where="plan",
+            )
+        self.indices, self.valid = self.shard.entries()  # [samples_per_rank]
+        self.segments = self._segments()
+
+    def _segments(self) -> list[Segment]:
+        length = self.reader.window.length
+        out: list[Segment] = []
+        pos = 0
+        for block in self.shard.blocks:
+            lo, hi = block.read_range(length)
+            out.append(Segment(lo, hi, pos, pos + len(block)))
+            pos += len(block)
+        assert pos == len(self.shard.windows)
+        if self.shard.padding:
+            last = self.shard.blocks[-1]
+            if self.shard.padding <= len(last):
+                # padding repeats the last block's windows: serve it from the block still held
+                tail = out.pop()
+                out.append(Segment(tail.lo, tail.hi, tail.first, pos + self.shard.padding))
+            else:
+                pad = self.indices[pos:]
+                lo, hi = int(pad.min()), int(pad.max()) + length
+                out.append(Segment(lo, hi, pos, pos + self.shard.padding, random=True))
+        return out
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    def _read(self, seg: Segment) -> _Block | None:
+        if seg.random:
+            return None  # read window by window when the batch is cut
+        return self.reader.store.read(seg.lo, seg.hi)
+
+    def _cut(self, seg: Segment, block: _Block | None, start: int, stop: int) -> WindowBatch:
+        idx, valid = self.indices[start:stop], self.valid[start:stop]
+        if block is None:
+            return self.reader.batch(idx, valid)
+        values, mask = block
+        return self.reader.batch_from_block(values, mask, seg.lo, idx, valid)
+
+    def __iter__(self) -> Iterator[WindowBatch]:
+        batch_size = self.plan.batch_size
+        total = self.plan.samples_per_rank
+        pending: list[WindowBatch] = []
+        pool = ThreadPoolExecutor(1, thread_name_prefix="stkd-prefetch") if self.prefetch else None
+        try:
+            future: Future[_Block | None] | None = None
+            if pool is not None:
+                future = pool.submit(self._read, self.segments[0])
+            for i, seg in enumerate(self.segments):
+                if future is not None:
+                    block = future.result()  # re-raises a read error of the background thread
+                    future = None
+                else:
+                    block = self._read(seg)
+                if pool is not None and i + 1 < len(self.segments):
+                    # the next block is read while this one is cut: two blocks in memory at most
+                    future = pool.submit(self._read, self.segments[i + 1])
+                pos = seg.first
+                while pos < seg.stop:
+                    batch_end = min((pos // batch_size + 1) * batch_size, total)
+                    end = min(seg.stop, batch_end)
+                    pending.append(self._cut(seg, block, pos, end))
+                    pos = end
+                    if end == batch_end:
+                        yield concat_batches(pending)
+                        pending = []
+                del block  # release the current block before taking the next one
+            assert not pending
+        finally:
+            if pool is not None:
+                # wait for an in-flight read so no thread touches the store after we return
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"RankLoader(rank={self.rank}/{self.plan.world_size}, split={self.plan.split!r}, "
+            f"epoch={self.plan.epoch}, batches={len(self)}, blocks={len(self.shard.blocks)})"
+        )
+
+
+def make_loader(
+    reader: WindowReader,
+    split: str,
+    world_size: int = 1,
+    rank: int = 0,
+    *,
+    epoch: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+    shuffle: bool | None = None,
+    prefetch: bool = True,
+) -> RankLoader:
+    """The loader of ``rank`` for ``split`` and ``epoch``.
+
+    Every rank calls this with the same arguments except ``rank`` and gets its part of the same
+    plan. ``shuffle`` defaults to True for the training split and False otherwise.
+    """
+    plan = make_plan(
+        reader.windows(split),
+        reader.store.chunks[0],
+        world_size,
+        epoch=epoch,
+        seed=seed,
+        batch_size=batch_size,
+        shuffle=split == "train" if shuffle is None else shuffle,
+        split=split,
+    )
+    return RankLoader(reader, plan, rank, prefetch=prefetch)

@@ -1,0 +1,110 @@
+"""A real local multi-node Ray cluster (head + 2 worker raylets) and real jobs through the Jobs API.
+
+Uses the shared ``local_ray_cluster`` fixture (tests/conftest.py), which starts the cluster with
+``stkd cluster local start`` and stops it in teardown even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stkd_dist.cli import main
+from stkd_dist.storage import open_store
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def json_objects(text: str) -> list[Any]:
+    """Every JSON object that starts at the beginning of a line of ``text`` (job logs mix them)."""
+    decoder = json.JSONDecoder()
+    found, pos = [], 0
+    while (pos := text.find("{", pos)) != -1:
+        if pos == 0 or text[pos - 1] == "\n":
+            try:
+                obj, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError:
+                pos += 1
+                continue
+            found.append(obj)
+            pos = end
+        else:
+            pos += 1
+    return found
+
+
+def test_submitted_job_runs_on_the_worker_nodes(
+    local_ray_cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster = local_ray_cluster
+    storage = tmp_path / "storage"
+    command = (
+        "cluster probe --json && stkd synth --nodes 5 --steps 300 --name j1 && stkd info j1 --json"
+    )
+    done = cluster.stkd(
+        "--storage", storage, "submit", "--address", cluster.dashboard_url,
+        "--job-id", "j1-synth", "--", command,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "j1-synth" in done.stderr and "SUCCEEDED" in done.stderr
+
+    objects = json_objects(done.stdout)
+    # placement: one task pinned to every node ran there; the workers are distinct nodes and are
+    # exactly the nodes that carry the per-worker resources
+    probe = next(o["probe"] for o in objects if "probe" in o)
+    assert all(p["ran_on"] == p["node_id"] for p in probe)
+    by_node = {p["node_id"]: p for p in probe}
+    assert set(by_node) == {cluster.head_node_id, *cluster.worker_node_ids.values()}
+    assert by_node[cluster.head_node_id]["is_head"]
+    for i, node_id in cluster.worker_node_ids.items():
+        assert by_node[node_id]["custom_resources"] == {f"stkd_worker_{i}": 1.0}
+    assert len(set(cluster.worker_node_ids.values())) == 2
+
+    # the job's output and its effect on the (shared) storage root
+    info = next(o for o in objects if o.get("name") == "j1")
+    assert (info["steps"], info["nodes"], info["channels"]) == (300, 5, ["flow"])
+    store = open_store(storage / "datasets" / "j1.zarr")
+    assert store.shape == (300, 5, 1)
+    assert store.fingerprint == info["fingerprint"]
+
+    # a failing job: its exit status comes back, the Ray message tail is not repeated
+    failed = cluster.stkd("submit", "--address", cluster.dashboard_url, "--", "info", "no-such-ds")
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert "no-such-ds" in failed.stdout  # the job's own one-line error, streamed
+    assert "FAILED (exit status 2)" in failed.stderr
+
+    # jobs, logs and unknown ids through the same API, in this process
+    assert main(["jobs", "--address", cluster.dashboard_url, "--json"]) == 0
+    listed = {j["job_id"]: j for j in json.loads(capsys.readouterr().out)}
+    assert listed["j1-synth"]["status"] == "SUCCEEDED"
+    assert listed["j1-synth"]["entrypoint"] == f"stkd {command}"
+    assert sorted(j["status"] for j in listed.values()) == ["FAILED", "SUCCEEDED"]
+    assert main(["logs", "j1-synth", "--address", cluster.dashboard_url]) == 0
+    assert "synthesised 'j1'" in capsys.readouterr().out
+    assert main(["logs", "nope", "--address", cluster.dashboard_url]) == 2
+    assert "nope: no such job" in capsys.readouterr().err
+
+    # the shell script is the same implementation
+    status = subprocess.run(
+        [
+            str(REPO / "cluster" / "local.sh"),
+            "status",
+            "--state-dir",
+            str(cluster.state_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["running"] and report["dashboard_url"] == cluster.dashboard_url
+    alive = {n["node_id"] for n in report["nodes"] if n["state"] == "ALIVE"}
+    assert alive == set(by_node)

@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable
 
 import dask
-import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
@@ -136,8 +135,8 @@ class HistoricalAverage:
         slots = week_slot(mow, step, n_slots)  # [t]
         targets = reader.target_idx
         # one time chunk per task, every node and target channel in it
-        values = da.from_zarr(store.values)[lo:hi][:, :, targets].rechunk({1: -1, 2: -1})
-        mask = da.from_zarr(store.mask)[lo:hi][:, :, targets].rechunk(values.chunks)
+        values = store.dask("values")[lo:hi][:, :, targets].rechunk({1: -1, 2: -1})
+        mask = store.dask("mask")[lo:hi][:, :, targets].rechunk(values.chunks)
         bounds = np.cumsum((0, *values.chunks[0]))
         parts = [
             dask.delayed(_slot_sums)(v, m, slots[a:b], n_slots)

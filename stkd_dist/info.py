@@ -96,8 +96,8 @@ class DatasetInfo:
 
 def channel_statistics(store: DatasetStore) -> dict[str, ChannelStats]:
     """Per-channel count, missing, mean, std (population), min and max of observed readings."""
-    values = da.from_zarr(store.values)  # [time, node, channel] float32
-    mask = da.from_zarr(store.mask)
+    values = store.dask("values")  # [time, node, channel] float32
+    mask = store.dask("mask")
     x = da.where(mask, values, np.nan).astype(np.float64)
     axes = (0, 1)
     with warnings.catch_warnings():

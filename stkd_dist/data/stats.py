@@ -73,8 +73,8 @@ def _key(steps: tuple[int, int]) -> str:
 def compute_stats(store: DatasetStore, steps: tuple[int, int]) -> Stats:
     """Compute masked statistics over steps ``[start, end)`` with Dask (chunk by chunk)."""
     lo, hi = steps
-    values = da.from_zarr(store.values)[lo:hi]  # [t, node, channel]
-    mask = da.from_zarr(store.mask)[lo:hi]
+    values = store.dask("values")[lo:hi]  # [t, node, channel]
+    mask = store.dask("mask")[lo:hi]
     x = da.where(mask, values, 0.0).astype(np.float64)
     m = mask.astype(np.float64)
     n_nc, s_nc, ss_nc = compute(

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 import zarr
 
 from stkd_dist.compute import compute
 from stkd_dist.storage.layout import GRAPH_GROUP
+from stkd_dist.storage.lazy import dask_array
 
 FINGERPRINT_BLOCK = 1024
 
@@ -35,11 +35,10 @@ def _block_digest(values: np.ndarray, mask: np.ndarray) -> tuple[bytes, np.ndarr
 def fingerprint_store(path: str | Path) -> dict[str, Any]:
     """Compute ``fingerprint``, ``missing`` (per channel) and ``missing_fraction`` of a store."""
     root = zarr.open_group(path, mode="r", zarr_format=3)
-    values, mask = root["values"], root["mask"]
-    steps, nodes, channels = values.shape
+    steps, nodes, channels = root["values"].shape
     block = (min(FINGERPRINT_BLOCK, steps), nodes, channels)
-    v = da.from_zarr(values).rechunk(block).to_delayed().ravel()
-    m = da.from_zarr(mask).rechunk(block).to_delayed().ravel()
+    v = dask_array(path, "values").rechunk(block).to_delayed().ravel()
+    m = dask_array(path, "mask").rechunk(block).to_delayed().ravel()
     parts = compute(*[dask.delayed(_block_digest)(vb, mb) for vb, mb in zip(v, m, strict=True)])
 
     h = hashlib.sha256()

@@ -7,6 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -25,6 +26,7 @@ from stkd_dist.storage.layout import (
     SCHEMA_VERSION,
     consolidate,
 )
+from stkd_dist.storage.lazy import dask_array
 
 
 class DatasetStore:
@@ -187,6 +189,10 @@ class DatasetStore:
                 where=str(self.path),
             ) from e
         return values, mask
+
+    def dask(self, name: str) -> da.Array:
+        """``values`` or ``mask`` as a Dask array that every Dask scheduler (Ray's too) can run."""
+        return dask_array(self.path, name)
 
     def xarray(self) -> xr.Dataset:
         """The root group as a lazy xarray Dataset (dims ``time``, ``node``, ``channel``)."""

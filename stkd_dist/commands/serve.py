@@ -1,0 +1,205 @@
+"""``stkd serve``: serve a teacher's soft labels over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import torch
+
+from stkd_dist.errors import ConfigError
+from stkd_dist.serving import codec
+from stkd_dist.serving.auth import ServerTls, resolve_token
+from stkd_dist.serving.cache import (
+    SERVE_MEMORY_BYTES,
+    LabelCache,
+    default_cache_path,
+    open_cache,
+)
+from stkd_dist.serving.server import ServerConfig, TeacherServer
+from stkd_dist.serving.teacher import Teacher, load_teacher
+
+log = logging.getLogger("stkd.serve")
+
+EPILOG = """\
+examples:
+  # local, no security: binds 127.0.0.1 only
+  stkd serve --checkpoint my-run --data demo --port 50051
+
+  # serve from the label cache made by `stkd precompute-labels`, filling it where it has gaps
+  stkd serve --checkpoint my-run --data demo --cache auto --write-through
+
+  # reachable from other machines: TLS, client certificates and a token, Prometheus metrics
+  STKD_TOKEN=s3cret stkd serve --checkpoint my-run --data demo --host 0.0.0.0 --port 50051 \\
+      --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem --metrics-port 9100
+
+Without TLS and without a token the server binds 127.0.0.1 whatever --host says. SIGTERM drains:
+health turns NOT_SERVING, new streams are refused, in-flight ones get --drain-grace seconds,
+then end at a chunk boundary and their clients resume on another replica.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` parser."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a teacher's soft labels to student workers (gRPC)",
+        description=(
+            "Load a teacher from its checkpoint and stream its outputs (soft labels) on the "
+            "windows of its dataset to students over gRPC. Concurrent streams share one batching "
+            "queue; labels found in the label cache are served without running the teacher."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="teacher checkpoint, run dir or run name")
+    p.add_argument("--data", required=True, help="the teacher's dataset (store path or name)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    net.add_argument("--port", type=int, default=50051, help="port (0 = a free one; default 50051)")
+    net.add_argument("--max-streams", type=int, default=16, help="concurrent streams (default 16)")
+    net.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=codec.DEFAULT_MAX_MESSAGE_BYTES,
+        help=f"largest chunk message (default {codec.DEFAULT_MAX_MESSAGE_BYTES})",
+    )
+    net.add_argument(
+        "--drain-grace", type=float, default=10.0, help="seconds streams run on after SIGTERM"
+    )
+    net.add_argument("--ready-file", type=Path, help="write {address, port, pid} here when up")
+    inf = p.add_argument_group("inference")
+    inf.add_argument("--batch-size", type=int, default=64, help="windows per forward (default 64)")
+    inf.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
+    )
+    inf.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    cache = p.add_argument_group("label cache")
+    cache.add_argument(
+        "--cache",
+        help="label cache to serve from: a path, or 'auto' = <storage>/labels/<fingerprint>/"
+        "<teacher version>.zarr",
+    )
+    cache.add_argument(
+        "--write-through", action="store_true", help="store every computed label in the cache"
+    )
+    cache.add_argument(
+        "--cache-memory-mb",
+        type=int,
+        default=SERVE_MEMORY_BYTES // 2**20,
+        help="hold cached splits up to this size in memory (default %(default)s MiB; 0 = read "
+        "every chunk from Zarr)",
+    )
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    sec.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    sec.add_argument("--tls-client-ca", type=Path, help="require client certificates from this CA")
+    sec.add_argument("--token", help="bearer token clients must send (default $STKD_TOKEN)")
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=run)
+
+
+def _tls(args: argparse.Namespace) -> ServerTls | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ConfigError("needs --tls-cert and --tls-key", where="--tls-client-ca")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ConfigError("give both --tls-cert and --tls-key", where="--tls-cert")
+    return ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def _check_cache_args(args: argparse.Namespace) -> None:
+    if args.cache_memory_mb < 0:
+        raise ConfigError(f"must be >= 0, got {args.cache_memory_mb}", where="--cache-memory-mb")
+    if args.write_through and args.cache is None:
+        raise ConfigError("needs --cache PATH or --cache auto", where="--write-through")
+
+
+def _cache(args: argparse.Namespace, teacher: Teacher) -> LabelCache | None:
+    if args.cache is None:
+        return None
+    meta = teacher.meta
+    if args.cache == "auto":
+        path = default_cache_path(meta.fingerprint, meta.version)
+        if not path.exists() and not args.write_through:
+            log.info("no label cache at %s: every label comes from the teacher", path)
+            return None
+    else:
+        path = Path(args.cache)
+    return open_cache(
+        path, meta, writable=args.write_through, memory_bytes=args.cache_memory_mb * 2**20
+    )
+
+
+def _write_ready(path: Path, server: TeacherServer) -> None:
+    data = {
+        "address": server.address,
+        "host": server.host,
+        "port": server.port,
+        "pid": os.getpid(),
+        "metrics_port": server.metrics_port,
+        "teacher_version": server.teacher.version,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``stkd serve`` until SIGTERM/SIGINT has drained it."""
+    _check_cache_args(args)  # before the (slow) teacher load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_streams=args.max_streams,
+        batch_size=args.batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000.0,
+        max_message_bytes=args.max_message_bytes,
+        token=resolve_token(args.token),
+        tls=_tls(args),
+        drain_grace_s=args.drain_grace,
+        metrics_port=args.metrics_port,
+    )
+    print(f"stkd serve: loading teacher {args.checkpoint}", file=sys.stderr, flush=True)
+    teacher = load_teacher(args.checkpoint, args.data)
+    server = TeacherServer(teacher, config, _cache(args, teacher), args.write_through)
+    server.start()
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        signals["count"] += 1
+        if signals["count"] == 1:
+            # drain in a thread: it waits for streams, which need this (main) thread free
+            threading.Thread(target=server.drain, name="stkd-drain", daemon=True).start()
+        else:
+            threading.Thread(target=server.stop, name="stkd-stop", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.ready_file is not None:
+        _write_ready(args.ready_file, server)
+    print(
+        f"stkd serve: teacher {teacher.version} ({teacher.meta.model_key}) on {server.address}"
+        + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    while not server.wait(timeout=0.5):
+        pass
+    print(
+        f"stkd serve: stopped after {teacher.forward_windows} teacher forward windows",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0

@@ -1,0 +1,13 @@
+"""Teacher soft-label service: a gRPC server streaming a teacher's outputs, its client and cache.
+
+* :mod:`~stkd_dist.serving.codec`: tensors to bytes and back, checksums, chunking under a size limit.
+* :mod:`~stkd_dist.serving.teacher`: the teacher loaded from its checkpoint, batched inference.
+* :mod:`~stkd_dist.serving.batcher`: one batching queue shared by all concurrent streams.
+* :mod:`~stkd_dist.serving.cache`: the Zarr soft-label cache (``stkd precompute-labels``).
+* :mod:`~stkd_dist.serving.requests`: validation of label requests (status codes).
+* :mod:`~stkd_dist.serving.streaming`: producing the chunks of one request (cache, batcher).
+* :mod:`~stkd_dist.serving.server`: the ``TeacherService`` server (``stkd serve``).
+* :mod:`~stkd_dist.serving.auth`, :mod:`~stkd_dist.serving.metrics`: TLS and tokens, Prometheus.
+* :mod:`~stkd_dist.serving.client`: :class:`SoftLabelClient`, used by student workers.
+* :mod:`~stkd_dist.serving.discovery`: endpoint lists, DNS names and Ray actor replicas.
+"""

@@ -1,0 +1,461 @@
+"""The soft-label client student workers use: resume, failover and prefetch.
+
+:meth:`SoftLabelClient.stream` returns a :class:`LabelStream`: an iterator of
+``(indices [n], prediction [n, H, N, C], spread | None)`` over the requested windows, in order. A
+background thread reads the gRPC stream into a bounded queue of ``prefetch`` chunks, so the
+consumer does not wait while the teacher keeps up and memory stays bounded when it does not.
+
+Exactly once: every chunk names the cursor to resume after it. When a stream breaks (UNAVAILABLE,
+DEADLINE_EXCEEDED, a replica killed or draining, a checksum mismatch) the client reconnects, to the
+next replica when there is one, with exponential backoff, and asks for the same sequence from the
+last cursor it fully received. Chunks are handed to the consumer only after their checksum
+verified, so every window is delivered exactly once.
+
+Streams are :class:`~stkd_dist.serving.label_stream.LabelStream` objects (prefetch thread and
+``labels_for``), re-exported here.
+
+Consistency: every request names the dataset fingerprint, and after the first chunk the teacher
+version too (or the expected version from the start), so a replica serving another dataset or
+teacher refuses (FAILED_PRECONDITION): that is a :class:`LabelMismatchError`, never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from stkd_dist.errors import ConfigError, InputError, StkdError
+from stkd_dist.serving import codec
+from stkd_dist.serving.auth import ClientTls, bearer, resolve_token
+from stkd_dist.serving.discovery import Endpoint, EndpointSource
+from stkd_dist.serving.label_stream import LabelItem, LabelStream
+from stkd_dist.serving.proto_gen import teacher_pb2 as pb
+from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,  # a server that stops cancels its in-flight calls
+        grpc.StatusCode.INTERNAL,  # e.g. RST_STREAM from a peer that died mid-message
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+STREAM_LABELS = "/stkd.v1.TeacherService/StreamLabels"
+# most ranges in one request (~15 bytes each): keeps requests far below gRPC's 4 MiB default
+MAX_RANGES_PER_REQUEST = 100_000
+
+
+class LabelMismatchError(StkdError):
+    """The teacher serves another dataset or teacher version than the client expects."""
+
+
+class TeacherUnavailableError(StkdError):
+    """No replica could deliver the labels within the retry budget."""
+
+
+class TeacherRequestError(StkdError):
+    """The teacher refused the request (bad windows, split, token, ...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, where: str | None = None) -> None:
+        super().__init__(f"{code.name}: {message}", where=where)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff between reconnection attempts.
+
+    Attempt ``k`` (1-based, counted since the last chunk received) waits
+    ``min(max_s, initial_s * multiplier**(k-1))`` times a random factor in ``[0.5, 1]``; after
+    ``max_attempts`` attempts without progress the stream fails with
+    :class:`TeacherUnavailableError`.
+    """
+
+    initial_s: float = 0.05
+    max_s: float = 2.0
+    multiplier: float = 2.0
+    max_attempts: int = 10
+
+    def __post_init__(self) -> None:
+        if self.initial_s < 0 or self.max_s < self.initial_s or self.multiplier < 1:
+            raise ConfigError("need 0 <= initial_s <= max_s and multiplier >= 1", where="backoff")
+        if self.max_attempts < 1:
+            raise ConfigError(
+                f"must be >= 1, got {self.max_attempts}", where="backoff.max_attempts"
+            )
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_s, self.initial_s * self.multiplier ** max(attempt - 1, 0))
+        return base * random.uniform(0.5, 1.0)
+
+
+@dataclass
+class ClientStats:
+    """What a client did (all streams)."""
+
+    chunks: int = 0
+    windows: int = 0
+    bytes: int = 0
+    reconnects: int = 0
+    checksum_failures: int = 0
+    endpoints: set[str] = field(default_factory=set)
+
+
+def to_ranges(windows: Sequence[int] | np.ndarray) -> list[tuple[int, int, int]]:
+    """Compress an ordered window sequence into ``(start, stop, step)`` runs (order kept)."""
+    w = np.asarray(windows, dtype=np.int64).reshape(-1)
+    out: list[tuple[int, int, int]] = []
+    i, n = 0, len(w)
+    while i < n:
+        if i + 1 < n and w[i + 1] > w[i]:
+            step = int(w[i + 1] - w[i])
+            j = i + 1
+            while j + 1 < n and w[j + 1] - w[j] == step:
+                j += 1
+            out.append((int(w[i]), int(w[j]) + 1, step))
+            i = j + 1
+        else:
+            out.append((int(w[i]), int(w[i]) + 1, 1))
+            i += 1
+    return out
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """A shard plan the server recomputes (see :func:`stkd_dist.data.plan.make_plan`)."""
+
+    world_size: int
+    rank: int
+    epoch: int = 0
+    seed: int = 0
+    batch_size: int = 32
+    shuffle: bool = True
+
+
+class SoftLabelClient:
+    """Client of one or more teacher replicas.
+
+    Args:
+        endpoints: ``host:port`` (list or comma-separated), ``dns:///name:port`` or
+            ``ray:PREFIX`` (see :mod:`~stkd_dist.serving.discovery`).
+        token: bearer token (default ``$STKD_TOKEN``).
+        tls_ca: CA certificate (PEM path) to verify the servers with; enables TLS.
+        tls_cert, tls_key: client certificate and key for mutual TLS.
+        expected_fingerprint: the fingerprint of the dataset the labels must be for.
+        expected_version: the teacher version required (None = whichever the first replica
+            serves; every later chunk, from any replica, must then be of that version).
+        wire_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        prefetch: chunks buffered ahead of the consumer.
+        max_message_bytes: largest chunk accepted.
+        deadline: seconds one call may take before it is resumed with a new call (None = none).
+        backoff: reconnection policy.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        expected_fingerprint: str,
+        expected_version: str | None = None,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        wire_dtype: str = "float32",
+        prefetch: int = 4,
+        max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+        deadline: float | None = 300.0,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        if not expected_fingerprint:
+            raise ConfigError(
+                "the expected dataset fingerprint is required", "expected_fingerprint"
+            )
+        if prefetch < 1:
+            raise ConfigError(f"must be >= 1, got {prefetch}", where="prefetch")
+        if deadline is not None and deadline <= 0:
+            raise ConfigError(f"must be > 0 seconds, got {deadline}", where="deadline")
+        self.source = EndpointSource(endpoints)
+        self.expected_fingerprint = expected_fingerprint
+        self.version = expected_version
+        self.wire_dtype = codec.wire_dtype(wire_dtype)
+        self.prefetch = int(prefetch)
+        self.max_message_bytes = int(max_message_bytes)
+        self.deadline = deadline
+        self.backoff = backoff
+        token = resolve_token(token)
+        self._metadata = bearer(token) if token else ()
+        self._tls: ClientTls | None = None
+        if tls_ca is not None or tls_cert is not None:
+            self._tls = ClientTls(
+                ca=_path(tls_ca), cert=_path(tls_cert), key=_path(tls_key), target_name=None
+            )
+        self.stats = ClientStats()
+        self._lock = threading.Lock()
+        self._channels: dict[Endpoint, grpc.Channel] = {}
+        self._endpoints: list[Endpoint] = []
+        self._next = random.randrange(1 << 16)  # spread clients over replicas
+        self._streams: list[LabelStream] = []
+
+    # -- connections ---------------------------------------------------------------------------
+    def _channel(self, ep: Endpoint) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(ep)
+            if ch is None:
+                limit = self.max_message_bytes + 64 * 1024
+                options: list[tuple[str, Any]] = [
+                    ("grpc.max_receive_message_length", max(limit, 4 * 1024 * 1024)),
+                    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                ]
+                if self._tls is not None:
+                    if ep.tls_name:
+                        options.append(("grpc.ssl_target_name_override", ep.tls_name))
+                    ch = grpc.secure_channel(ep.address, self._tls.credentials(), options)
+                else:
+                    ch = grpc.insecure_channel(ep.address, options)
+                self._channels[ep] = ch
+            return ch
+
+    def _pick(self, refresh: bool) -> Endpoint:
+        """The next replica, round robin; ``refresh`` resolves the endpoint source again."""
+        with self._lock:
+            if refresh or not self._endpoints:
+                try:
+                    found = self.source.resolve()
+                except ConfigError:
+                    if not self._endpoints:
+                        raise
+                    found = self._endpoints  # keep the last known replicas
+                self._endpoints = found
+            if not self._endpoints:
+                raise TeacherUnavailableError(
+                    "no teacher replica found", where=str(self.source.spec)
+                )
+            ep = self._endpoints[self._next % len(self._endpoints)]
+            self._next += 1
+            return ep
+
+    def describe(self) -> pb.TeacherInfo:
+        """``Describe`` of a replica, checked against the expected fingerprint and version."""
+        attempt = 0
+        while True:
+            ep = self._pick(refresh=attempt > 0)
+            stub = pb_grpc.TeacherServiceStub(self._channel(ep))
+            try:
+                info = stub.Describe(
+                    pb.DescribeRequest(), timeout=self.deadline, metadata=self._metadata
+                )
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                attempt += 1
+                if code not in RETRYABLE or attempt >= self.backoff.max_attempts:
+                    raise _request_error(code, e.details(), ep) from None  # type: ignore[attr-defined]
+                time.sleep(self.backoff.delay(attempt))
+                continue
+            self._check(info.dataset_fingerprint, info.teacher_version, ep)
+            return info
+
+    def _check(self, fingerprint: str, version: str, ep: Endpoint) -> None:
+        if fingerprint and fingerprint != self.expected_fingerprint:
+            raise LabelMismatchError(
+                f"the teacher at {ep.address} serves dataset {fingerprint}, expected "
+                f"{self.expected_fingerprint}",
+                where=ep.address,
+            )
+        with self._lock:
+            if self.version is None:
+                self.version = version  # pin: failover must not switch teachers
+            elif version != self.version:
+                raise LabelMismatchError(
+                    f"the teacher at {ep.address} serves version {version}, expected {self.version}",
+                    where=ep.address,
+                )
+
+    # -- streams -------------------------------------------------------------------------------
+    def stream(
+        self, split: str, windows: Sequence[int] | np.ndarray, *, spread: bool = False
+    ) -> LabelStream:
+        """Labels of ``windows`` of ``split``, in this order (see :class:`LabelStream`)."""
+        ranges = to_ranges(windows)
+        if not ranges:
+            raise InputError("no windows requested", where="windows")
+        requests = []
+        for lo in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
+            part = ranges[lo : lo + MAX_RANGES_PER_REQUEST]
+            sel = pb.WindowRanges(
+                ranges=[pb.WindowRange(start=a, stop=b, step=s) for a, b, s in part]
+            )
+            requests.append(self._request(split, spread, ranges=sel))
+        return self._open(requests, total=len(np.asarray(windows).reshape(-1)))
+
+    def stream_plan(self, split: str, plan: PlanRequest, *, spread: bool = False) -> LabelStream:
+        """Labels of the windows rank ``plan.rank`` reads in ``plan.epoch``, in that order.
+
+        The server recomputes the plan; padding entries are not streamed (see
+        :meth:`LabelStream.labels_for`).
+        """
+        spec = pb.ShardPlanSpec(
+            world_size=plan.world_size,
+            rank=plan.rank,
+            epoch=plan.epoch,
+            seed=plan.seed,
+            batch_size=plan.batch_size,
+            shuffle=plan.shuffle,
+        )
+        return self._open([self._request(split, spread, plan=spec)], total=None)
+
+    def _request(self, split: str, spread: bool, **selection: Any) -> pb.LabelRequest:
+        outputs = [pb.PREDICTION, pb.SPREAD] if spread else [pb.PREDICTION]
+        return pb.LabelRequest(
+            dataset_fingerprint=self.expected_fingerprint,
+            split=split,
+            wire_dtype=self.wire_dtype,
+            outputs=outputs,
+            max_message_bytes=self.max_message_bytes,
+            **selection,
+        )
+
+    def _open(self, requests: list[pb.LabelRequest], total: int | None) -> LabelStream:
+        stream = LabelStream(self._fetch, requests, total, self.prefetch)
+        with self._lock:
+            self._streams = [s for s in self._streams if not s.closed]
+            self._streams.append(stream)
+        return stream
+
+    def close(self) -> None:
+        """Stop every open stream and close the channels."""
+        with self._lock:
+            streams, self._streams = self._streams, []
+        for s in streams:
+            s.close()
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            ch.close()
+
+    def __enter__(self) -> SoftLabelClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one request, resumed until complete ---------------------------------------------------
+    def _fetch(
+        self, request: pb.LabelRequest, stream: LabelStream
+    ) -> Iterator[LabelItem]:  # runs in the stream's producer thread
+        cursor = 0
+        total: int | None = None
+        failures = 0
+        refresh = False
+        while total is None or cursor < total:
+            if stream.closed:
+                return
+            ep = self._pick(refresh)
+            refresh = False
+            req = pb.LabelRequest()
+            req.CopyFrom(request)
+            req.resume_cursor = cursor
+            req.teacher_version = self.version or ""
+            # chunks arrive as bytes: decode_chunk_bytes copies the labels once, where protobuf
+            # parsing would copy them twice
+            stream_labels = self._channel(ep).unary_stream(
+                STREAM_LABELS,
+                request_serializer=pb.LabelRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            call = stream_labels(req, timeout=self.deadline, metadata=self._metadata)
+            stream.call = call
+            try:
+                for data in call:
+                    chunk = codec.decode_chunk_bytes(data)  # raises ChecksumError
+                    self._check("", chunk.teacher_version, ep)
+                    if chunk.cursor - len(chunk.indices) != cursor:
+                        raise codec.ChecksumError(
+                            f"chunk covers [{chunk.cursor - len(chunk.indices)}, {chunk.cursor}), "
+                            f"expected it to start at {cursor}"
+                        )
+                    cursor, total, failures = chunk.cursor, chunk.total, 0
+                    with self._lock:
+                        self.stats.chunks += 1
+                        self.stats.windows += len(chunk.indices)
+                        self.stats.bytes += chunk.payload_bytes
+                        self.stats.endpoints.add(ep.address)
+                    yield chunk.indices, chunk.prediction, chunk.spread
+                    if stream.closed:
+                        call.cancel()
+                        return
+                if total is None:  # an empty sequence: the server had nothing to send
+                    return
+                if cursor < total:
+                    raise codec.ChecksumError(f"stream ended at cursor {cursor} of {total}")
+            except grpc.RpcError as e:
+                if stream.closed:
+                    return
+                code = e.code()  # type: ignore[attr-defined]
+                details = e.details()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise LabelMismatchError(details, where=ep.address) from None
+                if code not in RETRYABLE:
+                    raise _request_error(code, details, ep) from None
+                failures += 1
+                log.info("stream from %s broke (%s: %s); resuming at %d", ep.address,
+                         code.name, details, cursor)  # fmt: skip
+            except codec.ChecksumError as e:
+                call.cancel()
+                failures += 1
+                with self._lock:
+                    self.stats.checksum_failures += 1
+                log.warning("bad chunk from %s (%s); resuming at %d", ep.address, e, cursor)
+            else:
+                continue
+            if failures >= self.backoff.max_attempts:
+                raise TeacherUnavailableError(
+                    f"no replica delivered the labels after {failures} attempts (last: "
+                    f"{ep.address}); stopped at window {cursor} of {total if total is not None else '?'}",
+                    where=str(self.source.spec),
+                )
+            with self._lock:
+                self.stats.reconnects += 1
+            refresh = failures % max(len(self._endpoints), 1) == 0
+            time.sleep(self.backoff.delay(failures))
+
+
+def _request_error(code: grpc.StatusCode, details: str, ep: Endpoint) -> StkdError:
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return LabelMismatchError(details, where=ep.address)
+    if code in RETRYABLE:
+        return TeacherUnavailableError(f"{code.name}: {details}", where=ep.address)
+    return TeacherRequestError(code, details, where=ep.address)
+
+
+def _path(p: str | os.PathLike[str] | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
+__all__ = [
+    "Backoff",
+    "ClientStats",
+    "LabelItem",
+    "LabelMismatchError",
+    "LabelStream",
+    "PlanRequest",
+    "SoftLabelClient",
+    "TeacherRequestError",
+    "TeacherUnavailableError",
+    "to_ranges",
+]

@@ -1,0 +1,456 @@
+"""The ``TeacherService`` gRPC server (``stkd serve``).
+
+One server holds one :class:`~stkd_dist.serving.teacher.Teacher`. Every ``StreamLabels`` call
+turns its request into an ordered window sequence, then walks it chunk by chunk: windows found in
+the label cache are read from it, the others go to the shared :class:`Batcher` (a few chunks ahead,
+so the batcher always has work from every stream), and each chunk is encoded, checksummed and sent
+with the cursor to resume after it.
+
+Operations:
+
+* at most ``max_streams`` concurrent streams (RESOURCE_EXHAUSTED past it);
+* :meth:`TeacherServer.drain` (SIGTERM in ``stkd serve``): health goes NOT_SERVING first, new
+  streams get UNAVAILABLE, in-flight streams run on for ``drain_grace_s`` and are then ended at a
+  chunk boundary with UNAVAILABLE naming the cursor to resume at; then the server stops;
+* standard ``grpc.health.v1`` health checking (open, no token), Prometheus metrics, key=value logs.
+
+Status codes of bad requests: unknown dataset fingerprint or teacher version, or a spread the
+teacher does not have: FAILED_PRECONDITION; windows outside the split or a cursor past the end:
+OUT_OF_RANGE; malformed ranges, split or plan: INVALID_ARGUMENT; no or wrong token:
+UNAUTHENTICATED (see :mod:`~stkd_dist.serving.auth`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stkd_dist.errors import ConfigError
+from stkd_dist.serving import codec
+from stkd_dist.serving.auth import ServerTls, TokenAuthInterceptor
+from stkd_dist.serving.batcher import Batcher, BatcherStats, Labels
+from stkd_dist.serving.cache import LabelCache
+from stkd_dist.serving.metrics import ServerMetrics, log_event
+from stkd_dist.serving.proto_gen import teacher_pb2 as pb
+from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
+from stkd_dist.serving.requests import LabelPlan, RequestError, resolve_request
+from stkd_dist.serving.streaming import ChunkProducer
+from stkd_dist.serving.teacher import Teacher
+from stkd_dist.serving.write_through import WriteBehind
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "stkd.v1.TeacherService"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of a :class:`TeacherServer`.
+
+    Attributes:
+        host: address to bind; forced to 127.0.0.1 when there is neither TLS nor a token.
+        port: port to bind, 0 = a free port.
+        max_streams: most concurrent ``StreamLabels`` calls.
+        batch_size: most windows per teacher forward pass.
+        batch_wait_s: how long a batch waits to fill.
+        max_message_bytes: largest chunk message sent (requests may ask for less).
+        token: bearer token required on the teacher service (None = none).
+        tls: server TLS settings (None = plaintext).
+        drain_grace_s: how long in-flight streams may run on after a drain starts.
+        lookahead: chunks per stream queued in the batcher ahead of the one being sent.
+        metrics_port: port of the Prometheus endpoint (None = no endpoint, 0 = a free port).
+    """
+
+    host: str = LOOPBACK
+    port: int = 0
+    max_streams: int = 16
+    batch_size: int = 64
+    batch_wait_s: float = 0.005
+    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
+    token: str | None = None
+    tls: ServerTls | None = None
+    drain_grace_s: float = 10.0
+    lookahead: int = 2
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_streams", "batch_size", "lookahead"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", where=name)
+        for name in ("batch_wait_s", "drain_grace_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", where=name)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"must be a port number, got {self.port}", where="port")
+        if self.max_message_bytes < 64 * 1024:
+            raise ConfigError(
+                f"must be at least 65536 bytes, got {self.max_message_bytes}",
+                where="max_message_bytes",
+            )
+
+    @property
+    def secured(self) -> bool:
+        return self.tls is not None or bool(self.token)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names the loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class TeacherServicer(pb_grpc.TeacherServiceServicer):
+    """The RPC handlers; state shared by all streams lives in :class:`TeacherServer`."""
+
+    def __init__(self, server: TeacherServer) -> None:
+        self.s = server
+
+    def Describe(
+        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+    ) -> pb.TeacherInfo:
+        return self.s.describe()
+
+    def StreamLabels(
+        self, request: pb.LabelRequest, context: grpc.ServicerContext
+    ) -> Iterator[codec.EncodedChunk]:
+        s = self.s
+        peer = context.peer()
+        if s.draining:
+            s.metrics.stream_errors.labels(code="UNAVAILABLE").inc()
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the server is draining; use another replica"
+            )
+        if not s.acquire_stream():
+            s.metrics.stream_errors.labels(code="RESOURCE_EXHAUSTED").inc()
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server already serves {s.config.max_streams} streams; retry later or elsewhere",
+            )
+        started = time.monotonic()
+        sent = {"windows": 0, "bytes": 0, "cursor": request.resume_cursor}
+        status = "OK"
+        try:
+            plan = s.plan(request)
+            log_event(
+                log,
+                "stream_start",
+                peer=peer,
+                split=plan.split,
+                windows=len(plan.sequence),
+                cursor=plan.start,
+                dtype=codec.dtype_name(plan.dtype),
+            )
+            for chunk in s.chunks(plan, context):
+                yield chunk
+                sent["windows"] += chunk.windows
+                sent["bytes"] += chunk.payload_bytes
+                sent["cursor"] = chunk.cursor
+        except RequestError as e:
+            status = e.code.name
+            s.metrics.stream_errors.labels(code=e.code.name).inc()
+            context.abort(e.code, e.message)
+        except GeneratorExit:  # the client went away
+            status = "CANCELLED"
+            raise
+        except Exception as e:
+            status = "INTERNAL"
+            s.metrics.stream_errors.labels(code="INTERNAL").inc()
+            log.exception("stream from %s failed", peer)
+            context.abort(
+                grpc.StatusCode.INTERNAL, f"teacher server error: {type(e).__name__}: {e}"
+            )
+        finally:
+            s.release_stream()
+            log_event(
+                log,
+                "stream_end",
+                peer=peer,
+                status=status,
+                sent=sent["windows"],
+                bytes=sent["bytes"],
+                cursor=sent["cursor"],
+                seconds=f"{time.monotonic() - started:.3f}",
+            )
+
+
+def _add_servicer(servicer: TeacherServicer, server: grpc.Server) -> None:
+    """Register the service like the generated ``add_TeacherServiceServicer_to_server``, except
+    that ``StreamLabels`` yields chunks already serialized by :func:`codec.encode_chunk_bytes`
+    (two copies of the label bytes instead of four)."""
+    handlers = {
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe,
+            request_deserializer=pb.DescribeRequest.FromString,
+            response_serializer=pb.TeacherInfo.SerializeToString,
+        ),
+        "StreamLabels": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamLabels,
+            request_deserializer=pb.LabelRequest.FromString,
+            response_serializer=lambda chunk: chunk.data,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class TeacherServer:
+    """A running teacher soft-label server.
+
+    Args:
+        teacher: the teacher to serve.
+        config: server settings.
+        cache: a label cache of this teacher to serve from (opened ``"r+"`` for write-through).
+        write_through: write every window the teacher computes into ``cache``.
+
+    Raises:
+        StoreError: ``cache`` holds labels of another teacher or dataset.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        config: ServerConfig = ServerConfig(),
+        cache: LabelCache | None = None,
+        write_through: bool = False,
+    ) -> None:
+        if write_through and cache is None:
+            raise ConfigError(
+                "write-through needs a label cache (--cache)", where="--write-through"
+            )
+        if cache is not None:
+            cache.check_matches(teacher.meta)
+        self.teacher = teacher
+        self.config = config
+        self.cache = cache
+        self.metrics = ServerMetrics()
+        self._writer = WriteBehind(cache) if write_through and cache is not None else None
+        self._batcher = Batcher(
+            teacher.predict, config.batch_size, config.batch_wait_s, on_batch=self._on_batch
+        )
+        self._lock = threading.Lock()
+        self._active = 0
+        self._idle = threading.Condition(self._lock)
+        self._drain_deadline: float | None = None
+        self._stopped = threading.Event()
+        self._stopping = False
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self._producer = ChunkProducer(
+            cache=cache,
+            batcher=self._batcher,
+            metrics=self.metrics,
+            version=teacher.version,
+            lookahead=config.lookahead,
+            stopped=self._stopped,
+            drain_deadline=lambda: self._drain_deadline,
+        )
+        self.host = config.host
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> int:
+        """Bind and start serving; returns the port."""
+        cfg = self.config
+        if not cfg.secured and not is_loopback(cfg.host):
+            log_event(
+                log,
+                "bind_loopback",
+                level=logging.WARNING,
+                requested=cfg.host,
+                reason="no TLS and no token: serving on 127.0.0.1 only",
+            )
+            self.host = LOOPBACK
+        elif cfg.token and cfg.tls is None and not is_loopback(cfg.host):
+            log.warning("the token travels in plain text without TLS (--tls-cert/--tls-key)")
+        # room for the chunk's headers on top of its payload limit
+        limit = cfg.max_message_bytes + 64 * 1024
+        options = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", max(limit, 4 * 1024 * 1024)),
+            ("grpc.so_reuseport", 0),
+        ]
+        interceptors = [TokenAuthInterceptor(cfg.token)] if cfg.token else []
+        # a worker per allowed stream, plus room for Describe, health probes and refusals
+        pool = futures.ThreadPoolExecutor(cfg.max_streams + 8, thread_name_prefix="stkd-rpc")
+        server = grpc.server(
+            pool,
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=cfg.max_streams + 32,
+        )
+        _add_servicer(TeacherServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = f"{self.host}:{cfg.port}"
+        if cfg.tls is not None:
+            self.port = server.add_secure_port(address, cfg.tls.credentials())
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise ConfigError(f"cannot bind {address}", where="--port")
+        server.start()
+        self._server = server
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, self.host)
+        meta = self.teacher.meta
+        log_event(
+            log,
+            "serving",
+            address=self.address,
+            teacher=meta.version,
+            model=meta.model_key,
+            dataset=meta.fingerprint,
+            tls=cfg.tls is not None,
+            token=bool(cfg.token),
+            cache=self.cache.path if self.cache else "none",
+            write_through=self._writer is not None,
+            metrics_port=self.metrics_port or "none",
+        )
+        return self.port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def drain(self, grace_s: float | None = None) -> None:
+        """Stop gracefully: NOT_SERVING, refuse new streams, end in-flight ones, stop.
+
+        In-flight streams may run on for ``grace_s`` (default ``config.drain_grace_s``); streams
+        still running then are ended at their next chunk boundary with UNAVAILABLE, and clients
+        resume elsewhere from their cursor. Returns when the server has stopped.
+        """
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        with self._lock:
+            if self._drain_deadline is None:
+                # health first: load balancers stop routing here before streams are refused
+                for service in ("", SERVICE_NAME):
+                    self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+                self._drain_deadline = time.monotonic() + grace
+            log_event(log, "drain", grace_s=grace, active_streams=self._active)
+            # streams end at the deadline at their next chunk; allow a moment for that chunk
+            self._idle.wait_for(lambda: self._active == 0, timeout=grace + 2.0)
+            left = self._active
+        if left:
+            log_event(log, "drain_cancel", level=logging.WARNING, streams=left)
+        self.stop(grace_s=0.5)
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stop at once (in-flight calls are cancelled after ``grace_s``); a second call (from
+        another thread) waits for the first."""
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+        if not first:
+            self._stopped.wait()
+            return
+        self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+        self._batcher.close()
+        if self._writer is not None:
+            self._writer.close()
+        self.metrics.close()
+        self._stopped.set()
+        log_event(
+            log, "stopped", address=self.address, forward_windows=self.teacher.forward_windows
+        )
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped (or ``timeout``); True when stopped."""
+        return self._stopped.wait(timeout)
+
+    def flush_cache(self) -> None:
+        """Wait until write-through labels queued so far are on disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    # -- shared stream state -------------------------------------------------------------------
+    def acquire_stream(self) -> bool:
+        with self._lock:
+            if self._active >= self.config.max_streams:
+                return False
+            self._active += 1
+        self.metrics.active_streams.inc()
+        return True
+
+    def release_stream(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._idle.notify_all()
+        self.metrics.active_streams.dec()
+
+    @property
+    def active_streams(self) -> int:
+        return self._active
+
+    def batcher_stats(self) -> BatcherStats:
+        """Counters of the shared batching queue."""
+        return self._batcher.stats()
+
+    def _on_batch(self, indices: np.ndarray, labels: Labels, n_requests: int) -> None:
+        """Called by the batching thread after every teacher forward pass."""
+        self.metrics.batch_windows.observe(len(indices))
+        self.metrics.forward_windows.inc(len(indices))
+        if self._writer is not None:
+            self._writer.put(indices, labels[0], labels[1])
+
+    def describe(self) -> pb.TeacherInfo:
+        meta = self.teacher.meta
+        return pb.TeacherInfo(
+            teacher_version=meta.version,
+            model_key=meta.model_key,
+            dataset_fingerprint=meta.fingerprint,
+            window_shape=list(meta.window_shape),
+            wire_dtypes=list(codec.WIRE_DTYPES.values()),
+            horizon=meta.horizon,
+            input_steps=meta.input_steps,
+            has_spread=meta.has_spread,
+            splits=[
+                pb.SplitInfo(split=s, windows=len(r), start=r.start, stop=r.stop, step=r.step)
+                for s, r in meta.splits.items()
+            ],
+            max_message_bytes=self.config.max_message_bytes,
+            server_id=f"{self.address}/pid{os.getpid()}",
+            forward_windows=self.teacher.forward_windows,
+            cached_windows=self.cache.filled_windows() if self.cache else 0,
+            val_mae=meta.val_mae or 0.0,
+        )
+
+    # -- requests ------------------------------------------------------------------------------
+    def plan(self, request: pb.LabelRequest) -> LabelPlan:
+        """Validate ``request`` and resolve its window sequence; raises :class:`RequestError`."""
+        return resolve_request(
+            request,
+            self.teacher.meta,
+            chunk_steps=self.teacher.reader.store.chunks[0],
+            max_message_bytes=self.config.max_message_bytes,
+        )
+
+    def chunks(
+        self, plan: LabelPlan, context: grpc.ServicerContext
+    ) -> Iterator[codec.EncodedChunk]:
+        """The chunks of ``plan`` from its resume cursor on."""
+        return self._producer.chunks(plan, context)

@@ -1,0 +1,111 @@
+"""The shared batching queue: full batches across requests, splitting, dedup, failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from stkd_dist.serving.batcher import Batcher
+
+
+class FakeModel:
+    """Labels that encode their window: prediction = index, spread = -index; records batches."""
+
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
+        self.calls: list[np.ndarray] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def __call__(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            self.calls.append(idx.copy())
+        if self.fail_on is not None and self.fail_on in idx:
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        pred = np.broadcast_to(idx[:, None, None, None].astype(np.float32), (len(idx), 2, 3, 1))
+        return pred.copy(), -pred.copy()
+
+
+def check(indices: np.ndarray, labels: tuple[np.ndarray, np.ndarray | None]) -> None:
+    pred, spread = labels
+    assert pred.shape == (len(indices), 2, 3, 1)
+    np.testing.assert_array_equal(pred[:, 0, 0, 0], indices)
+    assert spread is not None
+    np.testing.assert_array_equal(spread[:, 0, 0, 0], -indices)
+
+
+def test_requests_from_many_threads_share_full_batches() -> None:
+    model = FakeModel(delay=0.01)
+    batcher = Batcher(model, batch_size=32, max_wait_s=0.05)
+    results: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    requests = {k: np.arange(k * 100, k * 100 + 8) for k in range(16)}  # 16 requests of 8
+
+    def worker(k: int) -> None:
+        results[k] = batcher.submit(requests[k]).result(timeout=10)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    for k, idx in requests.items():
+        check(idx, results[k])
+    stats = batcher.stats()
+    assert stats.windows == 128 and stats.requests == 16
+    # windows of several requests went through the model together, never more than a batch
+    assert stats.max_batch > 8 and stats.max_requests_per_batch > 1
+    assert max(len(c) for c in model.calls) <= 32
+    assert len(model.calls) < 16
+
+
+def test_a_large_request_is_split_over_batches() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, batch_size=10, max_wait_s=0.0)
+    idx = np.arange(1000, 1045)
+    labels = batcher.submit(idx).result(timeout=10)
+    batcher.close()
+    check(idx, labels)
+    assert [len(c) for c in model.calls] == [10, 10, 10, 10, 5]
+
+
+def test_order_of_a_request_is_kept_and_duplicates_run_once() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, batch_size=64, max_wait_s=0.05)
+    a = np.array([9, 3, 7, 3, 1])
+    b = np.array([7, 9, 2])
+    fa, fb = batcher.submit(a), batcher.submit(b)
+    check(a, fa.result(timeout=10))
+    check(b, fb.result(timeout=10))
+    batcher.close()
+    ran = np.concatenate(model.calls)
+    assert sorted(ran.tolist()) == [1, 2, 3, 7, 9]  # each distinct window once
+
+
+def test_a_failing_batch_fails_its_requests_only() -> None:
+    model = FakeModel(fail_on=666)
+    batcher = Batcher(model, batch_size=4, max_wait_s=0.0)
+    bad = batcher.submit(np.array([665, 666, 667]))
+    with pytest.raises(RuntimeError, match="boom"):
+        bad.result(timeout=10)
+    good = batcher.submit(np.array([1, 2, 3]))
+    check(np.array([1, 2, 3]), good.result(timeout=10))
+    batcher.close()
+
+
+def test_a_partial_batch_waits_at_most_max_wait() -> None:
+    batcher = Batcher(FakeModel(), batch_size=1000, max_wait_s=0.05)
+    started = time.monotonic()
+    batcher.submit(np.arange(3)).result(timeout=10)
+    waited = time.monotonic() - started
+    batcher.close()
+    assert 0.04 <= waited < 1.0
+
+
+def test_invalid_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        Batcher(FakeModel(), batch_size=0)

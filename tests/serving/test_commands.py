@@ -1,0 +1,41 @@
+"""``stkd serve`` and ``stkd precompute-labels`` argument handling (one-line errors, help)."""
+
+from __future__ import annotations
+
+import pytest
+
+from stkd_dist.cli import main
+
+
+@pytest.mark.parametrize("command", ["serve", "precompute-labels"])
+def test_help_has_examples(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"stkd {command} --checkpoint" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "words"),
+    [
+        (["--write-through"], "--write-through", "--cache"),
+        (["--tls-cert", "c.pem"], "--tls-cert", "both"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca", "--tls-cert"),
+        (["--cache", "nowhere.zarr"], "nowhere.zarr", "no label cache"),
+        (["--cache-memory-mb", "-1", "--cache", "auto"], "--cache-memory-mb", ">= 0"),
+    ],
+)
+def test_serve_errors_are_one_line(teacher_env, capsys, extra, where, words) -> None:
+    argv = ["serve", "--checkpoint", str(teacher_env.checkpoint), "--data", str(teacher_env.store)]
+    assert main([*argv, "--port", "0", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"stkd: error: {where}") and words in err
+
+
+def test_serve_refuses_another_dataset(teacher_env, make_store, capsys) -> None:
+    other = make_store("other")
+    argv = ["serve", "--checkpoint", str(teacher_env.checkpoint), "--data", str(other)]
+    assert main([*argv, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "stkd: error:" in err and "fingerprint" in err and "Traceback" not in err

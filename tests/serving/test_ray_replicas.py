@@ -1,0 +1,74 @@
+"""Teacher replicas as named Ray actors, found by ``ray:PREFIX`` (real local Ray cluster)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from stkd_dist.errors import ConfigError
+from stkd_dist.serving.client import Backoff, SoftLabelClient
+from stkd_dist.serving.discovery import EndpointSource, start_teacher_replicas
+from stkd_dist.serving.server import ServerConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ray_local(teacher_env: object) -> Iterator[None]:
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_endpoints_need_a_cluster() -> None:
+    if ray.is_initialized():
+        pytest.skip("a Ray cluster is connected in this process")
+    with pytest.raises(ConfigError, match="Ray cluster"):
+        EndpointSource("ray:stkd-teacher").resolve()
+
+
+def test_replicas_in_ray_actors_serve_and_fail_over(
+    ray_local: None, teacher_env: Any, direct: Any
+) -> None:
+    actors = start_teacher_replicas(
+        2,
+        teacher_env.checkpoint,
+        teacher_env.store,
+        config=ServerConfig(batch_size=32),
+        name_prefix="stkd-test-teacher",
+        num_cpus=0.5,
+    )
+    addresses = ray.get([a.address.remote() for a in actors])
+    assert len(set(addresses)) == 2 and all(a.startswith("127.0.0.1:") for a in addresses)
+    source = EndpointSource("ray:stkd-test-teacher")
+    assert sorted(e.address for e in source.resolve()) == sorted(addresses)
+
+    wanted = np.tile(np.arange(397), 20)
+    client = SoftLabelClient(
+        "ray:stkd-test-teacher",
+        expected_fingerprint=teacher_env.fingerprint,
+        max_message_bytes=16384,
+        prefetch=2,
+        backoff=Backoff(initial_s=0.05, max_s=0.5, max_attempts=8),
+    )
+    with client:
+        stream = client.stream("train", wanted)
+        items = [next(stream)]
+        (first,) = client.stats.endpoints
+        ray.kill(actors[addresses.index(first)])  # the replica serving us dies
+        items.extend(stream)
+    idx = np.concatenate([i for i, _, _ in items])
+    np.testing.assert_array_equal(idx, wanted)
+    pred = np.concatenate([p for _, p, _ in items])
+    ref, _ = direct.predict(np.arange(397))
+    np.testing.assert_allclose(pred, ref[idx], rtol=1e-5, atol=1e-5)
+    assert client.stats.endpoints == set(addresses)
+    survivor = actors[1 - addresses.index(first)]
+    info = ray.get(survivor.info.remote())
+    assert info["forward_windows"] > 0 and info["active_streams"] == 0

@@ -22,7 +22,20 @@ COMMANDS = (
     "info",
     "synth",
     "plan",
+    "config",
+    "train-teacher",
+    "train-student",
+    "evaluate",
+    "precompute-labels",
+    "serve",
+    "distill",
+    "sweep",
     "demo",
+    "submit",
+    "jobs",
+    "logs",
+    "stop",
+    "cluster",
 )
 
 DESCRIPTION = """\

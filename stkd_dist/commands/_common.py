@@ -1,0 +1,70 @@
+"""Options shared by the training commands (``train-teacher``, ``train-student``, ``distill``, ...).
+
+:func:`add_config_args` adds ``--config`` and the common overrides; :func:`config_from_args` turns
+them into a validated :class:`~stkd_dist.config.Config`. The specific flags are applied after the
+``--set`` overrides, as ``--set`` items themselves, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from stkd_dist.config import ROLES, Config, load_config
+
+CONFIG_HELP = "a preset name (`stkd config list`) or a YAML file (default: %(default)s)"
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: str = "demo") -> None:
+    """Add ``--config`` and the common overrides to a training command's parser."""
+    group = parser.add_argument_group("configuration (override the config file)")
+    group.add_argument("--config", "-c", default=default_config, metavar="CFG", help=CONFIG_HELP)
+    group.add_argument(
+        "--data", metavar="STORE", help="dataset: a store path or a dataset name (data.dataset)"
+    )
+    group.add_argument(
+        "--epochs", type=int, metavar="N", help="epochs of the model(s) trained (schedule.epochs)"
+    )
+    group.add_argument(
+        "--workers", type=int, metavar="N", help="data-parallel workers (cluster.num_workers)"
+    )
+    group.add_argument(
+        "--run-name", metavar="NAME", help="run name under <storage>/runs (run.name)"
+    )
+    group.add_argument(
+        "--address",
+        metavar="RAY_ADDRESS",
+        help="Ray cluster to connect to (cluster.address; default $RAY_ADDRESS, else local)",
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set teacher.optim.lr=3e-4 (repeatable)",
+    )
+
+
+def flag_overrides(args: argparse.Namespace, roles: Sequence[str] = ROLES) -> list[str]:
+    """The common flags of ``args`` as ``key=value`` overrides (values JSON-quoted, valid YAML)."""
+    out: list[str] = []
+
+    def put(key: str, value: object) -> None:
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
+
+    put("data.dataset", getattr(args, "data", None))
+    for role in roles:
+        put(f"{role}.schedule.epochs", getattr(args, "epochs", None))
+    put("cluster.num_workers", getattr(args, "workers", None))
+    put("run.name", getattr(args, "run_name", None))
+    put("cluster.address", getattr(args, "address", None))
+    return out
+
+
+def config_from_args(args: argparse.Namespace, roles: Sequence[str] = ROLES) -> Config:
+    """Load ``args.config`` with ``--set`` overrides, then the common flags for ``roles``."""
+    overrides = [*getattr(args, "overrides", []), *flag_overrides(args, roles)]
+    return load_config(args.config, overrides)

@@ -1,0 +1,90 @@
+"""``stkd distill``: teacher, soft labels, distilled and baseline students, evaluation, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from stkd_dist.commands._common import add_config_args, config_from_args
+
+EPILOG = """\
+examples:
+  stkd distill --config demo                          # the embedded default (synthesised if absent)
+  stkd distill --config los-loop --run-name los       # Los-loop (ingest it first, see the preset)
+  stkd distill --config my-run.yaml --set serve.mode=cache --set serve.batch_size=256
+  stkd distill --config demo --teacher 10.0.0.5:50051,10.0.0.6:50051   # running teacher servers
+  stkd distill --config los-loop --address auto --workers 8   # on a node of a Ray cluster
+
+Stages: dataset, teacher, [labels], student_kd, student_scratch, evaluate, report. Everything lives
+in <storage>/runs/<run-name>/: config.yaml, stages.json, teacher/, student_kd/, student_scratch/,
+labels/ (serve.mode=cache), metrics.json, history.json, forecasts.npz, locations.npz, report.md,
+report.html, logs/. Running the same run name again skips the stages already complete (stages.json)
+and resumes an interrupted training from its latest checkpoint.
+
+Soft labels (config section `serve`): mode=stream starts serve.replicas teacher servers as Ray
+actors and every student worker streams its own shard's labels from them (or from the servers
+given with --teacher); mode=cache runs the teacher once over the training windows into a label
+cache the workers read. `stkd --debug distill ...` also shows the Ray workers' own output.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``distill`` parser."""
+    parser = subparsers.add_parser(
+        "distill",
+        help="one command: teacher, distilled + baseline students, evaluation and report",
+        description=(
+            "Run the whole distillation pipeline of a config on a Ray cluster (a local one by "
+            "default): train the teacher with data-parallel workers, serve its soft labels "
+            "(teacher replicas as Ray actors, or a label cache), train the distilled student and "
+            "the same student without distillation, evaluate them next to the teacher and the "
+            "naive baselines on the test split (metrics, CPU latency, per-sensor errors) and "
+            "write the report. Resumable by run name."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(parser)
+    parser.add_argument(
+        "--teacher",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="stream soft labels from these running teacher servers (serve.endpoints) instead "
+        "of starting replicas; they should serve this run's teacher",
+    )
+    parser.add_argument("--json", action="store_true", help="print metrics.json at the end")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``stkd distill``."""
+    from stkd_dist.pipeline.distill import run_distill
+
+    if args.teacher:
+        args.overrides = [*args.overrides, f"serve.endpoints={json.dumps(args.teacher)}"]
+    cfg = config_from_args(args)
+    outcome = run_distill(cfg, storage=args.storage, worker_logs=args.debug)
+    return finish(outcome, as_json=args.json)
+
+
+def finish(outcome: object, as_json: bool = False) -> int:
+    """Print the stage table, the summary table and the report path of a pipeline outcome."""
+    from stkd_dist.pipeline.distill import DistillOutcome
+    from stkd_dist.pipeline.outputs import summary_rows
+    from stkd_dist.pipeline.ui import PipelineUI
+
+    assert isinstance(outcome, DistillOutcome)
+    ui = PipelineUI()
+    if as_json:
+        print(json.dumps(outcome.metrics))
+        return 0
+    ui.console.rule("summary")
+    ui.stage_table(outcome.stages)
+    dataset = outcome.metrics.get("dataset", {})
+    ui.metrics_table(
+        f"test split of {dataset.get('name', '?')} ({dataset.get('nodes', '?')} sensors)",
+        summary_rows(outcome.metrics),
+    )
+    ran = ", ".join(outcome.ran) or "none (everything was already complete)"
+    ui.echo(f"stages run: {ran}; {outcome.seconds:.1f} s")
+    ui.echo(f"report: {outcome.report}")
+    return 0

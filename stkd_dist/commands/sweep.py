@@ -1,0 +1,193 @@
+"""``stkd sweep``: a Ray Tune sweep of student and distillation settings over one shared teacher."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from stkd_dist.commands._common import add_config_args, flag_overrides
+
+EPILOG = """\
+examples:
+  # sweep the demo config's students over the run's own teacher (trained first if missing)
+  stkd sweep --config my-sweep.yaml --samples 16
+
+  # reuse a trained teacher (checkpoint directory or run name) and a Ray cluster
+  stkd sweep --config my-sweep.yaml --checkpoint my-run --address auto --run-name sweep1
+
+  # the search space lives in the config's sweep section, e.g.
+  #   sweep:
+  #     samples: 12
+  #     max_epochs: 8
+  #     space:
+  #       distill.alpha: {uniform: [0.2, 0.9]}
+  #       student.optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
+  #       student.model: {choice: [mlp, linear]}
+  #       student.kwargs.embed_dim: {choice: [16, 32, 64]}
+  stkd sweep --config demo --set 'sweep.space={distill.alpha: {uniform: [0.2, 0.9]}}'
+
+Results go to <storage>/runs/<run>/sweep/: leaderboard.csv, pareto.csv, summary.json (with the
+teacher forward passes the sweep cost) and best/ (the best student's checkpoint, config.yaml and
+metrics.json); report.md/report.html of the run are rendered again. Interrupted (Ctrl-C, killed)?
+Run the same command again: the Tune experiment in sweep/tune is restored and finished trials are
+kept.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``sweep`` parser."""
+    parser = subparsers.add_parser(
+        "sweep",
+        help="Ray Tune sweep of student/distillation settings with ASHA over one teacher",
+        description=(
+            "Sample student and distillation settings from the config's sweep.space, train a "
+            "student per sample with Ray Tune (ASHA stops unpromising trials early), all "
+            "distilling from ONE teacher whose soft labels are computed once into a label "
+            "cache. Each trial keeps its best checkpoints by validation MAE; at the end every "
+            "trial's best checkpoint is evaluated on the test split, the leaderboard and the "
+            "Pareto front (parameters vs test MAE) are written and the best student is exported."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(parser)
+    group = parser.add_argument_group("sweep")
+    group.add_argument("--samples", type=int, metavar="N", help="trials to draw (sweep.samples)")
+    group.add_argument(
+        "--max-epochs",
+        type=int,
+        metavar="N",
+        help="epochs of an unstopped trial (sweep.max_epochs)",
+    )
+    group.add_argument(
+        "--checkpoint",
+        metavar="CKPT|RUN",
+        help="teacher checkpoint, run directory or run name (default: the run's own teacher, "
+        "trained first when missing; --epochs then sets its epochs)",
+    )
+    parser.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.samples is not None:
+        out.append(f"sweep.samples={json.dumps(args.samples)}")
+    if args.max_epochs is not None:
+        out.append(f"sweep.max_epochs={json.dumps(args.max_epochs)}")
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def top_table(rows: Sequence[Any], top: int, pareto: set[str]) -> Table:
+    """The final table: the best ``top`` trials by validation MAE (``*`` marks the Pareto front)."""
+    table = Table(title=f"top {min(top, len(rows))} of {len(rows)} trials (by validation MAE)")
+    # the model column already shows a swept student.model
+    keys = [k for k in (rows[0].settings if rows else {}) if k != "student.model"]
+    for name in ("#", "trial", "model", "params", "val_mae", "test_mae", "epochs", *keys):
+        table.add_column(name, justify="left" if name in ("trial", "model") else "right")
+    for i, r in enumerate(rows[:top], 1):
+        mark = "*" if r.trial in pareto else ""
+        table.add_row(
+            str(i),
+            r.trial + mark,
+            r.model,
+            f"{r.params:,}",
+            _fmt(r.val_mae),
+            _fmt(r.test_mae),
+            str(r.epochs),
+            *(_fmt(r.settings.get(k)) for k in keys),
+        )
+    table.caption = "* on the Pareto front of parameters vs test MAE"
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``stkd sweep``."""
+    from stkd_dist.config import load_config
+    from stkd_dist.pipeline.sweep import SweepHooks, run_sweep
+
+    # Trials of small students checkpoint every few seconds; with keep_best Tune then snapshots
+    # its (small) experiment state as often and warns about it at every trial: not a problem here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # the flags go after --set, so they win (and are type-checked the same way); --epochs is the
+    # teacher's (trials run sweep.max_epochs)
+    cfg = load_config(
+        args.config, [*args.overrides, *flag_overrides(args, ("teacher",)), *_overrides(args)]
+    )
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("teacher labels"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task: dict[str, Any] = {}
+
+    def cache_start(total: int) -> None:
+        print(f"stkd sweep: computing the teacher's labels of {total} windows", file=sys.stderr)
+        progress.start()
+        task["id"] = progress.add_task("labels", total=total)
+
+    def cache_progress(n: int) -> None:
+        if "id" in task:
+            progress.advance(task["id"], n)
+
+    def echo(line: str) -> None:
+        if "id" in task:  # the labels are done once anything else is said
+            progress.stop()
+            task.clear()
+        print(f"stkd sweep: {line}", file=sys.stderr, flush=True)
+
+    try:
+        outcome = run_sweep(
+            cfg,
+            checkpoint=args.checkpoint,
+            storage=args.storage,
+            hooks=SweepHooks(echo=echo, cache_start=cache_start, cache_progress=cache_progress),
+        )
+    finally:
+        progress.stop()
+    if outcome.interrupted:
+        return 130
+    summary = outcome.summary
+    pareto = set(summary.get("pareto", []))
+    out = Console()
+    if not out.is_terminal:  # a log file: wide enough for every column instead of 80 characters
+        out = Console(width=200)
+    out.print(top_table(outcome.rows, cfg.sweep.top, pareto))
+    labels = summary["labels"]
+    best = outcome.best
+    assert best is not None, "a finished sweep has a best trial"
+    print(
+        f"teacher forward passes: {labels['teacher_forward_windows']} windows for "
+        f"{summary['trials']} trials ({labels['distinct_windows']} distinct windows; the trials "
+        f"read {labels['trial_label_reads']} labels from the cache)"
+    )
+    print(
+        f"best trial {best.trial}: val_mae {best.val_mae:.4f}, test_mae {best.test_mae:.4f}, "
+        f"{best.params:,} parameters"
+    )
+    print(f"exported to {outcome.layout.best}")
+    print(f"leaderboard {outcome.layout.leaderboard}")
+    return 0

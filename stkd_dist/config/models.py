@@ -1,0 +1,138 @@
+"""Config sections of what is trained: ``teacher``, ``student`` and ``distill``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from stkd_dist.config.sections import non_negative, positive, require
+
+ScheduleKind = Literal["cosine", "step", "constant"]
+EnsembleKind = Literal["mean", "inverse_error"]
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """``<role>.optim``: AdamW settings.
+
+    Attributes:
+        lr: peak learning rate (reached after warm-up).
+        weight_decay: decoupled weight decay.
+        betas: Adam's ``(beta1, beta2)``.
+        grad_clip: maximum global gradient norm; 0 turns clipping off.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 5.0
+
+    def __post_init__(self) -> None:
+        positive(self, "lr")
+        non_negative(self, "weight_decay", "grad_clip")
+        require(
+            all(0.0 <= b < 1.0 for b in self.betas),
+            "betas",
+            f"both betas must be in [0, 1), got {list(self.betas)}",
+        )
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    """``<role>.schedule``: epochs and learning-rate schedule.
+
+    The learning rate rises linearly over ``warmup_epochs`` epochs, then follows ``kind``:
+    ``cosine`` (from ``lr`` down to ``min_lr`` at the end), ``step`` (times ``gamma`` every
+    ``step_size`` epochs) or ``constant``. See :mod:`stkd_dist.train.schedule`.
+
+    Attributes:
+        epochs: passes over the training split.
+        warmup_epochs: epochs of linear warm-up.
+        kind: schedule after warm-up.
+        step_size, gamma: step schedule.
+        min_lr: floor of the cosine schedule.
+        early_stopping_patience: stop after this many epochs without a better validation MAE
+            (0 = never stop early).
+    """
+
+    epochs: int = 10
+    warmup_epochs: int = 1
+    kind: ScheduleKind = "cosine"
+    step_size: int = 10
+    gamma: float = 0.5
+    min_lr: float = 0.0
+    early_stopping_patience: int = 0
+
+    def __post_init__(self) -> None:
+        positive(self, "epochs", "step_size", "gamma")
+        # warmup_epochs >= epochs is allowed: the whole (short) run then warms up
+        non_negative(self, "warmup_epochs", "min_lr", "early_stopping_patience")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``teacher`` / ``student``: which model, with which arguments, trained how.
+
+    Attributes:
+        model: registry key of the model (``stkd models`` lists them).
+        kwargs: the model's constructor arguments (checked against the model when validated).
+        optim: optimiser settings.
+        schedule: epochs and learning-rate schedule.
+    """
+
+    model: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+
+    def __post_init__(self) -> None:
+        require(bool(self.model), "model", "must name a model")
+
+
+@dataclass(frozen=True)
+class TeacherSection(ModelSection):
+    """``teacher``: a :class:`ModelSection` whose model defaults to the ``stgnn`` teacher."""
+
+    model: str = "stgnn"
+
+
+@dataclass(frozen=True)
+class StudentSection(ModelSection):
+    """``student``: a :class:`ModelSection` whose model defaults to the ``mlp`` student."""
+
+    model: str = "mlp"
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """``distill``: how a student learns from its teacher(s).
+
+    The fields are passed to the distillation loss registered as ``loss`` (each loss takes the
+    ones it uses; see :mod:`stkd_dist.distill.losses`).
+
+    Attributes:
+        loss: key of the distillation loss registry (``regression``, ``hinton``).
+        alpha: weight of the ground-truth (task) term, in [0, 1]; the teacher term gets
+            ``1 - alpha``.
+        beta: weight of the extra feature / sequence-shape term (``regression``; 0 = off).
+        temperature: softening temperature (``hinton``).
+        task: masked criterion of the ground-truth term (``mae``, ``mse``, ``huber``).
+        match: criterion of the teacher-matching term.
+        confidence_weighting: weight soft labels by the teacher's confidence.
+        ensemble: how several teachers' labels combine: ``mean`` or ``inverse_error`` (weights
+            inversely proportional to each teacher's validation error).
+    """
+
+    loss: str = "regression"
+    alpha: float = 0.5
+    beta: float = 0.0
+    temperature: float = 2.0
+    task: str = "mae"
+    match: str = "mae"
+    confidence_weighting: bool = False
+    ensemble: EnsembleKind = "mean"
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha!r}")
+        non_negative(self, "beta")
+        positive(self, "temperature")

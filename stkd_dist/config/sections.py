@@ -1,0 +1,156 @@
+"""Config sections about the run, the data and the cluster.
+
+Each section is a frozen dataclass; its annotations are the schema (see :mod:`.base`) and its
+``__post_init__`` checks value ranges, raising :class:`ConfigError` whose ``where`` is the field
+name (the loader prefixes the section and the file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stkd_dist.data.windows import SplitSpec, WindowSpec
+from stkd_dist.errors import ConfigError, StkdError
+
+
+def require(ok: bool, where: str, message: str) -> None:
+    """Raise :class:`ConfigError` at field ``where`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(message, where=where)
+
+
+def positive(obj: object, *names: str) -> None:
+    """Require each named field of ``obj`` to be > 0."""
+    for name in names:
+        value = getattr(obj, name)
+        require(value > 0, name, f"must be > 0, got {value!r}")
+
+
+def non_negative(obj: object, *names: str) -> None:
+    """Require each named field of ``obj`` to be >= 0."""
+    for name in names:
+        value = getattr(obj, name)
+        require(value >= 0, name, f"must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """``run``: what the run is called and how it is seeded.
+
+    Attributes:
+        name: run name (directory under ``<storage>/runs``); null = the preset name or the config
+            file's stem.
+        seed: seeds model initialisation and the shuffling of every epoch.
+        keep_best: how many checkpoints with the best validation MAE to keep (the latest one is
+            always kept as well, to resume from).
+    """
+
+    name: str | None = None
+    seed: int = 0
+    keep_best: int = 2
+
+    def __post_init__(self) -> None:
+        positive(self, "keep_best")
+        non_negative(self, "seed")
+        if self.name is not None:
+            from stkd_dist.paths import check_name
+
+            try:
+                check_name(self.name, "run-name")
+            except StkdError as e:
+                raise ConfigError(e.message, where="name") from None
+
+
+@dataclass(frozen=True)
+class SplitSection:
+    """``data.split``: fractions of the time axis (train, then val, then test)."""
+
+    train: float = 0.7
+    val: float = 0.1
+    test: float = 0.2
+
+    def __post_init__(self) -> None:
+        try:
+            self.spec()
+        except StkdError as e:
+            # SplitSpec names "split.<field>" or "split" (the sum); here the section is the prefix
+            field_name = (e.where or "").removeprefix("split").removeprefix(".")
+            raise ConfigError(e.message, where=field_name) from None
+
+    def spec(self) -> SplitSpec:
+        """The data plane's :class:`SplitSpec`."""
+        return SplitSpec(train=self.train, val=self.val, test=self.test)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``data``: which store, which windows and which channels.
+
+    Attributes:
+        dataset: a store path or a dataset name under the storage root.
+        input_steps, horizon, stride: the window (L input steps, H forecast steps).
+        split: train/val/test fractions.
+        input_channels: channel names fed to the model (null = all channels).
+        target_channels: channel names forecast (null = the input channels).
+        per_node_stats: normalise each node with its own statistics instead of per channel.
+        batch_size: training windows per step and rank.
+        eval_batch_size: windows per step when validating or evaluating.
+    """
+
+    dataset: str = "demo"
+    input_steps: int = 12
+    horizon: int = 12
+    stride: int = 1
+    split: SplitSection = field(default_factory=SplitSection)
+    input_channels: tuple[str, ...] | None = None
+    target_channels: tuple[str, ...] | None = None
+    per_node_stats: bool = False
+    batch_size: int = 32
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        require(bool(self.dataset), "dataset", "must name a store path or a dataset")
+        positive(self, "input_steps", "horizon", "stride", "batch_size", "eval_batch_size")
+        for name in ("input_channels", "target_channels"):
+            value = getattr(self, name)
+            require(value is None or len(value) > 0, name, "must list channels or be null")
+            if value is not None:
+                dup = sorted({c for c in value if value.count(c) > 1})
+                require(not dup, name, f"lists channel(s) twice: {', '.join(dup)}")
+
+    def window(self) -> WindowSpec:
+        """The data plane's :class:`WindowSpec`."""
+        return WindowSpec(input_steps=self.input_steps, horizon=self.horizon, stride=self.stride)
+
+    def splits(self) -> SplitSpec:
+        """The data plane's :class:`SplitSpec`."""
+        return self.split.spec()
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """``cluster``: where and how wide training runs.
+
+    Attributes:
+        num_workers: data-parallel training workers (DDP ranks).
+        use_gpu: one GPU per worker and NCCL; otherwise CPU and gloo.
+        cpus_per_worker: CPUs Ray reserves for each worker.
+        torch_threads: intra-op threads of each worker (``torch.set_num_threads``).
+        address: Ray cluster to connect to; null = ``$RAY_ADDRESS`` if set, else start a local one.
+        max_failures: how many worker failures a run recovers from (from its latest checkpoint).
+    """
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    torch_threads: int = 1
+    address: str | None = None
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        positive(self, "num_workers", "cpus_per_worker", "torch_threads")
+        require(
+            self.max_failures >= -1,
+            "max_failures",
+            f"must be >= 0, or -1 for unlimited, got {self.max_failures!r}",
+        )

@@ -1,0 +1,75 @@
+"""Checks of a config against the registries: models and their kwargs, the distillation loss.
+
+The schema (:mod:`.base`) checks keys and types; this module checks that the named model exists
+and accepts its kwargs (by building it on tiny dimensions, so a value the model rejects is caught
+too) and that the distillation loss exists and accepts the ``distill`` settings. Training commands
+run it before they start a cluster, so a typo fails in a second instead of on every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from stkd_dist.config.models import DistillSection
+from stkd_dist.config.schema import ROLES, Config
+from stkd_dist.data.batch import DataDims
+from stkd_dist.errors import ConfigError, StkdError
+
+
+def validate_model(cfg: Config, role: str, source: str | None = None) -> None:
+    """Build ``cfg.<role>``'s model on small dimensions; unknown keys or kwargs raise."""
+    from stkd_dist.models import build_forecaster
+
+    section = cfg.model(role)
+    dims = DataDims(
+        nodes=3,
+        input_steps=cfg.data.input_steps,
+        horizon=cfg.data.horizon,
+        in_channels=len(cfg.data.input_channels or ("c",)),
+        out_channels=len(cfg.data.target_channels or cfg.data.input_channels or ("c",)),
+    )
+    prefix = f"{source}: " if source else ""
+    try:
+        build_forecaster(section.model, dims, **section.kwargs)
+    except StkdError as e:
+        raise ConfigError(e.message, where=f"{prefix}{role}.model/{role}.kwargs") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e), where=f"{prefix}{role}.kwargs") from None
+
+
+def distill_loss_kwargs(section: DistillSection) -> dict[str, Any]:
+    """The ``distill`` fields the registered loss ``section.loss`` accepts, as its kwargs."""
+    import inspect
+
+    from stkd_dist.distill import LOSSES
+
+    params = inspect.signature(LOSSES.get(section.loss)).parameters
+    fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return {k: v for k, v in fields.items() if k in params}
+
+
+def validate_distill(cfg: Config, source: str | None = None) -> None:
+    """Build the ``distill.loss`` from the ``distill`` section; unknown keys or values raise."""
+    from stkd_dist.distill import build_loss
+
+    prefix = f"{source}: " if source else ""
+    try:
+        build_loss(cfg.distill.loss, **distill_loss_kwargs(cfg.distill))
+    except StkdError as e:
+        # the losses name their arguments "loss.<name>"; anything else is about the key itself
+        where = (
+            (e.where or "").removeprefix("loss.") if (e.where or "").startswith("loss.") else "loss"
+        )
+        raise ConfigError(e.message, where=f"{prefix}distill.{where}") from None
+
+
+def validate_config(
+    cfg: Config, roles: Iterable[str] = ROLES, distill: bool = True, source: str | None = None
+) -> None:
+    """Run the registry checks for ``roles`` (and ``distill``); raises :class:`ConfigError`."""
+    for role in roles:
+        validate_model(cfg, role, source)
+    if distill:
+        validate_distill(cfg, source)

@@ -1,0 +1,384 @@
+"""Training checkpoints: what one holds, how it is written, found and loaded.
+
+A checkpoint is a directory::
+
+    model.pt        Forecaster state_dict (weights, target statistics, graph buffers)
+    train_state.pt  optimiser and scheduler state (to resume training)
+    meta.json       written LAST: version, epoch, model spec, resolved config, dataset
+                    fingerprint, normalisation statistics, metrics, training state and the
+                    sha256 of the two files above
+
+Ray Train copies the directory rank 0 wrote into ``<run>/<experiment>/epoch_NNNN`` and registers it
+in its ``checkpoint_manager_snapshot.json`` only after the copy finished, so Ray never resumes from
+a partial copy. Our own readers go one step further: a directory without ``meta.json``, or whose
+files do not match the hashes in it, is refused, so a half-copied checkpoint is never loaded.
+
+``resolve_checkpoint`` accepts a checkpoint directory, a run directory, an experiment directory or
+a run name (meaning the run's best checkpoint, from ``best.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stkd_dist.config import Config, from_mapping, to_mapping
+from stkd_dist.data.stats import Stats
+from stkd_dist.errors import StoreError
+from stkd_dist.paths import run_dir
+
+if TYPE_CHECKING:
+    from stkd_dist.models import Forecaster
+
+CHECKPOINT_FORMAT = 1
+META = "meta.json"
+MODEL = "model.pt"
+TRAIN_STATE = "train_state.pt"
+BEST = "best.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainState:
+    """Progress of a training run, saved with every checkpoint to resume from.
+
+    Attributes:
+        epoch: the last completed epoch (0-based; -1 before the first).
+        best_val_mae: the best validation MAE so far (inf before the first).
+        best_epoch: the epoch that reached it.
+        bad_epochs: consecutive epochs without improvement (for early stopping).
+        stopped_early: training stopped before ``epochs`` because of early stopping.
+        attempt: how many times the run (re)started from a checkpoint (0 = never).
+        samples: training windows seen so far (all ranks).
+    """
+
+    epoch: int = -1
+    best_val_mae: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    attempt: int = 0
+    samples: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["best_val_mae"] = None if d["best_val_mae"] == float("inf") else d["best_val_mae"]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainState:
+        d = dict(d)
+        if d.get("best_val_mae") is None:
+            d["best_val_mae"] = float("inf")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint's ``meta.json`` says.
+
+    Attributes:
+        path: the checkpoint directory.
+        version: ``<run>-e<epoch>-<8 hex of the weights' sha256>``.
+        epoch: the epoch it was taken after (0-based).
+        spec: the model spec (``Forecaster.from_spec``).
+        config: the resolved run config.
+        fingerprint: the dataset fingerprint it was trained on.
+        stats: the normalisation statistics of the training split.
+        metrics: metrics of that epoch (``train_loss``, ``val_mae``, ...).
+        role: the experiment it belongs to (``teacher``, ``student_kd``, ...).
+        dataset: the dataset name.
+        state: the training state (best epoch, early stopping, ...).
+    """
+
+    path: Path
+    version: str
+    epoch: int
+    spec: dict[str, Any]
+    config: Config
+    fingerprint: str
+    stats: Stats
+    metrics: dict[str, Any] = field(default_factory=dict)
+    role: str = "teacher"
+    dataset: str = ""
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def val_mae(self) -> float | None:
+        v = self.metrics.get("val_mae")
+        return None if v is None else float(v)
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names and tensor bytes (same weights -> same digest)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_version(run: str, epoch: int, digest: str) -> str:
+    """The version string of a checkpoint: ``<run>-e<epoch>-<digest[:8]>``."""
+    return f"{run}-e{epoch}-{digest[:8]}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temp file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    model_state: dict[str, torch.Tensor],
+    spec: dict[str, Any],
+    config: Config,
+    fingerprint: str,
+    stats: Stats,
+    metrics: dict[str, Any],
+    state: TrainState,
+    role: str = "teacher",
+    dataset: str = "",
+    optimizer_state: dict[str, Any] | None = None,
+    scheduler_state: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Write a checkpoint into ``directory`` (created if needed); ``meta.json`` comes last.
+
+    Args:
+        model_state: the Forecaster's ``state_dict`` (unwrapped from DDP).
+        spec: ``Forecaster.spec()``.
+        config: the resolved run config.
+        fingerprint: the dataset fingerprint.
+        stats: normalisation statistics of the training split.
+        metrics: metrics of the epoch (must be JSON-serialisable and finite).
+        state: training state after the epoch (``state.epoch`` is the checkpoint's epoch).
+        role: experiment name (``teacher``, ``student_kd``, ...).
+        dataset: dataset name, for messages.
+        optimizer_state, scheduler_state: to resume training (omitted for an export).
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(model_state, d / MODEL)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, d / TRAIN_STATE)
+    digest = weights_digest(model_state)
+    version = make_version(config.run_name, state.epoch, digest)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "role": role,
+        "version": version,
+        "epoch": state.epoch,
+        "run": config.run_name,
+        "dataset": dataset,
+        "fingerprint": fingerprint,
+        "weights_sha256": digest,
+        "spec": spec,
+        "metrics": metrics,
+        "state": state.to_json(),
+        "stats": stats.to_json(),
+        "config": to_mapping(config),
+        "files": {name: file_sha256(d / name) for name in (MODEL, TRAIN_STATE)},
+    }
+    # meta.json is the completion marker: written last, atomically
+    write_json_atomic(d / META, meta)
+    return _info(d, meta)
+
+
+def _info(path: Path, meta: dict[str, Any]) -> CheckpointInfo:
+    where = str(path / META)
+    try:
+        return CheckpointInfo(
+            path=path,
+            version=str(meta["version"]),
+            epoch=int(meta["epoch"]),
+            spec=dict(meta["spec"]),
+            config=from_mapping(Config, meta["config"], source=where),
+            fingerprint=str(meta["fingerprint"]),
+            stats=Stats.from_json(meta["stats"]),
+            metrics=dict(meta.get("metrics", {})),
+            role=str(meta.get("role", "teacher")),
+            dataset=str(meta.get("dataset", "")),
+            state=TrainState.from_json(meta.get("state", {})),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"malformed checkpoint metadata ({e!r})", where=where) from e
+
+
+def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> CheckpointInfo:
+    """Read and check a checkpoint directory's ``meta.json``.
+
+    Raises :class:`StoreError` when ``meta.json`` is missing (an incomplete checkpoint), is of
+    another format, or (with ``verify``) a file's sha256 differs from the one recorded.
+    """
+    d = Path(path)
+    meta_path = d / META
+    if not d.is_dir():
+        raise StoreError("no such checkpoint directory", where=str(d))
+    if not meta_path.is_file():
+        raise StoreError(
+            f"incomplete checkpoint: {META} is missing (it is written last, so the checkpoint "
+            "was interrupted while being written); use another checkpoint",
+            where=str(d),
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"unreadable checkpoint metadata ({e})", where=str(meta_path)) from e
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise StoreError(
+            f"checkpoint format {meta.get('format')!r}, this version reads {CHECKPOINT_FORMAT}",
+            where=str(meta_path),
+        )
+    if verify:
+        for name, sha in meta.get("files", {}).items():
+            f = d / name
+            if not f.is_file() or file_sha256(f) != sha:
+                raise StoreError(
+                    f"{name} is missing or does not match its recorded sha256: the checkpoint "
+                    "is incomplete or damaged",
+                    where=str(d),
+                )
+    return _info(d, meta)
+
+
+def list_checkpoints(experiment: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Complete checkpoints in an experiment directory, by epoch (incomplete ones are skipped)."""
+    out = []
+    for d in sorted(Path(experiment).glob("*/")):
+        if (d / META).is_file():
+            try:
+                out.append(read_checkpoint(d, verify=False))
+            except StoreError:
+                continue
+    return sorted(out, key=lambda i: i.epoch)
+
+
+def write_best(experiment: Path, info: CheckpointInfo, **extra: Any) -> Path:
+    """Write ``<experiment>/best.json`` pointing at ``info`` (path relative to the experiment)."""
+    data = {
+        "checkpoint": os.path.relpath(info.path, experiment),
+        "val_mae": info.val_mae,
+        "epoch": info.epoch,
+        "version": info.version,
+        "fingerprint": info.fingerprint,
+        **extra,
+    }
+    write_json_atomic(experiment / BEST, data)
+    return experiment / BEST
+
+
+def read_best(experiment: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``best.json`` of an experiment directory, or None when there is none."""
+    p = Path(experiment) / BEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"unreadable ({e})", where=str(p)) from e
+
+
+def _best_of_experiment(experiment: Path) -> Path | None:
+    best = read_best(experiment)
+    if best is not None:
+        return experiment / best["checkpoint"]
+    # an interrupted run has no best.json yet: use its best complete checkpoint
+    done = [i for i in list_checkpoints(experiment) if i.val_mae is not None]
+    if not done:
+        return None
+    return min(done, key=lambda i: (i.val_mae, -i.epoch)).path
+
+
+def resolve_checkpoint(
+    ref: str | os.PathLike[str],
+    role: str = "teacher",
+    storage: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The checkpoint directory ``ref`` means.
+
+    ``ref`` is a checkpoint directory, an experiment directory (``runs/R/teacher``), a run directory
+    (``runs/R``, meaning its ``role`` experiment) or a run name under the storage root; the last
+    three mean the experiment's best checkpoint (``best.json``, else its best complete checkpoint).
+    """
+    path = Path(ref).expanduser()
+    if not path.exists():
+        text = str(ref)
+        try:
+            candidate = run_dir(text, storage)
+        except StoreError:
+            raise StoreError(
+                "no such checkpoint (give a checkpoint directory, a run directory or a run name)",
+                where=text,
+            ) from None
+        if not candidate.exists():
+            raise StoreError(
+                f"no checkpoint at {path} and no run named {text!r} at {candidate}",
+                where=text,
+            )
+        path = candidate
+    if (path / META).is_file() or (path / MODEL).is_file():
+        return path
+    for experiment in (path, path / role):
+        if experiment.is_dir() and ((experiment / BEST).is_file() or list_checkpoints(experiment)):
+            best = _best_of_experiment(experiment)
+            if best is not None:
+                return best
+    raise StoreError(
+        f"no {role} checkpoint here (expected a checkpoint directory with {META}, or a run with "
+        f"{role}/{BEST}); train one with `stkd train-{role.split('_')[0]}`",
+        where=str(path),
+    )
+
+
+def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"model": state_dict, "optimizer": ..., "scheduler": ...}`` of a checkpoint, on CPU."""
+    d = Path(path)
+    model = torch.load(d / MODEL, map_location="cpu", weights_only=True)
+    rest = torch.load(d / TRAIN_STATE, map_location="cpu", weights_only=True)
+    return {"model": model, **rest}
+
+
+def load_forecaster(
+    ref: str | os.PathLike[str],
+    role: str = "teacher",
+    storage: str | os.PathLike[str] | None = None,
+) -> tuple[Forecaster, CheckpointInfo]:
+    """Load a checkpoint's model: ``(Forecaster in eval mode on CPU, CheckpointInfo)``.
+
+    ``ref`` is anything :func:`resolve_checkpoint` accepts.
+    """
+    from stkd_dist.models import Forecaster
+
+    info = read_checkpoint(resolve_checkpoint(ref, role, storage))
+    model = Forecaster.from_spec(info.spec)
+    state = torch.load(info.path / MODEL, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    return model, info

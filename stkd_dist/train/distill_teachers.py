@@ -1,0 +1,350 @@
+"""The teachers of a distilled student: what names them, how they are checked, pinned, started.
+
+* :class:`TeacherSpec`: one teacher, from ``--teacher`` (:func:`parse_teacher`: the endpoints of a
+  teacher service's replicas, or ``ray:N`` replicas to start) or ``--labels``
+  (:func:`parse_labels`: a label cache);
+* :class:`ClientOptions`: how workers talk to teacher services (token, TLS, wire dtype, prefetch);
+* :class:`LabelSpec`: a student's teachers and how their labels combine (``distill.ensemble``);
+* :func:`resolve_teachers`: the driver's one check of every teacher before training: the dataset
+  fingerprint, the label shape and the training windows must be the student's; each teacher's
+  version is pinned (so every worker and every failover uses the teacher that was checked) and its
+  validation MAE read (``Describe`` or the cache) for ``inverse_error`` weights;
+* :func:`started_replicas`: ``ray:N`` teachers started as Ray actors for the length of a run.
+
+The worker side (label sources) is :mod:`stkd_dist.train.soft_labels`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from stkd_dist.distill.ensemble import RULES, teacher_weights
+from stkd_dist.errors import ConfigError, StoreError
+from stkd_dist.serving import codec
+
+TeacherKind = Literal["stream", "cache", "replicas"]
+CACHE_SCHEME = "cache:"
+RAY_SCHEME = "ray:"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher of a student.
+
+    Attributes:
+        kind: ``stream`` (a teacher service), ``cache`` (a label cache) or ``replicas`` (start
+            ``replicas`` teacher servers as Ray actors).
+        location: the endpoint specification (``host:port,...``, ``dns:///``, ``ray:PREFIX``) or
+            the cache path (empty for ``replicas``: :func:`started_replicas` gets the checkpoint).
+        replicas: how many replicas to start (``replicas`` only).
+        version: the teacher version, pinned once checked (empty before).
+        val_mae: the teacher's validation MAE, when known.
+    """
+
+    kind: TeacherKind
+    location: str = ""
+    replicas: int = 0
+    version: str = ""
+    val_mae: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("stream", "cache", "replicas"):
+            raise ConfigError(f"unknown teacher kind {self.kind!r}", where="teacher")
+        if self.kind == "replicas" and self.replicas < 1:
+            raise ConfigError(f"must start at least 1 replica, got {self.replicas}", "--teacher")
+        if self.kind != "replicas" and not self.location:
+            raise ConfigError(f"a {self.kind} teacher needs a location", where="teacher")
+
+    @property
+    def name(self) -> str:
+        """How the teacher is named in messages and delivery records."""
+        if self.kind == "cache":
+            return f"{CACHE_SCHEME}{self.location}"
+        if self.kind == "replicas":
+            return f"{RAY_SCHEME}{self.replicas}"
+        return self.location
+
+
+def parse_teacher(text: str) -> TeacherSpec:
+    """A ``--teacher`` value: endpoints of one teacher's replicas, or ``ray:N`` replicas to start.
+
+    Raises:
+        ConfigError: a malformed endpoint specification.
+    """
+    from stkd_dist.serving.discovery import EndpointSource
+
+    spec = text.strip()
+    rest = spec.removeprefix(RAY_SCHEME)
+    if spec.startswith(RAY_SCHEME) and rest.isdigit():
+        return TeacherSpec("replicas", replicas=int(rest))
+    try:
+        EndpointSource(spec)  # validates HOST:PORT lists, dns:/// and ray:PREFIX
+    except ConfigError as e:
+        raise ConfigError(f"{e.message} (in {text!r})", where="--teacher") from None
+    return TeacherSpec("stream", spec)
+
+
+def parse_labels(text: str) -> TeacherSpec:
+    """A ``--labels`` value: ``cache:PATH`` of a label cache (``stkd precompute-labels``)."""
+    spec = text.strip()
+    if not spec.startswith(CACHE_SCHEME) or not spec.removeprefix(CACHE_SCHEME):
+        raise ConfigError(
+            f"expected cache:PATH (a label cache from `stkd precompute-labels`), got {text!r}",
+            where="--labels",
+        )
+    return TeacherSpec("cache", str(Path(spec.removeprefix(CACHE_SCHEME)).expanduser().absolute()))
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How student workers talk to teacher services (see ``SoftLabelClient``).
+
+    Attributes:
+        token: bearer token (resolved on the driver: workers may not see its environment).
+        tls_ca: CA certificate (PEM path, readable on every worker node); enables TLS.
+        tls_cert, tls_key: client certificate and key for mutual TLS.
+        wire_dtype: ``float32`` keeps labels bit-exact; ``float16``/``bfloat16`` halve the bytes.
+        prefetch: label chunks buffered ahead of training, per teacher.
+        max_message_bytes: largest label chunk.
+        deadline: seconds one call may take before it is resumed with a new call.
+    """
+
+    token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    wire_dtype: str = "float32"
+    prefetch: int = 8
+    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
+    deadline: float | None = 300.0
+
+    def __post_init__(self) -> None:
+        codec.wire_dtype(self.wire_dtype)  # raises for an unknown dtype
+        if self.prefetch < 1:
+            raise ConfigError(f"must be >= 1, got {self.prefetch}", where="--label-prefetch")
+
+    def client(self, endpoints: str, fingerprint: str, version: str | None) -> Any:
+        """A ``SoftLabelClient`` of ``endpoints`` with these options."""
+        from stkd_dist.serving.client import SoftLabelClient
+
+        return SoftLabelClient(
+            endpoints,
+            expected_fingerprint=fingerprint,
+            expected_version=version or None,
+            token=self.token,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            wire_dtype=self.wire_dtype,
+            prefetch=self.prefetch,
+            max_message_bytes=self.max_message_bytes,
+            deadline=self.deadline,
+        )
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """The soft labels of a distilled student: its teachers and how they are combined.
+
+    Attributes:
+        teachers: one or more teachers (resolved: ``stream`` or ``cache``, versions pinned).
+        fingerprint: the dataset fingerprint every teacher must serve.
+        ensemble: ``mean`` or ``inverse_error`` (needs every teacher's ``val_mae``).
+        spread: also fetch the teachers' spread (log-variance; for confidence weighting).
+        split: the split whose windows are distilled.
+        client: options of the teacher-service clients.
+        in_memory: read each ``cache`` teacher's split whole into memory once per worker
+            (instead of reading each batch's rows from the cache).
+    """
+
+    teachers: tuple[TeacherSpec, ...]
+    fingerprint: str
+    ensemble: str = "mean"
+    spread: bool = False
+    split: str = "train"
+    client: ClientOptions = field(default_factory=ClientOptions)
+    in_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ConfigError(
+                "a distilled student needs a teacher (--teacher or --labels)", "--teacher"
+            )
+        if self.ensemble not in RULES:
+            raise ConfigError(f"must be one of {', '.join(RULES)}", where="distill.ensemble")
+
+    @property
+    def val_errors(self) -> list[float] | None:
+        """Each teacher's validation MAE (for ``inverse_error``; None with ``mean``)."""
+        if self.ensemble == "mean":
+            return None
+        missing = [t.name for t in self.teachers if not t.val_mae]
+        if missing:
+            raise ConfigError(
+                f"inverse_error needs each teacher's validation MAE; unknown for {', '.join(missing)}"
+                " (use distill.ensemble=mean)",
+                where="distill.ensemble",
+            )
+        return [float(t.val_mae) for t in self.teachers]  # type: ignore[arg-type]
+
+    def weights(self) -> list[float]:
+        """The normalised weight of each teacher in the ensemble."""
+        return teacher_weights(len(self.teachers), self.ensemble, self.val_errors)
+
+
+# -- driver side: check the teachers once --------------------------------------------------------
+def _check_labels(
+    name: str,
+    shape: tuple[int, ...],
+    windows: range | None,
+    has_spread: bool,
+    *,
+    window_shape: tuple[int, int, int],
+    train: range,
+    spread: bool,
+    split: str,
+) -> None:
+    if tuple(shape) != tuple(window_shape):
+        raise ConfigError(
+            f"its labels are {list(shape)} per window [H, N, C_out], the student predicts "
+            f"{list(window_shape)}: the teacher was trained with another horizon, node set or "
+            "target channels",
+            where=name,
+        )
+    if windows != train:
+        raise ConfigError(
+            f"its {split} split covers windows {windows}, the student's covers {train}: the "
+            "teacher was trained with other window (input_steps, horizon, stride) or split settings",
+            where=name,
+        )
+    if spread and not has_spread:
+        raise ConfigError(
+            "distill.confidence_weighting needs the teacher's spread, and this teacher has none "
+            "(a teacher built with spread=True has)",
+            where=name,
+        )
+
+
+def resolve_teachers(
+    teachers: Sequence[TeacherSpec],
+    *,
+    fingerprint: str,
+    window_shape: tuple[int, int, int],
+    windows: range,
+    spread: bool = False,
+    split: str = "train",
+    client: ClientOptions = ClientOptions(),
+) -> tuple[TeacherSpec, ...]:
+    """Check each ``stream``/``cache`` teacher against the student; pin versions, read MAEs.
+
+    A teacher service is asked ``Describe`` (the client refuses another dataset fingerprint); a
+    cache is opened and must hold every window of ``split``.
+
+    Args:
+        teachers: the teachers (``replicas`` must have been started and turned into ``stream``).
+        fingerprint: the student's dataset fingerprint.
+        window_shape: ``(H, N, C_out)`` the student predicts.
+        windows: the student's windows of ``split``.
+        spread: the student needs the teachers' spread.
+
+    Raises:
+        ConfigError / StoreError / LabelMismatchError / TeacherUnavailableError: a teacher that
+        does not fit, or cannot be reached.
+    """
+    out = []
+    for t in teachers:
+        common = {"window_shape": window_shape, "train": windows, "spread": spread, "split": split}
+        if t.kind == "stream":
+            with client.client(t.location, fingerprint, t.version) as c:
+                info = c.describe()
+            found = {s.split: range(s.start, s.stop, s.step) for s in info.splits}
+            _check_labels(
+                t.name, tuple(info.window_shape), found.get(split), info.has_spread, **common
+            )
+            val_mae = float(info.val_mae) if info.val_mae > 0 else t.val_mae
+            out.append(replace(t, version=info.teacher_version, val_mae=val_mae))
+        elif t.kind == "cache":
+            from stkd_dist.serving.cache import LabelCache
+
+            cache = LabelCache(t.location)
+            if cache.fingerprint != fingerprint:
+                raise StoreError(
+                    f"the cache holds labels for dataset {cache.fingerprint}, the student's "
+                    f"dataset is {fingerprint}",
+                    where=t.name,
+                )
+            _check_labels(
+                t.name, cache.window_shape, cache.ranges.get(split), cache.has_spread, **common
+            )
+            if not cache.is_complete(split):
+                raise StoreError(
+                    f"the cache holds {cache.filled_windows(split)} of the {len(windows)} {split} "
+                    "windows; complete it with `stkd precompute-labels`",
+                    where=t.name,
+                )
+            out.append(replace(t, version=cache.version, val_mae=cache.val_mae or t.val_mae))
+        else:
+            raise ConfigError("start the replicas before resolving the teachers", where=t.name)
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def started_replicas(
+    teachers: Sequence[TeacherSpec],
+    *,
+    checkpoint: str | Path,
+    dataset: str | Path,
+    run_name: str,
+    token: str | None = None,
+    num_cpus: float = 0.0,
+    storage: str | Path | None = None,
+) -> Iterator[tuple[TeacherSpec, ...]]:
+    """Start the ``replicas`` teachers as Ray actors; yield all teachers, those as ``stream``.
+
+    Each ``replicas`` teacher gets servers of ``checkpoint`` named
+    ``stkd-teacher-<run>-<random>-<i>``, found by the workers' clients through the endpoint
+    ``ray:<that prefix>-``; they are killed when the block ends. Ray must be initialised.
+
+    Args:
+        checkpoint: the teacher checkpoint the replicas serve (any ``resolve_checkpoint`` ref).
+        dataset: the teacher's dataset (store path).
+        run_name: names the actors.
+        token: bearer token the replicas require. A replica binds its node's address only when
+            secured (token or TLS), else 127.0.0.1: on a cluster of several nodes give a token.
+        num_cpus: CPUs Ray reserves per replica (0: they share the workers' cores).
+    """
+    import ray
+
+    from stkd_dist.serving.discovery import start_teacher_replicas
+    from stkd_dist.serving.server import ServerConfig
+    from stkd_dist.train.checkpoint import resolve_checkpoint
+
+    actors: list[Any] = []
+    out = []
+    try:
+        for t in teachers:
+            if t.kind != "replicas":
+                out.append(t)
+                continue
+            prefix = f"stkd-teacher-{run_name}-{uuid.uuid4().hex[:8]}"
+            actors += start_teacher_replicas(
+                t.replicas,
+                # absolute: the actors run in another working directory
+                resolve_checkpoint(checkpoint, "teacher", storage).absolute(),
+                Path(dataset).absolute(),
+                config=ServerConfig(token=token),
+                name_prefix=prefix,
+                num_cpus=num_cpus,
+                storage=None if storage is None else str(Path(storage).absolute()),
+            )
+            out.append(TeacherSpec("stream", f"{RAY_SCHEME}{prefix}-"))
+        yield tuple(out)
+    finally:
+        for actor in actors:
+            with contextlib.suppress(Exception):  # already gone with its node
+                ray.kill(actor)

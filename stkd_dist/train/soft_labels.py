@@ -1,0 +1,293 @@
+"""Soft labels on a student worker: where each rank gets its teachers' outputs, epoch by epoch.
+
+A student rank reads its shard in the order of the epoch's shard plan. When the epoch starts it
+asks every teacher for the labels of exactly those windows, in exactly that order
+(:meth:`LabelSource.begin_epoch`), so they stream in while the rank reads its first block; each
+batch then takes its labels by its window indices (:meth:`LabelSource.labels_for`). Which labels a
+batch gets depends only on the plan, never on when or from which replica they arrived, so a run is
+reproducible whatever failures the teachers have.
+
+Teachers (:class:`TeacherSpec`):
+
+* ``stream``: a teacher service (``stkd serve``; one or more replicas of the same teacher) read
+  through :class:`~stkd_dist.serving.client.SoftLabelClient`, which resumes a broken stream at its
+  cursor on another replica (every window exactly once);
+* ``cache``: a label cache written by ``stkd precompute-labels``, read on demand (or loaded whole
+  into memory, for benchmarks);
+* ``replicas``: ``--teacher ray:N``: the driver starts N replicas as Ray actors and turns the spec
+  into a ``stream`` teacher (``ray:<prefix>`` endpoints) before the workers start.
+
+Several teachers form an ensemble; their labels are combined per batch with
+:func:`~stkd_dist.distill.ensemble.combine_teachers` (``mean`` or ``inverse_error`` by each
+teacher's validation MAE, as ``Describe`` or the cache reports it).
+
+The driver checks every teacher once before training (:func:`resolve_teachers`): the dataset
+fingerprint, the label shape and the training windows must be the student's, and each teacher's
+version is pinned so that every worker and every failover uses the very teacher that was checked.
+The teacher specifications, their parsing and checks live in :mod:`stkd_dist.train.distill_teachers`
+and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from stkd_dist.distill.ensemble import combine_teachers
+from stkd_dist.errors import ConfigError, InputError, StoreError
+from stkd_dist.train.distill_teachers import (
+    CACHE_SCHEME,
+    RAY_SCHEME,
+    ClientOptions,
+    LabelSpec,
+    TeacherKind,
+    TeacherSpec,
+    parse_labels,
+    parse_teacher,
+    resolve_teachers,
+)
+
+__all__ = [
+    "CACHE_SCHEME",
+    "RAY_SCHEME",
+    "CachedTeacher",
+    "ClientOptions",
+    "LabelSource",
+    "LabelSpec",
+    "StreamedTeacher",
+    "TeacherEnsemble",
+    "TeacherKind",
+    "TeacherSpec",
+    "open_label_source",
+    "parse_labels",
+    "parse_teacher",
+    "resolve_teachers",
+]
+
+Labels = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class LabelSource(Protocol):
+    """Soft labels of one rank, one epoch at a time."""
+
+    def begin_epoch(self, windows: np.ndarray) -> None:
+        """Start fetching the labels of ``windows`` ([n] int64, the rank's plan order)."""
+
+    def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
+        """``(prediction, spread)`` ``[batch, H, N, C]`` of a batch (zeros for padding)."""
+
+    def end_epoch(self) -> list[dict[str, Any]]:
+        """Finish the epoch; one delivery record per teacher."""
+
+    def close(self) -> None:
+        """Release connections and files."""
+
+
+def _as_numpy(t: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    return np.asarray(t.cpu() if isinstance(t, torch.Tensor) else t, dtype=dtype)
+
+
+class StreamedTeacher:
+    """One teacher service, streamed through a ``SoftLabelClient`` (resume, failover, prefetch).
+
+    Exactly once: the client hands over a chunk only after its checksum verified and resumes a
+    broken stream at the cursor after the last chunk it received, so an epoch's stream delivers
+    each requested window once; :meth:`end_epoch` checks the count and reports it.
+    """
+
+    def __init__(self, teacher: TeacherSpec, spec: LabelSpec) -> None:
+        assert teacher.kind == "stream", teacher
+        self.teacher = teacher
+        self.spec = spec
+        self.client = spec.client.client(teacher.location, spec.fingerprint, teacher.version)
+        self._stream: Any = None
+        self._requested = 0
+        self._wait = 0.0
+
+    def begin_epoch(self, windows: np.ndarray) -> None:
+        from stkd_dist.serving.client import ClientStats
+
+        self.client.stats = ClientStats()  # per-epoch counters (no stream is running now)
+        self._requested, self._wait = len(windows), 0.0
+        self._stream = self.client.stream(self.spec.split, windows, spread=self.spec.spread)
+
+    def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
+        t0 = time.perf_counter()
+        pred, spread = self._stream.labels_for(index, valid)  # blocks until they have arrived
+        self._wait += time.perf_counter() - t0
+        return pred, spread
+
+    def end_epoch(self) -> list[dict[str, Any]]:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+        s = self.client.stats
+        if s.windows != self._requested:
+            raise InputError(
+                f"the teacher delivered {s.windows} labels for {self._requested} requested windows "
+                "in this epoch (every window must arrive exactly once)",
+                where=self.teacher.name,
+            )
+        return [
+            {
+                "teacher": self.teacher.name,
+                "version": self.client.version,
+                "requested": self._requested,
+                "delivered": s.windows,
+                "chunks": s.chunks,
+                "bytes": s.bytes,
+                "reconnects": s.reconnects,
+                "checksum_failures": s.checksum_failures,
+                "endpoints": sorted(s.endpoints),
+                "wait_s": round(self._wait, 6),
+            }
+        ]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class CachedTeacher:
+    """One teacher's labels from a label cache (``stkd precompute-labels``).
+
+    Args:
+        teacher: a ``cache`` teacher.
+        spec: the label spec (split, spread).
+        in_memory: read the whole split into memory once, instead of reading each batch's rows.
+    """
+
+    def __init__(self, teacher: TeacherSpec, spec: LabelSpec, in_memory: bool = False) -> None:
+        from stkd_dist.serving.cache import LabelCache
+
+        assert teacher.kind == "cache", teacher
+        self.teacher = teacher
+        self.spec = spec
+        self.cache = LabelCache(teacher.location)
+        if teacher.version and self.cache.version != teacher.version:
+            raise StoreError(
+                f"the cache now holds teacher {self.cache.version}, expected {teacher.version}",
+                where=teacher.name,
+            )
+        self.range = self.cache.ranges[spec.split]
+        self.shape = self.cache.window_shape
+        self._memory: tuple[np.ndarray, np.ndarray | None] | None = None
+        if in_memory:
+            group = self.cache.group[spec.split]
+            pred = np.asarray(group["prediction"][...])  # [windows of split, H, N, C]
+            sp = np.asarray(group["spread"][...]) if spec.spread else None
+            self._memory = (pred, sp)
+        self._requested = self._delivered = 0
+        self._wait = 0.0
+
+    def begin_epoch(self, windows: np.ndarray) -> None:
+        self._requested, self._delivered, self._wait = len(windows), 0, 0.0
+
+    def _rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._memory is not None:
+            r = self.range
+            pos = (idx - r.start) // r.step
+            ok = (idx >= r.start) & (idx < r.stop) & ((idx - r.start) % r.step == 0)
+            if not ok.all():
+                raise InputError(
+                    f"window {int(idx[~ok][0])} is not in the cache", where=self.teacher.name
+                )
+            pred, spread = self._memory
+            return pred[pos], (spread[pos] if spread is not None else None)
+        hit, labels = self.cache.lookup(self.spec.split, idx)
+        if labels is None or not hit.all():
+            raise InputError(
+                f"window {int(idx[~hit][0])} is not in the cache", where=self.teacher.name
+            )
+        return labels
+
+    def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
+        t0 = time.perf_counter()
+        idx, ok = _as_numpy(index, np.int64), _as_numpy(valid, bool)
+        pred = np.zeros((len(idx), *self.shape), dtype=np.float32)  # padding rows stay 0
+        spread = np.zeros_like(pred) if self.spec.spread else None
+        if ok.any():
+            p, s = self._rows(idx[ok])
+            pred[ok] = p
+            if spread is not None and s is not None:
+                spread[ok] = s
+        self._delivered += int(ok.sum())
+        self._wait += time.perf_counter() - t0
+        return torch.from_numpy(pred), None if spread is None else torch.from_numpy(spread)
+
+    def end_epoch(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "teacher": self.teacher.name,
+                "version": self.cache.version,
+                "requested": self._requested,
+                "delivered": self._delivered,
+                "wait_s": round(self._wait, 6),
+            }
+        ]
+
+    def close(self) -> None:
+        self._memory = None
+
+
+class TeacherEnsemble:
+    """Several teachers' labels combined per batch (``distill.ensemble``).
+
+    With one teacher its labels pass through unchanged.
+    """
+
+    def __init__(self, sources: Sequence[LabelSource], spec: LabelSpec) -> None:
+        if len(sources) != len(spec.teachers):
+            raise ConfigError("one label source per teacher", where="teachers")
+        self.sources = list(sources)
+        self.spec = spec
+        self.val_errors = spec.val_errors
+
+    def begin_epoch(self, windows: np.ndarray) -> None:
+        for s in self.sources:
+            s.begin_epoch(windows)
+
+    def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
+        got = [s.labels_for(index, valid) for s in self.sources]
+        if len(got) == 1:
+            return got[0]
+        preds = [p for p, _ in got]  # each [batch, H, N, C]
+        if self.spec.spread:
+            spreads = [sp for _, sp in got]
+            assert all(sp is not None for sp in spreads), "spread was requested from every teacher"
+            mean, log_var = combine_teachers(
+                preds,
+                self.spec.ensemble,
+                self.val_errors,
+                log_vars=spreads,  # type: ignore[arg-type]
+            )
+            return mean, log_var
+        return combine_teachers(preds, self.spec.ensemble, self.val_errors), None
+
+    def end_epoch(self) -> list[dict[str, Any]]:
+        return [r for s in self.sources for r in s.end_epoch()]
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def open_label_source(spec: LabelSpec, in_memory: bool | None = None) -> TeacherEnsemble:
+    """The label source of a rank: every teacher of ``spec``, combined.
+
+    Args:
+        in_memory: load cache teachers whole into memory (default: ``spec.in_memory``).
+    """
+    whole = spec.in_memory if in_memory is None else in_memory
+    sources: list[LabelSource] = []
+    for t in spec.teachers:
+        if t.kind == "stream":
+            sources.append(StreamedTeacher(t, spec))
+        elif t.kind == "cache":
+            sources.append(CachedTeacher(t, spec, in_memory=whole))
+        else:
+            raise ConfigError("replicas must be started by the driver first", where=t.name)
+    return TeacherEnsemble(sources, spec)

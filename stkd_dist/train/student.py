@@ -1,0 +1,390 @@
+"""Student training on Ray Train: the driver side of ``stkd train-student``.
+
+A distilled student trains exactly like a teacher (:mod:`stkd_dist.train.loop`: DDP workers, one
+shard each, checkpoints, best-N, resume, fault tolerance, progress lines); only its loss differs.
+Each rank's :class:`DistillLoss` streams ITS OWN shard's soft labels (the windows of the epoch's
+shard plan for that rank, in the order it reads them) from the teacher(s) and applies the
+registered distillation loss of the ``distill`` section to the student's forecast, the targets and
+the teachers' labels. ``--no-distill`` trains the same student on the targets alone: the baseline.
+
+Runs live in ``<storage>/runs/<run>/``: the distilled student's Ray experiment is
+``student_kd/`` (the baseline's ``student_scratch/``) with ``epoch_NNNN`` checkpoints,
+``history.jsonl``, ``best.json``, ``config.yaml``, ``teachers.json`` (the teachers' versions,
+locations and ensemble weights) and ``labels/epoch_NNNN/rank_R.json``: per epoch and rank, how many
+labels each teacher was asked for and delivered, in how many chunks, from which replicas, after how
+many reconnections, and how long the rank waited for them.
+
+Determinism: with the same seed the student's parameters are bitwise identical whatever the
+teachers' replicas do (restart, die mid-stream, answer slowly): batches follow the shard plan and
+labels are joined to them by window index, labels are deterministic per window (teachers run in
+fixed-size micro-batches, see :data:`stkd_dist.serving.teacher.MICRO_BATCH`), and ``float32``
+labels are sent bit-exact. A label cache of the same teacher gives the same parameters as streaming.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stkd_dist.config import Config, write_config
+from stkd_dist.config.validate import distill_loss_kwargs, validate_config
+from stkd_dist.errors import ConfigError, InputError, StkdError, StoreError
+from stkd_dist.paths import resolve_dataset, run_dir
+from stkd_dist.storage import open_store
+from stkd_dist.train.checkpoint import list_checkpoints, write_json_atomic
+from stkd_dist.train.distill_teachers import (
+    ClientOptions,
+    LabelSpec,
+    TeacherSpec,
+    resolve_teachers,
+    started_replicas,
+)
+from stkd_dist.train.loop import LossFn, LossValue, TrainJob, WorkerContext, build_reader
+from stkd_dist.train.ray_session import ray_cluster, read_history
+from stkd_dist.train.soft_labels import open_label_source
+from stkd_dist.train.teacher import (
+    TrainOutcome,
+    check_resumable,
+    finish,
+    fit,
+    is_complete,
+)
+
+log = logging.getLogger(__name__)
+
+KD_EXPERIMENT = "student_kd"
+SCRATCH_EXPERIMENT = "student_scratch"
+TEACHERS_FILE = "teachers.json"
+LABELS_DIR = "labels"
+# losses whose teacher term compares forecasts in original units (what teachers serve)
+FORECAST_LOSSES = ("regression",)
+
+
+def delivery_path(experiment: str | Path, epoch: int, rank: int) -> Path:
+    """``<experiment>/labels/epoch_NNNN/rank_R.json``: a rank's label deliveries of an epoch."""
+    return Path(experiment) / LABELS_DIR / f"epoch_{epoch:04d}" / f"rank_{rank}.json"
+
+
+class DistillLoss:
+    """A rank's distillation loss: the registered ``distill.loss`` against streamed soft labels.
+
+    Implements the loop's epoch hooks: :meth:`begin_epoch` requests this rank's windows of the
+    epoch from every teacher, in plan order, before the first batch; each call joins the batch's
+    labels by window index; :meth:`end_epoch` writes the rank's delivery record.
+
+    Args:
+        ctx: the worker context.
+        labels: the teachers (resolved on the driver).
+        experiment_dir: where delivery records go.
+    """
+
+    def __init__(self, ctx: WorkerContext, labels: LabelSpec, experiment_dir: str) -> None:
+        from stkd_dist.distill import build_loss
+
+        cfg = ctx.config
+        self.ctx = ctx
+        self.experiment_dir = experiment_dir
+        self.criterion = build_loss(cfg.distill.loss, **distill_loss_kwargs(cfg.distill))
+        self.source = open_label_source(labels)
+        dims = ctx.reader.dims
+        self.entries = dims.horizon * dims.nodes * dims.out_channels  # loss terms per sample
+        self._parts: dict[str, float] = defaultdict(float)
+        self._weight = 0.0
+        self._windows = 0
+
+    def begin_epoch(self, epoch: int, loader: Any) -> None:
+        """Ask the teachers for this rank's windows of ``epoch``, in the order it reads them."""
+        windows = np.asarray(loader.plan.rank_windows(self.ctx.rank), dtype=np.int64)
+        self._windows = len(windows)
+        self._parts, self._weight = defaultdict(float), 0.0
+        self.source.begin_epoch(windows)
+
+    def __call__(self, batch: Any, pred: torch.Tensor) -> LossValue:
+        # labels of the batch's windows, in batch order; padding samples get zeros (no loss)
+        teacher, log_var = self.source.labels_for(batch.index, batch.valid)  # [B, H, N, C]
+        extra = {} if log_var is None else {"teacher_log_var": log_var.to(pred.device)}
+        loss, parts = self.criterion(
+            pred, batch.y, batch.mask, teacher.to(pred.device), valid=batch.valid, **extra
+        )
+        weight = batch.valid.sum() * self.entries  # the teacher term averages over these
+        w = float(weight)
+        for name, value in parts.items():
+            self._parts[name] += value * w
+        self._weight += w
+        return LossValue(loss, weight)
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Write this rank's delivery record; return a few numbers for the epoch's metrics."""
+        records = self.source.end_epoch()
+        write_json_atomic(
+            delivery_path(self.experiment_dir, epoch, self.ctx.rank),
+            {
+                "epoch": epoch,
+                "rank": self.ctx.rank,
+                "world_size": self.ctx.world_size,
+                "plan_windows": self._windows,
+                "teachers": records,
+            },
+        )
+        out: dict[str, Any] = {
+            "labels_delivered": sum(int(r["delivered"]) for r in records),
+            "label_reconnects": sum(int(r.get("reconnects", 0)) for r in records),
+            "label_wait_s": sum(float(r["wait_s"]) for r in records),
+        }
+        for name, total in self._parts.items():
+            if name != "loss":
+                out[f"train_{name}"] = total / max(self._weight, 1.0)
+        return out
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def make_distill_loss(labels: LabelSpec, experiment_dir: str, ctx: WorkerContext) -> LossFn:
+    """Loss factory of a distilled student (bind ``labels`` and ``experiment_dir`` first)."""
+    return DistillLoss(ctx, labels, experiment_dir)
+
+
+def make_task_loss(ctx: WorkerContext) -> LossFn:
+    """The baseline student's loss: the ``distill.task`` criterion on the targets alone."""
+    from stkd_dist.distill.criteria import build_criterion
+
+    criterion = build_criterion(ctx.config.distill.task)
+
+    def loss(batch: Any, pred: torch.Tensor) -> LossValue:
+        # padding samples have an all-False mask: weight 0, they add nothing
+        return LossValue(criterion(pred, batch.y, batch.mask), batch.mask.sum())
+
+    return loss
+
+
+@dataclass(frozen=True)
+class StudentRequest:
+    """What ``stkd train-student`` asks for besides the config.
+
+    Attributes:
+        teachers: the teachers, unresolved (``stream``, ``cache`` or ``replicas``); empty with
+            ``distill=False``.
+        distill: False trains the baseline on the targets only.
+        checkpoint: teacher checkpoint that ``replicas`` teachers serve (None: the run's own
+            teacher, ``<storage>/runs/<run>/teacher``).
+        client: options of the teacher-service clients.
+        replica_cpus: CPUs Ray reserves for each started replica (0: they share the cores).
+    """
+
+    teachers: tuple[TeacherSpec, ...] = ()
+    distill: bool = True
+    checkpoint: str | None = None
+    client: ClientOptions = field(default_factory=ClientOptions)
+    replica_cpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.distill and not self.teachers:
+            raise ConfigError(
+                "name a teacher (--teacher HOST:PORT, --teacher ray:N or --labels cache:PATH), "
+                "or train the baseline with --no-distill",
+                where="--teacher",
+            )
+        if not self.distill and self.teachers:
+            raise ConfigError(
+                "--no-distill trains without teachers; drop --teacher/--labels", "--no-distill"
+            )
+        if self.checkpoint is not None and not any(t.kind == "replicas" for t in self.teachers):
+            raise ConfigError(
+                "names the checkpoint that --teacher ray:N replicas serve; no replicas are started",
+                where="--checkpoint",
+            )
+        if self.replica_cpus < 0:
+            raise ConfigError(f"must be >= 0, got {self.replica_cpus}", where="--replica-cpus")
+
+
+def _user_error(exc: BaseException) -> StkdError | None:
+    """The first user-facing error a failed Ray Train run carries (a worker's StkdError).
+
+    Ray hands a worker's exception over wrapped (its message then holds the remote traceback);
+    the CLI wants the one-line message, so a plain error of the same kind is rebuilt from it.
+    """
+    failures = getattr(exc, "worker_failures", None) or {}
+    for _, err in sorted(failures.items()):
+        seen: set[int] = set()
+        e: BaseException | None = err
+        while e is not None and id(e) not in seen:
+            seen.add(id(e))
+            if isinstance(e, StkdError):
+                kind = next(
+                    (k for k in type(e).__mro__ if k in (ConfigError, StoreError, InputError)),
+                    StkdError,
+                )
+                return kind(e.message, where=e.where)
+            e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def _check_teachers_unchanged(experiment: Path, teachers: Sequence[TeacherSpec]) -> None:
+    """Refuse to resume a distilled run with other teachers than it started with."""
+    path = experiment / TEACHERS_FILE
+    if not path.is_file() or not list_checkpoints(experiment):
+        return
+    before = [t["version"] for t in json.loads(path.read_text(encoding="utf-8"))["teachers"]]
+    now = [t.version for t in teachers]
+    if before != now:
+        raise ConfigError(
+            f"the run was distilled from teacher(s) {before}, now {now}; use another --run-name "
+            "to distill from other teachers",
+            where="--teacher",
+        )
+
+
+def train_student(
+    cfg: Config,
+    request: StudentRequest,
+    *,
+    storage: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> TrainOutcome:
+    """Train (or resume, or report) the student of ``cfg`` on Ray Train.
+
+    Args:
+        cfg: the resolved config (``run.name`` set; ``student`` and ``distill`` sections used).
+        request: teachers and client options, or ``distill=False`` for the baseline.
+        storage: the storage root (default: ``$STKD_STORAGE`` or ``./storage``).
+        echo: where status lines go.
+    """
+    if request.distill and cfg.distill.loss not in FORECAST_LOSSES:
+        raise ConfigError(
+            f"loss {cfg.distill.loss!r} distils class logits, but teachers serve forecasts; use "
+            f"one of {', '.join(FORECAST_LOSSES)}",
+            where="distill.loss",
+        )
+    validate_config(cfg, roles=("student",), distill=request.distill)
+    dataset = resolve_dataset(cfg.data.dataset, storage).absolute()
+    store = open_store(dataset)
+    reader = build_reader(cfg, store)  # checks channels and windows, computes + caches statistics
+    for split in ("val", "train"):
+        n = len(reader.windows(split))
+        if n < cfg.cluster.num_workers:
+            raise ConfigError(
+                f"the {split} split has {n} windows, fewer than {cfg.cluster.num_workers} "
+                "workers; use fewer workers or a larger split",
+                where="cluster.num_workers",
+            )
+    run = run_dir(cfg.run_name, storage).absolute()
+    experiment = run / (KD_EXPERIMENT if request.distill else SCRATCH_EXPERIMENT)
+    epochs = cfg.student.schedule.epochs
+    existing = list_checkpoints(experiment) if experiment.is_dir() else []
+    if existing:
+        latest = existing[-1]
+        check_resumable(latest, cfg, store.fingerprint, "student")
+        if is_complete(latest, epochs):
+            best = finish(experiment, cfg, "student")
+            echo(
+                f"run {cfg.run_name!r} ({experiment.name}) is complete ({latest.epoch + 1} epochs"
+                f"{', stopped early' if latest.state.stopped_early else ''}); not training again"
+            )
+            return TrainOutcome(
+                best, experiment, latest.epoch + 1, False, latest.state.stopped_early, 0
+            )
+        echo(f"resuming run {cfg.run_name!r} ({experiment.name}) after epoch {latest.epoch + 1}")
+
+    make_loss: Callable[[WorkerContext], LossFn] = make_task_loss
+    c = cfg.cluster
+    dims = reader.dims
+    replicas = started_replicas(
+        request.teachers,
+        checkpoint=request.checkpoint or cfg.run_name,  # default: the run's own teacher
+        dataset=dataset,
+        run_name=cfg.run_name,
+        token=request.client.token,
+        num_cpus=request.replica_cpus,
+        storage=storage,
+    )
+    with ray_cluster(c) as where, replicas as teachers:
+        if request.distill:
+            resolved = resolve_teachers(
+                teachers,
+                fingerprint=store.fingerprint,
+                window_shape=(dims.horizon, dims.nodes, dims.out_channels),
+                windows=reader.windows("train"),
+                spread=cfg.distill.confidence_weighting,
+                client=request.client,
+            )
+            labels = LabelSpec(
+                resolved,
+                store.fingerprint,
+                ensemble=cfg.distill.ensemble,
+                spread=cfg.distill.confidence_weighting,
+                client=request.client,
+            )
+            weights = labels.weights()  # checks inverse_error has every teacher's MAE
+            _check_teachers_unchanged(experiment, resolved)
+            write_json_atomic(
+                experiment / TEACHERS_FILE,
+                {
+                    "ensemble": labels.ensemble,
+                    "teachers": [
+                        {
+                            "kind": t.kind,
+                            "location": t.location,
+                            "version": t.version,
+                            "val_mae": t.val_mae,
+                            "weight": w,
+                        }
+                        for t, w in zip(resolved, weights, strict=True)
+                    ],
+                },
+            )
+            for t, w in zip(resolved, weights, strict=True):
+                mae = "?" if t.val_mae is None else f"{t.val_mae:.4f}"
+                echo(f"teacher {t.version} from {t.name} (val_mae {mae}, weight {w:.3f})")
+            make_loss = functools.partial(make_distill_loss, labels, str(experiment))
+        write_config(cfg, experiment / "config.yaml")
+        job = TrainJob(
+            config=cfg,
+            role="student",
+            experiment=experiment.name,
+            dataset=str(dataset),
+            make_loss=make_loss,
+            experiment_dir=str(experiment),
+        )
+        kind = "distilled" if request.distill else "baseline (no teacher)"
+        echo(
+            f"training {kind} student {cfg.student.model!r} on {store.name} with "
+            f"{c.num_workers} worker(s) ({'GPU, nccl' if c.use_gpu else 'CPU, gloo'}) on {where}"
+        )
+        try:
+            fit(job, run, epochs)
+        except Exception as e:
+            user = _user_error(e)
+            if user is None:
+                raise
+            raise user from e
+
+    best = finish(experiment, cfg, "student")
+    history = read_history(experiment)
+    last = history[-1] if history else {}
+    latest = list_checkpoints(experiment)[-1]
+    return TrainOutcome(
+        best=best,
+        experiment=experiment,
+        epochs_done=latest.epoch + 1,
+        trained=True,
+        stopped_early=latest.state.stopped_early,
+        attempts=int(last.get("attempt", 0)),
+    )
+
+
+def student_teachers(experiment: str | Path) -> dict[str, Any] | None:
+    """``teachers.json`` of a distilled student's experiment (None when absent)."""
+    path = Path(experiment) / TEACHERS_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,85 @@
+"""What the sweep tests share: a small store, a tiny trained teacher and a sweep config file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from stkd_dist.config import Config, load_config
+from stkd_dist.storage import open_store
+from stkd_dist.train.checkpoint import TrainState, save_checkpoint
+from stkd_dist.train.loop import build_model, build_reader
+
+SPACE: dict[str, Any] = {
+    "distill.alpha": {"uniform": [0.2, 0.9]},
+    "student.optim.lr": {"loguniform": [1e-3, 1e-2]},
+    "student.model": {"choice": ["mlp", "linear"]},
+    "student.kwargs.embed_dim": {"choice": [8, 16]},
+}
+
+
+@dataclass(frozen=True)
+class SweepEnv:
+    """A store, a teacher checkpoint trained on it, and the base config of the sweeps."""
+
+    store: Path
+    teacher: Path
+    config: Config
+
+
+def sweep_settings(store: Path, run: str, **sweep: Any) -> dict[str, Any]:
+    """The YAML mapping of a tiny sweep on ``store`` (lstm teacher, small students)."""
+    return {
+        "run": {"name": run, "seed": 0},
+        "data": {"dataset": str(store), "batch_size": 32, "eval_batch_size": 128},
+        "teacher": {"model": "lstm", "kwargs": {"hidden": 8, "layers": 1}},
+        "student": {"model": "mlp", "kwargs": {}, "schedule": {"warmup_epochs": 0}},
+        "distill": {"loss": "regression", "alpha": 0.5},
+        "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+        "evaluate": {"latency_repeats": 2, "latency_warmup": 0},
+        "sweep": {"space": SPACE, "samples": 4, "max_epochs": 3, "grace_period": 1, **sweep},
+    }
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def make_env(root: Path, run: str = "sweep-test", **sweep: Any) -> SweepEnv:
+    """Write the store and a teacher briefly trained in this process (no Ray)."""
+    from tests.conftest import random_store
+
+    torch.set_num_threads(1)
+    store_path = random_store(root / "tiny.zarr", steps=400, nodes=6, channels=2, chunk_steps=64)
+    cfg_file = write_yaml(root / "sweep.yaml", sweep_settings(store_path, run, **sweep))
+    cfg = load_config(cfg_file)
+    store = open_store(store_path)
+    reader = build_reader(cfg, store)
+    torch.manual_seed(0)
+    model = build_model(cfg.teacher, reader, store)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train = reader.windows("train")
+    for step in range(15):  # a few steps: a teacher that forecasts something, in a second
+        idx = [train[(step * 16 + i) % len(train)] for i in range(16)]
+        batch = reader.batch(idx)
+        pred = model(batch.x, batch.time_of_day, batch.day_of_week)
+        loss = ((pred - batch.y).abs() * batch.mask).sum() / batch.mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    info = save_checkpoint(
+        root / "teacher" / "epoch_0000",
+        model_state=model.state_dict(),
+        spec=model.spec(),
+        config=cfg,
+        fingerprint=store.fingerprint,
+        stats=reader.stats,
+        metrics={"val_mae": float(loss.detach())},
+        state=TrainState(epoch=0),
+    )
+    return SweepEnv(store_path, info.path, cfg)

@@ -1,0 +1,246 @@
+"""``stkd distill`` end to end, in real processes, on a small store.
+
+One module-scoped run trains a tiny teacher with 2 DDP workers on a local Ray cluster (started by
+the command itself), streams soft labels from 2 teacher replicas (Ray actors) to 2 student
+workers, trains the baseline student, evaluates and writes the report. The tests then read its run
+directory and re-run the command to check that completed stages are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stkd_dist.config import load_config, read_config
+from stkd_dist.storage import open_store
+from stkd_dist.train.checkpoint import list_checkpoints, load_forecaster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUN = "e2e"
+HORIZON = 6  # not the default 12: the per-horizon lists must follow the config
+ENTRIES = ("teacher", "student_kd", "student_scratch", "last_value", "historical_average")
+MODELS = ENTRIES[:3]
+METRIC_KEYS = {"mae", "rmse", "mape", "mae_per_horizon", "rmse_per_horizon", "mape_per_horizon"}
+TRAINING = ("teacher", "student_kd", "student_scratch")
+
+
+@dataclass(frozen=True)
+class Run:
+    root: Path
+    storage: Path
+    config: Path
+    store: Path
+    first: subprocess.CompletedProcess[str]
+    seconds: float
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage / "runs" / RUN
+
+
+def stkd(storage: Path, *args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "STKD_STORAGE": str(storage), "COLUMNS": "200"}
+    env.pop("RAY_ADDRESS", None)  # always the command's own local cluster
+    return subprocess.run(
+        [sys.executable, "-m", "stkd_dist.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_config(path: Path, store: Path) -> Path:
+    cfg = {
+        "run": {"seed": 0},
+        "data": {
+            "dataset": str(store),
+            "horizon": HORIZON,
+            "batch_size": 16,
+            "eval_batch_size": 64,
+        },
+        "teacher": {
+            "model": "stgnn",
+            "kwargs": {
+                "residual_channels": 8,
+                "dilation_channels": 8,
+                "skip_channels": 16,
+                "end_channels": 16,
+                "blocks": 1,
+            },
+            "schedule": {"epochs": 2, "warmup_epochs": 1},
+        },
+        "student": {
+            "model": "mlp",
+            "kwargs": {"embed_dim": 8, "node_dim": 4, "tod_dim": 4, "dow_dim": 4, "num_layers": 1},
+            "schedule": {"epochs": 2, "warmup_epochs": 1},
+        },
+        "serve": {"mode": "stream", "replicas": 2, "cpus_per_replica": 0.5},
+        "evaluate": {"latency_batch_size": 16, "latency_repeats": 5, "forecast_sensors": 3},
+        "cluster": {"num_workers": 2, "cpus_per_worker": 1},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    from tests.conftest import random_store
+
+    root = tmp_path_factory.mktemp("distill")
+    store = random_store(root / "tiny.zarr", steps=600, nodes=6, chunk_steps=64)
+    config = write_config(root / "tiny.yaml", store)
+    storage = root / "storage"
+    t0 = time.perf_counter()
+    first = stkd(storage, "distill", "--config", str(config), "--run-name", RUN)
+    seconds = time.perf_counter() - t0
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return Run(root, storage, config, store, first, seconds)
+
+
+def test_metrics_json_has_every_model_and_baseline(run: Run) -> None:
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    store = open_store(run.store)
+    assert metrics["dataset"] == {
+        "name": store.name,
+        "fingerprint": store.fingerprint,
+        "nodes": 6,
+        "steps": 600,
+    }
+    for name in ENTRIES:
+        entry = metrics[name]
+        assert set(entry) >= METRIC_KEYS, name
+        for key in ("mae_per_horizon", "rmse_per_horizon", "mape_per_horizon"):
+            assert len(entry[key]) == HORIZON, (name, key)
+        assert len(entry["mae_per_node"]) == 6
+        assert entry["mae"] > 0 and entry["rmse"] >= entry["mae"]
+        # the overall MAE is the count-weighted mean of the per-step MAEs
+        assert min(entry["mae_per_horizon"]) <= entry["mae"] <= max(entry["mae_per_horizon"])
+    for name in MODELS:
+        entry = metrics[name]
+        model, _ = load_forecaster(run.run_dir / name, role=name)
+        assert entry["params"] == model.num_params() > 0
+        assert entry["latency_ms"] > 0 and entry["latency_batch_size"] == 16
+        assert entry["latency_threads"] == 1
+    for name in ENTRIES[3:]:
+        assert "params" not in metrics[name] and "latency_ms" not in metrics[name]
+    # the two students have the same architecture
+    assert metrics["student_kd"]["params"] == metrics["student_scratch"]["params"]
+
+
+def test_run_directory_holds_config_checkpoints_report(run: Run) -> None:
+    d = run.run_dir
+    resolved = read_config(d / "config.yaml")
+    assert resolved == load_config(str(run.config), [f"run.name={RUN}"])
+    for name in TRAINING:
+        best = json.loads((d / name / "best.json").read_text())
+        assert (d / name / best["checkpoint"] / "meta.json").is_file()
+        assert len(list_checkpoints(d / name)) == 2  # one per epoch, both kept (keep_best=2)
+    history = json.loads((d / "history.json").read_text())
+    assert set(history) == set(TRAINING)
+    for name in TRAINING:
+        assert [h["epoch"] for h in history[name]] == [0, 1]
+        assert all(h["val_mae"] > 0 and h["train_loss"] > 0 for h in history[name])
+    with np.load(d / "forecasts.npz") as f:
+        assert f["truth"].shape == f["pred_teacher"].shape == (f["time"].shape[0], 3)
+        assert {f"pred_{m}" for m in ENTRIES} <= set(f.files)
+    md = (d / "report.md").read_text()
+    assert "student (distilled)" in md and "historical average" in md
+    assert (d / "report.html").read_text().startswith("<!doctype html>")
+    stages = json.loads((d / "stages.json").read_text())["stages"]
+    assert set(stages) == {"teacher", "student_kd", "student_scratch", "evaluate", "report"}
+    assert list((d / "logs").glob("distill-*.log"))
+    # stdout ends with the summary and the report's path
+    assert "student (distilled)" in run.first.stdout
+    assert f"report: {d / 'report.html'}" in run.first.stdout
+
+
+def test_student_streamed_its_labels_from_teacher_replicas(run: Run) -> None:
+    d = run.run_dir / "student_kd"
+    teachers = json.loads((d / "teachers.json").read_text())["teachers"]
+    assert len(teachers) == 1 and teachers[0]["kind"] == "stream"
+    assert teachers[0]["location"].startswith("ray:")  # replicas found as Ray actors
+    teacher_best = json.loads((run.run_dir / "teacher" / "best.json").read_text())
+    assert teachers[0]["version"] == teacher_best["version"]
+    assert "2 teacher replica(s)" in run.first.stdout
+    train = load_config(str(run.config)).data
+    from stkd_dist.data.windows import split_windows
+
+    n_train = len(split_windows(600, train.window(), train.splits(), "train"))
+    for epoch in (0, 1):
+        records = [
+            json.loads((d / "labels" / f"epoch_{epoch:04d}" / f"rank_{r}.json").read_text())
+            for r in (0, 1)
+        ]
+        delivered = [rec["teachers"][0]["delivered"] for rec in records]
+        # each rank got exactly its own shard; together every training window once
+        assert delivered == [rec["plan_windows"] for rec in records]
+        assert sum(delivered) == n_train
+        for rec in records:
+            assert all(ep.startswith("127.0.0.1:") for ep in rec["teachers"][0]["endpoints"])
+
+
+def test_label_cache_is_filled_once_and_reused(run: Run, tmp_path: Path) -> None:
+    from stkd_dist.pipeline.stages import ensure_label_cache
+
+    best = run.run_dir / "teacher"
+    dest = tmp_path / "labels.zarr"
+    seen: list[int] = []
+    first = ensure_label_cache(
+        best, run.store, dest, ("train",), batch_size=32, on_start=seen.append
+    )
+    train = load_config(str(run.config)).data
+    from stkd_dist.data.windows import split_windows
+
+    n_train = len(split_windows(600, train.window(), train.splits(), "train"))
+    assert first.computed and first.windows == {"train": n_train}
+    assert first.forward_windows == n_train == seen[0]
+    again = ensure_label_cache(best, run.store, dest, ("train",), batch_size=32)
+    assert not again.computed and again.forward_windows == n_train
+
+
+def test_rerun_skips_completed_stages(run: Run) -> None:
+    d = run.run_dir
+    before = (d / "stages.json").read_text()
+    checkpoints = {name: sorted(p.name for p in (d / name).glob("epoch_*")) for name in TRAINING}
+    history_lines = {name: (d / name / "history.jsonl").read_text() for name in TRAINING}
+    t0 = time.perf_counter()
+    again = stkd(run.storage, "distill", "--config", str(run.config), "--run-name", RUN)
+    seconds = time.perf_counter() - t0
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("teacher", "student_kd", "student_scratch", "evaluate", "report"):
+        assert f"{stage} (skipped: already complete)" in again.stdout
+    assert "stages run: none" in again.stdout
+    assert "Ray:" not in again.stdout  # no cluster started: nothing to train
+    assert (d / "stages.json").read_text() == before
+    for name in TRAINING:
+        assert sorted(p.name for p in (d / name).glob("epoch_*")) == checkpoints[name]
+        assert (d / name / "history.jsonl").read_text() == history_lines[name]
+    assert seconds < run.seconds / 2
+
+
+def test_stage_with_missing_outputs_is_redone_alone(run: Run) -> None:
+    d = run.run_dir
+    metrics = json.loads((d / "metrics.json").read_text())
+    (d / "metrics.json").unlink()
+    (d / "report.html").unlink()
+    again = stkd(run.storage, "distill", "--config", str(run.config), "--run-name", RUN)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "evaluate (output missing: metrics.json)" in again.stdout
+    for stage in ("teacher", "student_kd", "student_scratch"):
+        assert f"{stage} (skipped: already complete)" in again.stdout
+    assert "stages run: evaluate, report" in again.stdout
+    redone = json.loads((d / "metrics.json").read_text())
+    for name in ENTRIES:  # the same checkpoints on the same windows: the same errors
+        assert redone[name]["mae"] == pytest.approx(metrics[name]["mae"], rel=1e-9)
+    assert (d / "report.html").is_file()

@@ -1,0 +1,111 @@
+"""A sweep whose driver is killed resumes with the same run name (``stkd sweep`` subprocesses).
+
+The first ``stkd sweep`` runs one trial at a time; once the first trial has finished (the second
+one has started) its driver gets SIGKILL. Running the same command again restores the Tune
+experiment from ``<run>/sweep/tune``: the finished trial is kept as it is, the others are run or
+continued, and the sweep completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stkd_dist.pipeline.tune_trial import read_starts
+from tests.pipeline.sweep_env import make_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sweep(storage: Path, config: Path, teacher: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        # snapshot the experiment state at every step, so that a kill loses no finished trial
+        # (Tune's default is every 10 s or more)
+        "TUNE_GLOBAL_CHECKPOINT_S": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [sys.executable, "-m", "stkd_dist.cli", "--storage", str(storage), "sweep"]
+    cmd += ["--config", str(config), "--checkpoint", str(teacher)]
+    with open(log, "ab") as out:
+        # a session of its own: the driver and the Ray cluster it starts can be ended together
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+        )
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of a sweep subprocess's session (its Ray cluster)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _started(records: Path) -> list[Path]:
+    """Trials that started, in order of their first start."""
+    found = [d for d in records.glob("*") if (d / "starts.jsonl").is_file()]
+    return sorted(found, key=lambda d: read_starts(d)[0]["time"])
+
+
+def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
+    env = make_env(tmp_path, run="resume", samples=2, max_epochs=2, max_concurrent=1)
+    storage, log = tmp_path / "storage", tmp_path / "sweep.log"
+    config = tmp_path / "sweep.yaml"
+    sweep_dir = storage / "runs" / "resume" / "sweep"
+    records = sweep_dir / "trials"
+
+    first = _sweep(storage, config, env.teacher, log)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and len(_started(records)) < 2:
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert len(_started(records)) >= 2, log.read_text()[-3000:]
+        os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-sweep
+        first.wait(timeout=30)
+    finally:
+        _end_group(first)
+    assert first.returncode == -signal.SIGKILL
+    assert not (sweep_dir / "leaderboard.csv").exists()
+    done = _started(records)[0]
+    done_starts = read_starts(done)
+    progress = sweep_dir / "tune" / f"trial_{done.name}" / "progress.csv"
+    done_epochs = list(pd.read_csv(progress)["epoch"])
+    assert done_epochs == [0, 1]
+
+    second = _sweep(storage, config, env.teacher, log)
+    try:
+        rc = second.wait(timeout=240)
+    finally:
+        _end_group(second)
+    output = log.read_text()
+    assert rc == 0, output[-3000:]
+    assert "resuming sweep 'resume'" in output
+
+    board = pd.read_csv(sweep_dir / "leaderboard.csv", dtype={"trial": str})
+    assert len(board) == 2 and set(board["trial"]) == {d.name for d in _started(records)}
+    # the trial that had finished was not run again: no new start, no new epoch
+    assert read_starts(done) == done_starts
+    assert list(pd.read_csv(progress)["epoch"]) == done_epochs
+    for trial in _started(records):
+        starts = read_starts(trial)
+        assert starts[0]["after_epoch"] == -1 and len(starts) <= 2
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["resumed"] and summary["trials"] == 2
+    # the labels were computed by the first run only, once per training window
+    labels = summary["labels"]
+    assert not labels["computed_by_this_sweep"]
+    assert labels["teacher_forward_windows"] == labels["distinct_windows"]
+    assert (sweep_dir / "best" / "meta.json").is_file()

@@ -1,0 +1,67 @@
+"""Fixtures of the training tests: tiny teacher configs and checkpoints written without training."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from stkd_dist.config import Config, load_config
+from stkd_dist.storage import open_store
+from stkd_dist.train.checkpoint import TrainState, save_checkpoint
+from stkd_dist.train.loop import build_model, build_reader
+
+TINY_STGNN = {
+    "residual_channels": 4,
+    "dilation_channels": 4,
+    "skip_channels": 8,
+    "end_channels": 8,
+    "blocks": 1,
+}
+
+
+def tiny_config(store: Path, run: str = "r1", *extra: str) -> Config:
+    """The demo preset on ``store`` with a tiny stgnn teacher."""
+    return load_config(
+        "demo",
+        [
+            f"data.dataset={json.dumps(str(store))}",
+            f"run.name={run}",
+            f"teacher.kwargs={json.dumps(TINY_STGNN)}",
+            *extra,
+        ],
+    )
+
+
+def write_checkpoint(
+    path: Path, cfg: Config, epoch: int, val_mae: float, seed: int = 0, **state: Any
+) -> tuple[Any, Any]:
+    """Write an (untrained) teacher checkpoint of ``cfg``; returns ``(model, reader)``."""
+    store = open_store(cfg.data.dataset)
+    reader = build_reader(cfg, store)
+    torch.manual_seed(seed)
+    model = build_model(cfg.teacher, reader, store)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_checkpoint(
+        path,
+        model_state=model.state_dict(),
+        spec=model.spec(),
+        config=cfg,
+        fingerprint=store.fingerprint,
+        stats=reader.stats,
+        metrics={"val_mae": val_mae, "epoch": epoch},
+        state=TrainState(epoch=epoch, best_val_mae=val_mae, best_epoch=epoch, **state),
+        dataset=store.name,
+        optimizer_state=opt.state_dict(),
+        scheduler_state={"last_epoch": epoch},
+    )
+    return model, reader
+
+
+@pytest.fixture
+def small_store(make_store: Callable[..., Path]) -> Path:
+    return make_store("ck", steps=200, nodes=4, channels=1, chunk_steps=50)

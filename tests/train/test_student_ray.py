@@ -1,0 +1,379 @@
+"""Distilled student training on a real local Ray cluster (2 CPUs, gloo DDP, 2 workers) with soft
+labels streamed from real ``stkd serve`` processes on 127.0.0.1, a label cache, Ray-actor replicas.
+
+The data and models are tiny (a 400-step, 6-node store; LSTM teachers; the STID student) so each
+run takes seconds; the Ray cluster is shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from stkd_dist.cli import main
+from stkd_dist.config import Config, DataSection, RunSection, load_config
+from stkd_dist.data.plan import make_plan
+from stkd_dist.data.reader import WindowReader
+from stkd_dist.models import build_forecaster
+from stkd_dist.serving.cache import precompute_labels
+from stkd_dist.serving.teacher import load_teacher
+from stkd_dist.storage import open_store
+from stkd_dist.train.checkpoint import (
+    TrainState,
+    list_checkpoints,
+    load_checkpoint_state,
+    read_best,
+    save_checkpoint,
+)
+from stkd_dist.train.loop import build_reader
+from stkd_dist.train.ray_session import read_history
+from stkd_dist.train.soft_labels import ClientOptions, TeacherSpec, parse_labels
+from stkd_dist.train.student import StudentRequest, delivery_path, train_student
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+EPOCHS = 2
+WORLD = 2
+# small label chunks (~13 windows) so that each rank's stream of an epoch has several chunks
+OPTIONS = ClientOptions(max_message_bytes=8192, prefetch=2)
+
+
+# The test's own config (presets may change): the windows and splits of the teachers below.
+CONFIG = """\
+run: {seed: 0, keep_best: 2}
+data:
+  dataset: DATASET
+  input_steps: 12
+  horizon: 12
+  stride: 1
+  split: {train: 0.7, val: 0.1, test: 0.2}
+  batch_size: 16
+  eval_batch_size: 64
+student:
+  model: mlp
+  kwargs: {embed_dim: 16, node_dim: 8, tod_dim: 4, dow_dim: 4, num_layers: 1}
+  optim: {lr: 0.003, weight_decay: 0.0001, grad_clip: 5.0}
+  schedule: {epochs: EPOCHS, warmup_epochs: 1, kind: cosine, min_lr: 0.0001}
+distill: {loss: regression, alpha: 0.5, beta: 0.0, ensemble: mean}
+cluster: {num_workers: WORLD, cpus_per_worker: 1, torch_threads: 1, max_failures: 0}
+"""
+
+
+@dataclass(frozen=True)
+class Env:
+    root: Path
+    store: Path
+    ckpt: dict[str, Path]
+    version: dict[str, str]
+    config: Path
+
+
+def _save_teacher(root: Path, store_path: Path, name: str, seed: int, val_mae: float):
+    store = open_store(store_path)
+    cfg = Config(run=RunSection(name=name), data=DataSection(dataset=str(store_path)))
+    reader = WindowReader(store, cfg.data.window(), cfg.data.splits())
+    torch.manual_seed(seed)
+    model = build_forecaster("lstm", reader.dims, target_scale=reader.target_scale(), hidden=8)
+    return save_checkpoint(
+        root / name,
+        model_state=model.state_dict(),
+        spec=model.spec(),
+        config=cfg,
+        fingerprint=store.fingerprint,
+        stats=reader.stats,
+        metrics={"val_mae": val_mae},
+        state=TrainState(epoch=0),
+    )
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    from tests.conftest import random_store
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("student")
+    store = random_store(root / "tiny.zarr", steps=400, nodes=6, chunk_steps=64)
+    infos = {
+        "a": _save_teacher(root, store, "teach-a", 1, 2.0),
+        "b": _save_teacher(root, store, "teach-b", 2, 4.0),
+    }
+    text = CONFIG.replace("DATASET", json.dumps(str(store)))
+    config = root / "student.yaml"
+    config.write_text(text.replace("EPOCHS", str(EPOCHS)).replace("WORLD", str(WORLD)))
+    return Env(
+        root,
+        store,
+        {k: i.path for k, i in infos.items()},
+        {k: i.version for k, i in infos.items()},
+        config,
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_local(env: Env) -> Iterator[None]:
+    # the store is written first, with Dask's threaded scheduler (no Ray connected yet)
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@dataclass
+class Server:
+    """A ``stkd serve`` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path
+    metrics_port: int | None
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def bytes_sent(self) -> float:
+        """Label bytes the server has sent so far (its Prometheus counter)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return 0.0
+        for line in text.splitlines():
+            if line.startswith("stkd_serve_bytes_total"):
+                return float(line.split()[-1])
+        return 0.0
+
+
+@pytest.fixture
+def spawn(env: Env, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``spawn(checkpoint, *extra_args) -> Server``: ``stkd serve`` on a free port, one thread."""
+    procs: list[Server] = []
+
+    def start(checkpoint: Path, *extra: str) -> Server:
+        n = len(procs)
+        ready, log = tmp_path / f"ready-{n}.json", tmp_path / f"serve-{n}.log"
+        cmd = [
+            sys.executable, "-m", "stkd_dist.cli", "serve", "--checkpoint", str(checkpoint),
+            "--data", str(env.store), "--port", "0", "--threads", "1",
+            "--ready-file", str(ready), *extra,
+        ]  # fmt: skip
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"stkd serve did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        server = Server(proc, info["address"], log, info.get("metrics_port"))
+        procs.append(server)
+        return server
+
+    yield start
+    for s in procs:
+        if s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGKILL)
+        s.proc.wait(10)
+
+
+def config(env: Env, run: str) -> Config:
+    return load_config(env.config, [f"run.name={run}"])
+
+
+def final_weights(experiment: Path) -> dict[str, torch.Tensor]:
+    latest = list_checkpoints(experiment)[-1]
+    assert latest.epoch == EPOCHS - 1
+    return load_checkpoint_state(latest.path)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # bitwise
+
+
+def deliveries(experiment: Path, cfg: Config, teachers: int = 1) -> list[list[dict]]:
+    """Per epoch, every rank's delivery record, checked against the shard plan of that epoch."""
+    reader = build_reader(cfg, open_store(cfg.data.dataset))
+    windows = reader.windows("train")
+    out = []
+    for epoch in range(EPOCHS):
+        plan = make_plan(
+            windows,
+            reader.store.chunks[0],
+            WORLD,
+            epoch=epoch,
+            seed=cfg.run.seed,
+            batch_size=cfg.data.batch_size,
+            shuffle=True,
+        )
+        records = []
+        for rank in range(WORLD):
+            rec = json.loads(delivery_path(experiment, epoch, rank).read_text())
+            n = len(plan.rank_windows(rank))
+            assert rec["plan_windows"] == n
+            assert len(rec["teachers"]) == teachers
+            for t in rec["teachers"]:
+                # every window of the rank's shard asked for and delivered exactly once
+                assert t["requested"] == t["delivered"] == n, t
+            records.append(rec)
+        # and the shards cover the split: every window once per epoch, across ranks
+        assert sum(r["plan_windows"] for r in records) == len(windows)
+        out.append(records)
+    return out
+
+
+def test_killed_replica_cache_and_stream_give_identical_students(
+    ray_local: None, env: Env, spawn: Callable[..., Server], tmp_path: Path
+) -> None:
+    root = tmp_path / "storage"
+    # a batch of 512 never fills, so every teacher batch waits 150 ms: a rank's stream of an
+    # epoch (about 10 chunks) takes over a second; the first replica to send labels is killed
+    # right after its first chunk, mid-stream
+    slow = ("--batch-size", "512", "--batch-wait-ms", "150", "--metrics-port", "0")
+    a1, a2 = spawn(env.ckpt["a"], *slow), spawn(env.ckpt["a"], *slow)
+    killed: list[Server] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            for server in (a1, a2):
+                if server.bytes_sent() > 0:
+                    time.sleep(0.1)  # the chunk reaches its client; the next one is 150 ms away
+                    server.proc.send_signal(signal.SIGKILL)
+                    killed.append(server)
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    cfg = config(env, "killed")
+    request = StudentRequest(
+        teachers=(TeacherSpec("stream", f"{a1.address},{a2.address}"),), client=OPTIONS
+    )
+    lines: list[str] = []
+    out = train_student(cfg, request, storage=root, echo=lines.append)
+    thread.join(5)
+    assert out.trained and out.epochs_done == EPOCHS
+    assert len(killed) == 1, "no replica sent labels: nothing was killed"
+    victim = killed[0]
+    assert victim.proc.wait(10) == -signal.SIGKILL
+    experiment = root / "runs" / "killed" / "student_kd"
+    assert out.experiment == experiment
+    records = deliveries(experiment, cfg)
+    # the kill hit epoch 0 mid-stream: a rank lost its replica and resumed on the other one
+    first = [t for rec in records[0] for t in rec["teachers"]]
+    assert sum(t["reconnects"] for t in first) >= 1
+    assert any(victim.address in t["endpoints"] and len(t["endpoints"]) == 2 for t in first)
+    assert any(f"teacher {env.version['a']}" in line for line in lines)
+    teachers = json.loads((experiment / "teachers.json").read_text())
+    assert [t["version"] for t in teachers["teachers"]] == [env.version["a"]]
+    best = read_best(experiment)
+    assert best is not None and best["epoch"] in range(EPOCHS)
+
+    # the same student without any failure: streamed from the surviving replica alone
+    survivor = a2 if victim is a1 else a1
+    calm_cfg = config(env, "calm")
+    calm = train_student(
+        calm_cfg,
+        StudentRequest(teachers=(TeacherSpec("stream", survivor.address),), client=OPTIONS),
+        storage=root,
+        echo=lines.append,
+    )
+    calm_first = [t for rec in deliveries(calm.experiment, calm_cfg)[0] for t in rec["teachers"]]
+    assert sum(t["reconnects"] for t in calm_first) == 0
+    assert_same_weights(final_weights(experiment), final_weights(calm.experiment))
+    history = [h["param_digests"] for h in read_history(experiment)]
+    assert history == [h["param_digests"] for h in read_history(calm.experiment)]
+
+    # the same labels from a precomputed cache: the same student again
+    cache = tmp_path / "labels-a.zarr"
+    precompute_labels(load_teacher(env.ckpt["a"], env.store), cache, ["train"])
+    cached = train_student(
+        config(env, "cached"),
+        StudentRequest(teachers=(parse_labels(f"cache:{cache}"),)),
+        storage=root,
+        echo=lines.append,
+    )
+    assert_same_weights(final_weights(experiment), final_weights(cached.experiment))
+
+    # a finished run is reported, not trained again
+    again = train_student(cfg, request, storage=root, echo=lines.append)
+    assert not again.trained and again.best.path == out.best.path
+    assert any("is complete" in line for line in lines)
+
+
+def test_no_distill_trains_the_baseline_without_a_teacher(
+    ray_local: None, env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    root = tmp_path / "storage"
+    monkeypatch.setenv("STKD_STORAGE", str(root))  # restored afterwards (main() exports it)
+    args = ["--config", str(env.config), "--run-name", "base"]
+    assert main(["--storage", str(root), "train-student", "--no-distill", *args]) == 0
+    printed = capsys.readouterr().out
+    experiment = root / "runs" / "base" / "student_scratch"
+    assert "student 'base' (student_scratch): 2 epoch(s) (trained)" in printed
+    assert [h["epoch"] for h in read_history(experiment)] == [0, 1]
+    best = read_best(experiment)
+    assert best is not None and str(experiment / best["checkpoint"]) in printed
+    assert not (experiment / "teachers.json").exists() and not (experiment / "labels").exists()
+    assert not (root / "runs" / "base" / "student_kd").exists()
+    # a teacher and --no-distill contradict each other: one clear error, nothing trained
+    code = main(
+        ["--storage", str(root), "train-student", "--no-distill", "--teacher", "127.0.0.1:9", *args]
+    )
+    assert code == 2
+    assert "stkd: error: --no-distill:" in capsys.readouterr().err
+
+
+def test_ensemble_of_two_teacher_versions_with_ray_replicas(
+    ray_local: None,
+    env: Env,
+    spawn: Callable[..., Server],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = tmp_path / "storage"
+    monkeypatch.setenv("STKD_STORAGE", str(root))
+    a = spawn(env.ckpt["a"])
+    args = ["--config", str(env.config), "--run-name", "ens"]
+    code = main(
+        [
+            "--storage", str(root), "train-student", *args,
+            "--set", "distill.ensemble=mean",
+            "--teacher", a.address,  # teacher A: a stkd serve process
+            "--teacher", "ray:1", "--checkpoint", str(env.ckpt["b"]),  # B: a Ray actor replica
+            "--label-chunk-bytes", "65536",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    experiment = root / "runs" / "ens" / "student_kd"
+    teachers = json.loads((experiment / "teachers.json").read_text())
+    assert teachers["ensemble"] == "mean"
+    assert [t["version"] for t in teachers["teachers"]] == [env.version["a"], env.version["b"]]
+    assert [t["weight"] for t in teachers["teachers"]] == [0.5, 0.5]
+    assert [t["val_mae"] for t in teachers["teachers"]] == [2.0, 4.0]  # from Describe
+    records = deliveries(experiment, config(env, "ens"), teachers=2)
+    for rec in records[0]:
+        ta, tb = rec["teachers"]
+        assert ta["endpoints"] == [a.address]
+        assert tb["teacher"].startswith("ray:stkd-teacher-ens-") and len(tb["endpoints"]) == 1
+        assert tb["endpoints"] != [a.address]
+    # the replicas started for the run are gone with it
+    names = [x["name"] for x in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("stkd-teacher-")]
+    assert os.environ["STKD_STORAGE"] == str(root)

@@ -160,6 +160,8 @@ def test_run_directory_holds_config_checkpoints_report(run: Run) -> None:
     stages = json.loads((d / "stages.json").read_text())["stages"]
     assert set(stages) == {"teacher", "student_kd", "student_scratch", "evaluate", "report"}
     assert list((d / "logs").glob("distill-*.log"))
+    # one progress line per epoch of each training (read from the runs' history files)
+    assert run.first.stdout.count("epoch   2/2  train_loss") == 3
     # stdout ends with the summary and the report's path
     assert "student (distilled)" in run.first.stdout
     assert f"report: {d / 'report.html'}" in run.first.stdout

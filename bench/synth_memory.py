@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import results
+
 HEADING = "## Synthetic generator memory"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -102,21 +104,8 @@ def section(rows: list[dict[str, Any]], ratio: float, max_ratio: float, command:
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) this benchmark's section of ``path``, leaving other sections alone."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + text + ("\n" + rest if rest else "")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
+    """Replace (or append) this benchmark's section of ``bench/RESULTS.md``."""
+    results.write_section(HEADING, text, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ DPI = 110
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # keep legends placed outside the axes
     plt.close(fig)
     return path
 
@@ -83,7 +83,7 @@ def forecast_panels(inp: ReportInputs, out: Path) -> Path | None:
         ax.set_ylabel(f"sensor {sensors[i]}")
         ax.grid(alpha=0.3)
     axes[0, 0].set_title("Forecasts vs truth (last horizon step)")
-    axes[0, 0].legend(fontsize=7, ncol=4, loc="upper left")
+    axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel("time")
     fig.autofmt_xdate()
     return _save(fig, out / "forecasts.png")
@@ -118,7 +118,14 @@ def pareto(inp: ReportInputs, out: Path) -> Path | None:
     ax.scatter(board["params"], board["test_mae"], alpha=0.7, label="trials")
     front = pareto_front(board["params"].to_numpy(), board["test_mae"].to_numpy())
     fb = board.iloc[front].sort_values("params")
-    ax.plot(fb["params"], fb["test_mae"], color="crimson", marker="o", drawstyle="steps-post", label="Pareto front")
+    ax.plot(
+        fb["params"],
+        fb["test_mae"],
+        color="crimson",
+        marker="o",
+        drawstyle="steps-post",
+        label="Pareto front",
+    )
     if "teacher" in inp.metrics and inp.metrics["teacher"].get("params"):
         ax.axhline(inp.metrics["teacher"]["mae"], color="gray", linestyle="--", label="teacher MAE")
     ax.set_xscale("log")

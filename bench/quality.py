@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 HEADING = "## Distillation quality on real data"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STKD_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEFAULT_STORAGE = REPO / "bench" / "out" / "quality"
@@ -163,6 +161,7 @@ class DatasetResult:
     seeds: list[int]
     overrides: list[str]
     metrics: dict[str, Any]  # seed-0 metrics.json
+    config: Any  # seed-0 resolved Config
     teacher: dict[str, Any]  # seed-0 teacher stage info (version, val MAE, epochs)
     kd_mae: dict[int, float] = field(default_factory=dict)
     scratch_mae: dict[int, float] = field(default_factory=dict)
@@ -216,7 +215,12 @@ def run_dataset(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stages = json.loads((run_dir / "stages.json").read_text())["stages"]
     cache = run_dir / stages["labels"]["info"]["path"]
-    result = DatasetResult(ds, seeds, overrides, metrics, stages["teacher"]["info"], commands=cmds)
+    from stkd_dist.config import read_config
+
+    config = read_config(run_dir / "config.yaml")
+    result = DatasetResult(
+        ds, seeds, overrides, metrics, config, stages["teacher"]["info"], commands=cmds
+    )
     result.kd_mae[first] = metrics["student_kd"]["mae"]
     result.scratch_mae[first] = metrics["student_scratch"]["mae"]
     for seed in seeds[1:]:
@@ -259,6 +263,43 @@ def _verdict(ok: bool) -> str:
     return "pass" if ok else "**missed**"
 
 
+def settings_line(cfg: Any) -> str:
+    """The settings a dataset's runs used (from the seed-0 run's resolved ``config.yaml``)."""
+    d, t, s, k = cfg.data, cfg.teacher, cfg.student, cfg.distill
+
+    def kw(kwargs: dict[str, Any]) -> str:
+        return ", ".join(f"{key}={value}" for key, value in kwargs.items()) or "defaults"
+
+    def sched(section: Any) -> str:
+        sc, o = section.schedule, section.optim
+        patience = sc.early_stopping_patience
+        stop = f", early-stopping patience {patience}" if patience else ""
+        return f"lr {o.lr:g}, {sc.epochs} epochs ({sc.kind}{stop})"
+
+    return (
+        f"Settings (preset `{d.dataset}` as resolved for these runs): data L={d.input_steps}, "
+        f"H={d.horizon}, batch {d.batch_size} per worker, per-node statistics "
+        f"{'on' if d.per_node_stats else 'off'}, {cfg.cluster.num_workers} workers; teacher "
+        f"`{t.model}` ({kw(t.kwargs)}; {sched(t)}); student `{s.model}` ({kw(s.kwargs)}; "
+        f"{sched(s)}); distillation `{k.loss}` with alpha {k.alpha:g}."
+    )
+
+
+def _reading(teacher_mae: float, kd: list[float], scratch: list[float]) -> str:
+    """One sentence on why distillation helped or not, from the numbers alone."""
+    gap = statistics.mean(kd) - statistics.mean(scratch)
+    if gap <= 0:
+        return f" Distillation lowers the mean test MAE by {-gap:.3f}."
+    text = f" Distillation does not help here: the mean test MAE is {gap:.3f} higher with it."
+    if teacher_mae > statistics.mean(scratch):
+        text += (
+            " The teacher itself is less accurate than the student trained on the targets alone, "
+            "so its labels (weighted 1 - `distill.alpha` in the loss) pull the student towards "
+            "larger errors."
+        )
+    return text
+
+
 def dataset_section(r: DatasetResult) -> list[str]:
     m = r.metrics
     t, s, sc = m["teacher"], m["student_kd"], m["student_scratch"]
@@ -271,6 +312,8 @@ def dataset_section(r: DatasetResult) -> list[str]:
     wins = sum(a < b for a, b in zip(kd, scratch, strict=True))
     lines = [
         f"### {r.dataset.name}",
+        "",
+        settings_line(r.config),
         "",
         f"{r.dataset.describe}; dataset fingerprint `{m['dataset']['fingerprint']}`. Teacher "
         f"`{r.teacher['version']}` ({r.teacher['epochs']} epochs, validation MAE "
@@ -314,7 +357,8 @@ def dataset_section(r: DatasetResult) -> list[str]:
         f"| no distillation | {_mean_std(scratch)} | {', '.join(f'{v:.3f}' for v in scratch)} |",
         "",
         f"The distilled student has the lower test MAE in {wins} of {len(r.seeds)} seeds "
-        f"(teacher test MAE {t['mae']:.3f}; baseline student, seed {first}: {sc['mae']:.3f}).",
+        f"(teacher test MAE {t['mae']:.3f}; baseline student, seed {first}: {sc['mae']:.3f})."
+        + _reading(t["mae"], kd, scratch),
         "",
         "| step | wall s | CPU s |",
         "|---|---:|---:|",
@@ -361,19 +405,6 @@ def _display(argv: list[str]) -> list[str]:
     ]
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace this benchmark's section of ``RESULTS.md`` (append it when absent)."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1)
-    else:
-        new = old.rstrip() + "\n\n" + text
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(new.rstrip() + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
@@ -415,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     text = section(results, argv, started)
     print(text)
     if not args.no_write:
-        write_section(text)
-        print(f"wrote the section {HEADING!r} of {RESULTS}", file=sys.stderr)
+        from bench import results as results_md
+
+        results_md.write_section(HEADING, text)
+        print(f"wrote the section {HEADING!r} of {results_md.RESULTS}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The building blocks of a distillation run, shared by ``stkd distill`` and ``stkd sweep``.
 
-Each helper does one stage's work and is safe to call again: it reuses what a previous call left
+Each function does one stage's work and is safe to call again: it reuses what a previous call left
 (a synthesised dataset, a complete teacher run, a complete label cache) instead of redoing it.
 
 * :func:`ensure_dataset`: open the config's store, synthesising the embedded ``demo`` default when

@@ -213,9 +213,11 @@ def validate(
 def write_worker_status(job: TrainJob, rank: int, world_size: int, state: TrainState) -> None:
     """Record which process serves ``rank`` in ``<experiment>/workers/rank-<r>.json``.
 
-    Operators (and the fault-tolerance test) use it to find a rank's process and host; it is
-    rewritten whenever a worker group (re)starts.
+    Operators (and the fault-tolerance and multi-node tests) use it to find a rank's process,
+    host and Ray node; it is rewritten whenever a worker group (re)starts.
     """
+    import ray
+
     folder = Path(job.experiment_dir) / "workers"
     write_json_atomic(
         folder / f"rank-{rank}.json",
@@ -224,6 +226,7 @@ def write_worker_status(job: TrainJob, rank: int, world_size: int, state: TrainS
             "world_size": world_size,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "attempt": state.attempt,
             "resumed_after_epoch": state.epoch,
             "started": time.time(),

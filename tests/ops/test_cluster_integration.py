@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from stkd_dist.cli import main
 from stkd_dist.storage import open_store
+from tests.conftest import random_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,3 +110,62 @@ def test_submitted_job_runs_on_the_worker_nodes(
     assert report["running"] and report["dashboard_url"] == cluster.dashboard_url
     alive = {n["node_id"] for n in report["nodes"] if n["state"] == "ALIVE"}
     assert alive == set(by_node)
+
+
+def small_distill_config(path: Path, store: Path) -> Path:
+    """A distillation run small enough for the 2 one-CPU worker nodes of the local cluster.
+
+    Each DDP worker reserves 1 CPU, so the 2 teacher workers cannot share a node; labels go
+    through the label cache because stream mode's replicas would need CPUs of their own.
+    """
+    tiny = {"schedule": {"epochs": 1, "warmup_epochs": 0}}
+    cfg = {
+        "data": {"dataset": str(store), "horizon": 3, "batch_size": 16, "eval_batch_size": 64},
+        "teacher": {
+            "model": "stgnn",
+            "kwargs": {
+                "residual_channels": 4,
+                "dilation_channels": 4,
+                "skip_channels": 8,
+                "end_channels": 8,
+                "blocks": 1,
+            },
+            **tiny,
+        },
+        "student": {"model": "linear", **tiny},
+        "serve": {"mode": "cache"},
+        "evaluate": {"latency_batch_size": 8, "latency_repeats": 3, "forecast_sensors": 2},
+        "cluster": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_submitted_distill_trains_the_teacher_on_two_nodes(
+    local_ray_cluster: Any, tmp_path: Path
+) -> None:
+    cluster = local_ray_cluster
+    storage = tmp_path / "storage"
+    store = random_store(tmp_path / "tiny.zarr", steps=400, nodes=5, chunk_steps=64)
+    config = small_distill_config(tmp_path / "small.yaml", store)
+    done = cluster.stkd(
+        "--storage", storage, "submit", "--address", cluster.dashboard_url,
+        "--job-id", "distill-2n", "--", f"distill --config {config} --run-name two-nodes",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "SUCCEEDED" in done.stderr
+    assert "Ray: the Ray cluster at" in done.stdout  # the job's driver joined the cluster
+
+    run = storage / "runs" / "two-nodes"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"teacher", "student_kd", "student_scratch"} <= set(metrics)
+    assert len(metrics["teacher"]["mae_per_horizon"]) == 3
+
+    # where the teacher's DDP ranks ran: one per worker node, none on the (0-CPU) head
+    ranks = [json.loads(f.read_text()) for f in sorted((run / "teacher" / "workers").glob("*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["world_size"] == 2 for r in ranks)
+    nodes = [r["node_id"] for r in ranks]
+    assert len(set(nodes)) == 2, nodes
+    assert set(nodes) == set(cluster.worker_node_ids.values())
+    assert cluster.head_node_id not in nodes

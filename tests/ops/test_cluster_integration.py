@@ -162,7 +162,9 @@ def test_submitted_distill_trains_the_teacher_on_two_nodes(
     assert len(metrics["teacher"]["mae_per_horizon"]) == 3
 
     # where the teacher's DDP ranks ran: one per worker node, none on the (0-CPU) head
-    ranks = [json.loads(f.read_text()) for f in sorted((run / "teacher" / "workers").glob("*.json"))]
+    ranks = [
+        json.loads(f.read_text()) for f in sorted((run / "teacher" / "workers").glob("*.json"))
+    ]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["world_size"] == 2 for r in ranks)
     nodes = [r["node_id"] for r in ranks]

@@ -14,29 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from stkd_dist import __version__
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.errors import StkdError
 
-# Order is the order of `stkd --help`: the data plane first, then training, serving, operations.
-COMMANDS = (
-    "ingest",
-    "info",
-    "synth",
-    "plan",
-    "config",
-    "train-teacher",
-    "train-student",
-    "evaluate",
-    "precompute-labels",
-    "serve",
-    "distill",
-    "sweep",
-    "demo",
-    "submit",
-    "jobs",
-    "logs",
-    "stop",
-    "cluster",
-)
+# `stkd --help` lists the commands in this order (see stkd_dist.commands.SUMMARIES).
+COMMANDS = tuple(SUMMARIES)
 
 DESCRIPTION = """\
 stkd-dist: distributed knowledge distillation for spatiotemporal forecasting.
@@ -51,8 +33,14 @@ STKD_STORAGE or --storage). Run `stkd COMMAND --help` for each command's options
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser with every subcommand registered."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser.
+
+    Args:
+        only: register just this command's full parser (and import just its module); the other
+            commands get a placeholder that shows their one-line summary in ``stkd --help``.
+            ``None`` registers every command in full.
+    """
     parser = argparse.ArgumentParser(
         prog="stkd",
         description=DESCRIPTION,
@@ -67,14 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"stkd_dist.commands.{name.replace('-', '_')}")
-        module.register(sub)
+        if only is None or name == only:
+            module = importlib.import_module(f"stkd_dist.commands.{name.replace('-', '_')}")
+            module.register(sub)
+        else:
+            sub.add_parser(name, help=SUMMARIES[name])
     return parser
+
+
+def requested_command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (after the global options), or None when there is none."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--storage":
+            next(args, None)  # its value
+        elif arg in SUMMARIES:
+            return arg
+        elif not arg.startswith("-"):
+            return None  # not a command: argparse reports it
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stkd`` console script."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=requested_command(argv) or "")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.ops import local_cluster
 from stkd_dist.ops.local_cluster import LocalClusterSpec, default_state_dir
 from stkd_dist.ops.probe import probe_nodes
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``cluster`` parser and its subcommands."""
     p = subparsers.add_parser(
         "cluster",
-        help="start/stop a local multi-node Ray cluster; probe a cluster's nodes",
+        help=SUMMARIES["cluster"],
         description="Manage a local multi-node Ray cluster and check where work runs.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

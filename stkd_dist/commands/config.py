@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.config import Config, dump_config, load_config, preset_names, preset_text
 from stkd_dist.config.loader import read_source
 from stkd_dist.config.validate import validate_config
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sections = ", ".join(f.name for f in dataclasses.fields(Config))
     parser = subparsers.add_parser(
         "config",
-        help="list presets, show a resolved config, validate a config file",
+        help=SUMMARIES["config"],
         description=(
             f"Configurations are YAML files with the sections {sections}; built-in presets "
             "are ready-made ones. Every training command takes --config PRESET|FILE and "

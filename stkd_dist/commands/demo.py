@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands.synth import block_progress
 from stkd_dist.info import dataset_info, render_info
 from stkd_dist.pipeline.stages import DEMO_DATASET, DEMO_NODES, DEMO_STEPS, synthesize_demo
@@ -153,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` parser."""
     p = subparsers.add_parser(
         "demo",
-        help="the whole pipeline on an embedded default dataset, in a few minutes",
+        help=SUMMARIES["demo"],
         description=(
             f"Run the distillation pipeline end to end (`stkd distill --config {DEMO_PRESET}`). "
             f"Without --data it first synthesises a small dataset named {DEMO_NAME!r} under the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands._common import add_config_args, config_from_args
 
 EPILOG = """\
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``distill`` parser."""
     parser = subparsers.add_parser(
         "distill",
-        help="one command: teacher, distilled + baseline students, evaluation and report",
+        help=SUMMARIES["distill"],
         description=(
             "Run the whole distillation pipeline of a config on a Ray cluster (a local one by "
             "default): train the teacher with data-parallel workers, serve its soft labels "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from stkd_dist.commands import SUMMARIES
+
 EPILOG = """\
 examples:
   stkd evaluate --checkpoint los                    # run name: its best teacher checkpoint
@@ -19,7 +21,7 @@ examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="metrics of a checkpoint and of the baselines on a split",
+        help=SUMMARIES["evaluate"],
         description=(
             "Evaluate a checkpoint (masked MAE, RMSE, MAPE overall and per horizon step, in "
             "original units) next to the last-value and historical-average baselines. The store "

@@ -8,6 +8,7 @@ import json
 
 from rich.console import Console
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.info import dataset_info, render_info
 from stkd_dist.storage import open_store
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``info`` parser."""
     p = subparsers.add_parser(
         "info",
-        help="shape, time range, missing data, statistics, graph and fingerprint of a store",
+        help=SUMMARIES["info"],
         description=(
             "Describe a dataset store: shape and chunks, frequency and time range, missing "
             "fraction and statistics per channel (observed readings, plus the cached training "

@@ -17,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.ingest import FORMATS, IngestOptions, IngestProgress, IngestResult, ingest
 
 EPILOG = """\
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``ingest`` parser."""
     p = subparsers.add_parser(
         "ingest",
-        help="convert a CSV / .npy / .npz / HDF5 / Zarr dataset into a store",
+        help=SUMMARIES["ingest"],
         description=(
             "Convert a dataset file into the canonical Zarr store (values, mask, time axis,\n"
             "sensor ids, graph, locations, provenance). The format is detected from the file's\n"

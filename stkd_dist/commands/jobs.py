@@ -9,6 +9,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands.submit import add_address_argument
 from stkd_dist.ops.jobs import JobsClient, JobSummary
 
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``jobs`` parser."""
     p = subparsers.add_parser(
         "jobs",
-        help="list the jobs of a Ray cluster",
+        help=SUMMARIES["jobs"],
         description="List every job a Ray cluster knows (running and finished).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -7,6 +7,7 @@ import sys
 
 from rich.console import Console
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands.submit import add_address_argument
 from stkd_dist.ops.jobs import JobsClient
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``logs`` parser."""
     p = subparsers.add_parser(
         "logs",
-        help="print or follow a job's output",
+        help=SUMMARIES["logs"],
         description="Print the output of a job on a Ray cluster, or follow it until it ends.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

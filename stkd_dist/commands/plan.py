@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.data.plan import ShardPlan, make_plan
 from stkd_dist.data.windows import SPLITS, SplitSpec, WindowSpec, split_windows
 from stkd_dist.errors import InputError
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``plan`` parser."""
     p = subparsers.add_parser(
         "plan",
-        help="show the shard plan: the windows each data-parallel rank reads, in order",
+        help=SUMMARIES["plan"],
         description=(
             "Print the deterministic shard plan of one epoch of a split: for every rank its "
             "blocks (chunk-aligned runs of windows), its windows in the order it sees them, its "

@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.data.windows import SPLITS, check_split_name
 from stkd_dist.errors import InputError, StoreError
 from stkd_dist.serving.cache import default_cache_path, precompute_labels
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``precompute-labels`` parser."""
     p = subparsers.add_parser(
         "precompute-labels",
-        help="store a teacher's soft labels for every window (label cache)",
+        help=SUMMARIES["precompute-labels"],
         description=(
             "Run the teacher of a checkpoint on every window of the chosen splits of its dataset "
             "and store the outputs in a Zarr label cache keyed by dataset fingerprint and "

@@ -14,6 +14,7 @@ from types import FrameType
 
 import torch
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.errors import ConfigError
 from stkd_dist.serving import codec
 from stkd_dist.serving.auth import ServerTls, resolve_token
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` parser."""
     p = subparsers.add_parser(
         "serve",
-        help="serve a teacher's soft labels to student workers (gRPC)",
+        help=SUMMARIES["serve"],
         description=(
             "Load a teacher from its checkpoint and stream its outputs (soft labels) on the "
             "windows of its dataset to students over gRPC. Concurrent streams share one batching "

@@ -6,6 +6,7 @@ import argparse
 
 from rich.console import Console
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands.submit import add_address_argument
 from stkd_dist.ops.jobs import JobsClient
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``stop`` parser."""
     p = subparsers.add_parser(
         "stop",
-        help="stop a job on a Ray cluster",
+        help=SUMMARIES["stop"],
         description="Ask a Ray cluster to stop a job and wait until it has stopped.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

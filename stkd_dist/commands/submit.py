@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.ops.jobs import JobsClient, build_entrypoint
 from stkd_dist.ops.runtime_env import DEFAULT_EXCLUDES, RuntimeEnvOptions, build_runtime_env
 
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``submit`` parser."""
     p = subparsers.add_parser(
         "submit",
-        help="run a stkd command as a job on a Ray cluster",
+        help=SUMMARIES["submit"],
         description=(
             "Submit `stkd COMMAND...` to a Ray cluster through the Ray Jobs API, stream its logs "
             "until it ends and exit with its status."

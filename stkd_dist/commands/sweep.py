@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands._common import add_config_args, flag_overrides
 
 EPILOG = """\
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sweep`` parser."""
     parser = subparsers.add_parser(
         "sweep",
-        help="Ray Tune sweep of student/distillation settings with ASHA over one teacher",
+        help=SUMMARIES["sweep"],
         description=(
             "Sample student and distillation settings from the config's sweep.space, train a "
             "student per sample with Ray Tune (ASHA stops unpromising trials early), all "

@@ -19,6 +19,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.paths import dataset_path
 from stkd_dist.storage import open_store
 from stkd_dist.synth import SynthSpec, synthesize
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``synth`` parser."""
     p = subparsers.add_parser(
         "synth",
-        help="generate a synthetic traffic-network dataset (any size)",
+        help=SUMMARIES["synth"],
         description=(
             "Generate a synthetic road-sensor dataset and write it as a store, block by block "
             "(memory stays bounded however many steps are asked for)."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands._common import add_config_args, config_from_args
 from stkd_dist.serving import codec
 
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train-student`` parser."""
     parser = subparsers.add_parser(
         "train-student",
-        help="distil a student from teacher soft labels with data-parallel workers",
+        help=SUMMARIES["train-student"],
         description=(
             "Train the student model of a config with DDP on Ray Train, distilling it from one "
             "or more teachers: every worker streams its own shard's soft labels from the teacher "

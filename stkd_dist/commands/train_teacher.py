@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands._common import add_config_args, config_from_args
 
 EPILOG = """\
@@ -22,7 +23,7 @@ worker is replaced and training continues from the latest checkpoint.
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train-teacher",
-        help="train a teacher with data-parallel workers on Ray Train",
+        help=SUMMARIES["train-teacher"],
         description=(
             "Train the teacher model of a config with DDP on Ray Train (gloo on CPU, NCCL on "
             "GPU): each worker reads only its shard of every epoch, validation metrics are "

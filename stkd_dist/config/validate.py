@@ -14,12 +14,13 @@ from typing import Any
 
 from stkd_dist.config.models import DistillSection
 from stkd_dist.config.schema import ROLES, Config
-from stkd_dist.data.batch import DataDims
 from stkd_dist.errors import ConfigError, StkdError
 
 
 def validate_model(cfg: Config, role: str, source: str | None = None) -> None:
     """Build ``cfg.<role>``'s model on small dimensions; unknown keys or kwargs raise."""
+    # imported here: torch is needed only to build a model, not to load or print a config
+    from stkd_dist.data.batch import DataDims
     from stkd_dist.models import build_forecaster
 
     section = cfg.model(role)

@@ -179,7 +179,7 @@ def _train(
 
     from stkd_dist.data.loader import make_loader
     from stkd_dist.train.checkpoint import save_checkpoint
-    from stkd_dist.train.loop import global_mean, validate
+    from stkd_dist.train.loop import train_epoch, validate
 
     section = cfg.student
     optim = section.optim
@@ -194,34 +194,16 @@ def _train(
         )
         if hooks is not None:
             hooks.begin_epoch(epoch, loader)
-        loss_sum, weight_sum, samples = 0.0, 0.0, 0
-        for batch in loader:
-            batch = batch.to(device)
-            pred = model(batch.x, batch.time_of_day, batch.day_of_week)  # [B, H, N, C_out]
-            value = loss_fn(batch, pred)
-            loss = global_mean(value, 1)  # one process: the exact mean over the batch's terms
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            optimizer.step()
-            loss_sum += float(value.mean.detach()) * float(value.weight)
-            weight_sum += float(value.weight)
-            samples += int(batch.valid.sum())
+        # one process: global_mean is the exact mean over the batch's terms, nothing to reduce
+        loss_sum, weight_sum, samples = train_epoch(
+            model, loader, loss_fn, optimizer, optim.grad_clip, device, 1
+        )
         extra = hooks.end_epoch(epoch) if hooks is not None else {}
         train_time = time.perf_counter() - t0
 
         val = validate(model, reader, "val", 0, 1, cfg.data.eval_batch_size, device)
         scheduler.step()
-        val_mae = val.mae if math.isfinite(val.mae) else float("inf")
-        if val_mae < state.best_val_mae:
-            state.best_val_mae, state.best_epoch, state.bad_epochs = val_mae, epoch, 0
-        else:
-            state.bad_epochs += 1
-        patience = section.schedule.early_stopping_patience
-        state.stopped_early = bool(patience and state.bad_epochs >= patience)
-        state.epoch = epoch
-        state.samples += samples
+        val_mae = state.end_epoch(epoch, val.mae, samples, section.schedule.early_stopping_patience)
 
         metrics = {
             "epoch": epoch,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -66,6 +67,23 @@ class TrainState:
     stopped_early: bool = False
     attempt: int = 0
     samples: int = 0
+
+    def end_epoch(self, epoch: int, val_mae: float, samples: int, patience: int) -> float:
+        """Record a finished epoch; returns its validation MAE (inf when it was not finite).
+
+        ``patience`` epochs in a row without a better validation MAE stop the run early
+        (0: never). Under DDP every rank passes the same all-reduced MAE, so every rank makes
+        the same decision and all leave the epoch loop together.
+        """
+        val_mae = val_mae if math.isfinite(val_mae) else float("inf")
+        if val_mae < self.best_val_mae:
+            self.best_val_mae, self.best_epoch, self.bad_epochs = val_mae, epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.stopped_early = bool(patience and self.bad_epochs >= patience)
+        self.epoch = epoch
+        self.samples += samples
+        return val_mae
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -21,12 +21,11 @@ Comments marked ``SYNC`` are collective calls that every rank must make, in the 
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -180,6 +179,42 @@ def _sum_all(
     return t.tolist()
 
 
+def train_epoch(
+    model: torch.nn.Module,
+    loader: Iterable[WindowBatch],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    device: torch.device,
+    world_size: int,
+) -> tuple[float, float, int]:
+    """One pass over this rank's ``loader``: forward, loss, backward, clip, step.
+
+    ``model`` is the DDP-wrapped model under Ray Train (``world_size`` > 1), the plain one in a
+    single process. Every rank must call this in the same epoch with loaders of the same number
+    of batches: each step all-reduces the loss weight and the gradients.
+
+    Returns:
+        ``(loss_sum, weight_sum, samples)`` of this rank: the weighted loss sum, its weight and
+        the windows trained on (padding excluded).
+    """
+    loss_sum, weight_sum, samples = 0.0, 0.0, 0
+    for batch in loader:  # plan.num_batches batches on every rank
+        batch = batch.to(device)
+        pred = model(batch.x, batch.time_of_day, batch.day_of_week)  # [B, H, N, C_out]
+        value = loss_fn(batch, pred)
+        loss = global_mean(value, world_size)  # SYNC: all-reduce of the loss weight
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # SYNC: DDP all-reduces the gradients here
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        loss_sum += float(value.mean.detach()) * float(value.weight)
+        weight_sum += float(value.weight)
+        samples += int(batch.valid.sum())
+    return loss_sum, weight_sum, samples
+
+
 def validate(
     model: torch.nn.Module,
     reader: WindowReader,
@@ -301,20 +336,9 @@ def run_worker(job: TrainJob) -> None:
         )
         if hooks is not None:
             hooks.begin_epoch(epoch, loader)  # e.g. start streaming this rank's soft labels
-        loss_sum, weight_sum, samples = 0.0, 0.0, 0
-        for batch in loader:  # plan.num_batches batches on every rank
-            batch = batch.to(device)
-            pred = ddp(batch.x, batch.time_of_day, batch.day_of_week)  # [B, H, N, C_out]
-            value = loss_fn(batch, pred)
-            loss = global_mean(value, world)  # SYNC: all-reduce of the loss weight
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # SYNC: DDP all-reduces the gradients here
-            if optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(ddp.parameters(), optim.grad_clip)
-            optimizer.step()
-            loss_sum += float(value.mean.detach()) * float(value.weight)
-            weight_sum += float(value.weight)
-            samples += int(batch.valid.sum())
+        loss_sum, weight_sum, samples = train_epoch(
+            ddp, loader, loss_fn, optimizer, optim.grad_clip, device, world
+        )
         extra = hooks.end_epoch(epoch) if hooks is not None else {}
         train_time = time.perf_counter() - t0
         # CPU seconds of all ranks' processes (every thread) in the training phase: a rate per
@@ -329,15 +353,7 @@ def run_worker(job: TrainJob) -> None:
 
         # Early stopping from the all-reduced validation MAE: every rank computes the same
         # decision, so all ranks leave the loop in the same epoch and keep calling report() in step.
-        val_mae = val.mae if math.isfinite(val.mae) else float("inf")
-        if val_mae < state.best_val_mae:
-            state.best_val_mae, state.best_epoch, state.bad_epochs = val_mae, epoch, 0
-        else:
-            state.bad_epochs += 1
-        patience = sched.early_stopping_patience
-        state.stopped_early = bool(patience and state.bad_epochs >= patience)
-        state.epoch = epoch
-        state.samples += int(samples_all)
+        state.end_epoch(epoch, val.mae, int(samples_all), sched.early_stopping_patience)
 
         metrics = {
             "epoch": epoch,

@@ -38,8 +38,6 @@ import torch
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.validate import distill_loss_kwargs, validate_config
 from stkd_dist.errors import ConfigError, InputError, StkdError, StoreError
-from stkd_dist.paths import resolve_dataset, run_dir
-from stkd_dist.storage import open_store
 from stkd_dist.train.checkpoint import list_checkpoints, write_json_atomic
 from stkd_dist.train.distill_teachers import (
     ClientOptions,
@@ -48,16 +46,16 @@ from stkd_dist.train.distill_teachers import (
     resolve_teachers,
     started_replicas,
 )
-from stkd_dist.train.loop import LossFn, LossValue, TrainJob, WorkerContext, build_reader
-from stkd_dist.train.ray_session import ray_cluster, read_history
-from stkd_dist.train.soft_labels import open_label_source
-from stkd_dist.train.teacher import (
+from stkd_dist.train.experiment import (
     TrainOutcome,
-    check_resumable,
-    finish,
+    existing_outcome,
     fit,
-    is_complete,
+    open_experiment,
+    trained_outcome,
 )
+from stkd_dist.train.loop import LossFn, LossValue, TrainJob, WorkerContext
+from stkd_dist.train.ray_session import ray_cluster
+from stkd_dist.train.soft_labels import open_label_source
 
 log = logging.getLogger(__name__)
 
@@ -266,34 +264,12 @@ def train_student(
             where="distill.loss",
         )
     validate_config(cfg, roles=("student",), distill=request.distill)
-    dataset = resolve_dataset(cfg.data.dataset, storage).absolute()
-    store = open_store(dataset)
-    reader = build_reader(cfg, store)  # checks channels and windows, computes + caches statistics
-    for split in ("val", "train"):
-        n = len(reader.windows(split))
-        if n < cfg.cluster.num_workers:
-            raise ConfigError(
-                f"the {split} split has {n} windows, fewer than {cfg.cluster.num_workers} "
-                "workers; use fewer workers or a larger split",
-                where="cluster.num_workers",
-            )
-    run = run_dir(cfg.run_name, storage).absolute()
-    experiment = run / (KD_EXPERIMENT if request.distill else SCRATCH_EXPERIMENT)
-    epochs = cfg.student.schedule.epochs
-    existing = list_checkpoints(experiment) if experiment.is_dir() else []
-    if existing:
-        latest = existing[-1]
-        check_resumable(latest, cfg, store.fingerprint, "student")
-        if is_complete(latest, epochs):
-            best = finish(experiment, cfg, "student")
-            echo(
-                f"run {cfg.run_name!r} ({experiment.name}) is complete ({latest.epoch + 1} epochs"
-                f"{', stopped early' if latest.state.stopped_early else ''}); not training again"
-            )
-            return TrainOutcome(
-                best, experiment, latest.epoch + 1, False, latest.state.stopped_early, 0
-            )
-        echo(f"resuming run {cfg.run_name!r} ({experiment.name}) after epoch {latest.epoch + 1}")
+    name = KD_EXPERIMENT if request.distill else SCRATCH_EXPERIMENT
+    exp = open_experiment(cfg, name, storage)
+    done = existing_outcome(exp, cfg, "student", echo)
+    if done is not None:
+        return done
+    dataset, store, reader, experiment = exp.dataset, exp.store, exp.reader, exp.path
 
     make_loss: Callable[[WorkerContext], LossFn] = make_task_loss
     c = cfg.cluster
@@ -361,25 +337,14 @@ def train_student(
             f"{c.num_workers} worker(s) ({'GPU, nccl' if c.use_gpu else 'CPU, gloo'}) on {where}"
         )
         try:
-            fit(job, run, epochs)
+            fit(job, exp.run, cfg.student.schedule.epochs)
         except Exception as e:
             user = _user_error(e)
             if user is None:
                 raise
             raise user from e
 
-    best = finish(experiment, cfg, "student")
-    history = read_history(experiment)
-    last = history[-1] if history else {}
-    latest = list_checkpoints(experiment)[-1]
-    return TrainOutcome(
-        best=best,
-        experiment=experiment,
-        epochs_done=latest.epoch + 1,
-        trained=True,
-        stopped_early=latest.state.stopped_early,
-        attempts=int(last.get("attempt", 0)),
-    )
+    return trained_outcome(exp, cfg, "student")
 
 
 def student_teachers(experiment: str | Path) -> dict[str, Any] | None:

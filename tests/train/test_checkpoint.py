@@ -12,6 +12,7 @@ from stkd_dist.storage import open_store
 from stkd_dist.train.checkpoint import (
     META,
     MODEL,
+    TrainState,
     list_checkpoints,
     load_forecaster,
     read_best,
@@ -100,3 +101,22 @@ def test_global_mean_single_process() -> None:
     empty.backward()  # padding-only: zero loss that still has a graph
     assert empty.item() == 0.0
     assert pred.grad is not None and torch.all(pred.grad == 0)
+
+
+def test_end_epoch_tracks_the_best_and_stops_after_patience() -> None:
+    state = TrainState()
+    assert state.end_epoch(0, 5.0, 10, patience=2) == 5.0
+    assert (state.best_val_mae, state.best_epoch, state.bad_epochs) == (5.0, 0, 0)
+    state.end_epoch(1, 4.0, 10, patience=2)  # better: the counter resets
+    state.end_epoch(2, 4.0, 10, patience=2)  # equal is not better
+    assert (state.best_epoch, state.bad_epochs, state.stopped_early) == (1, 1, False)
+    assert state.end_epoch(3, float("nan"), 10, patience=2) == float("inf")  # NaN never wins
+    assert (state.best_val_mae, state.bad_epochs, state.stopped_early) == (4.0, 2, True)
+    assert (state.epoch, state.samples) == (3, 40)
+
+
+def test_end_epoch_without_patience_never_stops() -> None:
+    state = TrainState()
+    for epoch in range(6):
+        state.end_epoch(epoch, 10.0 + epoch, 1, patience=0)
+    assert state.bad_epochs == 5 and not state.stopped_early and state.best_epoch == 0

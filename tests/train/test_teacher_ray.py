@@ -108,7 +108,7 @@ def test_ddp_ranks_stay_identical_and_rerun_resumes(
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     assert [h["attempt"] for h in history] == [0, 0, 1, 1]
     assert longer.epochs_done == 4 and longer.trained
-    assert any("resuming run 'ddp' after epoch 2/4" in line for line in lines)
+    assert any("resuming run 'ddp' (teacher) after epoch 2/4" in line for line in lines)
 
 
 def _worker_pids(experiment: Path, since: float) -> list[int]:

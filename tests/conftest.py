@@ -47,8 +47,14 @@ def random_store(
     chunk_steps: int = 64,
     missing: float = 0.05,
     seed: int = 0,
+    locations: bool = False,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a store of smooth random series with ``missing`` fraction masked."""
+    """Write a store of smooth random series with ``missing`` fraction masked.
+
+    ``locations`` adds sensor coordinates (they do not change the data's fingerprint);
+    ``overwrite`` replaces a store at ``path``.
+    """
     rng = np.random.default_rng(seed)
     t = np.arange(steps)[:, None, None]
     base = 50 + 10 * np.sin(2 * np.pi * t / 288 + rng.uniform(0, 6, size=(1, nodes, channels)))
@@ -64,6 +70,11 @@ def random_store(
         freq="5min",
         adjacency=adj,
         provenance="random test data",
+        locations=(
+            np.stack([34.0 + 0.01 * np.arange(nodes), -118.3 - 0.01 * np.arange(nodes)], axis=1)
+            if locations
+            else None
+        ),
     )
     chunks = (chunk_steps, nodes, channels)
     return write_store(
@@ -72,6 +83,7 @@ def random_store(
         da.from_array(mask, chunks=chunks),
         meta,
         chunks=chunks,
+        overwrite=overwrite,
     )
 
 

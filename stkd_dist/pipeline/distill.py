@@ -23,6 +23,7 @@ those. Training stages resume from their latest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -267,9 +268,18 @@ class _Pipeline:
             )
 
     def evaluate(self) -> StageRecord:
+        assert self.store is not None
         versions = {m: self.info(m)["version"] for m in MODELS}
+        # the sensor locations are not part of the data's fingerprint, but the evaluation writes
+        # them for the error map: a store re-ingested with (other) --locations is evaluated again
+        locations = self.store.locations()
+        where = None if locations is None else hashlib.sha256(locations.tobytes()).hexdigest()
         key = config_digest(
-            self.cfg, ["data", "evaluate"], fingerprint=self.fingerprint, **versions
+            self.cfg,
+            ["data", "evaluate"],
+            fingerprint=self.fingerprint,
+            locations=where,
+            **versions,
         )
         return self.step("evaluate", key, self._evaluate, lambda r: r.info.get("detail", ""))
 

@@ -246,3 +246,25 @@ def test_stage_with_missing_outputs_is_redone_alone(run: Run) -> None:
     for name in ENTRIES:  # the same checkpoints on the same windows: the same errors
         assert redone[name]["mae"] == pytest.approx(metrics[name]["mae"], rel=1e-9)
     assert (d / "report.html").is_file()
+
+
+def test_locations_added_later_redo_evaluation_and_report(run: Run) -> None:
+    # Runs last: it rewrites the module's store. Locations are not part of the data fingerprint,
+    # so the trained models stay valid; only the evaluation (which writes locations.npz for the
+    # per-sensor error map) and the report run again.
+    from tests.conftest import random_store
+
+    d = run.run_dir
+    fingerprint = open_store(run.store).fingerprint
+    assert not (d / "locations.npz").exists()
+    random_store(run.store, steps=600, nodes=6, chunk_steps=64, locations=True, overwrite=True)
+    assert open_store(run.store).fingerprint == fingerprint
+    again = stkd(run.storage, "distill", "--config", str(run.config), "--run-name", RUN)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("teacher", "student_kd", "student_scratch"):
+        assert f"{stage} (skipped: already complete)" in again.stdout
+    assert "evaluate (inputs changed)" in again.stdout
+    assert "stages run: evaluate, report" in again.stdout
+    locations = np.load(d / "locations.npz")
+    assert locations["latitude"].shape == (6,)
+    assert (d / "report" / "error_map.png").is_file()

@@ -67,6 +67,8 @@ DATASETS = {
             "{data}/los-loop/los_speed.csv",
             "--adjacency",
             "{data}/los-loop/los_adj.csv",
+            "--locations",  # Los-loop's sensors are METR-LA sensors: the report's error map
+            "{data}/metr-la-graph/graph_sensor_locations.csv",
             "--channels",
             "speed",
             "--freq",
@@ -286,12 +288,20 @@ def settings_line(cfg: Any) -> str:
 
 
 def _reading(teacher_mae: float, kd: list[float], scratch: list[float]) -> str:
-    """One sentence on why distillation helped or not, from the numbers alone."""
+    """One or two sentences on whether distillation helped, from the numbers alone."""
     gap = statistics.mean(kd) - statistics.mean(scratch)
     if gap <= 0:
-        return f" Distillation lowers the mean test MAE by {-gap:.3f}."
-    text = f" Distillation does not help here: the mean test MAE is {gap:.3f} higher with it."
-    if teacher_mae > statistics.mean(scratch):
+        text = f" Distillation lowers the mean test MAE by {-gap:.3f}."
+    else:
+        text = f" Distillation does not help here: the mean test MAE is {gap:.3f} higher with it."
+    if len(kd) >= 2 and len(scratch) >= 2:
+        spread = max(statistics.stdev(kd), statistics.stdev(scratch))
+        if abs(gap) < spread:
+            text += (
+                f" The difference is smaller than the seed-to-seed spread (std up to {spread:.3f}),"
+                f" so {len(kd)} seeds do not separate the two."
+            )
+    if gap > 0 and teacher_mae > statistics.mean(scratch):
         text += (
             " The teacher itself is less accurate than the student trained on the targets alone, "
             "so its labels (weighted 1 - `distill.alpha` in the loss) pull the student towards "

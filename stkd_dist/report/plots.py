@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are rendered on servers and in CI
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from stkd_dist.report.inputs import ReportInputs, label
 
@@ -98,11 +99,18 @@ def error_map(inp: ReportInputs, out: Path, model: str = "student_kd") -> Path |
     mae = np.asarray(entry["mae_per_node"], dtype=float)
     if mae.shape[0] != loc["latitude"].shape[0]:
         return None
-    fig, ax = plt.subplots(figsize=(6.0, 5.0))
+    # a degree of longitude is cos(latitude) as long as one of latitude: the figure's height
+    # follows the sensors' extent so that the map keeps roughly its true shape
+    stretch = 1.0 / max(np.cos(np.radians(float(np.mean(loc["latitude"])))), 0.1)
+    lat_span, lon_span = np.ptp(loc["latitude"]), np.ptp(loc["longitude"])
+    ratio = stretch * lat_span / lon_span if lon_span > 0 else 1.0
+    fig, ax = plt.subplots(figsize=(6.4, float(np.clip(5.0 * ratio + 1.2, 3.0, 7.5))))
     sc = ax.scatter(
         loc["longitude"], loc["latitude"], c=mae, cmap="viridis", s=28, edgecolor="k", linewidth=0.3
     )
     fig.colorbar(sc, ax=ax, label="test MAE")
+    # longitudes like -118.55 are long labels: few ticks, so they never run into each other
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
     ax.set_title(f"Per-sensor error: {label(model if model in inp.metrics else 'teacher')}")

@@ -1,7 +1,10 @@
 """The ``stkd`` command line.
 
-Every subcommand lives in ``stkd_dist.commands.<name>``. Errors a user can fix are printed as one
-line (``stkd: error: ...``) with exit status 2; ``--debug`` shows the traceback instead.
+Every subcommand lives in ``stkd_dist.commands.<name>``; only the module of the command being run
+is imported (``stkd --help`` lists the others from their one-line summaries), so commands that do
+not train, such as ``stkd submit`` or ``stkd config``, start without loading torch. Errors a user
+can fix are printed as one line (``stkd: error: ...``) with exit status 2; ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations

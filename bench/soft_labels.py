@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from stkd_dist.serving import codec
-    from stkd_dist.serving.cache import precompute_labels
+    from stkd_dist.serving.precompute import precompute_labels
     from stkd_dist.serving.teacher import load_teacher
 
     torch.set_num_threads(1)

@@ -21,7 +21,8 @@ from rich.progress import (
 from stkd_dist.commands import SUMMARIES
 from stkd_dist.data.windows import SPLITS, check_split_name
 from stkd_dist.errors import InputError, StoreError
-from stkd_dist.serving.cache import default_cache_path, precompute_labels
+from stkd_dist.serving.cache import default_cache_path
+from stkd_dist.serving.precompute import precompute_labels
 from stkd_dist.serving.teacher import load_teacher
 
 EPILOG = """\

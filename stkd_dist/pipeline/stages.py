@@ -220,7 +220,8 @@ def ensure_label_cache(
         progress: called with the number of windows labelled after each forward pass.
         on_start: called once with the total number of windows when computing starts.
     """
-    from stkd_dist.serving.cache import LabelCache, precompute_labels
+    from stkd_dist.serving.cache import LabelCache
+    from stkd_dist.serving.precompute import precompute_labels
     from stkd_dist.serving.teacher import load_teacher
 
     teacher = load_teacher(checkpoint, dataset)

@@ -12,7 +12,7 @@ version, the dataset fingerprint, the teacher version and its validation MAE (``
 label shape, each split's window range and ``forward_windows``: how many windows the teacher was
 run on to fill it.
 
-``stkd precompute-labels`` (:func:`precompute_labels`) writes a complete cache under a temporary
+``stkd precompute-labels`` (:func:`stkd_dist.serving.precompute.precompute_labels`) writes a complete cache under a temporary
 name and renames it into place. A server in write-through mode fills a cache as it serves
 (:mod:`~stkd_dist.serving.write_through`): data rows are written before their ``filled`` flags,
 and Zarr writes each chunk file atomically, so a crash leaves unflagged rows, never flagged
@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ import zarr
 
 from stkd_dist.errors import StoreError
 from stkd_dist.paths import storage_root
-from stkd_dist.serving.teacher import Teacher, TeacherMeta, safe_version
+from stkd_dist.serving.teacher import TeacherMeta, safe_version
 
 log = logging.getLogger(__name__)
 
@@ -405,62 +403,3 @@ def open_cache(
             if split not in cache.ranges and len(windows):
                 cache.add_split(split, windows)
     return cache
-
-
-def precompute_labels(
-    teacher: Teacher,
-    out: str | os.PathLike[str],
-    splits: Sequence[str],
-    *,
-    batch_size: int = 256,
-    overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> LabelCache:
-    """Run ``teacher`` on every window of ``splits`` and store the labels at ``out``.
-
-    The cache is written under a temporary name next to ``out`` and renamed into place when
-    complete. Blocks of whole chunks are computed ``batch_size`` windows at a time.
-
-    Args:
-        progress: called with the number of windows done after each batch.
-
-    Raises:
-        StoreError: ``out`` exists and ``overwrite`` is False.
-    """
-    dest = Path(out)
-    if dest.exists() and not overwrite:
-        raise StoreError(
-            "a label cache exists there; pass --overwrite to replace it", where=str(dest)
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        cache = LabelCache.create(tmp, teacher.meta, splits)
-        forward = 0
-        for split in splits:
-            windows = teacher.meta.splits[split]
-            if len(windows) == 0:
-                continue
-            rows = cache.group[split]["prediction"].chunks[0]
-            index = np.asarray(windows, dtype=np.int64)
-            # whole chunks at a time: no chunk file is written twice
-            for lo in range(0, len(index), rows):
-                block = index[lo : lo + rows]
-                preds, spreads = [], []
-                for b in range(0, len(block), batch_size):
-                    pred, spread = teacher.predict(block[b : b + batch_size])
-                    preds.append(pred)
-                    spreads.append(spread)
-                    forward += len(pred)
-                    if progress is not None:
-                        progress(len(pred))
-                spread_block = np.concatenate(spreads) if teacher.meta.has_spread else None
-                cache.write(block, np.concatenate(preds), spread_block)
-        cache.add_forward_windows(forward)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return LabelCache(dest)

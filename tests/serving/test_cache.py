@@ -16,9 +16,9 @@ from stkd_dist.serving.cache import (
     LabelCache,
     default_cache_path,
     open_cache,
-    precompute_labels,
 )
 from stkd_dist.serving.client import SoftLabelClient
+from stkd_dist.serving.precompute import precompute_labels
 from stkd_dist.serving.server import TeacherServer
 from stkd_dist.serving.teacher import load_teacher
 

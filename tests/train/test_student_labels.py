@@ -19,8 +19,9 @@ from stkd_dist.data.loader import make_loader
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import ConfigError, InputError, StoreError
 from stkd_dist.models import build_forecaster
-from stkd_dist.serving.cache import LabelCache, precompute_labels
+from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.client import LabelMismatchError
+from stkd_dist.serving.precompute import precompute_labels
 from stkd_dist.serving.server import ServerConfig, TeacherServer
 from stkd_dist.serving.teacher import MICRO_BATCH, load_teacher
 from stkd_dist.storage import open_store

@@ -28,7 +28,7 @@ from stkd_dist.config import Config, DataSection, RunSection, load_config
 from stkd_dist.data.plan import make_plan
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.models import build_forecaster
-from stkd_dist.serving.cache import precompute_labels
+from stkd_dist.serving.precompute import precompute_labels
 from stkd_dist.serving.teacher import load_teacher
 from stkd_dist.storage import open_store
 from stkd_dist.train.checkpoint import (

@@ -119,6 +119,7 @@ def local_ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[obje
     import types
 
     from stkd_dist.ops import local_cluster
+    from stkd_dist.ops.nodes import list_nodes
 
     state_dir = tmp_path_factory.mktemp("local-ray-cluster")
     base_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
@@ -148,7 +149,7 @@ def local_ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[obje
         temp_dir = state.temp_dir if state else None
         assert started.returncode == 0, started.stdout + started.stderr
         assert state is not None
-        nodes = [n for n in local_cluster.list_nodes(state.dashboard_url) if n.state == "ALIVE"]
+        nodes = [n for n in list_nodes(state.dashboard_url) if n.state == "ALIVE"]
         head = [n.node_id for n in nodes if n.is_head]
         workers = {
             i: n.node_id

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stkd_dist.errors import ConfigError, StkdError
-from stkd_dist.ops.jobs import address_env_cleared
+from stkd_dist.ops.nodes import NodeInfo, list_nodes
 from stkd_dist.ops.processes import (
     free_port,
     is_ours,
@@ -45,7 +45,7 @@ from stkd_dist.ops.processes import (
     processes_naming,
     terminate,
 )
-from stkd_dist.ops.ray_auth import auth_headers, cluster_env, ensure_token
+from stkd_dist.ops.ray_auth import cluster_env, ensure_token
 
 STATE_DIR_ENV = "STKD_LOCAL_CLUSTER_DIR"
 STATE_FILE = "cluster.json"
@@ -149,17 +149,6 @@ class ClusterState:
         fields = dict(data)
         fields["nodes"] = tuple(NodeProcess(**n) for n in data["nodes"])
         return cls(**fields)
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """A node as the cluster sees it."""
-
-    node_id: str
-    node_ip: str
-    state: str
-    is_head: bool
-    resources: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -334,32 +323,6 @@ def leftover_processes(temp_dir: str) -> list[int]:
     return processes_naming(temp_dir)
 
 
-def list_nodes(dashboard_url: str) -> list[NodeInfo]:
-    """Every node the cluster at ``dashboard_url`` knows (alive and dead), head first."""
-    from ray.util.state.api import StateApiClient
-    from ray.util.state.common import ListApiOptions, StateResource
-
-    headers = {"Content-Type": "application/json", **auth_headers()}
-    with address_env_cleared():
-        client = StateApiClient(address=dashboard_url, headers=headers)
-    rows = client.list(
-        StateResource.NODES,
-        options=ListApiOptions(detail=True, limit=10_000),
-        raise_on_missing_output=False,
-    )
-    nodes = [
-        NodeInfo(
-            node_id=_field(row, "node_id"),
-            node_ip=_field(row, "node_ip"),
-            state=_field(row, "state"),
-            is_head=bool(_field(row, "is_head_node")),
-            resources=dict(_field(row, "resources_total") or {}),
-        )
-        for row in rows
-    ]
-    return sorted(nodes, key=lambda n: (not n.is_head, n.state != "ALIVE", n.node_id))
-
-
 # --------------------------------------------------------------------------- internals
 
 
@@ -463,7 +426,3 @@ def _terminate(nodes: list[NodeProcess], temp_dir: str, grace_s: float) -> None:
     """Stop the node processes, workers first; the private temp dir marks them as ours."""
     ordered = sorted(nodes, key=lambda n: n.role == "head")
     terminate([n.pid for n in ordered], marker=temp_dir, grace_s=grace_s)
-
-
-def _field(row: Any, name: str) -> Any:
-    return row.get(name) if isinstance(row, dict) else getattr(row, name, None)

@@ -264,13 +264,26 @@ def decode_chunk(chunk: pb.LabelChunk) -> DecodedChunk:
     has_spread = chunk.HasField("spread")
     pred_bytes = chunk.prediction.data  # each access copies: take the bytes once
     spread_bytes = chunk.spread.data if has_spread else b""
+    spread_meta = chunk.spread if has_spread else None
+    return _verified(chunk, indices, chunk.prediction, pred_bytes, spread_meta, spread_bytes)
+
+
+def _verified(
+    chunk: pb.LabelChunk,
+    indices: np.ndarray,
+    pred_meta: pb.Tensor,
+    pred_bytes: bytes,
+    spread_meta: pb.Tensor | None,
+    spread_bytes: bytes,
+) -> DecodedChunk:
+    """Check a chunk's checksum and shapes, then decode its tensors (both decoders end here)."""
     if checksum(indices, pred_bytes, spread_bytes) != chunk.crc32c:
         raise ChecksumError(
             f"checksum mismatch in the chunk ending at cursor {chunk.cursor} "
             f"({len(indices)} windows)"
         )
-    prediction = decode_tensor(chunk.prediction, pred_bytes)
-    spread = decode_tensor(chunk.spread, spread_bytes) if has_spread else None
+    prediction = decode_tensor(pred_meta, pred_bytes)
+    spread = None if spread_meta is None else decode_tensor(spread_meta, spread_bytes)
     if prediction.shape[:1] != (len(indices),) or (
         spread is not None and spread.shape != prediction.shape
     ):
@@ -366,26 +379,4 @@ def decode_chunk_bytes(data: bytes) -> DecodedChunk:
     indices = np.asarray(chunk.window_indices, dtype=np.int64)
     pred_meta, pred_bytes = tensors[2]
     spread_meta, spread_bytes = tensors.get(3, (None, b""))
-    if checksum(indices, pred_bytes, spread_bytes) != chunk.crc32c:
-        raise ChecksumError(
-            f"checksum mismatch in the chunk ending at cursor {chunk.cursor} "
-            f"({len(indices)} windows)"
-        )
-    prediction = decode_tensor(pred_meta, pred_bytes)
-    spread = None if spread_meta is None else decode_tensor(spread_meta, spread_bytes)
-    if prediction.shape[:1] != (len(indices),) or (
-        spread is not None and spread.shape != prediction.shape
-    ):
-        raise ChecksumError(
-            f"chunk shapes do not match its {len(indices)} windows: prediction "
-            f"{list(prediction.shape)}, spread {None if spread is None else list(spread.shape)}"
-        )
-    return DecodedChunk(
-        indices=indices,
-        prediction=prediction,
-        spread=spread,
-        teacher_version=chunk.teacher_version,
-        cursor=int(chunk.cursor),
-        total=int(chunk.total),
-        payload_bytes=len(pred_bytes) + len(spread_bytes),
-    )
+    return _verified(chunk, indices, pred_meta, pred_bytes, spread_meta, spread_bytes)

@@ -15,7 +15,6 @@ again: its best checkpoint is reported instead.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from stkd_dist.train.experiment import (
 )
 from stkd_dist.train.loop import LossFn, LossValue, TrainJob, WorkerContext
 from stkd_dist.train.ray_session import ray_cluster
-
-log = logging.getLogger(__name__)
 
 EXPERIMENT = "teacher"
 

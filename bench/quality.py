@@ -1,24 +1,26 @@
-"""Distillation quality on real data: Los-loop and the PEMS08 prefix.
+"""Distillation quality on real data: Los-loop and the PEMS08 prefix, over several seeds.
 
 For each dataset (its preset of the same name, H = 12):
 
 1. ingest the shared source files into ``<storage>/datasets/<name>.zarr`` (once);
-2. ``stkd distill`` with seed 0 and ``serve.mode=cache``: the teacher (trained once), its label
-   cache, the distilled and the baseline ``mlp`` students, the side-by-side evaluation (test MAE,
-   parameters, CPU latency of one batch) and the report;
-3. for every further seed, the two students again (``stkd train-student`` with the seed-0
-   teacher's label cache, and with ``--no-distill``), evaluated on the test split.
+2. ``stkd distill --seeds N`` with ``serve.mode=cache``: the preset's teacher (trained once), its
+   label cache, the distilled and the scratch ``mlp`` student for each of the N seeds (each pair
+   on the same shard plans and initialisation), the side-by-side evaluation (test MAE, parameters,
+   CPU latency of one batch), the statistics (``kd_vs_scratch``, ``teacher_check``) and the report;
+3. the other teacher family (``stkd train-teacher`` with the same data, schedule and seed), and
+   its test MAE (``stkd evaluate``'s code path), so both teachers are compared on the same split.
 
-Targets (seed 0): the distilled student has at most 1/10 of the teacher's parameters, at least 5x
-lower CPU batch latency, and a test MAE at most 1.10x the teacher's. Distilled vs baseline student:
-test MAE mean ± std over the seeds, reported as measured. Every command is run as its own process
-and timed (wall clock and CPU seconds of its whole process tree, Ray workers included). The
-section ``## Distillation quality on real data`` of ``bench/RESULTS.md`` is (re)written.
+Targets: each teacher beats last value and historical average on test MAE; the distilled student
+beats the scratch student on mean test MAE on both datasets, with p < 0.05 (paired t-test) on at
+least one, closing at least 30 % of the scratch→teacher gap; it has at most 1/10 of the teacher's
+parameters and at least 5x lower CPU batch latency. Every command is run as its own process and
+timed (wall clock and CPU seconds of its whole process tree, Ray workers included). The section
+``## Distillation quality on real data`` of ``bench/RESULTS.md`` is (re)written.
 
 Usage::
 
-    .venv/bin/python -m bench.quality                                   # both datasets, 3 seeds
-    .venv/bin/python -m bench.quality --datasets los-loop --seeds 3
+    .venv/bin/python -m bench.quality                                   # both datasets, 5 seeds
+    .venv/bin/python -m bench.quality --datasets los-loop --seeds 5
     .venv/bin/python -m bench.quality --set student.schedule.epochs=5 --no-write   # a quick look
 """
 
@@ -45,7 +47,30 @@ DEFAULT_STORAGE = REPO / "bench" / "out" / "quality"
 
 PARAMS_RATIO = 10.0  # teacher params / student params >= this
 LATENCY_RATIO = 5.0  # teacher latency / student latency >= this
-MAE_RATIO = 1.10  # student MAE / teacher MAE <= this
+GAP_CLOSED = 0.30  # share of the scratch -> teacher MAE gap the distilled students close
+P_VALUE = 0.05  # paired t-test, on at least one dataset
+
+#: the other teacher family of each comparison: (registry key, kwargs), used when the preset's
+#: teacher is not it (Graph WaveNet with the widths of its paper and 4 x 2 layers, or STAEformer)
+OTHER_TEACHERS = {
+    "stgnn": (
+        "staeformer",
+        {"temporal_layers": 1, "spatial_layers": 1, "adaptive_dim": 32, "dropout": 0.1},
+    ),
+    "staeformer": (
+        "stgnn",
+        {
+            "residual_channels": 16,
+            "dilation_channels": 16,
+            "skip_channels": 256,
+            "end_channels": 512,
+            "blocks": 4,
+            "layers_per_block": 2,
+            "diffusion_steps": 2,
+            "dropout": 0.3,
+        },
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -160,28 +185,40 @@ class DatasetResult:
     """Everything measured on one dataset."""
 
     dataset: Dataset
-    seeds: list[int]
+    seeds: int
     overrides: list[str]
-    metrics: dict[str, Any]  # seed-0 metrics.json
-    config: Any  # seed-0 resolved Config
-    teacher: dict[str, Any]  # seed-0 teacher stage info (version, val MAE, epochs)
-    kd_mae: dict[int, float] = field(default_factory=dict)
-    scratch_mae: dict[int, float] = field(default_factory=dict)
+    metrics: dict[str, Any]  # metrics.json of the distill run (kd_vs_scratch included)
+    config: Any  # its resolved Config
+    teacher: dict[str, Any]  # its teacher stage info (version, val MAE, epochs)
+    other: dict[str, Any] = field(default_factory=dict)  # the other teacher: key, mae, params, ...
     commands: list[Timed] = field(default_factory=list)
 
 
-def eval_mae(storage: Path, run: str, role: str) -> float:
-    """Test MAE of run ``run``'s best ``role`` checkpoint (``stkd evaluate``'s code path)."""
+def other_teacher(storage: Path, run: str) -> dict[str, Any]:
+    """Test metrics of run ``run``'s best teacher (``stkd evaluate``'s code path)."""
+    from stkd_dist.train.checkpoint import load_forecaster
     from stkd_dist.train.evaluate import evaluate_checkpoint
 
-    report = evaluate_checkpoint(run, role=role, storage=storage, baselines=False)
-    return float(report.model.mae)
+    report = evaluate_checkpoint(run, role="teacher", storage=storage, baselines=False)
+    model, info = load_forecaster(run, storage=storage)
+    return {
+        "key": model.key,
+        "version": info.version,
+        "best_epoch": info.epoch + 1,
+        "mae": float(report.model.mae),
+        "rmse": float(report.model.rmse),
+        "mape": float(report.model.mape),
+        "params": model.num_params(),
+        "val_mae": info.state.best_val_mae,
+    }
 
 
 def run_dataset(
-    ds: Dataset, storage: Path, data: Path, seeds: list[int], overrides: list[str], log: Path
+    ds: Dataset, storage: Path, data: Path, seeds: int, overrides: list[str], log: Path
 ) -> DatasetResult:
-    """Ingest, distil with the first seed, then the students of the other seeds; collect."""
+    """Ingest, distil with ``seeds`` seeds, train the other teacher family; collect."""
+    from stkd_dist.config import load_config, read_config
+
     cmds: list[Timed] = []
     sets = [a for o in overrides for a in ("--set", o)]
     store = storage / "datasets" / f"{ds.name}.zarr"
@@ -191,61 +228,31 @@ def run_dataset(
             run_timed("ingest", stkd_argv(storage, "ingest", *args, "--name", ds.name), log)
         )
         check(cmds[-1])
-    base = f"quality-{ds.name}"
-    first = seeds[0]
-    run0 = f"{base}-s{first}"
+    run = f"quality-{ds.name}"
     common = ["--config", ds.name, *sets]
-    cmds.append(
-        run_timed(
-            f"distill (seed {first})",
-            stkd_argv(
-                storage,
-                "distill",
-                *common,
-                "--set",
-                "serve.mode=cache",
-                "--set",
-                f"run.seed={first}",
-                "--run-name",
-                run0,
-            ),
-            log,
-        )
-    )
+    argv = [*common, "--set", "serve.mode=cache", "--seeds", str(seeds), "--run-name", run]
+    cmds.append(run_timed(f"distill ({seeds} seeds)", stkd_argv(storage, "distill", *argv), log))
     check(cmds[-1])
-    run_dir = storage / "runs" / run0
+    run_dir = storage / "runs" / run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stages = json.loads((run_dir / "stages.json").read_text())["stages"]
-    cache = run_dir / stages["labels"]["info"]["path"]
-    from stkd_dist.config import read_config
-
     config = read_config(run_dir / "config.yaml")
     result = DatasetResult(
         ds, seeds, overrides, metrics, config, stages["teacher"]["info"], commands=cmds
     )
-    result.kd_mae[first] = metrics["student_kd"]["mae"]
-    result.scratch_mae[first] = metrics["student_scratch"]["mae"]
-    for seed in seeds[1:]:
-        run = f"{base}-s{seed}"
-        per_seed = [*common, "--set", f"run.seed={seed}", "--run-name", run]
-        cmds.append(
-            run_timed(
-                f"distilled student (seed {seed})",
-                stkd_argv(storage, "train-student", *per_seed, "--labels", f"cache:{cache}"),
-                log,
-            )
+
+    key, kwargs = OTHER_TEACHERS[load_config(ds.name, overrides).teacher.model]
+    other_run = f"{run}-{key}"
+    other_sets = ["--set", f"teacher.model={key}", "--set", f"teacher.kwargs={json.dumps(kwargs)}"]
+    cmds.append(
+        run_timed(
+            f"teacher {key}",
+            stkd_argv(storage, "train-teacher", *common, *other_sets, "--run-name", other_run),
+            log,
         )
-        check(cmds[-1])
-        cmds.append(
-            run_timed(
-                f"baseline student (seed {seed})",
-                stkd_argv(storage, "train-student", *per_seed, "--no-distill"),
-                log,
-            )
-        )
-        check(cmds[-1])
-        result.kd_mae[seed] = eval_mae(storage, run, "student_kd")
-        result.scratch_mae[seed] = eval_mae(storage, run, "student_scratch")
+    )
+    check(cmds[-1])
+    result.other = other_teacher(storage, other_run)
     return result
 
 
@@ -266,7 +273,7 @@ def _verdict(ok: bool) -> str:
 
 
 def settings_line(cfg: Any) -> str:
-    """The settings a dataset's runs used (from the seed-0 run's resolved ``config.yaml``)."""
+    """The settings a dataset's runs used (from the distill run's resolved ``config.yaml``)."""
     d, t, s, k = cfg.data, cfg.teacher, cfg.student, cfg.distill
 
     def kw(kwargs: dict[str, Any]) -> str:
@@ -276,50 +283,31 @@ def settings_line(cfg: Any) -> str:
         sc, o = section.schedule, section.optim
         patience = sc.early_stopping_patience
         stop = f", early-stopping patience {patience}" if patience else ""
-        return f"lr {o.lr:g}, {sc.epochs} epochs ({sc.kind}{stop})"
+        least = f" after at least {sc.min_epochs} epochs" if patience and sc.min_epochs else ""
+        return f"lr {o.lr:g}, up to {sc.epochs} epochs ({sc.kind}{stop}{least})"
 
+    loss = ", ".join(
+        f"{f}={getattr(k, f)}" for f in ("alpha", "beta", "margin", "match") if getattr(k, f)
+    )
     return (
         f"Settings (preset `{d.dataset}` as resolved for these runs): data L={d.input_steps}, "
         f"H={d.horizon}, batch {d.batch_size} per worker, per-node statistics "
         f"{'on' if d.per_node_stats else 'off'}, {cfg.cluster.num_workers} workers; teacher "
         f"`{t.model}` ({kw(t.kwargs)}; {sched(t)}); student `{s.model}` ({kw(s.kwargs)}; "
-        f"{sched(s)}); distillation `{k.loss}` with alpha {k.alpha:g}."
+        f"{sched(s)}); distillation `{k.loss}` ({loss})."
     )
 
 
-def _reading(teacher_mae: float, kd: list[float], scratch: list[float]) -> str:
-    """One or two sentences on whether distillation helped, from the numbers alone."""
-    gap = statistics.mean(kd) - statistics.mean(scratch)
-    if gap <= 0:
-        text = f" Distillation lowers the mean test MAE by {-gap:.3f}."
-    else:
-        text = f" Distillation does not help here: the mean test MAE is {gap:.3f} higher with it."
-    if len(kd) >= 2 and len(scratch) >= 2:
-        spread = max(statistics.stdev(kd), statistics.stdev(scratch))
-        if abs(gap) < spread:
-            text += (
-                f" The difference is smaller than the seed-to-seed spread (std up to {spread:.3f}),"
-                f" so {len(kd)} seeds do not separate the two."
-            )
-    if gap > 0 and teacher_mae > statistics.mean(scratch):
-        text += (
-            " The teacher itself is less accurate than the student trained on the targets alone, "
-            "so its labels (weighted 1 - `distill.alpha` in the loss) pull the student towards "
-            "larger errors."
-        )
-    return text
-
-
 def dataset_section(r: DatasetResult) -> list[str]:
-    m = r.metrics
-    t, s, sc = m["teacher"], m["student_kd"], m["student_scratch"]
+    m, o = r.metrics, r.other
+    t, s = m["teacher"], m["student_kd"]
+    kvs = m["kd_vs_scratch"]
+    lv, ha = m["last_value"]["mae"], m["historical_average"]["mae"]
     params_ratio = t["params"] / s["params"]
     latency_ratio = t["latency_ms"] / s["latency_ms"]
-    mae_ratio = s["mae"] / t["mae"]
-    first = r.seeds[0]
-    kd = [r.kd_mae[k] for k in r.seeds]
-    scratch = [r.scratch_mae[k] for k in r.seeds]
-    wins = sum(a < b for a, b in zip(kd, scratch, strict=True))
+    first = kvs["seeds"][0]
+    kd, scratch = kvs["kd"]["mae"], kvs["scratch"]["mae"]
+    tkey = r.config.teacher.model
     lines = [
         f"### {r.dataset.name}",
         "",
@@ -327,15 +315,16 @@ def dataset_section(r: DatasetResult) -> list[str]:
         "",
         f"{r.dataset.describe}; dataset fingerprint `{m['dataset']['fingerprint']}`. Teacher "
         f"`{r.teacher['version']}` ({r.teacher['epochs']} epochs, validation MAE "
-        f"{r.teacher['val_mae']:.3f}). Test split, original units; latency: one batch of "
+        f"{r.teacher['val_mae']:.3f}); the other teacher `{o['version']}` (best after epoch {o['best_epoch']}, "
+        f"validation MAE {o['val_mae']:.3f}). Test split, original units; latency: one batch of "
         f"{t['latency_batch_size']} windows on 1 CPU thread, median of the timed passes, all "
         "models measured side by side in one process.",
         "",
-        f"| model (seed {first}) | test MAE | RMSE | MAPE % | params | latency ms |",
+        f"| model (students: seed {first}) | test MAE | RMSE | MAPE % | params | latency ms |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, label in (
-        ("teacher", "teacher (stgnn)"),
+        ("teacher", f"teacher ({tkey}, the preset's)"),
         ("student_kd", "student, distilled (mlp)"),
         ("student_scratch", "student, no distillation (mlp)"),
         ("last_value", "last value"),
@@ -348,27 +337,46 @@ def dataset_section(r: DatasetResult) -> list[str]:
             f"| {label} | {e['mae']:.3f} | {e['rmse']:.3f} | {e['mape']:.2f} | {params} | "
             f"{latency} |"
         )
+    lines.append(
+        f"| teacher ({o['key']}, for comparison) | {o['mae']:.3f} | {o['rmse']:.3f} | "
+        f"{o['mape']:.2f} | {o['params']:,} | – |"
+    )
+    p, g, ci = kvs["p_value"], kvs["gap_closed"], kvs["ci95"]
+    gap = "undefined (the teacher is not better)" if g is None else f"{100 * g:.0f} %"
     lines += [
         "",
-        "| target (distilled student vs teacher) | measured | verdict |",
-        "|---|---:|:---|",
-        f"| parameters <= 1/{PARAMS_RATIO:.0f} | 1/{params_ratio:.1f} | "
-        f"{_verdict(params_ratio >= PARAMS_RATIO)} |",
-        f"| CPU batch latency >= {LATENCY_RATIO:.0f}x lower | {latency_ratio:.1f}x | "
-        f"{_verdict(latency_ratio >= LATENCY_RATIO)} |",
-        f"| test MAE <= {MAE_RATIO:.2f}x | {mae_ratio:.3f}x | {_verdict(mae_ratio <= MAE_RATIO)} |",
+        f"Distilled vs scratch student over {len(kd)} seeds ({', '.join(map(str, kvs['seeds']))};"
+        " one teacher; `kd_vs_scratch` of the run's `metrics.json`):",
         "",
-        f"Distilled vs baseline student over {len(r.seeds)} seeds ({', '.join(map(str, r.seeds))};"
-        " one teacher): test MAE",
-        "",
-        "| student | mean ± std | per seed |",
+        "| student | test MAE mean ± std | per seed |",
         "|---|---:|---|",
         f"| distilled | {_mean_std(kd)} | {', '.join(f'{v:.3f}' for v in kd)} |",
         f"| no distillation | {_mean_std(scratch)} | {', '.join(f'{v:.3f}' for v in scratch)} |",
         "",
-        f"The distilled student has the lower test MAE in {wins} of {len(r.seeds)} seeds "
-        f"(teacher test MAE {t['mae']:.3f}; baseline student, seed {first}: {sc['mae']:.3f})."
-        + _reading(t["mae"], kd, scratch),
+        f"Mean difference (distilled − scratch) {kvs['mean_difference']:+.3f}, bootstrap 95 % "
+        f"interval [{ci[0]:+.3f}, {ci[1]:+.3f}], paired t-test p = {p:.3g}; the distilled "
+        f"student wins in {kvs['wins']} of {len(kd)} seeds; gap closed {gap}. Verdict of the "
+        f"report: {kvs['verdict']}.",
+        "",
+        "| target | measured | verdict |",
+        "|---|---:|:---|",
+    ]
+    for name, mae in ((tkey, t["mae"]), (o["key"], o["mae"])):
+        lines.append(
+            f"| teacher `{name}` beats last value and historical average | {mae:.3f} vs "
+            f"{lv:.3f} / {ha:.3f} | {_verdict(mae < lv and mae < ha)} |"
+        )
+    lines += [
+        f"| distilled beats scratch on mean test MAE | {kvs['kd']['mean']:.3f} vs "
+        f"{kvs['scratch']['mean']:.3f} | {_verdict(kvs['mean_difference'] < 0)} |",
+        f"| p < {P_VALUE} (needed on at least one dataset) | {p:.3g} | "
+        f"{'pass' if p < P_VALUE else 'not here'} |",
+        f"| gap closed >= {100 * GAP_CLOSED:.0f} % | {gap} | "
+        f"{_verdict(g is not None and g >= GAP_CLOSED)} |",
+        f"| parameters <= 1/{PARAMS_RATIO:.0f} of the teacher's | 1/{params_ratio:.1f} | "
+        f"{_verdict(params_ratio >= PARAMS_RATIO)} |",
+        f"| CPU batch latency >= {LATENCY_RATIO:.0f}x lower | {latency_ratio:.1f}x | "
+        f"{_verdict(latency_ratio >= LATENCY_RATIO)} |",
         "",
         "| step | wall s | CPU s |",
         "|---|---:|---:|",
@@ -404,6 +412,13 @@ def section(results: list[DatasetResult], argv: list[str], started: float) -> st
     lines += ["```", ""]
     for r in results:
         lines += dataset_section(r)
+    if len(results) > 1:
+        ps = [r.metrics["kd_vs_scratch"]["p_value"] for r in results]
+        lines += [
+            f"p < {P_VALUE} on at least one dataset: {_verdict(min(ps) < P_VALUE)} "
+            f"(p = {', '.join(f'{p:.3g}' for p in ps)}).",
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -423,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DATASETS),
         help=f"comma-separated, from {', '.join(DATASETS)} (default: all)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="student seeds, >= 1 (default 3)")
+    p.add_argument("--seeds", type=int, default=5, help="student seeds, >= 2 (default 5)")
     p.add_argument("--storage", type=Path, default=DEFAULT_STORAGE, help="storage root")
     p.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared data folder")
     p.add_argument(
@@ -438,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = [n for n in names if n not in DATASETS]
-    if unknown or not names or args.seeds < 1:
-        p.error(f"unknown dataset(s) {unknown} or --seeds < 1")
+    if unknown or not names or args.seeds < 2:
+        p.error(f"unknown dataset(s) {unknown} or --seeds < 2")
     if not args.data.is_dir():
         print(f"bench.quality: no shared data folder at {args.data}; skipped", file=sys.stderr)
         return 0
@@ -448,9 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     log = storage / "quality.log"
     started = time.time()
     results = [
-        run_dataset(
-            DATASETS[n], storage, args.data.absolute(), list(range(args.seeds)), args.overrides, log
-        )
+        run_dataset(DATASETS[n], storage, args.data.absolute(), args.seeds, args.overrides, log)
         for n in names
     ]
     text = section(results, argv, started)

@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from stkd_dist import __version__
 from stkd_dist.commands import SUMMARIES
 from stkd_dist.errors import StkdError
+from stkd_dist.location import storage_error
+
+QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "urllib3", "gcsfs", "google")
 
 # `stkd --help` lists the commands in this order (see stkd_dist.commands.SUMMARIES).
 COMMANDS = tuple(SUMMARIES)
@@ -94,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for chatty in QUIET_LOGGERS:  # object-store clients log every credential lookup at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except StkdError as e:
@@ -101,6 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"stkd: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        # a missing bucket or denied request raised below any code that names its URL
+        known = storage_error(e, where=os.environ.get("STKD_STORAGE") or "storage")
+        if known is None or args.debug:
+            raise
+        print(f"stkd: error: {known}", file=sys.stderr)
+        return known.exit_code
     except KeyboardInterrupt:
         print("stkd: interrupted", file=sys.stderr)
         return 130

@@ -174,3 +174,28 @@ def local_ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[obje
             os.kill(pid, signal.SIGKILL)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert not leftovers, f"Ray processes of the local cluster survived `stop`: {leftovers}"
+
+
+# -- object storage ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[object]:
+    """The real S3-compatible server of the session (:class:`stkd_dist.testing.S3Server`):
+    ``endpoint``, ``client`` (boto3), ``env()`` (the standard AWS variables for it),
+    ``make_bucket()`` and ``objects(bucket, prefix)``."""
+    from stkd_dist.testing import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> object:
+    """The S3 server's variables set in this process (and inherited by subprocesses)."""
+    for k, v in s3_server.env().items():  # type: ignore[attr-defined]
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    import fsspec
+
+    # s3fs caches filesystem instances: drop those made with other credentials
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    return s3_server

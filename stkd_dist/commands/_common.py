@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 
 from stkd_dist.config import ROLES, Config, load_config
+from stkd_dist.location import set_storage_options
 
 CONFIG_HELP = "a preset name (`stkd config list`) or a YAML file (default: %(default)s)"
 
@@ -67,4 +68,7 @@ def flag_overrides(args: argparse.Namespace, roles: Sequence[str] = ROLES) -> li
 def config_from_args(args: argparse.Namespace, roles: Sequence[str] = ROLES) -> Config:
     """Load ``args.config`` with ``--set`` overrides, then the common flags for ``roles``."""
     overrides = [*getattr(args, "overrides", []), *flag_overrides(args, roles)]
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    # before any storage path is opened; also inherited by the Ray workers this process starts
+    set_storage_options(cfg.storage.options)
+    return cfg

@@ -15,8 +15,10 @@ examples:
   stkd distill --config my-run.yaml --set serve.mode=cache --set serve.batch_size=256
   stkd distill --config demo --teacher 10.0.0.5:50051,10.0.0.6:50051   # running teacher servers
   stkd distill --config los-loop --address auto --workers 8   # on a node of a Ray cluster
+  stkd distill --config los-loop --seeds 5            # does distillation help here? 5 seeds each
 
-Stages: dataset, teacher, [labels], student_kd, student_scratch, evaluate, report. Everything lives
+Stages: dataset, teacher, [labels], student_kd, student_scratch, [the students of further seeds],
+evaluate, statistics, report. Everything lives
 in <storage>/runs/<run-name>/: config.yaml, stages.json, teacher/, student_kd/, student_scratch/,
 labels/ (serve.mode=cache), metrics.json, history.json, forecasts.npz, locations.npz, report.md,
 report.html, logs/. Running the same run name again skips the stages already complete (stages.json)
@@ -26,6 +28,12 @@ Soft labels (config section `serve`): mode=stream starts serve.replicas teacher 
 actors and every student worker streams its own shard's labels from them (or from the servers
 given with --teacher); mode=cache runs the teacher once over the training windows into a label
 cache the workers read. `stkd --debug distill ...` also shows the Ray workers' own output.
+
+--seeds N (run.seeds) trains the distilled and the scratch student with seeds run.seed ...
+run.seed+N-1 against the one teacher (each pair on the same shard plans and initialisation) and
+writes kd_vs_scratch to metrics.json: the per-seed test MAEs, the mean difference, the paired
+t-test p-value, a bootstrap 95 % interval and gap_closed (the share of the scratch-to-teacher MAE
+gap the distilled students close); the report says in plain words whether distillation helped.
 """
 
 
@@ -52,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="stream soft labels from these running teacher servers (serve.endpoints) instead "
         "of starting replicas; they should serve this run's teacher",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="train both students with N seeds each and compare them (run.seeds; default 1)",
+    )
     parser.add_argument("--json", action="store_true", help="print metrics.json at the end")
     parser.set_defaults(func=run)
 
@@ -62,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.teacher:
         args.overrides = [*args.overrides, f"serve.endpoints={json.dumps(args.teacher)}"]
+    if args.seeds is not None:
+        args.overrides = [*args.overrides, f"run.seeds={args.seeds}"]
     cfg = config_from_args(args)
     outcome = run_distill(cfg, storage=args.storage, worker_logs=args.debug)
     return finish(outcome, as_json=args.json)
@@ -70,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
 def finish(outcome: object, as_json: bool = False) -> int:
     """Print the stage table, the summary table and the report path of a pipeline outcome."""
     from stkd_dist.pipeline.distill import DistillOutcome
+    from stkd_dist.pipeline.findings import split_findings
     from stkd_dist.pipeline.outputs import summary_rows
     from stkd_dist.pipeline.ui import PipelineUI
 
@@ -81,10 +98,16 @@ def finish(outcome: object, as_json: bool = False) -> int:
     ui.console.rule("summary")
     ui.stage_table(outcome.stages)
     dataset = outcome.metrics.get("dataset", {})
+    models, findings = split_findings(outcome.metrics)
     ui.metrics_table(
         f"test split of {dataset.get('name', '?')} ({dataset.get('nodes', '?')} sensors)",
-        summary_rows(outcome.metrics),
+        summary_rows(models),
     )
+    check = findings.get("teacher_check")
+    if check is not None and not check.get("beats_baselines", True):
+        ui.echo(check["message"])
+    if "kd_vs_scratch" in findings:
+        ui.echo(findings["kd_vs_scratch"]["verdict"])
     ran = ", ".join(outcome.ran) or "none (everything was already complete)"
     ui.echo(f"stages run: {ran}; {outcome.seconds:.1f} s")
     ui.echo(f"report: {outcome.report}")

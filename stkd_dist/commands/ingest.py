@@ -61,7 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dest = p.add_argument_group("destination")
     dest.add_argument(
         "--out",
-        type=Path,
         metavar="STORE",
         help="store path (default <storage>/datasets/NAME.zarr)",
     )

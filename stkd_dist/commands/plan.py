@@ -18,13 +18,17 @@ from stkd_dist.storage import open_store
 EPILOG = """\
 examples:
   stkd plan demo --split train --world-size 2            # per-rank summary table
-  stkd plan demo --world-size 4 --epoch 3 --json | jq '.ranks[0].windows[:10]'
+  stkd plan demo --world-size 4 --epoch 3 --json | jq '.ranks[].count'
+  stkd plan demo --world-size 4 --epoch 3 --json --windows | jq '.ranks[0].windows[:10]'
   stkd plan los --split test --world-size 2 --batch-size 64 --input-steps 12 --horizon 3
 
-Blocks are runs of windows starting in one storage time chunk, dealt to ranks in an order shuffled
-per (seed, epoch); every window is seen exactly once per epoch. Every rank gets the same number of
-batches: shorter ranks are padded with repeats of their own windows, flagged invalid so they do
-not count in losses or metrics. The plan is the one `stkd train-teacher` workers compute.
+Blocks are runs of windows starting in one storage time chunk, put in an order shuffled per
+(seed, epoch) and cut into one consecutive run per rank: every rank gets floor(n/W) or ceil(n/W)
+of the n windows (a block is split where a run ends), and every window is seen exactly once per
+epoch. Every rank gets the same number of batches: a rank one window short repeats its last
+window once, flagged invalid so it does not count in losses or metrics (at most W-1 padding
+entries per epoch). The plan is the one `stkd train-teacher` workers compute; it holds blocks
+only, and each rank derives its window order from (seed, epoch, rank) as it reads.
 """
 
 # option names for the fields library errors point at
@@ -45,8 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=SUMMARIES["plan"],
         description=(
             "Print the deterministic shard plan of one epoch of a split: for every rank its "
-            "blocks (chunk-aligned runs of windows), its windows in the order it sees them, its "
-            "padding and the storage chunks it reads (its blocks' chunks plus the L+H-1 halo)."
+            "blocks (chunk-aligned runs of windows), its window count (with --windows: its "
+            "windows in the order it sees them), its padding and the storage chunks it reads "
+            "(its blocks' chunks plus the L+H-1 halo)."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -73,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="shuffle blocks and windows (default: only for the train split)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument(
+        "--windows",
+        action="store_true",
+        help="with --json: also list every rank's windows in order (default: blocks and counts)",
+    )
     p.set_defaults(func=run)
 
 
@@ -119,6 +129,8 @@ def build_plan(args: argparse.Namespace) -> tuple[Any, WindowSpec, ShardPlan]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``stkd plan``."""
+    if args.windows and not args.json:
+        raise InputError("lists windows in the JSON output: add --json", where="--windows")
     store, window, plan = build_plan(args)
     chunks = [r.chunks(plan.chunk_steps, window.length) for r in plan.ranks]
     if args.json:
@@ -130,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 "horizon": window.horizon,
                 "stride": window.stride,
             },
-            **plan.to_json(),
+            **plan.to_json(windows=args.windows),
             "chunks_read": chunks,
         }
         print(json.dumps(out))
@@ -141,16 +153,17 @@ def run(args: argparse.Namespace) -> int:
         f"(L={window.input_steps}, H={window.horizon}, stride={window.stride}) over "
         f"{plan.world_size} rank(s); epoch {plan.epoch}, seed {plan.seed}, "
         f"{'shuffled' if plan.shuffle else 'time order'}; {plan.num_batches} batches of "
-        f"{plan.batch_size} per rank; time chunks of {plan.chunk_steps} steps"
+        f"{plan.batch_size} per rank; time chunks of {plan.chunk_steps} steps; "
+        f"{plan.num_blocks} blocks, {plan.total_padding} padding entries"
     )
     table = Table("rank", "blocks", "windows", "padding", "chunks read", "first windows")
     for r, (shard, cs) in enumerate(zip(plan.ranks, chunks, strict=True)):
-        head = ", ".join(str(w) for w in shard.windows[:6])
-        more = ", ..." if len(shard.windows) > 6 else ""
+        head = ", ".join(str(w) for w in shard.windows[:6])  # derives the first block(s) only
+        more = ", ..." if shard.count > 6 else ""
         table.add_row(
             str(r),
             str(len(shard.blocks)),
-            str(len(shard.windows)),
+            str(shard.count),
             str(shard.padding),
             str(len(cs)),
             head + more,

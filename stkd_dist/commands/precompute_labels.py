@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -17,13 +17,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from upath import UPath
 
+from stkd_dist import location as loc_
 from stkd_dist.commands import SUMMARIES
 from stkd_dist.data.windows import SPLITS, check_split_name
 from stkd_dist.errors import InputError, StoreError
-from stkd_dist.serving.cache import default_cache_path
-from stkd_dist.serving.precompute import precompute_labels
-from stkd_dist.serving.teacher import load_teacher
+from stkd_dist.paths import storage_root
+from stkd_dist.serving.cache import (
+    CODECS,
+    DEFAULT_CODEC,
+    DEFAULT_LABEL_DTYPE,
+    LABEL_DTYPES,
+    default_cache_path,
+)
+from stkd_dist.serving.precompute import DEVICES, TeacherSource, precompute_labels
+from stkd_dist.serving.teacher import Teacher, load_teacher
 
 EPILOG = """\
 examples:
@@ -34,8 +43,14 @@ examples:
   stkd precompute-labels --checkpoint runs/my-run/teacher/epoch_0009 --data demo \\
       --splits train --out labels/demo-teacher.zarr
 
-`stkd serve --cache auto` then serves these labels without running the teacher. The cache is
-written under a temporary name and renamed when complete.
+  # into an object store, as float16 (half the bytes; float32 is bitwise a live forward)
+  stkd precompute-labels --checkpoint my-run --data demo \\
+      --out s3://bucket/labels/demo.zarr --label-dtype float16
+
+`stkd serve --cache auto` then serves these labels without running the teacher. A local cache is
+written under a temporary name and renamed when complete; on an object store each chunk counts
+once its done marker is written. With a Ray cluster connected (RAY_ADDRESS) the work fans out
+over its workers by time block; otherwise --workers threads of this process share it.
 """
 
 
@@ -57,10 +72,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--splits", default=",".join(SPLITS), help="comma-separated splits (default all)"
     )
-    p.add_argument("--out", type=Path, help="cache path (default under <storage>/labels)")
+    p.add_argument("--out", help="cache path or object-store URL (default under <storage>/labels)")
     p.add_argument("--batch-size", type=int, default=256, help="windows per forward (default 256)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="parallel workers: threads, or Ray time blocks (default: 4, or the cluster's size)",
+    )
+    p.add_argument(
+        "--codec", choices=CODECS, default=DEFAULT_CODEC, help=f"chunk codec ({DEFAULT_CODEC})"
+    )
+    p.add_argument(
+        "--label-dtype",
+        choices=LABEL_DTYPES,
+        default=DEFAULT_LABEL_DTYPE,
+        help="stored label type (float32: bitwise a live forward; 16-bit: half the bytes)",
+    )
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where labels are computed (cpu: bitwise a CPU server; auto: GPUs when present)",
+    )
     p.set_defaults(func=run)
 
 
@@ -80,15 +115,32 @@ def run(args: argparse.Namespace) -> int:
     splits = _splits(args.splits)
     if args.batch_size < 1:
         raise InputError(f"must be >= 1, got {args.batch_size}", where="--batch-size")
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"must be >= 1, got {args.workers}", where="--workers")
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher = load_teacher(args.checkpoint, args.data)
     meta = teacher.meta
-    out = args.out or default_cache_path(meta.fingerprint, meta.version)
-    if out.exists() and not args.overwrite:
+    out = (
+        loc_.location(args.out) if args.out else default_cache_path(meta.fingerprint, meta.version)
+    )
+    if loc_.exists(out) and not args.overwrite:
         raise StoreError(
-            "a label cache exists there; pass --overwrite to replace it", where=str(out)
+            "a label cache exists there; pass --overwrite to replace it", where=loc_.url(out)
         )
+    connected = _connect_ray()
+    try:
+        return _fill(args, teacher, out, splits)
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
+
+
+def _fill(args: argparse.Namespace, teacher: Teacher, out: UPath, splits: list[str]) -> int:
+    """Fill the cache at ``out`` and print what was written."""
+    meta = teacher.meta
     total = sum(len(meta.splits[s]) for s in splits)
     console = Console(stderr=True)
     print(
@@ -124,13 +176,40 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             overwrite=args.overwrite,
             progress=(lambda n: bar.advance(task, n)) if terminal else status_line,
+            workers=args.workers,
+            codec=args.codec,
+            label_dtype=args.label_dtype,
+            # Ray workers resolve run and dataset names under the same storage root
+            source=TeacherSource(str(args.checkpoint), str(args.data), loc_.url(storage_root())),
+            device=args.device,
         )
     seconds = time.perf_counter() - started
-    print(f"wrote label cache {cache.path}")
+    print(f"wrote label cache {loc_.url(cache.path)}")
     print(f"  teacher        {meta.version} ({meta.model_key})")
     print(f"  dataset        {meta.fingerprint}")
     print(f"  label shape    {list(meta.window_shape)} per window, spread: {meta.has_spread}")
+    print(
+        f"  stored         {cache.label_dtype}, {cache.codec}, {cache.stored_bytes():,} bytes "
+        f"(labels computed on {cache.label_device})"
+    )
     for s in splits:
         print(f"  {s:<14} {cache.filled_windows(s)} windows")
     print(f"  forward passes {cache.forward_windows} windows in {seconds:.1f} s")
     return 0
+
+
+def _connect_ray() -> bool:
+    """Connect to the Ray cluster ``$RAY_ADDRESS`` names, if any: the fill then fans out there.
+
+    Without one the fill runs in threads of this process (no local cluster is started for it:
+    on one machine the threads use its cores as well). True when this call connected.
+    """
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
+        return False
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, log_to_driver=False)
+    return True

@@ -16,6 +16,7 @@ import torch
 
 from stkd_dist.commands import SUMMARIES
 from stkd_dist.errors import ConfigError
+from stkd_dist.location import exists, location, url
 from stkd_dist.serving import codec
 from stkd_dist.serving.auth import ServerTls, resolve_token
 from stkd_dist.serving.cache import (
@@ -131,11 +132,11 @@ def _cache(args: argparse.Namespace, teacher: Teacher) -> LabelCache | None:
     meta = teacher.meta
     if args.cache == "auto":
         path = default_cache_path(meta.fingerprint, meta.version)
-        if not path.exists() and not args.write_through:
-            log.info("no label cache at %s: every label comes from the teacher", path)
+        if not exists(path) and not args.write_through:
+            log.info("no label cache at %s: every label comes from the teacher", url(path))
             return None
     else:
-        path = Path(args.cache)
+        path = location(args.cache)
     return open_cache(
         path, meta, writable=args.write_through, memory_bytes=args.cache_memory_mb * 2**20
     )

@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, required=True, help="number of sensors")
     p.add_argument("--steps", type=int, required=True, help="number of time steps")
     dest = p.add_mutually_exclusive_group()
-    dest.add_argument("--out", type=Path, help="store path (default <storage>/datasets/NAME.zarr)")
+    dest.add_argument("--out", help="store path (default <storage>/datasets/NAME.zarr)")
     dest.add_argument("--name", help="dataset name under the storage root (default: synth)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--freq", default="5min", help="step length, 1min..1h (default 5min)")

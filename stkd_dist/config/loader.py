@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 from stkd_dist.config.base import convert_value, from_mapping, resolve_key, suggestion, to_mapping
 from stkd_dist.config.schema import Config
 from stkd_dist.errors import ConfigError
+from stkd_dist.location import Location, location, read_text, url, write_text_atomic
 
 PRESET_SUFFIX = ".yaml"
 
@@ -151,26 +151,18 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_mapping(cfg), sort_keys=False, default_flow_style=False)
 
 
-def write_config(cfg: Config, path: str | os.PathLike[str]) -> Path:
-    """Write ``cfg`` as YAML to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dump_config(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def write_config(cfg: Config, path: str | os.PathLike[str] | Location) -> Location:
+    """Write ``cfg`` as YAML to ``path`` (a local path or an object-store URL) atomically."""
+    loc = location(path)
+    write_text_atomic(loc, dump_config(cfg))
+    return loc
 
 
-def read_config(path: str | os.PathLike[str]) -> Config:
+def read_config(path: str | os.PathLike[str] | Location) -> Config:
     """Read a resolved config written by :func:`write_config` (a run's ``config.yaml``)."""
-    path = Path(path)
+    loc = location(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(loc)
     except OSError as e:
-        raise ConfigError(f"cannot read the config ({e})", where=str(path)) from e
-    return config_from_text(text, str(path))
+        raise ConfigError(f"cannot read the config ({e})", where=url(loc)) from e
+    return config_from_text(text, url(loc))

@@ -53,6 +53,8 @@ class ScheduleSection:
         min_lr: floor of the cosine schedule.
         early_stopping_patience: stop after this many epochs without a better validation MAE
             (0 = never stop early).
+        min_epochs: never stop early before this many epochs (a short warm-up phase or a noisy
+            validation split would otherwise end training before it got going).
     """
 
     epochs: int = 10
@@ -62,11 +64,16 @@ class ScheduleSection:
     gamma: float = 0.5
     min_lr: float = 0.0
     early_stopping_patience: int = 0
+    min_epochs: int = 0
 
     def __post_init__(self) -> None:
         positive(self, "epochs", "step_size", "gamma")
         # warmup_epochs >= epochs is allowed: the whole (short) run then warms up
-        non_negative(self, "warmup_epochs", "min_lr", "early_stopping_patience")
+        non_negative(self, "warmup_epochs", "min_lr", "early_stopping_patience", "min_epochs")
+
+    def patience_at(self, epoch: int) -> int:
+        """The early-stopping patience in force after 0-based ``epoch`` (0 before ``min_epochs``)."""
+        return self.early_stopping_patience if epoch + 1 >= self.min_epochs else 0
 
 
 @dataclass(frozen=True)
@@ -103,36 +110,56 @@ class StudentSection(ModelSection):
     model: str = "mlp"
 
 
+#: ``distill`` fields that only some losses take: null means "the loss's own default", and a
+#: value set for a loss that does not take it is a config error (see :mod:`.validate`)
+LOSS_PARAMETERS = ("beta", "temperature", "match", "margin", "huber_delta")
+
+
 @dataclass(frozen=True)
 class DistillSection:
     """``distill``: how a student learns from its teacher(s).
 
-    The fields are passed to the distillation loss registered as ``loss`` (each loss takes the
-    ones it uses; see :mod:`stkd_dist.distill.losses`).
+    ``loss``, ``alpha`` and ``task`` apply to every loss (``task`` is also the baseline student's
+    criterion); the other fields are parameters of particular losses (the loss's constructor
+    signature in :mod:`stkd_dist.distill` is their type): leave them null for the loss's default.
+    Setting one the chosen loss does not take (``temperature`` with ``regression``) is an error.
 
     Attributes:
-        loss: key of the distillation loss registry (``regression``, ``hinton``).
+        loss: key of the distillation loss registry (``regression``, ``teacher_bounded``,
+            ``hint``, ``hinton``).
         alpha: weight of the ground-truth (task) term, in [0, 1]; the teacher term gets
             ``1 - alpha``.
-        beta: weight of the extra feature / sequence-shape term (``regression``; 0 = off).
-        temperature: softening temperature (``hinton``).
         task: masked criterion of the ground-truth term (``mae``, ``mse``, ``huber``).
-        match: criterion of the teacher-matching term.
-        confidence_weighting: weight soft labels by the teacher's confidence.
+        beta: weight of the extra term: feature / sequence-shape (``regression``), hint
+            (``hint``).
+        temperature: softening temperature (``hinton``).
+        match: criterion of the teacher-matching term (``regression``, ``teacher_bounded``,
+            ``hint``).
+        margin: how much closer to the truth the teacher must be before it pulls the student
+            (``teacher_bounded``, target units).
+        huber_delta: ``δ`` of a ``huber`` criterion (``regression``, ``teacher_bounded``,
+            ``hint``).
+        confidence_weighting: weight soft labels by the teacher's confidence (``regression``).
         ensemble: how several teachers' labels combine: ``mean`` or ``inverse_error`` (weights
             inversely proportional to each teacher's validation error).
     """
 
     loss: str = "regression"
     alpha: float = 0.5
-    beta: float = 0.0
-    temperature: float = 2.0
     task: str = "mae"
-    match: str = "mae"
+    beta: float | None = None
+    temperature: float | None = None
+    match: str | None = None
+    margin: float | None = None
+    huber_delta: float | None = None
     confidence_weighting: bool = False
     ensemble: EnsembleKind = "mean"
 
     def __post_init__(self) -> None:
         require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha!r}")
-        non_negative(self, "beta")
-        positive(self, "temperature")
+        for name in ("beta", "margin"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, name, f"must be >= 0, got {value!r}")
+        for name in ("temperature", "huber_delta"):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, f"must be > 0, got {value!r}")

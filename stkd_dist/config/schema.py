@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from stkd_dist.config.models import DistillSection, ModelSection, StudentSection, TeacherSection
 from stkd_dist.config.pipeline import EvaluateSection, ServeSection
-from stkd_dist.config.sections import ClusterSection, DataSection, RunSection
+from stkd_dist.config.sections import ClusterSection, DataSection, RunSection, StorageSection
 from stkd_dist.config.sweep import SweepSection
 
 ROLES = ("teacher", "student")
@@ -30,6 +30,7 @@ class Config:
     serve: ServeSection = field(default_factory=ServeSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     sweep: SweepSection = field(default_factory=SweepSection)
+    storage: StorageSection = field(default_factory=StorageSection)
 
     def model(self, role: str) -> ModelSection:
         """The ``teacher`` or ``student`` section."""

@@ -8,6 +8,7 @@ name (the loader prefixes the section and the file).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from stkd_dist.data.windows import SplitSpec, WindowSpec
 from stkd_dist.errors import ConfigError, StkdError
@@ -43,14 +44,18 @@ class RunSection:
         seed: seeds model initialisation and the shuffling of every epoch.
         keep_best: how many checkpoints with the best validation MAE to keep (the latest one is
             always kept as well, to resume from).
+        seeds: ``stkd distill`` trains the distilled and the scratch student with this many
+            seeds (``seed``, ``seed + 1``, ...; one teacher) and compares them (``kd_vs_scratch``
+            in ``metrics.json``).
     """
 
     name: str | None = None
     seed: int = 0
     keep_best: int = 2
+    seeds: int = 1
 
     def __post_init__(self) -> None:
-        positive(self, "keep_best")
+        positive(self, "keep_best", "seeds")
         non_negative(self, "seed")
         if self.name is not None:
             from stkd_dist.paths import check_name
@@ -154,3 +159,28 @@ class ClusterSection:
             "max_failures",
             f"must be >= 0, or -1 for unlimited, got {self.max_failures!r}",
         )
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    """``storage``: how to reach an object-store storage root (``STKD_STORAGE=s3://…``).
+
+    Endpoint and credentials normally come from the standard variables the clients read
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``, …); keep
+    secrets there, not in a config file that is copied into every run directory.
+
+    Attributes:
+        options: fsspec options, flat (every protocol) or per protocol, e.g.
+            ``{"s3": {"endpoint_url": "https://minio:9000", "client_kwargs": {"region_name":
+            "eu-west-1"}}}``. They reach Ray workers and teacher replicas through their
+            environment (``STKD_STORAGE_OPTIONS``), never a command line.
+    """
+
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, value in self.options.items():
+            require(isinstance(key, str), "options", f"option names are strings, got {key!r}")
+            if isinstance(value, dict):
+                for inner in value:
+                    require(isinstance(inner, str), f"options.{key}", "option names are strings")

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from stkd_dist.config.models import DistillSection
+from stkd_dist.config.models import LOSS_PARAMETERS, DistillSection
 from stkd_dist.config.schema import ROLES, Config
 from stkd_dist.errors import ConfigError, StkdError
 
@@ -41,14 +41,47 @@ def validate_model(cfg: Config, role: str, source: str | None = None) -> None:
 
 
 def distill_loss_kwargs(section: DistillSection) -> dict[str, Any]:
-    """The ``distill`` fields the registered loss ``section.loss`` accepts, as its kwargs."""
+    """The ``distill`` fields the registered loss ``section.loss`` takes, as its kwargs.
+
+    Raises :class:`ConfigError` (``where = "distill.<field>"``) for a loss parameter that is set
+    but not taken by the chosen loss: silently ignoring it would run another experiment than the
+    one the config describes.
+    """
     import inspect
 
     from stkd_dist.distill import LOSSES
 
     params = inspect.signature(LOSSES.get(section.loss)).parameters
-    fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
-    return {k: v for k, v in fields.items() if k in params}
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        is_set = value is not None and not (f.name == "confidence_weighting" and not value)
+        if f.name in params:
+            if is_set:
+                kwargs[f.name] = value
+        elif is_set and (f.name in LOSS_PARAMETERS or f.name == "confidence_weighting"):
+            takes = [k for k in _LOSS_FIELDS if k in params]
+            losses = LOSSES.keys()  # a sorted list (the registry is not iterable)
+            others = [k for k in losses if f.name in _parameters(k)]
+            raise ConfigError(
+                f"loss {section.loss!r} does not take {f.name!r} (it takes "
+                f"{', '.join(takes) or 'none of the loss fields'}); remove distill.{f.name} or "
+                f"set distill.loss to one that takes it ({', '.join(others) or 'none'})",
+                where=f"distill.{f.name}",
+            )
+    return kwargs
+
+
+#: the ``distill`` fields a loss may take, in the order error messages list them
+_LOSS_FIELDS = ("alpha", "task", *LOSS_PARAMETERS, "confidence_weighting")
+
+
+def _parameters(key: str) -> list[str]:
+    import inspect
+
+    from stkd_dist.distill import LOSSES
+
+    return list(inspect.signature(LOSSES.get(key)).parameters)
 
 
 def validate_distill(cfg: Config, source: str | None = None) -> None:
@@ -57,7 +90,11 @@ def validate_distill(cfg: Config, source: str | None = None) -> None:
 
     prefix = f"{source}: " if source else ""
     try:
-        build_loss(cfg.distill.loss, **distill_loss_kwargs(cfg.distill))
+        kwargs = distill_loss_kwargs(cfg.distill)
+    except ConfigError as e:
+        raise ConfigError(e.message, where=f"{prefix}{e.where}") from None
+    try:
+        build_loss(cfg.distill.loss, **kwargs)
     except StkdError as e:
         # the losses name their arguments "loss.<name>"; anything else is about the key itself
         where = (

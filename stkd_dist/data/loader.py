@@ -3,7 +3,9 @@
 For each block of its :class:`~stkd_dist.data.plan.RankShard` the loader reads the block's steps
 plus the ``L+H-1``-step halo in one ``store.read`` (so only those chunks are touched), cuts the
 windows out with :meth:`WindowReader.batch_from_block` and yields :class:`WindowBatch` es of
-``plan.batch_size`` entries (a batch may take windows from two consecutive blocks).
+``plan.batch_size`` entries (a batch may take windows from two consecutive blocks). The window
+order of a block is derived from the plan only when that block is read (the plan is lazy, see
+:class:`~stkd_dist.data.plan.RankWindows`), so the loader never holds the rank's whole sequence.
 
 Prefetch uses one background **thread**, never a process: zarr v3 runs its I/O on an asyncio
 event loop in a thread of its own, and a process forked after that loop started inherits a loop
@@ -12,8 +14,8 @@ and decompression and NumPy release the GIL, so a reading thread overlaps with b
 (Use ``torch.utils.data.DataLoader(num_workers=0)`` and the ``spawn`` start method for any extra
 processes.)
 
-Memory: at most two blocks are held at once, the one batches are cut from and the next one being
-read, plus the batch under construction.
+Memory: at most two blocks are held at once (steps and their entry indices), the one batches are
+cut from and the next one being read, plus the batch under construction.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import InputError
 
 _Block = tuple[np.ndarray, np.ndarray]  # values float32, mask bool: [t, node, channel]
+
+
+@dataclass(frozen=True, eq=False)
+class _Read:
+    """A segment as read: its steps (None for a ``random`` segment) and its entries."""
+
+    block: _Block | None
+    indices: np.ndarray  # [stop - first] int64 window indices
+    valid: np.ndarray  # [stop - first] bool
 
 
 @dataclass(frozen=True)
@@ -77,13 +88,13 @@ class RankLoader:
         self.rank = rank
         self.prefetch = bool(prefetch)
         self.shard = plan.rank(rank)  # validates the rank
-        if self.shard.windows and max(self.shard.windows) > reader.last_window:
+        # from the blocks, O(blocks): the windows themselves are derived only block by block
+        if self.shard.blocks and self.shard.last_window > reader.last_window:
             raise InputError(
-                f"the plan has window {max(self.shard.windows)} but this dataset's last window "
+                f"the plan has window {self.shard.last_window} but this dataset's last window "
                 f"is {reader.last_window}: the plan was made for another dataset or window",
                 where="plan",
             )
-        self.indices, self.valid = self.shard.entries()  # [samples_per_rank]
         self.segments = self._segments()
 
     def _segments(self) -> list[Segment]:
@@ -94,7 +105,7 @@ class RankLoader:
             lo, hi = block.read_range(length)
             out.append(Segment(lo, hi, pos, pos + len(block)))
             pos += len(block)
-        assert pos == len(self.shard.windows)
+        assert pos == self.shard.count
         if self.shard.padding:
             last = self.shard.blocks[-1]
             if self.shard.padding <= len(last):
@@ -102,7 +113,7 @@ class RankLoader:
                 tail = out.pop()
                 out.append(Segment(tail.lo, tail.hi, tail.first, pos + self.shard.padding))
             else:
-                pad = self.indices[pos:]
+                pad, _ = self.shard.entries(pos, pos + self.shard.padding)
                 lo, hi = int(pad.min()), int(pad.max()) + length
                 out.append(Segment(lo, hi, pos, pos + self.shard.padding, random=True))
         return out
@@ -110,16 +121,19 @@ class RankLoader:
     def __len__(self) -> int:
         return self.plan.num_batches
 
-    def _read(self, seg: Segment) -> _Block | None:
+    def _read(self, seg: Segment) -> _Read:
+        # the segment's window order is derived here, in the prefetch thread with its read
+        idx, valid = self.shard.entries(seg.first, seg.stop)
         if seg.random:
-            return None  # read window by window when the batch is cut
-        return self.reader.store.read(seg.lo, seg.hi)
+            return _Read(None, idx, valid)  # read window by window when the batch is cut
+        return _Read(self.reader.store.read(seg.lo, seg.hi), idx, valid)
 
-    def _cut(self, seg: Segment, block: _Block | None, start: int, stop: int) -> WindowBatch:
-        idx, valid = self.indices[start:stop], self.valid[start:stop]
-        if block is None:
+    def _cut(self, seg: Segment, read: _Read, start: int, stop: int) -> WindowBatch:
+        idx = read.indices[start - seg.first : stop - seg.first]
+        valid = read.valid[start - seg.first : stop - seg.first]
+        if read.block is None:
             return self.reader.batch(idx, valid)
-        values, mask = block
+        values, mask = read.block
         return self.reader.batch_from_block(values, mask, seg.lo, idx, valid)
 
     def __iter__(self) -> Iterator[WindowBatch]:
@@ -128,15 +142,15 @@ class RankLoader:
         pending: list[WindowBatch] = []
         pool = ThreadPoolExecutor(1, thread_name_prefix="stkd-prefetch") if self.prefetch else None
         try:
-            future: Future[_Block | None] | None = None
+            future: Future[_Read] | None = None
             if pool is not None:
                 future = pool.submit(self._read, self.segments[0])
             for i, seg in enumerate(self.segments):
                 if future is not None:
-                    block = future.result()  # re-raises a read error of the background thread
+                    read = future.result()  # re-raises a read error of the background thread
                     future = None
                 else:
-                    block = self._read(seg)
+                    read = self._read(seg)
                 if pool is not None and i + 1 < len(self.segments):
                     # the next block is read while this one is cut: two blocks in memory at most
                     future = pool.submit(self._read, self.segments[i + 1])
@@ -144,12 +158,12 @@ class RankLoader:
                 while pos < seg.stop:
                     batch_end = min((pos // batch_size + 1) * batch_size, total)
                     end = min(seg.stop, batch_end)
-                    pending.append(self._cut(seg, block, pos, end))
+                    pending.append(self._cut(seg, read, pos, end))
                     pos = end
                     if end == batch_end:
                         yield concat_batches(pending)
                         pending = []
-                del block  # release the current block before taking the next one
+                del read  # release the current block before taking the next one
             assert not pending
         finally:
             if pool is not None:

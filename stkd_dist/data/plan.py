@@ -1,46 +1,56 @@
 """Shard plan: which windows each rank sees in one epoch, and in which order.
 
 The plan is a pure function of its arguments (no I/O, no global random state), so every rank of a
-data-parallel job computes the very same plan on its own and no rank has to broadcast it.
+data-parallel job computes the very same plan on its own and no rank has to broadcast it. Its
+state is O(blocks), never O(windows): a rank holds its blocks and derives its window sequence
+lazily (:class:`RankWindows`), block by block, from ``(seed, epoch, rank)``.
 
-Rules:
+Rules, for ``n`` windows over ``W`` ranks:
 
-1. **Blocks.** A *block* is a contiguous run of windows whose start steps lie in one storage time
-   chunk; blocks never straddle a chunk boundary. When the split has fewer such chunk-blocks than
-   ``4 × world_size``, chunk-blocks are subdivided into near-equal sub-blocks (sizes differ by at
-   most one window; still inside one chunk) until there are at least
-   ``min(4 × world_size, windows)`` blocks, so that window counts can be balanced across ranks. A
-   rank therefore reads only the chunks its blocks start in plus the ``L+H-1``-step halo after
-   each block.
+1. **Blocks.** A *chunk-block* is the run of windows whose start steps lie in one storage time
+   chunk (one block per window when the stride is at least the chunk length). When there are
+   fewer chunk-blocks than ``T = min(4 × W, n)``, each chunk-block of ``m`` windows is cut into
+   ``ceil(m × T / n)`` near-equal sub-blocks (sizes differ by at most one window; at least ``T``
+   blocks in all, none over ``ceil(n / T)`` windows), so that the block order below has something
+   to shuffle. No block straddles a chunk boundary. With the splits of rule 3 the plan has fewer
+   than ``chunks + T + W`` blocks: its size is O(chunks + W), whatever the number of windows.
 2. **Order.** The block order is a permutation seeded by ``(seed, epoch)`` (``shuffle=False``
    keeps time order, for evaluation).
-3. **Assignment.** Blocks are dealt in that order, each to the rank with the fewest windows so far
-   (ties → lowest rank). Every window is in exactly one block and every block in exactly one
-   rank, so every window appears exactly once per epoch across ranks. A rank's blocks are
-   visited in the order they were dealt.
-4. **Within a block** the windows are shuffled with a generator seeded by
-   ``(seed, epoch, rank)`` when ``shuffle``; otherwise they stay in time order.
-5. **Equal batch counts (padding).** Data-parallel ranks must step in lockstep, so every rank gets
-   ``num_batches = ceil(max_rank_windows / batch_size)`` batches, and batch ``i`` has the same
-   size on every rank. A rank with fewer windows is *padded* up to ``max_rank_windows``: the
-   padding entries repeat the rank's own windows (its last windows first, still in memory)
-   flagged ``valid=False``, so their loss and metric masks are empty. Windows are never dropped.
-   A split with fewer windows than ranks is an error (a rank would have nothing to repeat).
+3. **Assignment: exact balance.** The blocks, in that order, form one sequence of ``n`` windows,
+   cut into ``W`` consecutive runs: rank ``r`` gets ``q + 1`` windows if ``r < n mod W`` and
+   ``q = n // W`` otherwise. A block that straddles a cut is split there into two blocks (still
+   inside its chunk, one per rank), so at most ``W - 1`` chunks hold blocks of two ranks. Every
+   window lies in exactly one block and every block in exactly one rank, so every window appears
+   exactly once per epoch across ranks. A rank visits its blocks in sequence order.
+4. **Within a block** the windows are shuffled (``shuffle=True``) by a generator seeded by
+   ``(seed, epoch, rank, i)``, ``i`` the block's position in the rank, so any block, and hence
+   any suffix of the sequence (a resumed epoch), is derived without the blocks before it.
+   ``shuffle=False`` keeps time order.
+5. **Equal batch counts (padding).** Data-parallel ranks step in lockstep, so every rank iterates
+   ``samples_per_rank = ceil(n / W)`` entries in ``num_batches = ceil(samples_per_rank /
+   batch_size)`` batches, batch ``i`` of the same size on every rank. A rank with ``q`` windows
+   (when ``W`` does not divide ``n``) gets one *padding* entry that repeats its last window
+   (still in memory), flagged ``valid=False`` so its loss and metric masks are empty: at most
+   ``W - 1`` padding entries per epoch. Windows are never dropped. A split with fewer windows than
+   ranks is an error (a rank would have nothing to repeat).
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from stkd_dist.errors import InputError
 
-PLAN_FORMAT = 1
+# 2: exact balance, lazily derived windows (format 1 listed every rank's windows)
+PLAN_FORMAT = 2
+
+# (seed, epoch, rank): seeds the within-block shuffles of one rank (rule 4)
+ShuffleKey = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -54,10 +64,12 @@ class Block:
 
     @property
     def windows(self) -> range:
+        """The block's windows in time order."""
         return range(self.start, self.stop, self.step)
 
     def __len__(self) -> int:
-        return len(self.windows)
+        # arithmetic rather than len(self.windows): plans take the length of every block
+        return max(0, -((self.start - self.stop) // self.step))
 
     @property
     def last(self) -> int:
@@ -69,12 +81,152 @@ class Block:
         return self.start, self.last + window_length
 
     def to_json(self) -> list[int]:
+        """``[chunk, start, stop, step]``."""
         return [self.chunk, self.start, self.stop, self.step]
 
     @classmethod
     def from_json(cls, d: list[int]) -> Block:
+        """Inverse of :meth:`to_json`."""
         chunk, start, stop, step = (int(v) for v in d)
         return cls(chunk, start, stop, step)
+
+
+class RankWindows(Sequence[int]):
+    """A rank's window sequence, derived lazily from its blocks (rules 3 and 4).
+
+    Holds only the blocks and one offset per block, O(blocks). Every access derives just the
+    blocks it touches: iteration generates one block at a time, :meth:`array` and slices only the
+    blocks they overlap, an index lookup one block. Supports ``len``, iteration (also reversed),
+    indexing, slicing (a slice is a ``list``), ``in`` (O(blocks)) and equality with any sequence of
+    ints.
+
+    Args:
+        blocks: the rank's blocks in the order it reads them.
+        key: ``(seed, epoch, rank)`` to shuffle within blocks, or None for time order.
+        sizes: ``[blocks]`` the block lengths, when the caller has them (saves a pass).
+    """
+
+    __slots__ = ("_offsets", "blocks", "key")
+
+    def __init__(
+        self, blocks: Sequence[Block], key: ShuffleKey | None, sizes: np.ndarray | None = None
+    ) -> None:
+        self.blocks: tuple[Block, ...] = tuple(blocks)
+        self.key: ShuffleKey | None = None
+        if key is not None:
+            self.key = (int(key[0]), int(key[1]), int(key[2]))
+        if sizes is None:
+            sizes = np.fromiter((len(b) for b in self.blocks), np.int64, len(self.blocks))
+        assert len(sizes) == len(self.blocks)
+        # _offsets[i] = position of block i's first window in the sequence; [-1] = len
+        self._offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes)])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def block_windows(self, i: int) -> np.ndarray:
+        """``[len(block)]`` int64: the windows of block ``i`` in the order the rank sees them."""
+        b = self.blocks[i]
+        order = np.arange(len(b), dtype=np.int64)
+        if self.key is not None:
+            # seeded per block, so this block is derived without any other (resumable suffix)
+            order = np.random.default_rng([*self.key, i]).permutation(len(b))
+        return b.start + order * b.step
+
+    def iter_blocks(self) -> Iterator[tuple[Block, np.ndarray]]:
+        """``(block, its windows in rank order)`` one block at a time."""
+        for i, b in enumerate(self.blocks):
+            yield b, self.block_windows(i)
+
+    def array(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``[k]`` int64: positions ``[start, stop)`` of the sequence (clamped like a slice).
+
+        Only the blocks overlapping the range are derived, so a suffix costs its own length.
+        """
+        n = len(self)
+        start, stop, _ = slice(start, stop).indices(n)
+        if start >= stop:
+            return np.zeros(0, dtype=np.int64)
+        first = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        last = int(np.searchsorted(self._offsets, stop, side="left")) - 1
+        parts = []
+        for i in range(first, last + 1):
+            lo = int(self._offsets[i])
+            ws = self.block_windows(i)
+            parts.append(ws[max(start - lo, 0) : stop - lo])
+        return np.concatenate(parts)
+
+    def take(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
+        """``[k]`` int64: the windows at sequence ``positions`` (each block derived once)."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if pos.size and (pos.min() < 0 or pos.max() >= n):
+            raise IndexError(f"positions outside 0..{n - 1}")
+        out = np.empty(pos.size, dtype=np.int64)
+        which = np.searchsorted(self._offsets, pos, side="right") - 1
+        for i in np.unique(which):
+            sel = which == i
+            out[sel] = self.block_windows(int(i))[pos[sel] - self._offsets[i]]
+        return out
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return self.array(start, stop).tolist()
+            return self.take(np.arange(start, stop, step)).tolist()
+        n = len(self)
+        i = int(index) + n if int(index) < 0 else int(index)
+        if not 0 <= i < n:
+            raise IndexError(f"window position {index} outside a sequence of {n}")
+        return int(self.take([i])[0])
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(len(self.blocks)):
+            yield from self.block_windows(i).tolist()
+
+    def __reversed__(self) -> Iterator[int]:
+        for i in reversed(range(len(self.blocks))):
+            yield from self.block_windows(i)[::-1].tolist()
+
+    def __contains__(self, value: object) -> bool:
+        # a block holds the same windows in any order: test membership without deriving
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            return False
+        v = int(value)  # range's O(1) membership test needs a plain int
+        return any(v in b.windows for b in self.blocks)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RankWindows):
+            if (self.blocks, self.key) == (other.blocks, other.key):
+                return True
+        elif not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        if len(other) != len(self):
+            return False
+        # block by block, so comparing with another lazy sequence never materialises it whole
+        pos = 0
+        for _, ws in self.iter_blocks():
+            theirs = (
+                other.array(pos, pos + len(ws))
+                if isinstance(other, RankWindows)
+                else np.asarray(other[pos : pos + len(ws)], dtype=np.int64)
+            )
+            if not np.array_equal(ws, theirs):
+                return False
+            pos += len(ws)
+        return True
+
+    def __hash__(self) -> int:
+        return hash((self.blocks, self.key))
+
+    def __repr__(self) -> str:
+        order = "time order" if self.key is None else f"shuffled by {self.key}"
+        return f"RankWindows({len(self)} windows in {len(self.blocks)} blocks, {order})"
 
 
 @dataclass(frozen=True)
@@ -83,28 +235,82 @@ class RankShard:
 
     Attributes:
         blocks: the blocks in the order the rank reads them.
-        windows: the rank's real windows in the order it sees them (block by block).
+        windows: the rank's real windows in the order it sees them (block by block). Plans from
+            :func:`make_plan` hold a lazy :class:`RankWindows`; any other sequence of ints (an
+            explicit order, e.g. in tests) is kept as a tuple.
         padding: how many padding entries follow them (see :meth:`padding_windows`).
     """
 
     blocks: tuple[Block, ...]
-    windows: tuple[int, ...]
+    windows: Sequence[int]
     padding: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.windows, RankWindows):
+            # derived from these very blocks, so the lengths agree by construction
+            if self.windows.blocks != self.blocks:
+                raise InputError("a rank's windows are derived from other blocks", where="plan")
+        else:
+            object.__setattr__(self, "windows", tuple(int(w) for w in self.windows))
+            total = sum(len(b) for b in self.blocks)
+            if len(self.windows) != total:
+                raise InputError(
+                    f"a rank lists {len(self.windows)} windows for blocks of {total}",
+                    where="plan",
+                )
+        if self.padding < 0 or (self.padding and not self.windows):
+            raise InputError(f"padding {self.padding} is invalid for this rank", where="plan")
+
+    @property
+    def count(self) -> int:
+        """Real windows of the rank."""
+        return len(self.windows)
+
+    def window_array(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``[k]`` int64: real windows at positions ``[start, stop)`` (clamped like a slice).
+
+        Only the blocks the range overlaps are derived (e.g. a resumed epoch's suffix).
+        """
+        if isinstance(self.windows, RankWindows):
+            return self.windows.array(start, stop)
+        return np.asarray(self.windows[start:stop], dtype=np.int64)
+
+    def _take(self, positions: np.ndarray) -> np.ndarray:
+        if isinstance(self.windows, RankWindows):
+            return self.windows.take(positions)
+        return np.asarray(self.windows, dtype=np.int64)[positions]
+
+    def entries(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, valid)`` of entries ``[start, stop)`` the rank iterates (default: all).
+
+        The entries are the real windows then the padding; only the blocks the range touches are
+        derived, so a loader (or a resumed epoch) asks for one block's entries at a time.
+        """
+        n = self.count
+        start, stop, _ = slice(start, stop).indices(n + self.padding)
+        stop = max(start, stop)
+        pos = np.arange(start, stop, dtype=np.int64)
+        # padding entry j repeats the window at position n-1-(j mod n): the last ones first
+        pad = pos >= n
+        pos[pad] = n - 1 - (pos[pad] - n) % max(n, 1)
+        if isinstance(self.windows, RankWindows) and not pad.any():
+            idx = self.windows.array(start, stop)  # the common case: one contiguous run
+        else:
+            idx = self._take(pos)
+        return idx, ~pad
 
     def padding_windows(self) -> tuple[int, ...]:
         """Windows repeated as padding: the rank's windows from the last backwards, cycled.
 
         Taking them from the end means they usually lie in the block the loader still holds.
         """
-        n = len(self.windows)
-        return tuple(self.windows[n - 1 - (i % n)] for i in range(self.padding))
+        n = self.count
+        return tuple(self.entries(n, n + self.padding)[0].tolist())
 
-    def entries(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(indices, valid)`` of every entry the rank iterates: real windows then padding."""
-        idx = np.asarray(self.windows + self.padding_windows(), dtype=np.int64)
-        valid = np.zeros(idx.size, dtype=bool)
-        valid[: len(self.windows)] = True
-        return idx, valid
+    @property
+    def last_window(self) -> int:
+        """The largest window index of the rank (from its blocks, without deriving windows)."""
+        return max(b.last for b in self.blocks)
 
     def chunks(self, chunk_steps: int, window_length: int) -> list[int]:
         """Time chunks the rank reads: its blocks' chunks plus the halo of each block."""
@@ -114,20 +320,35 @@ class RankShard:
             out.update(range(lo // chunk_steps, (hi - 1) // chunk_steps + 1))
         return sorted(out)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, windows: bool = False) -> dict[str, Any]:
+        """Blocks, window count and padding; the window sequence too when ``windows``."""
+        out: dict[str, Any] = {
             "blocks": [b.to_json() for b in self.blocks],
-            "windows": list(self.windows),
+            "count": self.count,
             "padding": self.padding,
         }
+        if windows:
+            out["windows"] = list(self.windows)
+        return out
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RankShard:
-        return cls(
-            blocks=tuple(Block.from_json(b) for b in d["blocks"]),
-            windows=tuple(int(w) for w in d["windows"]),
-            padding=int(d["padding"]),
-        )
+    def from_json(cls, d: dict[str, Any], key: ShuffleKey | None) -> RankShard:
+        """Inverse of :meth:`to_json` for the rank whose shuffle key is ``key`` (rule 4).
+
+        The windows are derived from the blocks; a ``windows`` list, when present, must match.
+        """
+        blocks = tuple(Block.from_json(b) for b in d["blocks"])
+        shard = cls(blocks=blocks, windows=RankWindows(blocks, key), padding=int(d["padding"]))
+        if "count" in d and int(d["count"]) != shard.count:
+            raise InputError(
+                f"a rank's count {d['count']} is not the {shard.count} windows of its blocks",
+                where="plan",
+            )
+        if "windows" in d and shard.windows != [int(w) for w in d["windows"]]:
+            raise InputError(
+                "a rank's windows are not the ones its blocks, seed and epoch give", where="plan"
+            )
+        return shard
 
 
 @dataclass(frozen=True)
@@ -149,20 +370,32 @@ class ShardPlan:
             raise InputError(
                 f"plan has {len(self.ranks)} ranks for world size {self.world_size}", where="plan"
             )
-        sizes = {len(r.windows) + r.padding for r in self.ranks}
+        sizes = {r.count + r.padding for r in self.ranks}
         if len(sizes) != 1 or math.ceil(sizes.pop() / self.batch_size) != self.num_batches:
             raise InputError("ranks must have equal padded lengths and num_batches", where="plan")
 
     @property
     def samples_per_rank(self) -> int:
         """Entries (windows + padding) every rank iterates."""
-        return len(self.ranks[0].windows) + self.ranks[0].padding
+        return self.ranks[0].count + self.ranks[0].padding
 
     @property
     def total_windows(self) -> int:
-        return sum(len(r.windows) for r in self.ranks)
+        """Real windows over all ranks (the split's windows)."""
+        return sum(r.count for r in self.ranks)
+
+    @property
+    def total_padding(self) -> int:
+        """Padding entries over all ranks (at most ``world_size - 1`` for :func:`make_plan`)."""
+        return sum(r.padding for r in self.ranks)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks over all ranks (the plan's state is O(this))."""
+        return sum(len(r.blocks) for r in self.ranks)
 
     def rank(self, rank: int) -> RankShard:
+        """The shard of ``rank`` (an :class:`InputError` outside ``0..world_size-1``)."""
         if not 0 <= rank < self.world_size:
             raise InputError(
                 f"rank {rank} is outside 0..{self.world_size - 1} (world size {self.world_size})",
@@ -171,7 +404,11 @@ class ShardPlan:
         return self.ranks[rank]
 
     def rank_windows(self, rank: int) -> list[int]:
-        """The real windows of ``rank`` in the order it sees them (padding excluded)."""
+        """The real windows of ``rank`` in the order it sees them (padding excluded).
+
+        This materialises one rank's list; iterate ``plan.rank(rank).windows`` (or use its
+        ``array``) to stay lazy.
+        """
         return list(self.rank(rank).windows)
 
     def batch_bounds(self) -> list[tuple[int, int]]:
@@ -182,7 +419,8 @@ class ShardPlan:
             for i in range(self.num_batches)
         ]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, windows: bool = False) -> dict[str, Any]:
+        """The plan as JSON: blocks and counts per rank, every rank's windows too if ``windows``."""
         return {
             "format": PLAN_FORMAT,
             "split": self.split,
@@ -193,7 +431,9 @@ class ShardPlan:
             "shuffle": self.shuffle,
             "chunk_steps": self.chunk_steps,
             "num_batches": self.num_batches,
-            "ranks": [r.to_json() for r in self.ranks],
+            "samples_per_rank": self.samples_per_rank,
+            "total_padding": self.total_padding,
+            "ranks": [r.to_json(windows=windows) for r in self.ranks],
         }
 
     @classmethod
@@ -204,15 +444,19 @@ class ShardPlan:
                 f"plan format {d.get('format')!r} is not {PLAN_FORMAT}", where="plan.format"
             )
         try:
+            seed, epoch, shuffle = int(d["seed"]), int(d["epoch"]), bool(d["shuffle"])
             return cls(
                 split=str(d["split"]),
                 world_size=int(d["world_size"]),
-                epoch=int(d["epoch"]),
-                seed=int(d["seed"]),
+                epoch=epoch,
+                seed=seed,
                 batch_size=int(d["batch_size"]),
-                shuffle=bool(d["shuffle"]),
+                shuffle=shuffle,
                 chunk_steps=int(d["chunk_steps"]),
-                ranks=tuple(RankShard.from_json(r) for r in d["ranks"]),
+                ranks=tuple(
+                    RankShard.from_json(r, (seed, epoch, i) if shuffle else None)
+                    for i, r in enumerate(d["ranks"])
+                ),
                 num_batches=int(d["num_batches"]),
             )
         except KeyError as e:
@@ -225,33 +469,54 @@ def _positive(value: int, name: str) -> int:
     return int(value)
 
 
+def _block_arrays(
+    windows: range, chunk_steps: int, min_blocks: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rule 1 as arrays ``(chunk, first, count)``: first = position of a block's first window.
+
+    Computed per chunk (not per window), so the cost is O(blocks) however many windows there are.
+    """
+    n, start, step = len(windows), windows.start, windows.step
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    if step >= chunk_steps:
+        # two window starts `step` apart never share a chunk: one block per window
+        first = np.arange(n, dtype=np.int64)
+        chunk = (start + first * step) // chunk_steps
+    else:
+        # every chunk between the first and the last window's holds at least one window start
+        chunk = np.arange(start // chunk_steps, windows[-1] // chunk_steps + 1, dtype=np.int64)
+        # position of the first window starting at or after the chunk's first step
+        first = np.maximum(0, -((start - chunk * chunk_steps) // step))
+    count = np.diff(np.append(first, n))
+    target = min(min_blocks, n)
+    if chunk.size < target:  # fewer chunks than 4 x world size: this loop-free pass is cheap
+        # parts in proportion to the chunk-block's share: sum >= target, and < target + chunks
+        parts = -(-count * target // n)
+        owner = np.repeat(np.arange(chunk.size), parts)
+        j = np.arange(owner.size) - np.repeat(np.cumsum(parts) - parts, parts)
+        # part j of an m-window chunk-block: positions [j*m//p, (j+1)*m//p), sizes differ by <= 1
+        m, p = count[owner], parts[owner]
+        lo, hi = j * m // p, (j + 1) * m // p
+        chunk, first, count = chunk[owner], first[owner] + lo, hi - lo
+    return chunk, first, count
+
+
 def make_blocks(windows: range, chunk_steps: int, min_blocks: int) -> list[Block]:
     """Cut ``windows`` into chunk-aligned blocks (rule 1), in time order."""
-    step = windows.step
-    starts = np.arange(windows.start, windows.stop, step, dtype=np.int64)
-    chunk_of = starts // chunk_steps
-    # positions where the chunk changes cut the (sorted) windows into chunk-blocks
-    cuts = np.flatnonzero(np.diff(chunk_of)) + 1
-    firsts = np.concatenate([[0], cuts])
-    lasts = np.concatenate([cuts, [starts.size]]) - 1
-    chunk_blocks = [
-        Block(int(chunk_of[a]), int(starts[a]), int(starts[b]) + step, step)
-        for a, b in zip(firsts, lasts, strict=True)
-    ]
-    total = len(windows)
-    target = min(min_blocks, total)
-    if len(chunk_blocks) >= target:
-        return chunk_blocks
-    # sub-blocks of at most `size` windows give at least total / size >= target blocks
-    size = max(1, total // target)
-    blocks: list[Block] = []
-    for cb in chunk_blocks:
-        ws = cb.windows
-        parts = math.ceil(len(ws) / size)
-        bounds = np.linspace(0, len(ws), parts + 1).round().astype(int)  # near-equal parts
-        for lo, hi in itertools.pairwise(bounds):
-            blocks.append(Block(cb.chunk, ws[lo], ws[hi - 1] + step, step))
-    return blocks
+    chunk, first, count = _block_arrays(windows, chunk_steps, min_blocks)
+    start, step = windows.start, windows.step
+    starts = start + first * step
+    return list(
+        map(
+            Block,
+            chunk.tolist(),
+            starts.tolist(),
+            (starts + count * step).tolist(),
+            [step] * len(chunk),
+        )
+    )
 
 
 def make_plan(
@@ -266,6 +531,9 @@ def make_plan(
     split: str = "train",
 ) -> ShardPlan:
     """Plan one epoch of ``windows`` over ``world_size`` ranks (rules in the module docstring).
+
+    Costs O(blocks) time and memory (vectorised over blocks, never over windows); the ranks'
+    windows are derived lazily when a rank iterates them.
 
     Args:
         windows: the split's window indices (start steps), e.g. ``WindowReader.windows(split)``.
@@ -283,48 +551,57 @@ def make_plan(
     batch_size = _positive(batch_size, "batch_size")
     if isinstance(epoch, bool) or int(epoch) < 0 or isinstance(seed, bool) or int(seed) < 0:
         raise InputError(f"epoch and seed must be >= 0, got {epoch!r}, {seed!r}", where="epoch")
-    if len(windows) < world_size:
+    epoch, seed = int(epoch), int(seed)
+    n = len(windows)
+    if n < world_size:
         raise InputError(
-            f"split {split!r} has {len(windows)} windows, fewer than the world size "
+            f"split {split!r} has {n} windows, fewer than the world size "
             f"{world_size}: every rank needs at least one window",
             where="world_size",
         )
-    blocks = make_blocks(windows, chunk_steps, 4 * world_size)
-    order = np.arange(len(blocks))
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+    chunk, first, count = _block_arrays(windows, chunk_steps, 4 * world_size)
+    if shuffle:  # rule 2
+        order = np.random.default_rng([seed, epoch]).permutation(chunk.size)
+        chunk, first, count = chunk[order], first[order], count[order]
 
-    # greedy balance: next block to the rank with the fewest windows, ties -> lowest rank
-    heap = [(0, r) for r in range(world_size)]
-    assigned: list[list[Block]] = [[] for _ in range(world_size)]
-    for i in order:
-        count, r = heapq.heappop(heap)
-        assigned[r].append(blocks[int(i)])
-        heapq.heappush(heap, (count + len(blocks[int(i)]), r))
-
-    rank_windows: list[tuple[int, ...]] = []
-    for r, rank_blocks in enumerate(assigned):
-        rng = np.random.default_rng([seed, epoch, r]) if shuffle else None
-        ws: list[int] = []
-        for b in rank_blocks:
-            block_ws = np.asarray(b.windows, dtype=np.int64)
-            if rng is not None:
-                block_ws = rng.permutation(block_ws)
-            ws.extend(int(w) for w in block_ws)
-        rank_windows.append(tuple(ws))
-    longest = max(len(ws) for ws in rank_windows)
-    ranks = tuple(
-        RankShard(blocks=tuple(bs), windows=ws, padding=longest - len(ws))
-        for bs, ws in zip(assigned, rank_windows, strict=True)
+    # rule 3: the dealt sequence is cut at the rank boundaries; pieces between consecutive cut
+    # points (block ends or rank boundaries) are the plan's blocks, each in one block and one rank
+    q, rem = divmod(n, world_size)
+    ranks = np.arange(world_size + 1, dtype=np.int64)
+    bounds = ranks * q + np.minimum(
+        ranks, rem
+    )  # rank r: sequence positions [bounds[r], bounds[r+1])
+    ends = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(count)])
+    # sorted and unique, from 0 to n (merged by hand: np.union1d's first call lazily imports
+    # a numpy submodule that costs more than the whole plan)
+    cuts = np.sort(np.concatenate([ends, bounds]))
+    cuts = cuts[np.concatenate([[True], cuts[1:] != cuts[:-1]])]
+    lo, hi = cuts[:-1], cuts[1:]
+    src = np.searchsorted(ends, lo, side="right") - 1  # the dealt block each piece comes from
+    owner = np.searchsorted(bounds, lo, side="right") - 1  # the rank each piece goes to
+    step = windows.step
+    starts = windows.start + (first[src] + lo - ends[src]) * step
+    stops = starts + (hi - lo) * step
+    pieces = tuple(
+        map(Block, chunk[src].tolist(), starts.tolist(), stops.tolist(), [step] * lo.size)
     )
+    split_at = np.searchsorted(owner, ranks)  # pieces of rank r: [split_at[r], split_at[r+1])
+
+    longest = q + (rem > 0)
+    shards = []
+    for r in range(world_size):
+        a, b = int(split_at[r]), int(split_at[r + 1])
+        blocks = pieces[a:b]
+        windows = RankWindows(blocks, (seed, epoch, r) if shuffle else None, sizes=(hi - lo)[a:b])
+        shards.append(RankShard(blocks, windows, longest - int(bounds[r + 1] - bounds[r])))
     return ShardPlan(
         split=split,
         world_size=world_size,
-        epoch=int(epoch),
-        seed=int(seed),
+        epoch=epoch,
+        seed=seed,
         batch_size=batch_size,
         shuffle=bool(shuffle),
         chunk_steps=chunk_steps,
-        ranks=ranks,
+        ranks=tuple(shards),
         num_batches=math.ceil(longest / batch_size),
     )

@@ -1,4 +1,8 @@
-"""Distillation: masked criteria, distillation losses and multi-teacher ensembles."""
+"""Distillation: masked criteria, distillation losses and multi-teacher ensembles.
+
+Losses (``LOSSES``): ``regression``, ``teacher_bounded``, ``hint`` (forecasts) and ``hinton``
+(congestion classes).
+"""
 
 from stkd_dist.distill.criteria import CRITERIA, Criterion, GaussianNLL, build_criterion
 from stkd_dist.distill.ensemble import combine_teachers, teacher_weights
@@ -11,15 +15,22 @@ from stkd_dist.distill.losses import (
     build_loss,
     speed_to_classes,
 )
+from stkd_dist.distill.regression_kd import HintKD, TeacherBoundedKD
+
+#: losses whose teacher term compares forecasts in original units (what teachers serve)
+FORECAST_LOSSES = ("regression", "teacher_bounded", "hint")
 
 __all__ = [
     "CRITERIA",
+    "FORECAST_LOSSES",
     "LOSSES",
     "SPEED_THRESHOLDS",
     "Criterion",
     "GaussianNLL",
+    "HintKD",
     "HintonKD",
     "RegressionKD",
+    "TeacherBoundedKD",
     "as_class_logits",
     "build_criterion",
     "build_loss",

@@ -9,6 +9,7 @@ atomic write) happens once in :mod:`stkd_dist.ingest.pipeline`.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
 from stkd_dist.errors import ConfigError, InputError
+from stkd_dist.location import Location, location
 from stkd_dist.paths import check_name, dataset_path
 
 FORMATS = ("csv", "npy", "npz", "hdf5", "zarr")
@@ -52,7 +54,7 @@ class IngestOptions:
     """
 
     source: Path
-    out: Path | None = None
+    out: str | os.PathLike[str] | None = None
     name: str | None = None
     format: str | None = None
     overwrite: bool = False
@@ -103,10 +105,10 @@ class IngestOptions:
             if value is not None and fmt != owner:
                 raise ConfigError(f"only applies to {owner} sources, not {fmt}", where=option)
 
-    def destination(self) -> Path:
+    def destination(self) -> Location:
         """The store to create: ``out``, else ``<storage root>/datasets/<name>.zarr``."""
         if self.out is not None:
-            return Path(self.out).expanduser()
+            return location(self.out)
         assert self.name is not None  # checked in __post_init__
         return dataset_path(self.name, self.storage)
 
@@ -114,7 +116,7 @@ class IngestOptions:
         """``name``, else the stem of ``out``."""
         if self.name is not None:
             return self.name
-        return self.destination().stem
+        return self.destination().name.removesuffix(".zarr")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from stkd_dist.ingest.locations import load_locations
 from stkd_dist.ingest.time_axis import build_time_axis
 from stkd_dist.ingest.wide_csv import read_wide_csv
 from stkd_dist.ingest.xarray_source import read_zarr
+from stkd_dist.location import exists, is_remote, storage_errors, url
 from stkd_dist.storage import SourceFile, StoreMeta, choose_chunks, open_store, write_store
 
 Reader = Callable[[Path, IngestOptions, IngestProgress], SourceData]
@@ -165,10 +166,12 @@ def ingest(options: IngestOptions, progress: IngestProgress | None = None) -> In
             require_file(Path(side).expanduser(), option)
     where = str(source)
     dest = options.destination()
-    if dest.exists() and not options.overwrite:
-        raise StoreError("destination exists (pass --overwrite to replace it)", where=str(dest))
-    if dest.exists() and dest.resolve() == source.resolve():
-        raise StoreError("the destination is the source itself; choose another --out", str(dest))
+    with storage_errors(dest):
+        dest_exists = exists(dest)
+    if dest_exists and not options.overwrite:
+        raise StoreError("destination exists (pass --overwrite to replace it)", where=url(dest))
+    if dest_exists and not is_remote(dest) and Path(dest).resolve() == source.resolve():
+        raise StoreError("the destination is the source itself; choose another --out", url(dest))
     fmt = detect_format(source, options.format)
     options.check_format_options(fmt)
 

@@ -2,11 +2,12 @@
 
 Importing this package registers every built-in model:
 
-* teachers: ``lstm`` (per-node encoder–decoder LSTM), ``stgnn`` (Graph WaveNet);
+* teachers: ``lstm`` (per-node encoder–decoder LSTM), ``stgnn`` (Graph WaveNet), ``staeformer``
+  (STAEformer);
 * students: ``mlp`` (STID), ``lstm_small`` (small per-node LSTM), ``linear`` (per-node linear map).
 """
 
-from stkd_dist.models import linear, lstm, mlp, stgnn  # noqa: F401  (registers the models)
+from stkd_dist.models import linear, lstm, mlp, staeformer, stgnn  # noqa: F401  (registers the models)
 from stkd_dist.models.base import (
     Forecast,
     Forecaster,

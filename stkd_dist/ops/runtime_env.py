@@ -21,12 +21,15 @@ import yaml
 
 import stkd_dist
 from stkd_dist.errors import ConfigError
+from stkd_dist.location import CREDENTIAL_ENV
 from stkd_dist.paths import STORAGE_ENV
 
 # gitignore-style patterns, relative to each uploaded directory
 DEFAULT_EXCLUDES: tuple[str, ...] = (".venv", "storage", ".git", "__pycache__", "*.pyc")
-# environment variables of the submitting shell that the job sees too
-PASSED_ENV: tuple[str, ...] = (STORAGE_ENV,)
+# environment variables of the submitting shell that the job sees too: the storage root and the
+# object-store endpoint and credentials (through the Jobs API's runtime environment, never on the
+# entrypoint's command line)
+PASSED_ENV: tuple[str, ...] = (STORAGE_ENV, *CREDENTIAL_ENV)
 # directories Ray uploads from the client (remote URIs are fetched by the nodes instead)
 _UPLOADED_FIELDS = ("working_dir", "py_modules")
 _REMOTE_PREFIXES = (

@@ -10,9 +10,14 @@ Stages, in order (each recorded in ``stages.json`` when it completes, see :mod:`
    shards' labels from ``serve.replicas`` teacher servers started as Ray actors (or from the
    running servers of ``serve.endpoints``);
 5. ``student_scratch``: the same student on the targets alone (the baseline);
+   (with ``run.seeds`` = N > 1, both students again for each further seed:
+   ``student_kd_seed<S>``, ``student_scratch_seed<S>``, every pair on the same shard plans and
+   initialisation);
 6. ``evaluate``: every model and both naive baselines on the test split, side by side
    (``metrics.json``, ``history.json``, ``forecasts.npz``, ``locations.npz``);
-7. ``report``: ``report.md`` and ``report.html``.
+7. ``statistics``: the teacher against the naive baselines on validation (``teacher_check``) and,
+   with several seeds, distilled vs scratch students (``kd_vs_scratch``), see :mod:`.findings`;
+8. ``report``: ``report.md`` and ``report.html``.
 
 A stage's key digests what it depends on: the config sections it reads, the dataset fingerprint
 and the versions of the models it uses. A re-run skips every stage whose key is unchanged and whose
@@ -26,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +39,24 @@ from pathlib import Path
 from typing import Any
 
 from stkd_dist.config import Config, write_config
+from stkd_dist.location import (
+    Location,
+    is_remote,
+    makedirs,
+    scratch_dir,
+    url,
+    write_bytes_atomic,
+)
+from stkd_dist.pipeline.findings import (
+    baseline_predictors,
+    extra_seeds,
+    model_predictor,
+    seed_experiment,
+    split_mae,
+    teacher_check,
+    with_seed,
+    write_findings,
+)
 from stkd_dist.pipeline.outputs import MODELS, read_json, write_evaluation
 from stkd_dist.pipeline.run import RunLayout, StageBook, StageRecord, config_digest
 from stkd_dist.pipeline.stages import (
@@ -68,7 +92,7 @@ class DistillOutcome:
     layout: RunLayout
     stages: list[StageReport] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
-    report: Path | None = None
+    report: Location | None = None
     seconds: float = 0.0
 
     @property
@@ -103,7 +127,10 @@ class _Pipeline:
         names = ["dataset", "teacher"]
         if self.cfg.serve.mode == "cache":
             names.append("labels")
-        return [*names, "student_kd", "student_scratch", "evaluate", "report"]
+        names += ["student_kd", "student_scratch"]
+        for seed in extra_seeds(self.cfg):
+            names += [seed_experiment(True, seed), seed_experiment(False, seed)]
+        return [*names, "evaluate", "statistics", "report"]
 
     @property
     def fingerprint(self) -> str:
@@ -118,7 +145,7 @@ class _Pipeline:
         self,
         name: str,
         key: str,
-        work: Callable[[], tuple[list[Path], dict[str, Any], str]],
+        work: Callable[[], tuple[list[Location], dict[str, Any], str]],
         skipped_detail: Callable[[StageRecord], str],
     ) -> StageRecord:
         """Run stage ``name`` unless it completed with the same ``key`` and its outputs exist.
@@ -160,7 +187,7 @@ class _Pipeline:
     def teacher(self) -> StageRecord:
         key = config_digest(self.cfg, ["data", "teacher", "run.seed"], fingerprint=self.fingerprint)
 
-        def work() -> tuple[list[Path], dict[str, Any], str]:
+        def work() -> tuple[list[Location], dict[str, Any], str]:
             where = self.ray.ensure()
             self.ui.echo(f"Ray: {where}")
             epochs = self.cfg.teacher.schedule.epochs
@@ -178,7 +205,7 @@ class _Pipeline:
         teacher = self.info("teacher")
         key = config_digest(self.cfg, [], teacher=teacher["version"], splits=list(LABEL_SPLITS))
 
-        def work() -> tuple[list[Path], dict[str, Any], str]:
+        def work() -> tuple[list[Location], dict[str, Any], str]:
             assert self.store is not None
             with self.ui.progress("teacher soft labels (windows)") as bar:
                 cache = ensure_label_cache(
@@ -205,8 +232,12 @@ class _Pipeline:
 
         return self.step("labels", key, work, lambda r: _cache_detail(r.info))
 
-    def student(self, distill: bool) -> StageRecord:
+    def student(self, distill: bool, seed: int | None = None) -> StageRecord:
+        """The distilled (or scratch) student; ``seed``: a further seed of ``run.seeds``."""
+        cfg = self.cfg if seed is None else with_seed(self.cfg, seed)
         name = "student_kd" if distill else "student_scratch"
+        if seed is not None:
+            name = seed_experiment(distill, seed)
         if distill:
             teacher = self.info("teacher")
             sections = ["data", "student", "distill", "run.seed", "serve.mode", "serve.wire_dtype"]
@@ -215,9 +246,9 @@ class _Pipeline:
                 extra["endpoints"] = self.cfg.serve.endpoints
         else:
             sections, extra = ["data", "student", "distill.task", "run.seed"], {}
-        key = config_digest(self.cfg, sections, fingerprint=self.fingerprint, **extra)
+        key = config_digest(cfg, sections, fingerprint=self.fingerprint, **extra)
 
-        def work() -> tuple[list[Path], dict[str, Any], str]:
+        def work() -> tuple[list[Location], dict[str, Any], str]:
             where = self.ray.ensure()
             self.ui.echo(f"Ray: {where}")
             labels = teacher_ckpt = None
@@ -237,14 +268,15 @@ class _Pipeline:
             epochs = self.cfg.student.schedule.epochs
             with self.ui.training(self.layout.experiment(name), what, epochs):
                 res = train_student_stage(
-                    self.cfg,
+                    cfg,
                     distill=distill,
                     teacher=teacher_ckpt,
                     labels=labels,
                     storage=self.storage,
                     echo=self.ui.echo,
+                    experiment=None if seed is None else name,
                 )
-            if distill:
+            if distill and seed is None:
                 self._check_teacher_used()
             return (
                 [self.layout.experiment(name) / "best.json", res.checkpoint],
@@ -283,7 +315,7 @@ class _Pipeline:
         )
         return self.step("evaluate", key, self._evaluate, lambda r: r.info.get("detail", ""))
 
-    def _evaluate(self) -> tuple[list[Path], dict[str, Any], str]:
+    def _evaluate(self) -> tuple[list[Location], dict[str, Any], str]:
         from stkd_dist.pipeline.evaluate_all import evaluate_all
         from stkd_dist.train.checkpoint import load_forecaster
         from stkd_dist.train.loop import build_reader
@@ -304,10 +336,65 @@ class _Pipeline:
         detail = f"test MAE: teacher {tm:.4f}, distilled student {kd:.4f}"
         return outputs, {"detail": detail}, detail
 
-    def report(self) -> StageRecord:
-        key = config_digest(self.cfg, [], evaluated=self.book.records["evaluate"].finished)
+    def statistics(self) -> StageRecord:
+        seeds = extra_seeds(self.cfg)
+        versions = {
+            n: self.info(n)["version"]
+            for s in seeds
+            for n in (seed_experiment(True, s), seed_experiment(False, s))
+        }
+        key = config_digest(
+            self.cfg,
+            ["data"],
+            evaluated=self.book.records["evaluate"].finished,
+            teacher_val_mae=self.info("teacher")["val_mae"],
+            **versions,
+        )
+        return self.step("statistics", key, self._statistics, lambda r: r.info.get("detail", ""))
 
-        def work() -> tuple[list[Path], dict[str, Any], str]:
+    def _statistics(self) -> tuple[list[Location], dict[str, Any], str]:
+        from stkd_dist.stats import kd_vs_scratch
+        from stkd_dist.train.checkpoint import load_forecaster
+        from stkd_dist.train.loop import build_reader
+
+        assert self.store is not None
+        reader = build_reader(self.cfg, self.store)
+        batch = self.cfg.data.eval_batch_size
+        metrics = read_json(self.layout.metrics) or {}
+        with self.ui.status("validation MAE of the naive baselines ..."):
+            base = split_mae(reader, baseline_predictors(reader), "val", batch)
+        check = teacher_check(float(self.info("teacher")["val_mae"]), base)
+        self.ui.echo(check["message"])
+        findings: dict[str, Any] = {"teacher_check": check}
+        detail = "teacher beats both baselines" if check["beats_baselines"] else check["message"]
+        seeds = extra_seeds(self.cfg)
+        if seeds:
+            kd = [metrics["student_kd"]["mae"]]
+            scratch = [metrics["student_scratch"]["mae"]]
+            with self.ui.progress("test MAE of the further seeds' students") as bar:
+                bar.start(2 * len(seeds))
+                for s in seeds:
+                    for distill, out in ((True, kd), (False, scratch)):
+                        name = seed_experiment(distill, s)
+                        model = load_forecaster(
+                            self.layout.root / self.info(name)["checkpoint"], role=name
+                        )[0]
+                        mae = split_mae(reader, {name: model_predictor(model)}, "test", batch)
+                        out.append(mae[name])
+                        bar.advance()
+            entry = kd_vs_scratch(
+                kd, scratch, metrics["teacher"]["mae"], [self.cfg.run.seed, *seeds]
+            )
+            findings["kd_vs_scratch"] = entry
+            self.ui.echo(entry["verdict"])
+            detail = entry["verdict"]
+        write_findings(self.layout.metrics, findings)
+        return [self.layout.metrics], {"detail": detail}, detail
+
+    def report(self) -> StageRecord:
+        key = config_digest(self.cfg, [], evaluated=self.book.records["statistics"].finished)
+
+        def work() -> tuple[list[Location], dict[str, Any], str]:
             from stkd_dist.report import write_report
 
             with self.ui.status("rendering the report ..."):
@@ -326,8 +413,12 @@ class _Pipeline:
                 self.labels()
             self.student(distill=True)
             self.student(distill=False)
+            for seed in extra_seeds(self.cfg):
+                self.student(distill=True, seed=seed)
+                self.student(distill=False, seed=seed)
         # Ray is shut down before evaluating: idle workers would only disturb the latency timings
         self.evaluate()
+        self.statistics()
         self.report()
         self.outcome.metrics = read_json(self.layout.metrics) or {}
         self.outcome.report = self.layout.report_html
@@ -357,6 +448,14 @@ def run_distill(
     from stkd_dist.config.validate import validate_config
 
     validate_config(cfg)  # models, kwargs and the distillation loss, before any work
+    if cfg.distill.loss == "hint" and cfg.serve.mode == "cache":
+        from stkd_dist.errors import ConfigError
+
+        raise ConfigError(
+            "the hint loss needs the teacher's hidden states, which teachers stream but the "
+            "label cache does not hold; use serve.mode=stream",
+            where="serve.mode",
+        )
     if cfg.serve.endpoints:
         from stkd_dist.errors import ConfigError
         from stkd_dist.train.distill_teachers import parse_teacher
@@ -367,10 +466,10 @@ def run_distill(
             raise ConfigError(e.message, where="serve.endpoints (--teacher)") from None
     ui = ui or PipelineUI()
     pipe = _Pipeline(cfg, storage, ui, worker_logs)
-    pipe.layout.root.mkdir(parents=True, exist_ok=True)
+    makedirs(pipe.layout.root)
     write_config(cfg, pipe.layout.config)
     with _log_file(pipe.layout):
-        ui.echo(f"run {cfg.run_name!r} in {pipe.layout.root}")
+        ui.echo(f"run {cfg.run_name!r} in {url(pipe.layout.root)}")
         return pipe.run()
 
 
@@ -400,10 +499,17 @@ def _cache_detail(info: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _log_file(layout: RunLayout) -> Iterator[Path]:
-    """Log this invocation (the pipeline's lines and Python logging) to ``<run>/logs/``."""
-    layout.logs.mkdir(parents=True, exist_ok=True)
-    path = layout.logs / f"distill-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+def _log_file(layout: RunLayout) -> Iterator[Location]:
+    """Log this invocation (the pipeline's lines and Python logging) to ``<run>/logs/``.
+
+    With an object-store root the log is written to a local scratch file (logging appends line by
+    line) and uploaded when the invocation ends, also when it fails.
+    """
+    name = f"distill-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    dest = layout.logs / name
+    scratch = scratch_dir("log") if is_remote(dest) else None
+    makedirs(layout.logs)
+    path = Path(dest) if scratch is None else scratch / name
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
@@ -414,9 +520,14 @@ def _log_file(layout: RunLayout) -> Iterator[Path]:
         if lg.level > logging.INFO or lg.level == logging.NOTSET:
             lg.setLevel(logging.INFO)
     try:
-        yield path
+        yield dest
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(level)
         handler.close()
+        if scratch is not None:
+            try:
+                write_bytes_atomic(dest, path.read_bytes())
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)

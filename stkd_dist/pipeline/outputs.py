@@ -2,23 +2,22 @@
 
 :func:`write_evaluation` writes ``metrics.json`` (merged into an existing one, so entries other
 commands added survive), ``history.json``, ``forecasts.npz`` and ``locations.npz``; every file is
-written under a temporary name and renamed, so a reader never sees half a file.
+written atomically (:mod:`stkd_dist.location`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stkd_dist import location as loc
+from stkd_dist.location import Location, write_bytes_atomic, write_json_atomic
 from stkd_dist.pipeline.evaluate_all import Evaluation
 from stkd_dist.pipeline.run import RunLayout
 from stkd_dist.storage import DatasetStore
-from stkd_dist.train.checkpoint import write_json_atomic
 
 #: The models a distillation run trains, in report order.
 MODELS = ("teacher", "student_kd", "student_scratch")
@@ -36,7 +35,7 @@ def dataset_entry(store: DatasetStore) -> dict[str, Any]:
 
 def write_evaluation(
     layout: RunLayout, ev: Evaluation, store: DatasetStore, models: Sequence[str] = MODELS
-) -> list[Path]:
+) -> list[Location]:
     """Write the evaluation's files into the run directory; return the paths written.
 
     Args:
@@ -112,21 +111,16 @@ def training_history(
     return out
 
 
-def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` under a temporary name in the same folder, then renamed to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def save_npz_atomic(path: Location, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` into memory, then one atomic write to ``path`` (local or object store)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Location) -> dict[str, Any] | None:
     """A JSON file's object, or None when it is missing or unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return loc.read_json(path)
+    except (OSError, ValueError):
         return None

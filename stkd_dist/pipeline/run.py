@@ -21,13 +21,21 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from stkd_dist.config import Config, to_mapping
 from stkd_dist.errors import StoreError
+from stkd_dist.location import (
+    Location,
+    absolute,
+    exists,
+    location,
+    read_json,
+    relative,
+    url,
+    write_json_atomic,
+)
 from stkd_dist.paths import run_dir
-from stkd_dist.train.checkpoint import write_json_atomic
 
 STAGES_FILE = "stages.json"
 STAGES_FORMAT = 1
@@ -38,66 +46,67 @@ class RunLayout:
     """Where a run keeps its files.
 
     Attributes:
-        root: the run directory ``<storage>/runs/<run>``.
+        root: the run directory ``<storage>/runs/<run>`` (a local folder or an object-store
+            prefix).
     """
 
-    root: Path
+    root: Location
 
     @classmethod
     def of(cls, run_name: str, storage: str | os.PathLike[str] | None = None) -> RunLayout:
         """The layout of run ``run_name`` under the storage root (absolute paths)."""
-        return cls(run_dir(run_name, storage).absolute())
+        return cls(absolute(run_dir(run_name, storage)))
 
     @property
-    def config(self) -> Path:
+    def config(self) -> Location:
         """The resolved config (``config.yaml``)."""
         return self.root / "config.yaml"
 
     @property
-    def stages(self) -> Path:
+    def stages(self) -> Location:
         return self.root / STAGES_FILE
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> Location:
         return self.root / "metrics.json"
 
     @property
-    def history(self) -> Path:
+    def history(self) -> Location:
         return self.root / "history.json"
 
     @property
-    def forecasts(self) -> Path:
+    def forecasts(self) -> Location:
         return self.root / "forecasts.npz"
 
     @property
-    def locations(self) -> Path:
+    def locations(self) -> Location:
         return self.root / "locations.npz"
 
     @property
-    def report_md(self) -> Path:
+    def report_md(self) -> Location:
         return self.root / "report.md"
 
     @property
-    def report_html(self) -> Path:
+    def report_html(self) -> Location:
         return self.root / "report.html"
 
     @property
-    def labels(self) -> Path:
+    def labels(self) -> Location:
         """Folder of the run's soft-label caches."""
         return self.root / "labels"
 
     @property
-    def logs(self) -> Path:
+    def logs(self) -> Location:
         """Folder of the run's logs (one file per invocation)."""
         return self.root / "logs"
 
-    def experiment(self, name: str) -> Path:
+    def experiment(self, name: str) -> Location:
         """A Ray experiment of the run (``teacher``, ``student_kd``, ``student_scratch``)."""
         return self.root / name
 
-    def relative(self, path: str | os.PathLike[str]) -> str:
+    def relative(self, path: str | os.PathLike[str] | Location) -> str:
         """``path`` relative to the run directory (as recorded in ``stages.json``)."""
-        return os.path.relpath(Path(path).absolute(), self.root)
+        return relative(absolute(path), self.root)
 
 
 def config_digest(cfg: Config, sections: Iterable[str], **extra: Any) -> str:
@@ -169,9 +178,9 @@ class StageBook:
         self.layout = layout
         self.records: dict[str, StageRecord] = {}
         path = layout.stages
-        if path.is_file():
+        if exists(path):
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = read_json(path)
                 if data.get("format") != STAGES_FORMAT:
                     raise ValueError(f"format {data.get('format')!r}, expected {STAGES_FORMAT}")
                 self.records = {
@@ -180,12 +189,12 @@ class StageBook:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise StoreError(
                     f"unreadable stage bookkeeping ({e}); delete it to redo every stage",
-                    where=str(path),
+                    where=url(path),
                 ) from e
 
     def missing_outputs(self, record: StageRecord) -> list[str]:
         """The recorded outputs of ``record`` that no longer exist."""
-        return [o for o in record.outputs if not (self.layout.root / o).exists()]
+        return [o for o in record.outputs if not exists(self.layout.root / o)]
 
     def completed(self, name: str, key: str) -> StageRecord | None:
         """The record of stage ``name`` if it completed with inputs ``key`` and its outputs
@@ -221,9 +230,9 @@ class StageBook:
         """
         rel = []
         for out in outputs:
-            p = Path(out)
-            p = p if p.is_absolute() else self.layout.root / p
-            assert p.exists(), f"stage {name} claims output {p}, which does not exist"
+            text = str(out)
+            p = location(out) if "://" in text or os.path.isabs(text) else self.layout.root / text
+            assert exists(p), f"stage {name} claims output {url(p)}, which does not exist"
             rel.append(self.layout.relative(p))
         rec = StageRecord(name, key, tuple(rel), float(seconds), time.time(), dict(info or {}))
         self.records[name] = rec

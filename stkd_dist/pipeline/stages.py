@@ -20,11 +20,11 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from stkd_dist.config import Config
 from stkd_dist.errors import ConfigError, StoreError
+from stkd_dist.location import Location, exists, location, url
 from stkd_dist.paths import dataset_path, resolve_dataset
 from stkd_dist.pipeline.run import RunLayout
 from stkd_dist.storage import DatasetStore, open_store
@@ -50,7 +50,7 @@ def synthesize_demo(
     spec: SynthSpec,
     storage: str | os.PathLike[str] | None = None,
     on_block: BlockCallback | None = None,
-) -> tuple[Path, bool]:
+) -> tuple[Location, bool]:
     """The ``demo`` dataset under the storage root: ``(path, created)``.
 
     Generated from ``spec`` when absent, damaged or made with other parameters; reused otherwise.
@@ -92,7 +92,7 @@ class TrainResult:
         trained: False when the run was already complete and nothing was trained.
     """
 
-    checkpoint: Path
+    checkpoint: Location
     version: str
     val_mae: float
     epochs: int
@@ -130,8 +130,12 @@ def train_student_stage(
     labels: str | os.PathLike[str] | None = None,
     storage: str | os.PathLike[str] | None = None,
     echo: Echo = print,
+    experiment: str | None = None,
 ) -> TrainResult:
     """Train (or resume, or report) the run's student (``stkd train-student``'s code path).
+
+    ``experiment`` names the student's experiment in the run (None: ``student_kd`` /
+    ``student_scratch``; further seeds of ``stkd distill --seeds`` have their own).
 
     Where the distilled student's soft labels come from (``distill=True``):
 
@@ -150,25 +154,28 @@ def train_student_stage(
     # resolved here: workers on other nodes do not see this process's environment
     client = ClientOptions(token=resolve_token(None), wire_dtype=serve.wire_dtype)
     if not distill:
-        request = StudentRequest(distill=False, client=client)
+        request = StudentRequest(distill=False, client=client, experiment=experiment)
     elif labels is not None:
-        spec = TeacherSpec("cache", str(Path(labels).absolute()))
-        request = StudentRequest(teachers=(spec,), client=client)
+        spec = TeacherSpec("cache", url(labels))
+        request = StudentRequest(teachers=(spec,), client=client, experiment=experiment)
     elif serve.endpoints:
-        request = StudentRequest(teachers=(parse_teacher(serve.endpoints),), client=client)
+        request = StudentRequest(
+            teachers=(parse_teacher(serve.endpoints),), client=client, experiment=experiment
+        )
     else:
         if teacher is None:
             raise ConfigError("starting teacher replicas needs the teacher checkpoint", "teacher")
         request = StudentRequest(
             teachers=(TeacherSpec("replicas", replicas=serve.replicas),),
-            checkpoint=str(Path(teacher).absolute()),
+            checkpoint=url(teacher),
             client=client,
             replica_cpus=serve.cpus_per_replica,
+            experiment=experiment,
         )
     return _result(train_student(cfg, request, storage=storage, echo=echo))
 
 
-def label_cache_path(layout: RunLayout, version: str) -> Path:
+def label_cache_path(layout: RunLayout, version: str) -> Location:
     """Where the run keeps the label cache of teacher ``version``: ``<run>/labels/<version>.zarr``."""
     from stkd_dist.serving.teacher import safe_version
 
@@ -188,7 +195,7 @@ class CacheResult:
         computed: whether this call computed it (False: an existing complete cache was reused).
     """
 
-    path: Path
+    path: Location
     version: str
     windows: dict[str, int]
     forward_windows: int
@@ -225,15 +232,15 @@ def ensure_label_cache(
     from stkd_dist.serving.teacher import load_teacher
 
     teacher = load_teacher(checkpoint, dataset)
-    dest = Path(dest)
-    if dest.exists():
+    dest = location(dest)
+    if exists(dest):
         try:
             cache = LabelCache(dest)
             cache.check_matches(teacher.meta)
             if all(cache.is_complete(s) for s in splits if len(teacher.meta.splits[s])):
                 return _cache_result(cache, splits, computed=False)
         except StoreError as e:
-            log.info("recomputing the label cache %s: %s", dest, e.message)
+            log.info("recomputing the label cache %s: %s", url(dest), e.message)
     if on_start is not None:
         on_start(sum(len(teacher.meta.splits[s]) for s in splits))
     cache = precompute_labels(

@@ -22,13 +22,11 @@ Stages (each reuses what an earlier call left, see :mod:`stkd_dist.pipeline.stag
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -36,6 +34,17 @@ import pandas as pd
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.sweep import ParamSpec
 from stkd_dist.errors import ConfigError, StkdError, StoreError
+from stkd_dist.location import (
+    Location,
+    absolute,
+    exists,
+    makedirs,
+    pyarrow_filesystem,
+    read_json,
+    relative,
+    url,
+    write_json_atomic,
+)
 from stkd_dist.pipeline.run import RunLayout, config_digest
 from stkd_dist.pipeline.sweep_results import (
     METRIC,
@@ -50,7 +59,6 @@ from stkd_dist.pipeline.sweep_results import (
 )
 from stkd_dist.pipeline.tune_space import check_space
 from stkd_dist.pipeline.tune_trial import TIME_ATTR, TrialJob, run_trial
-from stkd_dist.train.checkpoint import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +120,7 @@ def check_forecast_loss(cfg: Config, specs: Sequence[ParamSpec]) -> None:
         )
 
 
-def cache_teacher(cache: Path, reader: Any, cfg: Config, val_mae: float | None) -> Any:
+def cache_teacher(cache: Location, reader: Any, cfg: Config, val_mae: float | None) -> Any:
     """The label cache as a ``cache`` teacher of the student trainer, checked and pinned.
 
     The check (:func:`~stkd_dist.train.soft_labels.resolve_teachers`) runs once on the driver: the
@@ -159,13 +167,13 @@ def _settings(cfg: Config, teacher_version: str) -> dict[str, Any]:
 
 def _check_settings(layout: SweepLayout, settings: dict[str, Any]) -> None:
     path = layout.settings
-    if not path.is_file():
+    if not exists(path):
         raise StoreError(
-            f"a Tune experiment exists at {layout.tune} without its {path.name}; delete "
-            f"{layout.root} to start the sweep again",
-            where=str(layout.tune),
+            f"a Tune experiment exists at {url(layout.tune)} without its {path.name}; delete "
+            f"{url(layout.root)} to start the sweep again",
+            where=url(layout.tune),
         )
-    old = json.loads(path.read_text(encoding="utf-8"))
+    old = read_json(path)
     if old.get("key") != settings["key"]:
         raise ConfigError(
             f"this run already holds a sweep with other settings (teacher {old.get('teacher')}, "
@@ -205,10 +213,16 @@ def build_tuner(
         tune.with_parameters(run_trial, job=job),
         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
     )
-    if tune.Tuner.can_restore(str(layout.tune)):
+    # Tune keeps its experiment through pyarrow.fs: the run's storage root, local or remote
+    tune_filesystem, tune_path = pyarrow_filesystem(layout.tune)
+    tune_storage = tune_path.rsplit("/", 1)[0]
+    if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_filesystem):
         # finished trials are kept as they are; unfinished and errored ones continue from their
         # latest checkpoint
-        return tune.Tuner.restore(str(layout.tune), trainable, resume_errored=True), True
+        restored = tune.Tuner.restore(
+            tune_path, trainable, resume_errored=True, storage_filesystem=tune_filesystem
+        )
+        return restored, True
     tuner = tune.Tuner(
         trainable,
         param_space=to_tune(specs),
@@ -233,7 +247,8 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=layout.tune.name,
-            storage_path=str(layout.tune.parent),
+            storage_path=tune_storage,
+            storage_filesystem=tune_filesystem,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=s.keep_best,
                 checkpoint_score_attribute=METRIC,
@@ -248,14 +263,14 @@ def build_tuner(
 
 def _resolve_teacher(
     cfg: Config, checkpoint: str | None, storage: str | os.PathLike[str] | None, echo: Echo
-) -> Path:
+) -> Location:
     """The teacher checkpoint: the one given, else the run's (trained here when missing)."""
     from stkd_dist.pipeline.stages import train_teacher_stage
     from stkd_dist.train.checkpoint import resolve_checkpoint
 
     if checkpoint is not None:
-        return resolve_checkpoint(checkpoint, "teacher", storage).absolute()
-    return train_teacher_stage(cfg, storage=storage, echo=echo).checkpoint.absolute()
+        return absolute(resolve_checkpoint(checkpoint, "teacher", storage))
+    return absolute(train_teacher_stage(cfg, storage=storage, echo=echo).checkpoint)
 
 
 def run_sweep(
@@ -332,18 +347,18 @@ def run_sweep(
         )
 
         settings = _settings(cfg, tinfo.version)
-        if layout.tune.exists():
+        if exists(layout.tune):
             _check_settings(layout, settings)
-        layout.root.mkdir(parents=True, exist_ok=True)
+        makedirs(layout.root)
         write_json_atomic(layout.settings, settings)
         write_config(cfg, layout.root / "config.yaml")
 
         job = TrialJob(
             config=cfg,
             specs=specs,
-            dataset=str(store.path.absolute()),
-            records=str(layout.trials.absolute()),
-            teacher=cache_teacher(cache.path.absolute(), reader, cfg, tinfo.val_mae),
+            dataset=url(store.path),
+            records=url(layout.trials),
+            teacher=cache_teacher(absolute(cache.path), reader, cfg, tinfo.val_mae),
             fingerprint=store.fingerprint,
             threads=cfg.sweep.cpus_per_trial,
             use_gpu=cfg.sweep.gpus_per_trial > 0,
@@ -365,7 +380,7 @@ def run_sweep(
             )
             return SweepOutcome(layout, (), None, {}, resumed, True)
 
-    rows, counts = collect_rows(results, specs, reader, cfg.data.eval_batch_size, echo)
+    rows, counts = collect_rows(results, specs, reader, cfg.data.eval_batch_size, echo, layout.tune)
     if not rows:
         raise StkdError(
             f"no trial produced a checkpoint ({counts['errored']} failed); see the trial logs "
@@ -374,7 +389,7 @@ def run_sweep(
         )
     best = rows[0]
     front = pareto_rows(rows)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    makedirs(layout.root)
     write_csv(pd.DataFrame([r.record(layout.root) for r in rows]), layout.leaderboard)
     write_csv(pd.DataFrame([r.record(layout.root) for r in front]), layout.pareto)
     test = {"mae": best.test_mae, "rmse": best.test_rmse, "mape": best.test_mape}
@@ -397,9 +412,9 @@ def run_sweep(
             "grace_period": cfg.sweep.grace_period,
             "reduction_factor": cfg.sweep.reduction_factor,
         },
-        "teacher": {"checkpoint": str(teacher), "version": tinfo.version},
+        "teacher": {"checkpoint": url(teacher), "version": tinfo.version},
         "labels": {
-            "cache": str(cache.path),
+            "cache": url(cache.path),
             "splits": list(LABEL_SPLITS),
             "distinct_windows": int(sum(len(reader.windows(s)) for s in LABEL_SPLITS)),
             # recorded in the cache when it was filled: what the teacher cost, once for all trials
@@ -408,7 +423,7 @@ def run_sweep(
             # labelled windows the trials consumed (every epoch of every trial)
             "trial_label_reads": counts["label_reads"],
         },
-        "best": {**best.record(layout.root), "exported": os.path.relpath(layout.best, run.root)},
+        "best": {**best.record(layout.root), "exported": relative(layout.best, run.root)},
         "pareto": [r.trial for r in front],
         "resumed": resumed,
         "seconds": time.time() - started,

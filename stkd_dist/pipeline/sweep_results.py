@@ -8,14 +8,9 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,10 +19,23 @@ import pandas as pd
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.sweep import ParamSpec
 from stkd_dist.errors import StoreError
+from stkd_dist.location import (
+    Location,
+    copy_tree,
+    exists,
+    ray_location,
+    read_json,
+    relative,
+    remove,
+    rename_or_copy,
+    temporary_sibling,
+    url,
+    write_json_atomic,
+    write_text_atomic,
+)
 from stkd_dist.pipeline.run import RunLayout
 from stkd_dist.pipeline.tune_space import applied
 from stkd_dist.pipeline.tune_trial import ROLE, TIME_ATTR
-from stkd_dist.train.checkpoint import write_json_atomic
 
 #: the name of the sweep's best student in the run's metrics.json
 ENTRY = "student_sweep"
@@ -39,40 +47,40 @@ METRIC = "val_mae"
 class SweepLayout:
     """Where a sweep keeps its files: ``<run>/sweep/``."""
 
-    root: Path
+    root: Location
 
     @classmethod
     def of(cls, run: RunLayout) -> SweepLayout:
         return cls(run.root / "sweep")
 
     @property
-    def tune(self) -> Path:
+    def tune(self) -> Location:
         """The Ray Tune experiment (what a resumed sweep restores)."""
         return self.root / "tune"
 
     @property
-    def trials(self) -> Path:
+    def trials(self) -> Location:
         """The trials' own records: ``trials/<trial id>/starts.jsonl`` and label deliveries."""
         return self.root / "trials"
 
     @property
-    def best(self) -> Path:
+    def best(self) -> Location:
         return self.root / "best"
 
     @property
-    def leaderboard(self) -> Path:
+    def leaderboard(self) -> Location:
         return self.root / "leaderboard.csv"
 
     @property
-    def pareto(self) -> Path:
+    def pareto(self) -> Location:
         return self.root / "pareto.csv"
 
     @property
-    def summary(self) -> Path:
+    def summary(self) -> Location:
         return self.root / "summary.json"
 
     @property
-    def settings(self) -> Path:
+    def settings(self) -> Location:
         """What the experiment in :attr:`tune` was started with (checked when resuming)."""
         return self.root / "settings.json"
 
@@ -102,10 +110,10 @@ class TrialRow:
     epochs: int
     best_epoch: int
     model: str
-    checkpoint: Path
+    checkpoint: Location
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def record(self, root: Path) -> dict[str, Any]:
+    def record(self, root: Location) -> dict[str, Any]:
         """The leaderboard row (checkpoint relative to ``root``)."""
         return {
             "trial": self.trial,
@@ -118,14 +126,14 @@ class TrialRow:
             "best_epoch": self.best_epoch,
             "model": self.model,
             **self.settings,
-            "checkpoint": os.path.relpath(self.checkpoint, root),
+            "checkpoint": relative(self.checkpoint, root),
         }
 
 
-def _best_checkpoint(result: Any) -> tuple[Path, dict[str, Any]] | None:
+def _best_checkpoint(result: Any, root: Location) -> tuple[Location, dict[str, Any]] | None:
     """The kept checkpoint of a trial with the lowest validation MAE."""
     kept = [
-        (Path(c.path), m)
+        (ray_location(c.path, root), m)
         for c, m in (result.best_checkpoints or [])
         if m.get(METRIC) is not None and math.isfinite(float(m[METRIC]))
     ]
@@ -140,8 +148,11 @@ def collect_rows(
     reader: Any,
     batch_size: int,
     echo: Callable[[str], None],
+    root: Location,
 ) -> tuple[list[TrialRow], dict[str, int]]:
     """Evaluate every trial's best checkpoint on the test split: ``(rows, counts)``.
+
+    ``root`` is the Tune experiment's storage (Ray reports checkpoint paths within it).
 
     ``counts`` has ``trials``, ``errored``, ``without_checkpoint`` and ``label_reads`` (training
     windows the trials read from the label cache, all epochs).
@@ -158,7 +169,7 @@ def collect_rows(
         frame = result.metrics_dataframe
         if frame is not None and "samples" in frame:
             counts["label_reads"] += int(frame["samples"].fillna(0).sum())
-        best = _best_checkpoint(result)
+        best = _best_checkpoint(result, root)
         if best is None:
             counts["without_checkpoint"] += 1
             continue
@@ -198,29 +209,24 @@ def pareto_rows(rows: Sequence[TrialRow]) -> list[TrialRow]:
     return sorted((finite[i] for i in keep), key=lambda r: (r.params, r.test_mae))
 
 
-def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_csv(frame: pd.DataFrame, path: Location) -> None:
+    write_text_atomic(path, frame.to_csv(index=False))
 
 
-def export_best(row: TrialRow, layout: SweepLayout, test: dict[str, Any]) -> Path:
+def export_best(row: TrialRow, layout: SweepLayout, test: dict[str, Any]) -> Location:
     """Copy ``row``'s checkpoint to ``<run>/sweep/best/`` with ``config.yaml`` and ``metrics.json``.
 
-    The folder is assembled under a temporary name and swapped in, so ``best/`` is always a
-    complete checkpoint (the previous one, or the new one).
+    The folder is assembled under a temporary name and moved into place with its ``meta.json``
+    (the checkpoint's completion marker) last, so ``best/`` is never taken for a complete
+    checkpoint before it is one.
     """
-    from stkd_dist.train.checkpoint import read_checkpoint
+    from stkd_dist.train.checkpoint import META, read_checkpoint
 
     info = read_checkpoint(row.checkpoint)  # verifies the files against meta.json
-    tmp = layout.root / f".best.tmp-{uuid.uuid4().hex[:8]}"
-    old = layout.root / f".best.old-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(layout.best)
+    old = temporary_sibling(layout.best, "old")
     try:
-        shutil.copytree(row.checkpoint, tmp)
+        copy_tree(row.checkpoint, tmp, last=(META,))
         write_config(info.config, tmp / "config.yaml")
         write_json_atomic(
             tmp / "metrics.json",
@@ -234,12 +240,12 @@ def export_best(row: TrialRow, layout: SweepLayout, test: dict[str, Any]) -> Pat
                 "settings": row.settings,
             },
         )
-        if layout.best.exists():
-            os.replace(layout.best, old)
-        os.replace(tmp, layout.best)
+        if exists(layout.best):
+            rename_or_copy(layout.best, old)
+        rename_or_copy(tmp, layout.best, last=(META,))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(tmp)
+        remove(old)
     return layout.best
 
 
@@ -247,8 +253,8 @@ def update_run_metrics(
     run: RunLayout,
     reader: Any,
     cfg: Config,
-    best: Path,
-    teacher: Path,
+    best: Location,
+    teacher: Location,
 ) -> dict[str, Any]:
     """Add the sweep's best student to the run's ``metrics.json`` (created when absent).
 
@@ -262,11 +268,11 @@ def update_run_metrics(
     student, _ = load_forecaster(best, role=ROLE)
     models = {ENTRY: student}
     existing: dict[str, Any] | None = None
-    if run.metrics.is_file():
+    if exists(run.metrics):
         try:
-            existing = json.loads(run.metrics.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"unreadable ({e}); delete it to rebuild it", str(run.metrics)) from e
+            existing = read_json(run.metrics)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"unreadable ({e}); delete it to rebuild it", url(run.metrics)) from e
     else:
         models = {"teacher": load_forecaster(teacher)[0], ENTRY: student}
     evaluation = evaluate_all(reader, models, cfg.evaluate, cfg.data.eval_batch_size)

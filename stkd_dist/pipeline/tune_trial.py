@@ -24,13 +24,13 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stkd_dist.config import Config
 from stkd_dist.config.sweep import ParamSpec
+from stkd_dist.location import Location, append_text, exists, location, makedirs, read_text
 from stkd_dist.pipeline.tune_space import apply_params, sampled
 from stkd_dist.train.soft_labels import TeacherSpec
 
@@ -84,10 +84,9 @@ def trial_config(job: TrialJob, params: Mapping[str, Any]) -> Config:
     return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, schedule=schedule))
 
 
-def _log_start(trial_dir: Path, epoch: int, attempt: int) -> None:
+def _log_start(trial_dir: Location, epoch: int, attempt: int) -> None:
     record = {"time": time.time(), "pid": os.getpid(), "after_epoch": epoch, "attempt": attempt}
-    with open(trial_dir / STARTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_text(trial_dir / STARTS, json.dumps(record) + "\n")
 
 
 def read_starts(trial_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -95,10 +94,10 @@ def read_starts(trial_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     ``trial_dir`` is ``<records>/<trial id>`` (see :class:`TrialJob`).
     """
-    path = Path(trial_dir) / STARTS
-    if not path.is_file():
+    path = location(trial_dir) / STARTS
+    if not exists(path):
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [json.loads(line) for line in read_text(path).splitlines() if line]
 
 
 def run_trial(params: dict[str, Any], job: TrialJob) -> None:
@@ -138,8 +137,8 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
         scheduler.load_state_dict(saved["scheduler"])
         state = info.state
         state.attempt += 1
-    trial_dir = Path(job.records) / tune.get_context().get_trial_id()
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    trial_dir = location(job.records) / tune.get_context().get_trial_id()
+    makedirs(trial_dir)
     _log_start(trial_dir, state.epoch, state.attempt)
 
     labels = LabelSpec(
@@ -203,7 +202,7 @@ def _train(
 
         val = validate(model, reader, "val", 0, 1, cfg.data.eval_batch_size, device)
         scheduler.step()
-        val_mae = state.end_epoch(epoch, val.mae, samples, section.schedule.early_stopping_patience)
+        val_mae = state.end_epoch(epoch, val.mae, samples, section.schedule.patience_at(epoch))
 
         metrics = {
             "epoch": epoch,

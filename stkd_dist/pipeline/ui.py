@@ -13,7 +13,6 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -27,6 +26,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from stkd_dist.location import Location, exists, is_remote, location, read_bytes
 
 log = logging.getLogger("stkd.pipeline")
 # the console already shows these lines; they go to the run's log file only (see distill._log_file)
@@ -106,7 +107,7 @@ class PipelineUI:
         handle.finish()
 
     @contextlib.contextmanager
-    def training(self, experiment: Path, what: str, epochs: int) -> Iterator[None]:
+    def training(self, experiment: Location, what: str, epochs: int) -> Iterator[None]:
         """A bar of the epochs of a Ray Train run, with one line per epoch.
 
         The epoch lines come from the experiment's ``history.jsonl`` (appended by the Ray Train
@@ -114,7 +115,7 @@ class PipelineUI:
         own output is not forwarded to this process.
         """
         with self.progress(f"{what} (epochs)", total=epochs) as bar:
-            watcher = _HistoryWatcher(Path(experiment), epochs, self, bar)
+            watcher = _HistoryWatcher(location(experiment), epochs, self, bar)
             watcher.start()
             try:
                 yield
@@ -207,19 +208,24 @@ class _HistoryWatcher(threading.Thread):
     """Echoes the records appended to ``<experiment>/history.jsonl`` while a training runs."""
 
     POLL_S = 0.5
+    POLL_REMOTE_S = 2.0  # one GET per poll on an object store
 
-    def __init__(self, experiment: Path, epochs: int, ui: PipelineUI, bar: ProgressHandle):
+    def __init__(self, experiment: Location, epochs: int, ui: PipelineUI, bar: ProgressHandle):
         super().__init__(name="stkd-epoch-watcher", daemon=True)
         self.path = experiment / "history.jsonl"
+        self.interval = self.POLL_REMOTE_S if is_remote(experiment) else self.POLL_S
         self.epochs = epochs
         self.ui = ui
         self.bar = bar
         self._halt = threading.Event()
         # records of earlier invocations (a resumed run) are not this training's progress
-        self._offset = self.path.stat().st_size if self.path.is_file() else 0
+        self._offset = len(self._read())
+
+    def _read(self) -> bytes:
+        return read_bytes(self.path) if exists(self.path) else b""
 
     def run(self) -> None:
-        while not self._halt.wait(self.POLL_S):
+        while not self._halt.wait(self.interval):
             self.poll()
         self.poll()
 
@@ -230,15 +236,11 @@ class _HistoryWatcher(threading.Thread):
     def poll(self) -> None:
         from stkd_dist.train.ray_session import format_epoch
 
-        if not self.path.is_file():
-            return
-        with open(self.path, encoding="utf-8") as f:
-            f.seek(self._offset)
-            chunk = f.read()
+        data = self._read()[self._offset :]
         # only whole lines: the controller may be halfway through writing the last one
-        end = chunk.rfind("\n") + 1
-        self._offset += len(chunk[:end].encode("utf-8"))
-        for line in chunk[:end].splitlines():
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for line in data[:end].decode("utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
                 text = format_epoch(record, self.epochs)

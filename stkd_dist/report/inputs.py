@@ -15,15 +15,17 @@ A run directory (``<storage>/runs/<run>/``) holds:
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from stkd_dist.errors import InputError
+from stkd_dist.location import Location, exists, location, read_bytes, read_text, url
 
 MODEL_ORDER = ("teacher", "student_kd", "student_scratch", "last_value", "historical_average")
 LABELS = {
@@ -39,7 +41,7 @@ LABELS = {
 class ReportInputs:
     """The parsed contents of a run directory."""
 
-    run_dir: Path
+    run_dir: Location
     metrics: dict[str, dict[str, Any]]
     dataset: dict[str, Any]
     history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
@@ -58,34 +60,34 @@ def label(name: str) -> str:
     return LABELS.get(name, name.replace("_", " "))
 
 
-def load_inputs(run_dir: str | Path) -> ReportInputs:
+def load_inputs(run_dir: str | os.PathLike[str] | Location) -> ReportInputs:
     """Read a run directory; raises :class:`InputError` when ``metrics.json`` is missing or bad."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     path = run_dir / "metrics.json"
-    if not path.exists():
-        raise InputError("no metrics.json: run `stkd distill` (or evaluate) first", where=str(path))
+    if not exists(path):
+        raise InputError("no metrics.json: run `stkd distill` (or evaluate) first", where=url(path))
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON ({e})", where=str(path)) from e
+        raise InputError(f"not valid JSON ({e})", where=url(path)) from e
     dataset = raw.pop("dataset", {})
     for name, entry in raw.items():
         if not isinstance(entry, dict) or "mae" not in entry:
             raise InputError(
-                f"entry {name!r} must be an object with at least 'mae'", where=str(path)
+                f"entry {name!r} must be an object with at least 'mae'", where=url(path)
             )
     history = {}
-    if (run_dir / "history.json").exists():
-        history = json.loads((run_dir / "history.json").read_text())
+    if exists(run_dir / "history.json"):
+        history = json.loads(read_text(run_dir / "history.json"))
     forecasts = _npz(run_dir / "forecasts.npz")
     locations = _npz(run_dir / "locations.npz")
     board = run_dir / "sweep" / "leaderboard.csv"
-    leaderboard = pd.read_csv(board) if board.exists() else None
+    leaderboard = pd.read_csv(io.BytesIO(read_bytes(board))) if exists(board) else None
     return ReportInputs(run_dir, raw, dataset, history, forecasts, locations, leaderboard)
 
 
-def _npz(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.exists():
+def _npz(path: Location) -> dict[str, np.ndarray] | None:
+    if not exists(path):
         return None
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as f:
         return {k: f[k] for k in f.files}

@@ -1,38 +1,174 @@
-"""Render ``report.md`` and a self-contained ``report.html`` (PNGs embedded) for a run."""
+"""Render ``report.md`` and a self-contained ``report.html`` (PNGs embedded) for a run.
+
+The report opens with a verdict: the headline table (integers as integers, the best learned model
+marked), one sentence on whether the distilled student beat the scratch student and the naive
+baselines, a flag when the teacher does not beat the baselines on validation, and, for runs with
+several seeds, the distilled-vs-scratch statistics in plain words.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from stkd_dist.location import (
+    Location,
+    exists,
+    location,
+    read_bytes,
+    read_json,
+    scratch_dir,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from stkd_dist.report import plots
-from stkd_dist.report.inputs import ReportInputs, label, load_inputs
+from stkd_dist.report.inputs import ReportInputs, _npz, label, load_inputs
+
+#: ``metrics.json`` entries that are findings of the run, not models (see
+#: :mod:`stkd_dist.pipeline.findings`)
+FINDINGS = ("kd_vs_scratch", "teacher_check")
+LEARNED = ("teacher", "student_kd", "student_scratch")
+BASELINES = ("last_value", "historical_average")
+
+
+def load_report(run_dir: str | os.PathLike[str] | Location) -> tuple[ReportInputs, dict[str, Any]]:
+    """The run's report inputs and its findings (``kd_vs_scratch``, ``teacher_check``)."""
+    run_dir = location(run_dir)
+    path = run_dir / "metrics.json"
+    raw = read_json(path) if exists(path) else {}
+    findings = {k: raw.pop(k) for k in FINDINGS if isinstance(raw, dict) and k in raw}
+    if not findings:
+        return load_inputs(run_dir), {}
+    # load_inputs takes every entry of metrics.json for a model; build the inputs from the rest
+    dataset = raw.pop("dataset", {})
+    for name, entry in raw.items():
+        if not isinstance(entry, dict) or "mae" not in entry:
+            from stkd_dist.errors import InputError
+
+            raise InputError(f"entry {name!r} must be an object with at least 'mae'", str(path))
+    history = read_json(run_dir / "history.json") if exists(run_dir / "history.json") else {}
+    board = run_dir / "sweep" / "leaderboard.csv"
+    leaderboard = pd.read_csv(io.BytesIO(read_bytes(board))) if exists(board) else None
+    inp = ReportInputs(
+        run_dir,
+        raw,
+        dataset,
+        history,
+        _npz(run_dir / "forecasts.npz"),
+        _npz(run_dir / "locations.npz"),
+        leaderboard,
+    )
+    return inp, findings
+
+
+def best_learned(inp: ReportInputs) -> str | None:
+    """The learned model (teacher or a student) with the lowest test MAE."""
+    learned = [
+        m for m in inp.models if m not in BASELINES and inp.metrics[m].get("mae") is not None
+    ]
+    return min(learned, key=lambda m: inp.metrics[m]["mae"]) if learned else None
 
 
 def summary_table(inp: ReportInputs) -> pd.DataFrame:
-    """One row per model/baseline: MAE, RMSE, MAPE, params, latency and speed-up vs teacher."""
+    """One row per model/baseline: MAE, RMSE, MAPE, params, latency and speed-up vs teacher.
+
+    ``best`` marks the best learned model with a ``★``; ``params`` stay integers (object column).
+    """
     teacher_latency = inp.metrics.get("teacher", {}).get("latency_ms")
+    best = best_learned(inp)
     rows = []
     for name in inp.models:
         m = inp.metrics[name]
         latency = m.get("latency_ms")
         speedup = teacher_latency / latency if teacher_latency and latency else None
+        params = m.get("params")
         rows.append(
             {
                 "model": label(name),
+                "best": "★" if name == best else "",
                 "MAE": m.get("mae"),
                 "RMSE": m.get("rmse"),
                 "MAPE %": m.get("mape"),
-                "params": m.get("params"),
+                "params": None if params is None else int(params),
                 "latency ms": latency,
                 "speed-up": speedup,
             }
         )
-    return pd.DataFrame(rows)
+    counts = [row.pop("params") for row in rows]
+    df = pd.DataFrame(rows)
+    # inserted as an object column: with a missing count pandas would make every count a float
+    df.insert(5, "params", pd.Series(counts, dtype=object))
+    return df
+
+
+def headline_verdict(inp: ReportInputs) -> str:
+    """One sentence: did the distilled student beat the scratch student and the baselines?"""
+    m = inp.metrics
+    if "student_kd" not in m:
+        return ""
+    kd = m["student_kd"]["mae"]
+    parts = []
+    if "student_scratch" in m:
+        sc = m["student_scratch"]["mae"]
+        word = "beat" if kd < sc else "did not beat"
+        parts.append(f"{word} the student trained without distillation ({sc:.3f})")
+    base = {b: m[b]["mae"] for b in BASELINES if b in m}
+    if base:
+        beaten = [label(b) for b, v in base.items() if kd < v]
+        if len(beaten) == len(base):
+            parts.append("beat both naive baselines" if len(base) > 1 else f"beat {beaten[0]}")
+        elif beaten:
+            lost = [f"{label(b)} ({v:.3f})" for b, v in base.items() if kd >= v]
+            parts.append(f"beat {', '.join(beaten)} but not {', '.join(lost)}")
+        else:
+            lost = [f"{label(b)} ({v:.3f})" for b, v in base.items()]
+            parts.append(f"did not beat {' or '.join(lost)}")
+    text = f"The distilled student (test MAE {kd:.3f}) " + " and ".join(parts)
+    if "teacher" in m:
+        ratio = kd / m["teacher"]["mae"]
+        if ratio >= 1:
+            text += f"; its test MAE is {100 * (ratio - 1):.1f} % above the teacher's"
+        else:
+            text += f"; its test MAE is {100 * (1 - ratio):.1f} % below the teacher's"
+    return text + "."
+
+
+def finding_lines(findings: dict[str, Any]) -> list[str]:
+    """Plain-words lines of the run's findings (teacher check, distilled vs scratch)."""
+    lines = []
+    check = findings.get("teacher_check")
+    if check is not None and not check.get("beats_baselines", True):
+        lines.append(f"**Teacher check:** {check['message']}.")
+    entry = findings.get("kd_vs_scratch")
+    if entry is not None:
+        text = entry.get("verdict", "")
+        text = text[:1].upper() + text[1:]
+        ci = entry.get("ci95")
+        if ci is not None:
+            text += (
+                f" (mean difference distilled − scratch {entry['mean_difference']:+.3f}, "
+                f"bootstrap 95 % interval [{ci[0]:+.3f}, {ci[1]:+.3f}])"
+            )
+        lines.append(f"**Distilled vs scratch over seeds:** {text}.")
+    return lines
+
+
+def seeds_table(entry: dict[str, Any]) -> pd.DataFrame:
+    """Per-seed test MAE of the distilled and the scratch student."""
+    return pd.DataFrame(
+        {
+            "seed": [int(s) for s in entry["seeds"]],
+            "distilled MAE": entry["kd"]["mae"],
+            "scratch MAE": entry["scratch"]["mae"],
+        }
+    ).astype({"seed": object})
 
 
 def _fmt(value: object) -> str:
@@ -45,6 +181,11 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.3f}"
     return str(value)
+
+
+def html_table(df: pd.DataFrame) -> str:
+    """The same cells as :func:`markdown_table`, as an HTML table."""
+    return df.map(_fmt).to_html(index=False, border=0, escape=True)
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -67,16 +208,28 @@ def _figures(inp: ReportInputs, out: Path) -> list[tuple[str, Path]]:
     return [(title, path) for title, path in candidates if path is not None]
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+def write_report(run_dir: str | os.PathLike[str] | Location) -> tuple[Location, Location]:
     """Write ``report.md``, ``report.html`` and ``report/*.png`` into ``run_dir``; return both paths.
 
-    Files are written under temporary names and renamed, so a reader never sees half a report.
+    Figures are drawn in a local scratch folder (matplotlib writes local files) and uploaded;
+    every file is written atomically, so a reader never sees half a report.
     """
-    inp = load_inputs(run_dir)
+    inp, findings = load_report(run_dir)
     run_dir = inp.run_dir
-    fig_dir = run_dir / "report"
-    fig_dir.mkdir(exist_ok=True)
-    figures = _figures(inp, fig_dir)
+    scratch = scratch_dir("report")
+    try:
+        return _write_report(inp, run_dir, scratch, findings)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_report(
+    inp: ReportInputs, run_dir: Location, scratch: Path, findings: dict[str, Any] | None = None
+) -> tuple[Location, Location]:
+    findings = findings or {}
+    figures = _figures(inp, scratch)
+    for _, path in figures:
+        write_bytes_atomic(run_dir / "report" / path.name, path.read_bytes())
     table = summary_table(inp)
     ds = inp.dataset
     title = f"stkd-dist report: {run_dir.name}"
@@ -86,7 +239,17 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         "latency is the CPU time of one forward pass on the same batch for every model."
     )
 
+    verdict = headline_verdict(inp)
+    notes = finding_lines(findings)
     md = [f"# {title}", "", intro, "", "## Models and baselines", "", markdown_table(table), ""]
+    md += ["★ = the best learned model (lowest test MAE).", ""]
+    if verdict:
+        md += [verdict, ""]
+    for line in notes:
+        md += [line, ""]
+    if "kd_vs_scratch" in findings:
+        md += ["## Distilled vs scratch student, per seed", ""]
+        md += [markdown_table(seeds_table(findings["kd_vs_scratch"])), ""]
     for caption, path in figures:
         md += [f"## {caption}", "", f"![{caption}](report/{path.name})", ""]
     if inp.leaderboard is not None:
@@ -96,8 +259,19 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(intro).replace('**', '')}</p>",
         "<h2>Models and baselines</h2>",
-        table.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", border=0),
+        html_table(table),
+        "<p>★ = the best learned model (lowest test MAE).</p>",
     ]
+    for line in ([verdict] if verdict else []) + notes:
+        text = html.escape(line)
+        while "**" in text:  # **bold** of the markdown lines
+            text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+        body.append(f"<p>{text}</p>")
+    if "kd_vs_scratch" in findings:
+        body += [
+            "<h2>Distilled vs scratch student, per seed</h2>",
+            html_table(seeds_table(findings["kd_vs_scratch"])),
+        ]
     for caption, path in figures:
         data = base64.b64encode(path.read_bytes()).decode()
         body += [
@@ -117,12 +291,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         "img{max-width:100%}</style></head><body>" + "\n".join(body) + "</body></html>"
     )
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    _atomic_write(md_path, "\n".join(md))
-    _atomic_write(html_path, page)
+    write_text_atomic(md_path, "\n".join(md))
+    write_text_atomic(html_path, page)
     return md_path, html_path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -145,6 +145,7 @@ class PlanRequest:
     seed: int = 0
     batch_size: int = 32
     shuffle: bool = True
+    chunk_steps: int = 0  # 0: the server's store's time-chunk length
 
 
 class SoftLabelClient:
@@ -316,6 +317,7 @@ class SoftLabelClient:
             seed=plan.seed,
             batch_size=plan.batch_size,
             shuffle=plan.shuffle,
+            chunk_steps=plan.chunk_steps,
         )
         return self._open([self._request(split, spread, plan=spec)], total=None)
 

@@ -21,10 +21,10 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from stkd_dist.errors import ConfigError
+from stkd_dist.location import exists, location
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,12 @@ class TeacherReplica:
         teacher = load_teacher(checkpoint, data, storage)
         host = ray.util.get_node_ip_address() if config.secured else LOOPBACK
         label_cache = None
-        if cache is not None and (Path(cache).exists() or write_through):
+        if cache is not None and (exists(location(cache)) or write_through):
             label_cache = open_cache(
-                Path(cache), teacher.meta, writable=write_through, memory_bytes=SERVE_MEMORY_BYTES
+                location(cache),
+                teacher.meta,
+                writable=write_through,
+                memory_bytes=SERVE_MEMORY_BYTES,
             )
         self.server = TeacherServer(
             teacher, dataclasses.replace(config, host=host), label_cache, write_through

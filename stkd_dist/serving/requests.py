@@ -154,7 +154,7 @@ def _plan_windows(
     try:
         plan = make_plan(
             windows,
-            chunk_steps,
+            spec.chunk_steps or chunk_steps,
             spec.world_size,
             epoch=spec.epoch,
             seed=spec.seed,
@@ -164,4 +164,5 @@ def _plan_windows(
         )
     except InputError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{e.where}: {e.message}") from None
-    return np.asarray(plan.rank_windows(spec.rank), dtype=np.int64)
+    # the plan holds blocks only: derive the one rank's sequence, not every rank's
+    return plan.rank(spec.rank).window_array()

@@ -19,7 +19,6 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.data.windows import SPLITS
 from stkd_dist.errors import InputError, StoreError
+from stkd_dist.location import url
 from stkd_dist.models.base import Forecaster
 from stkd_dist.storage.store import DatasetStore, open_store
 
@@ -193,7 +193,7 @@ def load_teacher(
         target_channels=section.target_channels or section.input_channels,
         per_node_stats=section.per_node_stats,
     )
-    log.info("loaded teacher %s (%s) from %s", info.version, model.key, Path(str(info.path)))
+    log.info("loaded teacher %s (%s) from %s", info.version, model.key, url(info.path))
     return Teacher(model, reader, str(info.version), val_mae=info.val_mae)
 
 

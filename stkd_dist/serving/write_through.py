@@ -1,8 +1,13 @@
 """Write-through: labels the teacher computes while serving are stored in the label cache.
 
 The server's batching thread hands each batch to :class:`WriteBehind` and goes on; a background
-thread writes them with :meth:`LabelCache.write` (data rows first, ``filled`` flags after) and
-adds them to the cache's ``forward_windows`` count.
+thread writes them with :meth:`LabelCache.write` and records the teacher forward passes in the
+cache's ``forward_windows`` count.
+
+Several replicas may write through to one cache (a shared folder or object-store prefix): a
+replica writes only objects of its own (fragments of incomplete chunks, its forward count) or
+whole chunks followed by their done marker, so no replica can corrupt another's rows (see
+:mod:`stkd_dist.serving.cache`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -17,12 +23,16 @@ from stkd_dist.serving.cache import LabelCache
 
 log = logging.getLogger(__name__)
 
+# the forward count is one object rewritten whole: at most once per this many seconds while
+# batches keep coming (and whenever the queue runs empty), not once per batch
+COUNT_EVERY_S = 5.0
+
 
 class WriteBehind:
     """Writes labels to a cache from a background thread (write-through serving).
 
     The server's batching thread hands each batch over and goes on; a bounded queue keeps memory
-    bounded (the batching thread waits when the disk falls far behind).
+    bounded (the batching thread waits when the store falls far behind).
 
     Args:
         cache: a cache opened with ``mode="r+"``.
@@ -34,7 +44,8 @@ class WriteBehind:
         self._queue: queue.Queue[tuple[np.ndarray, np.ndarray, np.ndarray | None] | None] = (
             queue.Queue(max_pending)
         )
-        self._forward = 0
+        self._uncounted = 0
+        self._counted_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="stkd-cache-writer", daemon=True)
         self._thread.start()
 
@@ -51,17 +62,32 @@ class WriteBehind:
         self._queue.put(None)
         self._thread.join()
 
+    def _record_count(self, force: bool) -> None:
+        """Record the forward windows not recorded yet (now, or when it is time)."""
+        due = time.monotonic() - self._counted_at >= COUNT_EVERY_S
+        if self._uncounted and (force or due):
+            n, self._uncounted = self._uncounted, 0
+            self._counted_at = time.monotonic()
+            try:
+                self.cache.add_forward_windows(n)
+            except Exception:  # a lost count loses bookkeeping, never labels
+                log.exception("recording forward windows in %s failed", self.cache.path)
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             try:
                 if item is None:
+                    self._record_count(force=True)
                     return
                 indices, prediction, spread = item
                 self.cache.write(indices, prediction, spread)
                 # the teacher ran on these windows to fill the cache
-                self.cache.add_forward_windows(len(indices))
+                self._uncounted += len(indices)
             except Exception:  # a failed write loses cache rows, never served labels
                 log.exception("write-through to %s failed", self.cache.path)
             finally:
+                # before task_done: flush() returns only once the count is recorded too
+                if item is not None:
+                    self._record_count(force=self._queue.empty())
                 self._queue.task_done()

@@ -9,7 +9,7 @@ bit, a timestamp, an id or an edge weight changes it.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import os
 from typing import Any
 
 import dask
@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 
 from stkd_dist.compute import compute
+from stkd_dist.location import Location, location, zarr_store
 from stkd_dist.storage.layout import GRAPH_GROUP
 from stkd_dist.storage.lazy import dask_array
 
@@ -32,9 +33,9 @@ def _block_digest(values: np.ndarray, mask: np.ndarray) -> tuple[bytes, np.ndarr
     return h.digest(), missing
 
 
-def fingerprint_store(path: str | Path) -> dict[str, Any]:
+def fingerprint_store(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """Compute ``fingerprint``, ``missing`` (per channel) and ``missing_fraction`` of a store."""
-    root = zarr.open_group(path, mode="r", zarr_format=3)
+    root = zarr.open_group(zarr_store(location(path)), mode="r", zarr_format=3)
     steps, nodes, channels = root["values"].shape
     block = (min(FINGERPRINT_BLOCK, steps), nodes, channels)
     v = dask_array(path, "values").rechunk(block).to_delayed().ravel()

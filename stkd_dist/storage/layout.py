@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import warnings
-from pathlib import Path
 
 import zarr
+
+from stkd_dist.location import Location, location, zarr_store
 
 SCHEMA_VERSION = 1
 SCHEMA_ATTR = "stkd_schema_version"
@@ -43,7 +45,7 @@ def choose_chunks(steps: int, nodes: int, channels: int, itemsize: int = 4) -> t
     return (min(time_chunk, steps), node_chunk, channels)
 
 
-def consolidate(path: str | Path) -> None:
+def consolidate(path: str | os.PathLike[str] | Location) -> None:
     """Write consolidated metadata, which ``xarray.open_zarr`` reads first.
 
     Zarr warns that consolidated metadata is not (yet) in the v3 spec; xarray and zarr-python both
@@ -51,4 +53,4 @@ def consolidate(path: str | Path) -> None:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(path), zarr_format=3)
+        zarr.consolidate_metadata(zarr_store(location(path), read_only=False), zarr_format=3)

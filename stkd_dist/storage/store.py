@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -16,6 +16,16 @@ import zarr.abc.store
 import zarr.errors
 
 from stkd_dist.errors import StoreError
+from stkd_dist.location import (
+    Location,
+    exists,
+    is_transient,
+    location,
+    retrying,
+    storage_error,
+    url,
+    zarr_store,
+)
 from stkd_dist.paths import resolve_dataset
 from stkd_dist.storage.layout import (
     COORD_ARRAYS,
@@ -28,40 +38,58 @@ from stkd_dist.storage.layout import (
 )
 from stkd_dist.storage.lazy import dask_array
 
+NO_STORE = "no such store"
+
 
 class DatasetStore:
     """An opened, validated canonical store.
 
-    Opening checks the schema version, that every required array exists with the right dims and
-    shape, and that no chunk of ``values``/``mask`` is missing on disk. Reading a corrupted chunk
-    later raises :class:`StoreError` through :meth:`read`.
+    Opening reads only the consolidated metadata (one object on an object store; the chunks are
+    never listed), checks the schema version (the commit marker: a writer sets it last, so a store
+    whose writer was killed is refused as incomplete) and that every required array exists with the
+    right dims and shape. Reading checks what a missing or damaged chunk breaks: a codec error, or a
+    ``values``/``mask`` pair that disagrees (a valid store holds NaN exactly where the mask is
+    False, and a missing chunk reads as all NaN or all False); either raises :class:`StoreError`
+    naming the store and the steps. :meth:`verify_chunks` lists every chunk, for a full check.
 
     Args:
-        path: the ``.zarr`` directory.
+        path: the ``.zarr`` store: a local path or an object-store URL.
         mode: ``"r"`` (default) or ``"r+"`` to update attributes (statistics).
         zarr_store: read the arrays through this zarr store object instead of opening ``path``
             directly (e.g. a wrapper that records which chunks are read); ``path`` must still
-            be the store's directory.
+            name the store.
     """
 
     def __init__(
-        self, path: str | Path, mode: str = "r", *, zarr_store: zarr.abc.store.Store | None = None
+        self,
+        path: str | os.PathLike[str] | Location,
+        mode: str = "r",
+        *,
+        zarr_store: zarr.abc.store.Store | None = None,
     ) -> None:
-        self.path = Path(path)
-        where = str(self.path)
-        if not self.path.exists():
-            raise StoreError("no such store", where=where)
+        self.path = location(path)
+        where = url(self.path)
+        self.where = where
+        source = _zarr_source(self.path, mode) if zarr_store is None else zarr_store
         try:
-            source = self.path if zarr_store is None else zarr_store
-            self.group = zarr.open_group(source, mode=mode, zarr_format=3)
-        except (
-            zarr.errors.GroupNotFoundError,
-            FileNotFoundError,
-            ValueError,
-            json.JSONDecodeError,
-        ) as e:
-            raise StoreError(f"not a Zarr v3 group ({e})", where=where) from e
+            self.group = retrying(lambda: _open_group(source, mode, where), where)
+        except StoreError as e:
+            # objects without the root metadata: a writer was killed while moving the store
+            # into place (the root zarr.json is always written last)
+            if e.message == NO_STORE and exists(self.path):
+                raise StoreError(
+                    "incomplete store: objects are there but not its root zarr.json, which is "
+                    "written last (a writer was interrupted); re-ingest with --overwrite",
+                    where=where,
+                ) from e
+            raise
         version = self.group.attrs.get(SCHEMA_ATTR)
+        if version is None:
+            raise StoreError(
+                "incomplete store: it has no commit marker (`stkd_schema_version`), so its writer "
+                "did not finish (an ingest or synth was interrupted); re-ingest with --overwrite",
+                where=where,
+            )
         if version != SCHEMA_VERSION:
             raise StoreError(
                 f"store schema version is {version!r}, this stkd-dist reads version "
@@ -82,13 +110,18 @@ class DatasetStore:
         dims = tuple(self.values.metadata.dimension_names or ())
         if dims != DIMS:
             raise StoreError(f"values has dims {dims}, expected {DIMS}", where=where)
+
+    def verify_chunks(self) -> None:
+        """List the chunks of ``values`` and ``mask`` (O(chunks) requests: not done on open)
+        and raise :class:`StoreError` when any is missing."""
         for name in DATA_ARRAYS:
             arr = self.group[name]
-            if arr.nchunks_initialized != arr.nchunks:
+            have = retrying(lambda arr=arr: arr.nchunks_initialized, self.where)
+            if have != arr.nchunks:
                 raise StoreError(
-                    f"array {name!r} has {arr.nchunks - arr.nchunks_initialized} of "
-                    f"{arr.nchunks} chunks missing on disk: the store is damaged, re-ingest it",
-                    where=where,
+                    f"array {name!r} has {arr.nchunks - have} of {arr.nchunks} chunks missing: "
+                    "the store is damaged, re-ingest it",
+                    where=self.where,
                 )
 
     # -- shape and names ---------------------------------------------------------------------
@@ -116,7 +149,7 @@ class DatasetStore:
 
     @property
     def name(self) -> str:
-        return str(self.group.attrs.get("name", self.path.stem))
+        return str(self.group.attrs.get("name", self.path.name.removesuffix(".zarr")))
 
     @property
     def freq(self) -> str:
@@ -146,7 +179,7 @@ class DatasetStore:
             if n not in self.channels:
                 raise StoreError(
                     f"unknown channel {n!r}; this store has {', '.join(self.channels)}",
-                    where=str(self.path),
+                    where=self.where,
                 )
             out.append(self.channels.index(n))
         return out
@@ -177,17 +210,37 @@ class DatasetStore:
         """
         if not 0 <= start <= stop <= self.steps:
             raise StoreError(
-                f"step range [{start}, {stop}) outside [0, {self.steps})", where=str(self.path)
+                f"step range [{start}, {stop}) outside [0, {self.steps})", where=self.where
             )
+        what = f"steps [{start}, {stop})"
         try:
-            values = np.asarray(self.values[start:stop])
-            mask = np.asarray(self.mask[start:stop])
-        except Exception as e:  # a codec error means bytes on disk are damaged
+            # transient errors (timeouts, 5xx, throttling) are retried, never called corruption
+            values, mask = retrying(
+                lambda: (np.asarray(self.values[start:stop]), np.asarray(self.mask[start:stop])),
+                f"{self.where} ({what})",
+            )
+        except StoreError:
+            raise
+        except Exception as e:  # a codec error means the stored bytes are damaged
+            known = storage_error(e, self.where)
+            if known is not None:
+                raise known from e
+            if is_transient(e):
+                raise
             raise StoreError(
-                f"cannot read steps [{start}, {stop}): a chunk is corrupted ({type(e).__name__}: {e}); "
+                f"cannot read {what}: a chunk is corrupted ({type(e).__name__}: {e}); "
                 "re-ingest the dataset",
-                where=str(self.path),
+                where=self.where,
             ) from e
+        # values: [t, node, channel] float32, NaN exactly where mask is False
+        if not np.array_equal(np.isnan(values), ~mask):
+            bad = int(np.flatnonzero((np.isnan(values) != ~mask).any(axis=(1, 2)))[0]) + start
+            chunk = bad // self.chunks[0]
+            raise StoreError(
+                f"cannot read {what}: time chunk {chunk} (step {bad}) of 'values' or 'mask' is "
+                "missing or damaged (values and mask disagree); re-ingest the dataset",
+                where=self.where,
+            )
         return values, mask
 
     def dask(self, name: str) -> da.Array:
@@ -196,7 +249,7 @@ class DatasetStore:
 
     def xarray(self) -> xr.Dataset:
         """The root group as a lazy xarray Dataset (dims ``time``, ``node``, ``channel``)."""
-        return xr.open_zarr(self.path)
+        return xr.open_zarr(_zarr_source(self.path, "r"))
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update root attributes (store must be opened with ``mode="r+"``)."""
@@ -206,9 +259,28 @@ class DatasetStore:
 
     def __repr__(self) -> str:
         s, n, c = self.shape
-        return f"DatasetStore({str(self.path)!r}, steps={s}, nodes={n}, channels={c})"
+        return f"DatasetStore({self.where!r}, steps={s}, nodes={n}, channels={c})"
 
 
-def open_store(ref: str | Path, storage: str | Path | None = None, mode: str = "r") -> DatasetStore:
+def _zarr_source(path: Location, mode: str) -> Any:
+    return zarr_store(path, read_only=mode == "r")
+
+
+def _open_group(source: Any, mode: str, where: str) -> zarr.Group:
+    try:
+        # the consolidated metadata in the root zarr.json: one read, no listing of any prefix
+        return zarr.open_group(source, mode=mode, zarr_format=3)
+    except (zarr.errors.GroupNotFoundError, FileNotFoundError) as e:
+        known = storage_error(e, where)
+        if known is not None:
+            raise known from e
+        raise StoreError(NO_STORE, where=where) from e
+    except (ValueError, json.JSONDecodeError) as e:
+        raise StoreError(f"not a Zarr v3 group ({e})", where=where) from e
+
+
+def open_store(
+    ref: str | os.PathLike[str], storage: str | os.PathLike[str] | None = None, mode: str = "r"
+) -> DatasetStore:
     """Open a store given as a path or as a dataset name under the storage root."""
     return DatasetStore(resolve_dataset(ref, storage), mode=mode)

@@ -1,16 +1,19 @@
 """Atomic writer of canonical stores.
 
-A store is first written under a hidden temporary name next to its destination, then renamed into
-place. An ingest that fails or is interrupted (even by Ctrl-C) leaves nothing at the destination.
+A store is first written under a hidden temporary name next to its destination (a sibling folder,
+or a sibling prefix in the same bucket), completed (arrays, graph, attributes with the commit
+marker ``stkd_schema_version``, consolidated metadata), and only then moved into place: a rename on
+a local disk; on an object store a server-side copy that writes the root ``zarr.json`` (the only
+object a reader opens first) after every other object. An ingest that fails or is killed leaves
+nothing a reader takes for a store at the destination.
 """
 
 from __future__ import annotations
 
-import shutil
-import uuid
+import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -21,6 +24,19 @@ import zarr
 
 from stkd_dist.compute import dask_scheduler
 from stkd_dist.errors import InputError, StoreError
+from stkd_dist.location import (
+    Location,
+    exists,
+    is_remote,
+    location,
+    makedirs,
+    remove,
+    rename_or_copy,
+    storage_errors,
+    temporary_sibling,
+    url,
+    zarr_store,
+)
 from stkd_dist.storage.fingerprint import fingerprint_store
 from stkd_dist.storage.layout import (
     DIMS,
@@ -93,54 +109,65 @@ class StoreMeta:
             raise InputError(f"locations must be [node, 2] (lat, lon), got {self.locations.shape}")
 
 
-def temporary_sibling(dest: Path, tag: str = "tmp") -> Path:
-    """A hidden, unique path in the destination's folder (same filesystem, so rename is atomic)."""
-    return dest.parent / f".{dest.name}.{tag}-{uuid.uuid4().hex[:8]}"
+ROOT_METADATA = "zarr.json"
 
 
 def write_store(
-    dest: str | Path,
+    dest: str | os.PathLike[str] | Location,
     values: da.Array,
     mask: da.Array,
     meta: StoreMeta,
     *,
     overwrite: bool = False,
     chunks: tuple[int, int, int] | None = None,
-) -> Path:
+) -> Location:
     """Write a canonical store atomically and return its path.
 
     Args:
-        dest: the ``.zarr`` directory to create.
+        dest: the ``.zarr`` store to create (a local path or an object-store URL).
         values: ``[time, node, channel]`` readings; entries where ``mask`` is False are stored as NaN.
         mask: ``[time, node, channel]`` bool, True where observed.
         meta: names, time axis, graph and provenance.
         overwrite: replace an existing store at ``dest`` (only after the new one is complete).
         chunks: chunk shape; default :func:`choose_chunks`.
     """
-    dest = Path(dest)
+    dest = location(dest)
     if values.ndim != 3 or values.shape != mask.shape:
         raise InputError(
             f"values {values.shape} and mask {mask.shape} must both be [time, node, channel]"
         )
     meta.validate(values.shape)
-    if dest.exists() and not overwrite:
-        raise StoreError("destination exists (pass --overwrite to replace it)", where=str(dest))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    chunks = chunks or choose_chunks(*values.shape)
-    tmp = temporary_sibling(dest)
-    try:
-        _write_arrays(tmp, values, mask, meta, chunks)
-        _write_graph(tmp, meta.adjacency)
-        _finish_attrs(tmp, meta)
-        _replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with storage_errors(dest):
+        if not overwrite and exists(dest):
+            raise StoreError("destination exists (pass --overwrite to replace it)", where=url(dest))
+        makedirs(dest.parent)
+        chunks = chunks or choose_chunks(*values.shape)
+        tmp = temporary_sibling(dest)
+        try:
+            _write_arrays(tmp, values, mask, meta, chunks)
+            _write_graph(tmp, meta.adjacency)
+            _finish_attrs(tmp, meta)
+            _replace(tmp, dest)
+        except StoreError as e:
+            _discard(tmp)
+            if e.where and url(tmp) in e.where:
+                # users know the destination, not the hidden name it is written under
+                raise StoreError(e.message, where=url(dest)) from e
+            raise
+        except BaseException:
+            _discard(tmp)
+            raise
     return dest
 
 
+def _discard(tmp: Location) -> None:
+    # best effort: the error that got us here (a missing bucket, say) is the one to report
+    with contextlib.suppress(Exception):
+        remove(tmp)
+
+
 def _write_arrays(
-    tmp: Path, values: da.Array, mask: da.Array, meta: StoreMeta, chunks: tuple[int, int, int]
+    tmp: Location, values: da.Array, mask: da.Array, meta: StoreMeta, chunks: tuple[int, int, int]
 ) -> None:
     mask = mask.astype(bool).rechunk(chunks)
     # Unobserved entries are NaN so that xarray users see them as missing without the mask.
@@ -166,7 +193,7 @@ def _write_arrays(
         # write_empty_chunks: an all-missing chunk must still exist on disk, so that a chunk
         # absent from disk always means a damaged store.
         ds.to_zarr(
-            tmp,
+            zarr_store(tmp, read_only=False),
             mode="w-",
             zarr_format=3,
             consolidated=False,
@@ -175,8 +202,8 @@ def _write_arrays(
         )
 
 
-def _write_graph(tmp: Path, adjacency: np.ndarray | None) -> None:
-    root = zarr.open_group(tmp, mode="r+", zarr_format=3)
+def _write_graph(tmp: Location, adjacency: np.ndarray | None) -> None:
+    root = zarr.open_group(zarr_store(tmp, read_only=False), mode="r+", zarr_format=3)
     graph = root.create_group(GRAPH_GROUP)
     if adjacency is None:
         graph.attrs["has_adjacency"] = False
@@ -194,14 +221,15 @@ def _write_graph(tmp: Path, adjacency: np.ndarray | None) -> None:
         z[...] = arr
 
 
-def _finish_attrs(tmp: Path, meta: StoreMeta) -> None:
+def _finish_attrs(tmp: Location, meta: StoreMeta) -> None:
     # Imported here: the data plane depends on the storage layer, not the other way round, but
     # every store is born with the statistics of its default training split.
     from stkd_dist.data.stats import compute_and_store_stats
 
-    root = zarr.open_group(tmp, mode="r+", zarr_format=3)
+    root = zarr.open_group(zarr_store(tmp, read_only=False), mode="r+", zarr_format=3)
     root.attrs.update(
         {
+            # the commit marker: a reader refuses a store without it
             SCHEMA_ATTR: SCHEMA_VERSION,
             "name": meta.name,
             "freq": meta.freq,
@@ -217,8 +245,14 @@ def _finish_attrs(tmp: Path, meta: StoreMeta) -> None:
     consolidate(tmp)
 
 
-def _replace(tmp: Path, dest: Path) -> None:
-    if not dest.exists():
+def _replace(tmp: Location, dest: Location) -> None:
+    if is_remote(dest):
+        # no rename on object stores: drop the old store, then copy the new one with its root
+        # metadata last, so a reader never opens a store whose objects are not all there
+        remove(dest)
+        rename_or_copy(tmp, dest, last=(ROOT_METADATA,))
+        return
+    if not exists(dest):
         tmp.rename(dest)
         return
     old = temporary_sibling(dest, "old")
@@ -228,4 +262,4 @@ def _replace(tmp: Path, dest: Path) -> None:
     except BaseException:
         old.rename(dest)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)

@@ -7,8 +7,8 @@ so memory is bounded by a few blocks however many steps are generated.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -19,6 +19,7 @@ from dask.base import tokenize
 from dask.callbacks import Callback
 
 from stkd_dist.errors import ConfigError, StoreError
+from stkd_dist.location import Location, exists, location, url
 from stkd_dist.storage import StoreMeta, choose_chunks, write_store
 from stkd_dist.storage.store import DatasetStore
 from stkd_dist.synth.generator import TrafficModel
@@ -71,13 +72,13 @@ def store_chunks(spec: SynthSpec, chunk_steps: int | None) -> tuple[int, int, in
 
 def synthesize(
     spec: SynthSpec,
-    dest: str | Path,
+    dest: str | os.PathLike[str] | Location,
     *,
     name: str | None = None,
     overwrite: bool = False,
     chunk_steps: int | None = None,
     on_block: BlockCallback | None = None,
-) -> Path:
+) -> Location:
     """Generate the dataset of ``spec`` and write it atomically as a canonical store at ``dest``.
 
     Args:
@@ -89,15 +90,15 @@ def synthesize(
             depend on it.
         on_block: progress callback ``(done, total)`` per generated block (threaded scheduler).
     """
-    dest = Path(dest)
+    dest = location(dest)
     chunks = store_chunks(spec, chunk_steps)
-    if dest.exists() and not overwrite:
+    if not overwrite and exists(dest):
         # fail before generating anything
-        raise StoreError("destination exists (pass --overwrite to replace it)", where=str(dest))
+        raise StoreError("destination exists (pass --overwrite to replace it)", where=url(dest))
     model = TrafficModel(spec)
     values = synthetic_array(model)
     meta = StoreMeta(
-        name=name or dest.stem,
+        name=name or dest.name.removesuffix(".zarr"),
         time=spec.time,
         node_ids=[f"S{i:0{len(str(spec.nodes - 1))}d}" for i in range(spec.nodes)],
         channels=list(spec.channels),
@@ -121,21 +122,23 @@ def synthesize(
 
 def ensure_synthetic(
     spec: SynthSpec,
-    dest: str | Path,
+    dest: str | os.PathLike[str] | Location,
     *,
     name: str | None = None,
     chunk_steps: int | None = None,
     on_block: BlockCallback | None = None,
-) -> tuple[Path, bool]:
+) -> tuple[Location, bool]:
     """Reuse the store at ``dest`` when it was made from ``spec``, else (re)generate it.
 
     Returns ``(path, created)``. A damaged store or one made from another spec is replaced; a
     store that ``stkd synth`` did not make is never touched (:class:`StoreError`).
     """
-    dest = Path(dest)
-    if dest.exists():
+    dest = location(dest)
+    if exists(dest):
         try:
-            attrs = DatasetStore(dest).attrs
+            store = DatasetStore(dest)
+            store.verify_chunks()  # a full check: regenerating is cheap next to training on it
+            attrs = store.attrs
         except StoreError:
             attrs = None  # damaged: regenerate it
         if attrs is not None:
@@ -144,7 +147,7 @@ def ensure_synthetic(
                 raise StoreError(
                     "a dataset that stkd synth did not make is in the way; use it with --data "
                     "or move it",
-                    where=str(dest),
+                    where=url(dest),
                 )
             if made_from == spec.to_json():
                 return dest, False

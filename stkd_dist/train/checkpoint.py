@@ -20,10 +20,9 @@ a run name (meaning the run's best checkpoint, from ``best.json``).
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,17 @@ import torch
 from stkd_dist.config import Config, from_mapping, to_mapping
 from stkd_dist.data.stats import Stats
 from stkd_dist.errors import StoreError
+from stkd_dist.location import (
+    Location,
+    exists,
+    listdir,
+    location,
+    read_bytes,
+    read_json,
+    relative,
+    url,
+    write_json_atomic,
+)
 from stkd_dist.paths import run_dir
 
 if TYPE_CHECKING:
@@ -103,7 +113,7 @@ class CheckpointInfo:
     """What a checkpoint's ``meta.json`` says.
 
     Attributes:
-        path: the checkpoint directory.
+        path: the checkpoint directory (a local path or an object-store URL).
         version: ``<run>-e<epoch>-<8 hex of the weights' sha256>``.
         epoch: the epoch it was taken after (0-based).
         spec: the model spec (``Forecaster.from_spec``).
@@ -116,7 +126,7 @@ class CheckpointInfo:
         state: the training state (best epoch, early stopping, ...).
     """
 
-    path: Path
+    path: Location
     version: str
     epoch: int
     spec: dict[str, Any]
@@ -146,31 +156,13 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path: str | os.PathLike[str] | Location) -> str:
+    return hashlib.sha256(read_bytes(location(path))).hexdigest()
 
 
 def make_version(run: str, epoch: int, digest: str) -> str:
     """The version string of a checkpoint: ``<run>-e<epoch>-<digest[:8]>``."""
     return f"{run}-e{epoch}-{digest[:8]}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(
@@ -188,7 +180,10 @@ def save_checkpoint(
     optimizer_state: dict[str, Any] | None = None,
     scheduler_state: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
-    """Write a checkpoint into ``directory`` (created if needed); ``meta.json`` comes last.
+    """Write a checkpoint into local ``directory`` (created if needed); ``meta.json`` comes last.
+
+    Ray Train uploads the directory to the run's storage (a local root or an object store); this
+    function writes only to the local disk (a scratch folder).
 
     Args:
         model_state: the Forecaster's ``state_dict`` (unwrapped from DDP).
@@ -226,11 +221,11 @@ def save_checkpoint(
     }
     # meta.json is the completion marker: written last, atomically
     write_json_atomic(d / META, meta)
-    return _info(d, meta)
+    return _info(location(d), meta)
 
 
-def _info(path: Path, meta: dict[str, Any]) -> CheckpointInfo:
-    where = str(path / META)
+def _info(path: Location, meta: dict[str, Any]) -> CheckpointInfo:
+    where = url(path / META)
     try:
         return CheckpointInfo(
             path=path,
@@ -255,33 +250,33 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
     Raises :class:`StoreError` when ``meta.json`` is missing (an incomplete checkpoint), is of
     another format, or (with ``verify``) a file's sha256 differs from the one recorded.
     """
-    d = Path(path)
+    d = location(path)
     meta_path = d / META
-    if not d.is_dir():
-        raise StoreError("no such checkpoint directory", where=str(d))
-    if not meta_path.is_file():
+    if not exists(meta_path):
+        if not exists(d):
+            raise StoreError("no such checkpoint directory", where=url(d))
         raise StoreError(
             f"incomplete checkpoint: {META} is missing (it is written last, so the checkpoint "
             "was interrupted while being written); use another checkpoint",
-            where=str(d),
+            where=url(d),
         )
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"unreadable checkpoint metadata ({e})", where=str(meta_path)) from e
+        meta = read_json(meta_path)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"unreadable checkpoint metadata ({e})", where=url(meta_path)) from e
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise StoreError(
             f"checkpoint format {meta.get('format')!r}, this version reads {CHECKPOINT_FORMAT}",
-            where=str(meta_path),
+            where=url(meta_path),
         )
     if verify:
         for name, sha in meta.get("files", {}).items():
             f = d / name
-            if not f.is_file() or file_sha256(f) != sha:
+            if not exists(f) or file_sha256(f) != sha:
                 raise StoreError(
                     f"{name} is missing or does not match its recorded sha256: the checkpoint "
                     "is incomplete or damaged",
-                    where=str(d),
+                    where=url(d),
                 )
     return _info(d, meta)
 
@@ -289,19 +284,23 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
 def list_checkpoints(experiment: str | os.PathLike[str]) -> list[CheckpointInfo]:
     """Complete checkpoints in an experiment directory, by epoch (incomplete ones are skipped)."""
     out = []
-    for d in sorted(Path(experiment).glob("*/")):
-        if (d / META).is_file():
-            try:
-                out.append(read_checkpoint(d, verify=False))
-            except StoreError:
-                continue
+    for d in listdir(location(experiment)):
+        if d.name.startswith(".") or d.is_file():
+            continue
+        try:
+            out.append(read_checkpoint(d, verify=False))
+        except StoreError:
+            continue
     return sorted(out, key=lambda i: i.epoch)
 
 
-def write_best(experiment: Path, info: CheckpointInfo, **extra: Any) -> Path:
+def write_best(
+    experiment: str | os.PathLike[str] | Location, info: CheckpointInfo, **extra: Any
+) -> Location:
     """Write ``<experiment>/best.json`` pointing at ``info`` (path relative to the experiment)."""
+    experiment = location(experiment)
     data = {
-        "checkpoint": os.path.relpath(info.path, experiment),
+        "checkpoint": relative(info.path, experiment),
         "val_mae": info.val_mae,
         "epoch": info.epoch,
         "version": info.version,
@@ -314,16 +313,16 @@ def write_best(experiment: Path, info: CheckpointInfo, **extra: Any) -> Path:
 
 def read_best(experiment: str | os.PathLike[str]) -> dict[str, Any] | None:
     """``best.json`` of an experiment directory, or None when there is none."""
-    p = Path(experiment) / BEST
-    if not p.is_file():
+    p = location(experiment) / BEST
+    if not exists(p):
         return None
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"unreadable ({e})", where=str(p)) from e
+        return read_json(p)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"unreadable ({e})", where=url(p)) from e
 
 
-def _best_of_experiment(experiment: Path) -> Path | None:
+def _best_of_experiment(experiment: Location) -> Location | None:
     best = read_best(experiment)
     if best is not None:
         return experiment / best["checkpoint"]
@@ -338,15 +337,15 @@ def resolve_checkpoint(
     ref: str | os.PathLike[str],
     role: str = "teacher",
     storage: str | os.PathLike[str] | None = None,
-) -> Path:
+) -> Location:
     """The checkpoint directory ``ref`` means.
 
     ``ref`` is a checkpoint directory, an experiment directory (``runs/R/teacher``), a run directory
     (``runs/R``, meaning its ``role`` experiment) or a run name under the storage root; the last
     three mean the experiment's best checkpoint (``best.json``, else its best complete checkpoint).
     """
-    path = Path(ref).expanduser()
-    if not path.exists():
+    path = location(ref)
+    if not exists(path):
         text = str(ref)
         try:
             candidate = run_dir(text, storage)
@@ -355,32 +354,35 @@ def resolve_checkpoint(
                 "no such checkpoint (give a checkpoint directory, a run directory or a run name)",
                 where=text,
             ) from None
-        if not candidate.exists():
+        if not exists(candidate):
             raise StoreError(
-                f"no checkpoint at {path} and no run named {text!r} at {candidate}",
+                f"no checkpoint at {url(path)} and no run named {text!r} at {url(candidate)}",
                 where=text,
             )
         path = candidate
-    if (path / META).is_file() or (path / MODEL).is_file():
+    if exists(path / META) or exists(path / MODEL):
         return path
     for experiment in (path, path / role):
-        if experiment.is_dir() and ((experiment / BEST).is_file() or list_checkpoints(experiment)):
+        if exists(experiment / BEST) or list_checkpoints(experiment):
             best = _best_of_experiment(experiment)
             if best is not None:
                 return best
     raise StoreError(
         f"no {role} checkpoint here (expected a checkpoint directory with {META}, or a run with "
         f"{role}/{BEST}); train one with `stkd train-{role.split('_')[0]}`",
-        where=str(path),
+        where=url(path),
     )
+
+
+def _torch_load(loc: Location) -> Any:
+    # torch.load needs a seekable file: read the object whole (checkpoints are small next to RAM)
+    return torch.load(io.BytesIO(read_bytes(loc)), map_location="cpu", weights_only=True)
 
 
 def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"model": state_dict, "optimizer": ..., "scheduler": ...}`` of a checkpoint, on CPU."""
-    d = Path(path)
-    model = torch.load(d / MODEL, map_location="cpu", weights_only=True)
-    rest = torch.load(d / TRAIN_STATE, map_location="cpu", weights_only=True)
-    return {"model": model, **rest}
+    d = location(path)
+    return {"model": _torch_load(d / MODEL), **_torch_load(d / TRAIN_STATE)}
 
 
 def load_forecaster(
@@ -396,7 +398,7 @@ def load_forecaster(
 
     info = read_checkpoint(resolve_checkpoint(ref, role, storage))
     model = Forecaster.from_spec(info.spec)
-    state = torch.load(info.path / MODEL, map_location="cpu", weights_only=True)
+    state = _torch_load(info.path / MODEL)
     model.load_state_dict(state)
     model.eval()
     return model, info

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from stkd_dist.distill.ensemble import RULES, teacher_weights
 from stkd_dist.errors import ConfigError, StoreError
+from stkd_dist.location import url
 from stkd_dist.serving import codec
 
 TeacherKind = Literal["stream", "cache", "replicas"]
@@ -97,7 +98,7 @@ def parse_labels(text: str) -> TeacherSpec:
             f"expected cache:PATH (a label cache from `stkd precompute-labels`), got {text!r}",
             where="--labels",
         )
-    return TeacherSpec("cache", str(Path(spec.removeprefix(CACHE_SCHEME)).expanduser().absolute()))
+    return TeacherSpec("cache", url(spec.removeprefix(CACHE_SCHEME)))
 
 
 @dataclass(frozen=True)
@@ -335,12 +336,12 @@ def started_replicas(
             actors += start_teacher_replicas(
                 t.replicas,
                 # absolute: the actors run in another working directory
-                resolve_checkpoint(checkpoint, "teacher", storage).absolute(),
-                Path(dataset).absolute(),
+                url(resolve_checkpoint(checkpoint, "teacher", storage)),
+                url(dataset),
                 config=ServerConfig(token=token),
                 name_prefix=prefix,
                 num_cpus=num_cpus,
-                storage=None if storage is None else str(Path(storage).absolute()),
+                storage=None if storage is None else url(storage),
             )
             out.append(TeacherSpec("stream", f"{RAY_SCHEME}{prefix}-"))
         yield tuple(out)

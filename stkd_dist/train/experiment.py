@@ -14,13 +14,14 @@ A training command (``train-teacher``, ``train-student``) does the same around i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from stkd_dist.config import Config
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import ConfigError, StoreError
+from stkd_dist.location import Location, absolute, exists, pyarrow_filesystem, url
 from stkd_dist.paths import resolve_dataset, run_dir
 from stkd_dist.storage import DatasetStore, open_store
 from stkd_dist.train.checkpoint import CheckpointInfo, list_checkpoints, read_checkpoint, write_best
@@ -33,23 +34,23 @@ class Experiment:
     """Where an experiment runs and what it reads.
 
     Attributes:
-        dataset: the store's absolute path (what the workers open).
+        dataset: the store's absolute path or URL (what the workers open).
         store: the opened store.
         reader: the window reader of the config's data section (statistics computed).
         run: the run directory ``<storage>/runs/<run name>``.
         path: the experiment directory ``<run>/<name>`` (Ray Train's experiment).
     """
 
-    dataset: Path
+    dataset: Location
     store: DatasetStore
     reader: WindowReader
-    run: Path
-    path: Path
+    run: Location
+    path: Location
 
 
-def open_experiment(cfg: Config, name: str, storage: str | Path | None) -> Experiment:
+def open_experiment(cfg: Config, name: str, storage: str | os.PathLike[str] | None) -> Experiment:
     """Open the config's store and check that every worker gets windows of every split."""
-    dataset = resolve_dataset(cfg.data.dataset, storage).absolute()
+    dataset = absolute(resolve_dataset(cfg.data.dataset, storage))
     store = open_store(dataset)
     reader = build_reader(cfg, store)  # checks channels and windows, computes + caches statistics
     for split in ("val", "train"):
@@ -60,7 +61,7 @@ def open_experiment(cfg: Config, name: str, storage: str | Path | None) -> Exper
                 "workers; use fewer workers or a larger split",
                 where="cluster.num_workers",
             )
-    run = run_dir(cfg.run_name, storage).absolute()
+    run = absolute(run_dir(cfg.run_name, storage))
     return Experiment(dataset, store, reader, run, run / name)
 
 
@@ -78,7 +79,7 @@ class TrainOutcome:
     """
 
     best: CheckpointInfo
-    experiment: Path
+    experiment: Location
     epochs_done: int
     trained: bool
     stopped_early: bool
@@ -121,14 +122,14 @@ def check_resumable(latest: CheckpointInfo, cfg: Config, fingerprint: str, role:
         )
 
 
-def finish(experiment: Path, cfg: Config, role: str = "teacher") -> CheckpointInfo:
+def finish(experiment: Location, cfg: Config, role: str = "teacher") -> CheckpointInfo:
     """Write ``best.json`` for the best complete checkpoint of ``experiment`` and return it.
 
     ``role`` is the config section whose ``schedule.epochs`` says when the run is complete.
     """
     done = [i for i in list_checkpoints(experiment) if i.val_mae is not None]
     if not done:
-        raise StoreError("no complete checkpoint was written", where=str(experiment))
+        raise StoreError("no complete checkpoint was written", where=url(experiment))
     best = min(done, key=lambda i: (i.val_mae, i.epoch))
     best = read_checkpoint(best.path)  # verifies the files against meta.json
     latest = done[-1]
@@ -142,7 +143,7 @@ def finish(experiment: Path, cfg: Config, role: str = "teacher") -> CheckpointIn
     return best
 
 
-def fit(job: TrainJob, run: Path, epochs: int) -> None:
+def fit(job: TrainJob, run: Location, epochs: int) -> None:
     """Run ``job`` on Ray Train: ``cluster.num_workers`` DDP workers executing ``run_worker``.
 
     The Ray experiment ``<run>/<job.experiment>`` keeps the best ``run.keep_best`` checkpoints by
@@ -156,6 +157,9 @@ def fit(job: TrainJob, run: Path, epochs: int) -> None:
     from stkd_dist.train.loop import worker_entry
 
     cfg, c = job.config, job.config.cluster
+    # Ray Train writes checkpoints and its own state through pyarrow.fs: the same root (a local
+    # folder or the object store, with the same endpoint) as everything else of the run
+    filesystem, storage_path = pyarrow_filesystem(run)
     trainer = TorchTrainer(
         worker_entry,
         train_loop_config={"job": job},
@@ -167,7 +171,8 @@ def fit(job: TrainJob, run: Path, epochs: int) -> None:
         ),
         run_config=RunConfig(
             name=job.experiment,
-            storage_path=str(run),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.run.keep_best,  # plus the latest, which Ray always keeps
@@ -184,7 +189,7 @@ def existing_outcome(
     exp: Experiment, cfg: Config, role: str, echo: Callable[[str], None]
 ) -> TrainOutcome | None:
     """The outcome of an experiment that is already complete, else None (train or resume)."""
-    existing = list_checkpoints(exp.path) if exp.path.is_dir() else []
+    existing = list_checkpoints(exp.path) if exists(exp.path) else []
     if not existing:
         return None
     latest = existing[-1]

@@ -27,7 +27,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -36,6 +35,7 @@ import torch.distributed as dist
 from stkd_dist.config import Config, ModelSection
 from stkd_dist.data.batch import WindowBatch
 from stkd_dist.data.reader import WindowReader
+from stkd_dist.location import location, write_json_atomic
 from stkd_dist.metrics import MetricAccumulator, MetricResult
 from stkd_dist.storage import DatasetStore, open_store
 from stkd_dist.train.checkpoint import (
@@ -44,7 +44,6 @@ from stkd_dist.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
     weights_digest,
-    write_json_atomic,
 )
 from stkd_dist.train.schedule import build_scheduler
 
@@ -253,7 +252,7 @@ def write_worker_status(job: TrainJob, rank: int, world_size: int, state: TrainS
     """
     import ray
 
-    folder = Path(job.experiment_dir) / "workers"
+    folder = location(job.experiment_dir) / "workers"
     write_json_atomic(
         folder / f"rank-{rank}.json",
         {
@@ -353,7 +352,7 @@ def run_worker(job: TrainJob) -> None:
 
         # Early stopping from the all-reduced validation MAE: every rank computes the same
         # decision, so all ranks leave the loop in the same epoch and keep calling report() in step.
-        state.end_epoch(epoch, val.mae, int(samples_all), sched.early_stopping_patience)
+        state.end_epoch(epoch, val.mae, int(samples_all), sched.patience_at(epoch))
 
         metrics = {
             "epoch": epoch,

@@ -25,6 +25,7 @@ import ray
 from ray.train import UserCallback
 
 from stkd_dist.config import ClusterSection
+from stkd_dist.location import append_text, exists, location, read_text, url
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,8 @@ class EpochReporter(UserCallback):
             "param_digests": digests,
             "ranks_in_sync": in_sync,
         }
-        path = Path(self.experiment) / HISTORY
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        # one small line per epoch: on an object store the object is rewritten whole
+        append_text(location(self.experiment) / HISTORY, json.dumps(record) + "\n")
         print(format_epoch(head, self.epochs), flush=True)
         if not in_sync:
             print(
@@ -119,14 +118,14 @@ class EpochReporter(UserCallback):
 
 def read_history(experiment: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records :class:`EpochReporter` appended, oldest first (empty if none)."""
-    path = Path(experiment) / HISTORY
-    if not path.is_file():
+    path = location(experiment) / HISTORY
+    if not exists(path):
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path).splitlines():
         if line.strip():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut short by a crash
-                log.warning("skipping a damaged line of %s", path)
+                log.warning("skipping a damaged line of %s", url(path))
     return out

@@ -39,6 +39,7 @@ import torch
 
 from stkd_dist.distill.ensemble import combine_teachers
 from stkd_dist.errors import ConfigError, InputError, StoreError
+from stkd_dist.serving.client import PlanRequest
 from stkd_dist.train.distill_teachers import (
     CACHE_SCHEME,
     RAY_SCHEME,
@@ -74,8 +75,13 @@ Labels = tuple[torch.Tensor, torch.Tensor | None]
 class LabelSource(Protocol):
     """Soft labels of one rank, one epoch at a time."""
 
-    def begin_epoch(self, windows: np.ndarray) -> None:
-        """Start fetching the labels of ``windows`` ([n] int64, the rank's plan order)."""
+    def begin_epoch(self, windows: np.ndarray, plan: PlanRequest | None = None) -> None:
+        """Start fetching the labels of ``windows`` ([n] int64, the rank's plan order).
+
+        ``plan`` names the shard plan those windows come from: a streamed teacher then asks for
+        the plan (a few integers) and the server derives the same sequence, instead of receiving
+        one range per shuffled window.
+        """
 
     def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
         """``(prediction, spread)`` ``[batch, H, N, C]`` of a batch (zeros for padding)."""
@@ -108,12 +114,15 @@ class StreamedTeacher:
         self._requested = 0
         self._wait = 0.0
 
-    def begin_epoch(self, windows: np.ndarray) -> None:
+    def begin_epoch(self, windows: np.ndarray, plan: PlanRequest | None = None) -> None:
         from stkd_dist.serving.client import ClientStats
 
         self.client.stats = ClientStats()  # per-epoch counters (no stream is running now)
         self._requested, self._wait = len(windows), 0.0
-        self._stream = self.client.stream(self.spec.split, windows, spread=self.spec.spread)
+        if plan is not None:
+            self._stream = self.client.stream_plan(self.spec.split, plan, spread=self.spec.spread)
+        else:
+            self._stream = self.client.stream(self.spec.split, windows, spread=self.spec.spread)
 
     def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
         t0 = time.perf_counter()
@@ -183,7 +192,7 @@ class CachedTeacher:
         self._requested = self._delivered = 0
         self._wait = 0.0
 
-    def begin_epoch(self, windows: np.ndarray) -> None:
+    def begin_epoch(self, windows: np.ndarray, plan: PlanRequest | None = None) -> None:
         self._requested, self._delivered, self._wait = len(windows), 0, 0.0
 
     def _rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -246,9 +255,9 @@ class TeacherEnsemble:
         self.spec = spec
         self.val_errors = spec.val_errors
 
-    def begin_epoch(self, windows: np.ndarray) -> None:
+    def begin_epoch(self, windows: np.ndarray, plan: PlanRequest | None = None) -> None:
         for s in self.sources:
-            s.begin_epoch(windows)
+            s.begin_epoch(windows, plan)
 
     def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
         got = [s.labels_for(index, valid) for s in self.sources]

@@ -24,7 +24,6 @@ labels are sent bit-exact. A label cache of the same teacher gives the same para
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -32,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.validate import distill_loss_kwargs, validate_config
+from stkd_dist.distill import FORECAST_LOSSES
 from stkd_dist.errors import ConfigError, InputError, StkdError, StoreError
-from stkd_dist.train.checkpoint import list_checkpoints, write_json_atomic
+from stkd_dist.location import Location, exists, location, read_json, write_json_atomic
+from stkd_dist.serving.client import PlanRequest
+from stkd_dist.train.checkpoint import list_checkpoints
 from stkd_dist.train.distill_teachers import (
     ClientOptions,
     LabelSpec,
@@ -63,13 +64,11 @@ KD_EXPERIMENT = "student_kd"
 SCRATCH_EXPERIMENT = "student_scratch"
 TEACHERS_FILE = "teachers.json"
 LABELS_DIR = "labels"
-# losses whose teacher term compares forecasts in original units (what teachers serve)
-FORECAST_LOSSES = ("regression",)
 
 
-def delivery_path(experiment: str | Path, epoch: int, rank: int) -> Path:
+def delivery_path(experiment: str | Path | Location, epoch: int, rank: int) -> Location:
     """``<experiment>/labels/epoch_NNNN/rank_R.json``: a rank's label deliveries of an epoch."""
-    return Path(experiment) / LABELS_DIR / f"epoch_{epoch:04d}" / f"rank_{rank}.json"
+    return location(experiment) / LABELS_DIR / f"epoch_{epoch:04d}" / f"rank_{rank}.json"
 
 
 class DistillLoss:
@@ -101,10 +100,21 @@ class DistillLoss:
 
     def begin_epoch(self, epoch: int, loader: Any) -> None:
         """Ask the teachers for this rank's windows of ``epoch``, in the order it reads them."""
-        windows = np.asarray(loader.plan.rank_windows(self.ctx.rank), dtype=np.int64)
+        plan = loader.plan
+        windows = loader.shard.window_array()  # [n] int64, derived from the rank's blocks
         self._windows = len(windows)
         self._parts, self._weight = defaultdict(float), 0.0
-        self.source.begin_epoch(windows)
+        # streamed teachers get the plan itself (the server derives the same sequence)
+        request = PlanRequest(
+            world_size=plan.world_size,
+            rank=self.ctx.rank,
+            epoch=plan.epoch,
+            seed=plan.seed,
+            batch_size=plan.batch_size,
+            shuffle=plan.shuffle,
+            chunk_steps=plan.chunk_steps,
+        )
+        self.source.begin_epoch(windows, request)
 
     def __call__(self, batch: Any, pred: torch.Tensor) -> LossValue:
         # labels of the batch's windows, in batch order; padding samples get zeros (no loss)
@@ -177,6 +187,9 @@ class StudentRequest:
             teacher, ``<storage>/runs/<run>/teacher``).
         client: options of the teacher-service clients.
         replica_cpus: CPUs Ray reserves for each started replica (0: they share the cores).
+        experiment: the experiment's name in the run directory; None = ``student_kd`` (or
+            ``student_scratch`` with ``distill=False``). ``stkd distill --seeds`` trains its
+            further seeds as ``student_kd_seed<N>`` / ``student_scratch_seed<N>``.
     """
 
     teachers: tuple[TeacherSpec, ...] = ()
@@ -184,6 +197,7 @@ class StudentRequest:
     checkpoint: str | None = None
     client: ClientOptions = field(default_factory=ClientOptions)
     replica_cpus: float = 0.0
+    experiment: str | None = None
 
     def __post_init__(self) -> None:
         if self.distill and not self.teachers:
@@ -227,12 +241,12 @@ def _user_error(exc: BaseException) -> StkdError | None:
     return None
 
 
-def _check_teachers_unchanged(experiment: Path, teachers: Sequence[TeacherSpec]) -> None:
+def _check_teachers_unchanged(experiment: Location, teachers: Sequence[TeacherSpec]) -> None:
     """Refuse to resume a distilled run with other teachers than it started with."""
     path = experiment / TEACHERS_FILE
-    if not path.is_file() or not list_checkpoints(experiment):
+    if not exists(path) or not list_checkpoints(experiment):
         return
-    before = [t["version"] for t in json.loads(path.read_text(encoding="utf-8"))["teachers"]]
+    before = [t["version"] for t in read_json(path)["teachers"]]
     now = [t.version for t in teachers]
     if before != now:
         raise ConfigError(
@@ -264,7 +278,7 @@ def train_student(
             where="distill.loss",
         )
     validate_config(cfg, roles=("student",), distill=request.distill)
-    name = KD_EXPERIMENT if request.distill else SCRATCH_EXPERIMENT
+    name = request.experiment or (KD_EXPERIMENT if request.distill else SCRATCH_EXPERIMENT)
     exp = open_experiment(cfg, name, storage)
     done = existing_outcome(exp, cfg, "student", echo)
     if done is not None:
@@ -347,9 +361,9 @@ def train_student(
     return trained_outcome(exp, cfg, "student")
 
 
-def student_teachers(experiment: str | Path) -> dict[str, Any] | None:
+def student_teachers(experiment: str | Path | Location) -> dict[str, Any] | None:
     """``teachers.json`` of a distilled student's experiment (None when absent)."""
-    path = Path(experiment) / TEACHERS_FILE
-    if not path.is_file():
+    path = location(experiment) / TEACHERS_FILE
+    if not exists(path):
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)

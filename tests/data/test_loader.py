@@ -166,8 +166,9 @@ def test_two_ranks_in_two_processes_read_only_their_chunks(make_store, monkeypat
             shard.windows
         )
     assert results[0]["sizes"] == results[1]["sizes"]
-    # the blocks' own chunks are disjoint; only halo chunks may be read by both
+    # exact balance splits at most world_size - 1 = 1 block between the ranks: apart from that
+    # block's chunk the blocks' own chunks are disjoint; otherwise only halo chunks are read by both
     own = [{b.chunk for b in plan.ranks[r].blocks} for r in (0, 1)]
-    assert not own[0] & own[1]
+    assert len(own[0] & own[1]) <= 1
     assert sorted(real) == list(reader.windows("train"))
     assert len(real) == len(set(real))

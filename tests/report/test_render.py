@@ -74,7 +74,8 @@ def run_dir(tmp_path: Path) -> Path:
 def test_report_has_table_figures_and_embedded_images(run_dir: Path):
     md, page = write_report(run_dir)
     text = md.read_text()
-    assert "| student (distilled) | 3.200 |" in text
+    assert "| student (distilled) |  | 3.200 |" in text
+    assert "| teacher | ★ | 3.000 |" in text and "200,000" in text and "200000.000" not in text
     pngs = sorted(p.name for p in (run_dir / "report").glob("*.png"))
     assert pngs == [
         "error_map.png",

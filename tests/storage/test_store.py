@@ -13,7 +13,14 @@ import pytest
 import xarray as xr
 
 from stkd_dist.errors import InputError, StoreError
-from stkd_dist.storage import SCHEMA_VERSION, StoreMeta, choose_chunks, open_store, write_store
+from stkd_dist.storage import (
+    SCHEMA_VERSION,
+    DatasetStore,
+    StoreMeta,
+    choose_chunks,
+    open_store,
+    write_store,
+)
 
 
 def test_xarray_reads_store_with_named_dims(make_store):
@@ -95,11 +102,46 @@ def test_existing_destination_needs_overwrite(make_store):
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
-def test_missing_chunk_is_detected(make_store):
+@pytest.mark.parametrize("array", ["values", "mask"])
+def test_missing_chunk_is_detected_on_read_and_by_verify(make_store, array):
     path = make_store(steps=200, chunk_steps=50)
-    chunk = next(p for p in (path / "values" / "c").rglob("*") if p.is_file())
-    chunk.unlink()
-    with pytest.raises(StoreError, match="chunks missing on disk"):
+    (path / array / "c" / "2" / "0" / "0").unlink()  # time chunk 2: steps [100, 150)
+    store = open_store(path)  # opening reads metadata only, it does not list chunks
+    store.read(0, 100)
+    with pytest.raises(StoreError, match=r"time chunk 2 \(step 100\) of 'values' or 'mask'"):
+        store.read(90, 120)
+    with pytest.raises(StoreError, match=f"array '{array}' has 1 of 4 chunks missing"):
+        store.verify_chunks()
+
+
+def test_open_does_not_list_chunks(make_store):
+    """Opening a store reads its consolidated metadata only: no listing of any prefix."""
+    from zarr.storage import LocalStore
+
+    path = make_store(steps=200, chunk_steps=50)
+
+    class NoListing(LocalStore):
+        def list_dir(self, prefix):  # pragma: no cover - fails the test when called
+            raise AssertionError(f"listed {prefix!r}")
+
+        def list_prefix(self, prefix):  # pragma: no cover
+            raise AssertionError(f"listed {prefix!r}")
+
+        def list(self):  # pragma: no cover
+            raise AssertionError("listed the store")
+
+    store = DatasetStore(path, zarr_store=NoListing(str(path), read_only=True))
+    assert store.read(0, 10)[0].shape == (10, *store.shape[1:])
+
+
+def test_store_without_commit_marker_is_incomplete(make_store):
+    path = make_store()
+    meta_file = path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["attributes"]["stkd_schema_version"]
+    meta["consolidated_metadata"] = None
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="incomplete store: it has no commit marker"):
         open_store(path)
 
 

@@ -1,0 +1,114 @@
+"""What a distillation run concludes, beyond the metrics: the ``statistics`` stage of ``distill``.
+
+Two entries of ``metrics.json`` that are not models:
+
+* ``teacher_check``: the teacher's validation MAE next to last value and historical average on
+  the validation split. A teacher that does not beat both is a finding: ``distill`` says so in one
+  line and the report flags it;
+* ``kd_vs_scratch`` (``run.seeds`` >= 2): the test MAE of the distilled and the scratch student of
+  every seed, the paired test, the bootstrap interval and the share of the scratch→teacher gap
+  closed (:func:`stkd_dist.stats.kd_vs_scratch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from stkd_dist.config import Config
+from stkd_dist.data.reader import WindowReader
+from stkd_dist.location import Location, read_json, write_json_atomic
+from stkd_dist.metrics import MetricAccumulator
+
+#: ``metrics.json`` entries that are findings, not models or baselines
+FINDINGS = ("kd_vs_scratch", "teacher_check")
+
+
+def split_findings(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(models and baselines, findings)`` of a ``metrics.json`` object."""
+    models = {k: v for k, v in metrics.items() if k not in FINDINGS}
+    return models, {k: v for k, v in metrics.items() if k in FINDINGS}
+
+
+def extra_seeds(cfg: Config) -> list[int]:
+    """The seeds ``distill`` trains besides ``run.seed``: ``run.seed + 1 ... + run.seeds - 1``."""
+    return [cfg.run.seed + i for i in range(1, cfg.run.seeds)]
+
+
+def seed_experiment(distill: bool, seed: int) -> str:
+    """The experiment of a further seed's student: ``student_kd_seed<N>``, ``student_scratch_...``."""
+    return f"{'student_kd' if distill else 'student_scratch'}_seed{seed}"
+
+
+def with_seed(cfg: Config, seed: int) -> Config:
+    """``cfg`` with ``run.seed = seed`` (initialisation and shard plans follow it)."""
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
+
+
+def split_mae(
+    reader: WindowReader,
+    predict: Mapping[str, Any],
+    split: str,
+    batch_size: int,
+) -> dict[str, float]:
+    """Masked MAE on ``split`` of each predictor (``batch -> [B, H, N, C_out]``), one pass."""
+    from stkd_dist.data.loader import make_loader
+
+    accs = {name: MetricAccumulator(reader.window.horizon) for name in predict}
+    with torch.inference_mode():
+        for batch in make_loader(reader, split, batch_size=batch_size, shuffle=False):
+            for name, fn in predict.items():
+                accs[name].update(fn(batch), batch.y, batch.mask)
+    return {name: float(acc.compute().mae) for name, acc in accs.items()}
+
+
+def model_predictor(model: torch.nn.Module) -> Any:
+    """A predictor of a Forecaster (evaluation mode)."""
+    model.eval()
+    return lambda b: model(b.x, b.time_of_day, b.day_of_week)
+
+
+def baseline_predictors(reader: WindowReader) -> dict[str, Any]:
+    """Last value and historical average (fitted on the training split)."""
+    from stkd_dist.baselines import HistoricalAverage, LastValue
+
+    return {
+        "last_value": LastValue(reader).predict,
+        "historical_average": HistoricalAverage.fit(reader).predict,
+    }
+
+
+def teacher_check(teacher_val_mae: float, baselines_val_mae: Mapping[str, float]) -> dict[str, Any]:
+    """The ``teacher_check`` entry: does the teacher beat both naive baselines on validation?"""
+    beats = {name: teacher_val_mae < mae for name, mae in baselines_val_mae.items()}
+    worse = [name.replace("_", " ") for name, ok in beats.items() if not ok]
+    ok = not worse
+    if ok:
+        message = (
+            f"the teacher (validation MAE {teacher_val_mae:.4g}) beats last value "
+            f"({baselines_val_mae['last_value']:.4g}) and historical average "
+            f"({baselines_val_mae['historical_average']:.4g}) on validation"
+        )
+    else:
+        parts = ", ".join(f"{n} {baselines_val_mae[n.replace(' ', '_')]:.4g}" for n in worse)
+        message = (
+            f"warning: the teacher (validation MAE {teacher_val_mae:.4g}) does not beat {parts} "
+            "on validation; its soft labels may teach the student less than the targets do"
+        )
+    return {
+        "validation_mae": {"teacher": teacher_val_mae, **dict(baselines_val_mae)},
+        "beats": beats,
+        "beats_baselines": ok,
+        "message": message,
+    }
+
+
+def write_findings(metrics_path: Location, findings: Mapping[str, Any]) -> None:
+    """Merge ``findings`` into ``metrics.json`` (replacing earlier ones, dropping stale ones)."""
+    metrics = read_json(metrics_path)
+    for key in FINDINGS:
+        metrics.pop(key, None)
+    write_json_atomic(metrics_path, {**metrics, **dict(findings)})

@@ -13,6 +13,7 @@ The code that builds the graphs is the same either way.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,8 +26,26 @@ DASK_ENV = "STKD_DASK"
 _CHOICES = ("auto", "ray", "threads")
 
 
+_LOCAL_SOURCES: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "stkd_local_sources", default=False
+)
+
+
+@contextlib.contextmanager
+def local_sources() -> Iterator[None]:
+    """Graphs built inside this block read files of this machine (an ingest's source file):
+    they run on the threaded scheduler whatever the setting, since other nodes lack the file."""
+    token = _LOCAL_SOURCES.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_SOURCES.reset(token)
+
+
 def scheduler_name() -> str:
     """Resolve the scheduler setting to ``"ray"`` or ``"threads"``."""
+    if _LOCAL_SOURCES.get():
+        return "threads"
     choice = os.environ.get(DASK_ENV, "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise ConfigError(f"must be one of {', '.join(_CHOICES)}, got {choice!r}", where=DASK_ENV)

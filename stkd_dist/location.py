@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -138,14 +139,20 @@ _TRANSIENT_WORDS = (
     "throttl",
     "slowdown",
     "slow down",
-    "503",
-    "500",
-    "502",
-    "504",
     "internalerror",
+    "internal error",
     "serviceunavailable",
+    "service unavailable",
+    "bad gateway",
+    "gateway timeout",
     "connection reset",
+    "connection aborted",
     "temporarily",
+    "requestlimitexceeded",
+)
+# an HTTP 5xx named as a status (not any "50x" inside a key or a temporary name)
+_STATUS_5XX = re.compile(
+    r"(?:status|http|code|error)\W{0,3}5\d\d\b|\b5\d\d (?:server|service|internal)"
 )
 
 
@@ -153,8 +160,13 @@ def is_transient(error: BaseException) -> bool:
     """A network or service hiccup worth retrying (timeouts, 5xx, throttling), not bad data."""
     if isinstance(error, TimeoutError | ConnectionError):
         return True
+    status = getattr(error, "response", None)
+    if isinstance(status, dict):  # botocore's ClientError
+        code = status.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(code, int) and code >= 500:
+            return True
     text = f"{type(error).__name__} {error}".lower()
-    return any(w in text for w in _TRANSIENT_WORDS)
+    return any(w in text for w in _TRANSIENT_WORDS) or _STATUS_5XX.search(text) is not None
 
 
 def storage_error(error: BaseException, where: str) -> StoreError | None:
@@ -241,6 +253,7 @@ def exists(loc: UPath) -> bool:
 
     def probe() -> bool:
         fs = loc.fs
+        fs.invalidate_cache(loc.path)  # another process may have written it since we listed
         try:
             fs.info(loc.path)
             return True
@@ -326,6 +339,8 @@ def append_text(loc: UPath, text: str) -> None:
 def listdir(loc: UPath) -> list[UPath]:
     """The entries directly inside folder ``loc`` (empty when it does not exist), sorted."""
     loc = location(loc)
+    if is_remote(loc):
+        loc.fs.invalidate_cache(loc.path)  # see other processes' new objects
     try:
         return sorted(retrying(lambda: list(loc.iterdir()), url(loc)), key=str)
     except (FileNotFoundError, NotADirectoryError):

@@ -25,7 +25,13 @@ from rich.console import Console
 from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands.synth import block_progress
 from stkd_dist.info import dataset_info, render_info
-from stkd_dist.pipeline.stages import DEMO_DATASET, DEMO_NODES, DEMO_STEPS, synthesize_demo
+from stkd_dist.pipeline.stages import (
+    DEMO_DATASET,
+    DEMO_NODES,
+    DEMO_STEPS,
+    demo_spec,
+    synthesize_demo,
+)
 from stkd_dist.storage import open_store
 from stkd_dist.synth import SynthSpec
 
@@ -186,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     ctx = DemoContext(
         data=args.data,
-        spec=SynthSpec(nodes=args.nodes, steps=args.steps, seed=args.seed),
+        spec=demo_spec(nodes=args.nodes, steps=args.steps, seed=args.seed),
         console=console,
         run_name=args.run_name,
         storage=args.storage,

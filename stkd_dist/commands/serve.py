@@ -138,7 +138,12 @@ def _cache(args: argparse.Namespace, teacher: Teacher) -> LabelCache | None:
     else:
         path = location(args.cache)
     return open_cache(
-        path, meta, writable=args.write_through, memory_bytes=args.cache_memory_mb * 2**20
+        path,
+        meta,
+        writable=args.write_through,
+        memory_bytes=args.cache_memory_mb * 2**20,
+        # a cache created here is chunked like the shard plan's blocks of this store
+        chunk_steps=teacher.reader.store.chunks[0],
     )
 
 

@@ -97,7 +97,7 @@ class TeacherBoundedKD(nn.Module):
             gate = gate & observed
         # sum over the gated entries, normalised by every observed entry (as the task term is)
         match = self.match(student, teacher, observed, gate.to(student.dtype))
-        active = gate.sum() / observed.sum().clamp_min(1)
+        active = gate.to(torch.float64).sum() / observed.sum().clamp_min(1)
         loss = self.alpha * task + (1.0 - self.alpha) * match
         return loss, _parts(loss=loss, task=task, match=match, active=active)
 

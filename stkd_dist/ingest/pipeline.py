@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from stkd_dist.compute import compute
+from stkd_dist.compute import compute, local_sources
 from stkd_dist.errors import InputError, StoreError
 from stkd_dist.ingest.adjacency import Adjacency, load_adjacency
 from stkd_dist.ingest.arrays import read_npy, read_npz
@@ -149,10 +149,18 @@ def _provenance(source: Path, fmt: str, data: SourceData, extra: Sequence[tuple[
 def ingest(options: IngestOptions, progress: IngestProgress | None = None) -> IngestResult:
     """Convert ``options.source`` into a canonical store (see the module docstring).
 
+    The source is a file of this machine, so its Dask graphs run on the threaded scheduler even
+    in a process connected to a Ray cluster (:func:`stkd_dist.compute.local_sources`).
+
     Raises:
         StkdError: any problem with the inputs or the destination; nothing is left at the
             destination then.
     """
+    with local_sources():
+        return _ingest(options, progress)
+
+
+def _ingest(options: IngestOptions, progress: IngestProgress | None) -> IngestResult:
     progress = progress or IngestProgress()
     source = Path(options.source).expanduser()
     require_file(source, directory_ok=True)

@@ -373,7 +373,7 @@ class LabelCache:
         self.path = location(path)
         self.memory_bytes = int(memory_bytes)
         self.writable = mode != "r"
-        where = loc_.url(self.path)
+        where = str(self.path)
         with loc_.storage_errors(where):
             if not _exists(self.path):
                 raise StoreError("no such label cache", where=where)
@@ -650,7 +650,7 @@ class LabelCache:
 
     def check_matches(self, meta: TeacherMeta) -> None:
         """Raise :class:`StoreError` unless this cache holds labels of teacher ``meta``."""
-        where = loc_.url(self.path)
+        where = str(self.path)
         if self.fingerprint != meta.fingerprint:
             raise StoreError(
                 f"the cache holds labels for dataset {self.fingerprint}, the server's dataset is "
@@ -886,7 +886,7 @@ class LabelCache:
         fragments) is written whole, then marked done; other rows go to a new fragment object.
         """
         if not self.writable:
-            raise StoreError("the label cache is opened read-only", where=loc_.url(self.path))
+            raise StoreError("the label cache is opened read-only", where=str(self.path))
         idx = np.asarray(indices, dtype=np.int64)
         written = 0
         with self._write_lock, loc_.storage_errors(self.path):
@@ -1083,7 +1083,7 @@ def open_cache(
             raise StoreError(
                 "no label cache here; create one with `stkd precompute-labels` or serve with "
                 "--write-through",
-                where=loc_.url(loc),
+                where=str(loc),
             )
         _create_shared(loc, meta, chunk_steps)
     cache = LabelCache(loc, mode="r+" if writable else "r", memory_bytes=memory_bytes)

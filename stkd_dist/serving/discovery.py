@@ -179,6 +179,7 @@ class TeacherReplica:
                 teacher.meta,
                 writable=write_through,
                 memory_bytes=SERVE_MEMORY_BYTES,
+                chunk_steps=teacher.reader.store.chunks[0],  # chunks follow the plan's blocks
             )
         self.server = TeacherServer(
             teacher, dataclasses.replace(config, host=host), label_cache, write_through

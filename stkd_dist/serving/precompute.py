@@ -201,7 +201,7 @@ def precompute_labels(
     dest = location(out)
     if loc_.exists(dest) and not overwrite:
         raise StoreError(
-            "a label cache exists there; pass --overwrite to replace it", where=loc_.url(dest)
+            "a label cache exists there; pass --overwrite to replace it", where=str(dest)
         )
     remote = loc_.is_remote(dest)
     target = dest if remote else loc_.temporary_sibling(dest)

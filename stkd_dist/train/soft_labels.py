@@ -185,10 +185,9 @@ class CachedTeacher:
         self.shape = self.cache.window_shape
         self._memory: tuple[np.ndarray, np.ndarray | None] | None = None
         if in_memory:
-            group = self.cache.group[spec.split]
-            pred = np.asarray(group["prediction"][...])  # [windows of split, H, N, C]
-            sp = np.asarray(group["spread"][...]) if spec.spread else None
-            self._memory = (pred, sp)
+            # [windows of split, H, N, C] float32, decoded from the cache's stored label type
+            pred, sp = self.cache.read_split(spec.split, with_spread=spec.spread)
+            self._memory = (pred, sp if spec.spread else None)
         self._requested = self._delivered = 0
         self._wait = 0.0
 
@@ -206,7 +205,7 @@ class CachedTeacher:
                 )
             pred, spread = self._memory
             return pred[pos], (spread[pos] if spread is not None else None)
-        hit, labels = self.cache.lookup(self.spec.split, idx)
+        hit, labels = self.cache.lookup(self.spec.split, idx, with_spread=self.spec.spread)
         if labels is None or not hit.all():
             raise InputError(
                 f"window {int(idx[~hit][0])} is not in the cache", where=self.teacher.name

@@ -23,8 +23,8 @@ Rendered = tuple[str, list[dict[str, Any]]]
 KUBERAY_GROUP = "ray.io"
 
 
-def test_there_are_the_two_overlays() -> None:
-    assert {"cpu-dev", "gpu"} <= set(OVERLAYS)
+def test_there_are_the_three_overlays() -> None:
+    assert {"cpu-dev", "gpu", "object-store"} <= set(OVERLAYS)
 
 
 def test_core_objects_validate_strictly(overlay: Rendered) -> None:
@@ -32,7 +32,9 @@ def test_core_objects_validate_strictly(overlay: Rendered) -> None:
     core = [o for o in objects if not o["apiVersion"].startswith(f"{KUBERAY_GROUP}/")]
     kinds = {o["kind"] for o in core}
     assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
-    assert {"PersistentVolumeClaim", "ConfigMap", "Namespace"} <= kinds
+    assert {"ConfigMap", "Namespace"} <= kinds
+    # the object-store overlay keeps its storage root in a bucket: no volume claim at all
+    assert ("PersistentVolumeClaim" in kinds) == (name != "object-store")
     for obj in core:
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)

@@ -182,10 +182,17 @@ def test_network_policy_admits_only_grpc_from_students_and_ray(overlay: Rendered
 # ----------------------------------------------------------------------------- storage, config
 
 
-def test_every_ray_and_teacher_pod_mounts_the_shared_storage(overlay: Rendered) -> None:
-    _, objects = overlay
-    claim = one(objects, "PersistentVolumeClaim", "stkd-storage")
-    assert claim["spec"]["resources"]["requests"]["storage"]
+def test_every_ray_and_teacher_pod_reaches_the_storage_root(overlay: Rendered) -> None:
+    """A shared volume mounted at STKD_STORAGE, or (object-store overlay) a bucket URL with the
+    credentials from a Secret and no volume claim anywhere."""
+    name, objects = overlay
+    remote = name == "object-store"
+    claims = by_kind(objects, "PersistentVolumeClaim")
+    if remote:
+        assert claims == []
+    else:
+        claim = one(objects, "PersistentVolumeClaim", "stkd-storage")
+        assert claim["spec"]["resources"]["requests"]["storage"]
     for where, template in pod_templates(objects):
         if where.endswith("submitter"):
             continue
@@ -196,6 +203,11 @@ def test_every_ray_and_teacher_pod_mounts_the_shared_storage(overlay: Rendered) 
         }
         c = template["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in c["env"]}
+        if remote:
+            assert env["STKD_STORAGE"].startswith("s3://") and not volumes, where
+            secrets = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+            assert secrets == ["stkd-object-store"], where
+            continue
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         assert volumes.get(mounts.get(env["STKD_STORAGE"], "")) == "stkd-storage", where
 

@@ -171,3 +171,51 @@ def test_submitted_distill_trains_the_teacher_on_two_nodes(
     assert len(set(nodes)) == 2, nodes
     assert set(nodes) == set(cluster.worker_node_ids.values())
     assert cluster.head_node_id not in nodes
+
+
+def test_submitted_distill_with_an_s3_root_on_two_nodes(
+    local_ray_cluster: Any, s3_server: Any, shared_data: Path, tmp_path: Path
+) -> None:
+    """The whole run's storage is a bucket: the nodes share nothing else (no common folder).
+
+    The credentials and endpoint travel in the job's runtime environment (``stkd submit`` passes
+    the standard variables), never on the entrypoint's command line.
+    """
+    cluster = local_ray_cluster
+    bucket = s3_server.make_bucket()
+    root = f"s3://{bucket}/root"
+    los = shared_data / "los-loop"
+    config = small_distill_config(tmp_path / "small.yaml", Path("los"))  # a dataset name
+    command = (
+        f"ingest {los / 'los_speed.csv'} --adjacency {los / 'los_adj.csv'} --name los "
+        f"&& stkd distill --config {config} --run-name s3-two-nodes"
+    )
+    done = cluster.stkd(
+        "--storage", root, "submit", "--address", cluster.dashboard_url,
+        "--job-id", "distill-s3", "--", command,
+        env=s3_server.env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "SUCCEEDED" in done.stderr
+    secret = s3_server.env()["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in done.stdout + done.stderr  # neither logged nor echoed
+
+    prefix = "root/runs/s3-two-nodes/"
+    keys = s3_server.objects(bucket, prefix)
+    assert prefix + "metrics.json" in keys and prefix + "report.html" in keys
+    assert any(k.startswith(prefix + "labels/") for k in keys)  # the label cache too
+
+    def get(key: str) -> Any:
+        return json.loads(s3_server.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    metrics = get(prefix + "metrics.json")
+    assert {"teacher", "student_kd", "student_scratch"} <= set(metrics)
+    assert metrics["dataset"]["nodes"] == 207
+    ranks = [get(prefix + f"teacher/workers/rank-{r}.json") for r in (0, 1)]
+    nodes = [r["node_id"] for r in ranks]
+    assert set(nodes) == set(cluster.worker_node_ids.values()), nodes
+    # nothing under a local storage root of the submitting side
+    assert not (tmp_path / "storage").exists()
+    listed = json.loads(cluster.stkd("jobs", "--address", cluster.dashboard_url, "--json").stdout)
+    entry = next(j for j in listed if j["job_id"] == "distill-s3")
+    assert secret not in json.dumps(entry["entrypoint"])

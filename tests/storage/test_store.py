@@ -187,3 +187,40 @@ def test_choose_chunks(shape, expected):
     assert chunks == expected
     nbytes = np.prod(chunks) * 4
     assert nbytes <= 16 * 2**20
+
+
+def test_transient_read_errors_are_retried_not_called_corruption(make_store, monkeypatch):
+    """A timeout while fetching a chunk is retried with backoff; only bad bytes are corruption."""
+    from zarr.storage import LocalStore
+
+    import stkd_dist.location as loc
+
+    monkeypatch.setattr(loc.time, "sleep", lambda s: None)
+    path = make_store(steps=200, chunk_steps=50)
+    failures = {"left": 2, "calls": 0}
+
+    class Flaky(LocalStore):
+        async def get(self, key, prototype, byte_range=None):
+            if key.startswith("values/c/"):
+                failures["calls"] += 1
+                if failures["left"] > 0:
+                    failures["left"] -= 1
+                    raise TimeoutError(f"read of {key} timed out")
+            return await super().get(key, prototype, byte_range)
+
+    store = DatasetStore(path, zarr_store=Flaky(str(path), read_only=True))
+    expected, _ = open_store(path).read(0, 60)
+    values, _ = store.read(0, 60)  # two timeouts, then it goes through
+    np.testing.assert_array_equal(values, expected)
+    assert failures["left"] == 0 and failures["calls"] >= 3
+
+    class Down(LocalStore):
+        async def get(self, key, prototype, byte_range=None):
+            if key.startswith("values/c/"):
+                raise OSError("503 Service Unavailable")
+            return await super().get(key, prototype, byte_range)
+
+    down = DatasetStore(path, zarr_store=Down(str(path), read_only=True))
+    with pytest.raises(StoreError, match="storage unavailable after 5 attempts") as e:
+        down.read(0, 60)
+    assert "corrupted" not in str(e.value)

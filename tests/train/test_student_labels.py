@@ -186,6 +186,45 @@ def test_cache_and_stream_give_bitwise_equal_labels_exactly_once(
     cached.close()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_streaming_by_plan_gives_the_labels_of_the_rank_windows(
+    env: Env, server: TeacherServer, rank: int
+) -> None:
+    """The student asks for its shard plan (a few integers); the server derives the same window
+    sequence from it, including with a chunk length other than its own store's."""
+    from stkd_dist.serving.client import PlanRequest
+
+    options = ClientOptions(max_message_bytes=8192, prefetch=2)
+    streamed = open_label_source(
+        _spec(env, (TeacherSpec("stream", server.address),), client=options)
+    )
+    cached = open_label_source(_spec(env, (TeacherSpec("cache", str(env.cache["a"])),)))
+    chunk = 40  # not the store's: the request carries it
+    assert chunk != env.reader.store.chunks[0]
+    plan = make_plan_for(env.reader, world=2, rank=rank, chunk_steps=chunk)
+    windows = plan.rank(rank).window_array()
+    request = PlanRequest(
+        world_size=2, rank=rank, epoch=1, seed=3, batch_size=16, shuffle=True, chunk_steps=chunk
+    )
+    streamed.begin_epoch(windows, request)
+    cached.begin_epoch(windows)
+    index = torch.from_numpy(windows)
+    valid = torch.ones(len(windows), dtype=torch.bool)
+    sp, _ = streamed.labels_for(index, valid)
+    cp, _ = cached.labels_for(index, valid)
+    assert torch.equal(sp, cp)
+    (rec,) = streamed.end_epoch()
+    assert rec["requested"] == rec["delivered"] == len(windows)
+    streamed.close()
+    cached.close()
+
+
+def make_plan_for(reader: WindowReader, world: int, rank: int, chunk_steps: int):
+    from stkd_dist.data.plan import make_plan
+
+    return make_plan(reader.windows("train"), chunk_steps, world, epoch=1, seed=3, batch_size=16)
+
+
 def test_in_memory_cache_matches_on_demand_reads(env: Env) -> None:
     spec = _spec(env, (TeacherSpec("cache", str(env.cache["a"])),))
     a, _, _ = _epoch(open_label_source(spec), env.reader, epoch=1)

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from stkd_dist import location as loc
+from stkd_dist.location import errors as loc_errors
+from stkd_dist.location import files as loc_files
 from stkd_dist.errors import StoreError
 
 
@@ -44,15 +46,15 @@ def test_copy_tree_writes_the_marker_last(tmp_path: Path, monkeypatch: pytest.Mo
     for name in ("meta.json", "a.pt", "sub/b.pt"):
         (src / name).write_text(name)
     order: list[str] = []
-    real = loc.write_bytes_atomic
+    real = loc_files.write_bytes_atomic
 
     def recording(target: Any, data: bytes) -> None:
         order.append(loc.relative(target, loc.location(tmp_path / "dst")))
         real(target, data)
 
-    monkeypatch.setattr(loc, "write_bytes_atomic", recording)
+    monkeypatch.setattr(loc_files, "write_bytes_atomic", recording)
     # a local-to-local copy goes through the bytes path only when one side is remote: force it
-    monkeypatch.setattr(loc, "is_remote", lambda x: str(x).endswith("dst"))
+    monkeypatch.setattr(loc_files, "is_remote", lambda x: str(x).endswith("dst"))
     loc.copy_tree(loc.location(src), loc.location(tmp_path / "dst"), last=("meta.json",))
     assert order[-1] == "meta.json" and sorted(order) == ["a.pt", "meta.json", "sub/b.pt"]
 
@@ -75,7 +77,7 @@ def test_storage_errors_are_named(error: Exception, words: str) -> None:
 
 
 def test_transient_errors_are_retried_and_others_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loc.time, "sleep", lambda s: None)
+    monkeypatch.setattr(loc_errors.time, "sleep", lambda s: None)
     calls = []
 
     def flaky() -> str:

@@ -17,8 +17,9 @@ from stkd_dist.distill.losses import (
 )
 from stkd_dist.distill.regression_kd import HintKD, TeacherBoundedKD
 
-#: losses whose teacher term compares forecasts in original units (what teachers serve)
-FORECAST_LOSSES = ("regression", "teacher_bounded", "hint")
+#: losses a student can be trained with from what teachers serve (forecasts in original units);
+#: ``hint`` also needs the teacher's hidden states, which the service does not stream yet
+FORECAST_LOSSES = ("regression", "teacher_bounded")
 
 __all__ = [
     "CRITERIA",

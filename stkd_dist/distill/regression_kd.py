@@ -9,9 +9,9 @@ teacher, *, valid=None, **extras) -> (loss, parts)``), and both are registered i
   teacher's mistakes are never copied;
 * ``hint`` (:class:`HintKD`): output matching plus a hint term, the MSE between the student's
   hidden representation, mapped by a learned projection to the teacher's width, and the
-  teacher's hidden representation (FitNets, Romero et al., ICLR 2015). The projection belongs to
-  the student network (``student.kwargs.hint_dim``, see :class:`stkd_dist.models.mlp.STIDNet`),
-  so DDP averages its gradients and checkpoints carry it like any other weight.
+  teacher's hidden representation (FitNets, Romero et al., ICLR 2015). The loss is complete and
+  tested; training with it is refused for now, because teacher services and label caches do not
+  yet deliver the teacher's hidden states (``Forecaster(..., output="features")`` computes them).
 """
 
 from __future__ import annotations
@@ -109,8 +109,7 @@ class HintKD(nn.Module):
     ``L = α · task(ŷ_s, y) + (1 − α) · match(ŷ_s, ŷ_t) + β · MSE(P h_s, h_t)``
 
     ``P h_s`` (``student_feat``) is the student's hidden representation through its learned
-    projection, ``h_t`` (``teacher_feat``) the teacher's (served as the ``HIDDEN`` output of the
-    soft-label service), both ``[batch, node, F_t]``; the MSE runs over the valid samples. The
+    projection, ``h_t`` (``teacher_feat``) the teacher's, both ``[batch, node, F_t]``; the MSE runs over the valid samples. The
     match term runs over every entry of the valid samples (teacher forecasts are dense), the task
     term over the observed targets.
 
@@ -120,9 +119,6 @@ class HintKD(nn.Module):
         task, match: criterion keys (``mae``, ``mse``, ``huber``).
         huber_delta: ``δ`` of any ``huber`` criterion.
     """
-
-    #: the student's (projected) hidden features and the teacher's are needed
-    wants_features = True
 
     def __init__(
         self,
@@ -157,14 +153,14 @@ class HintKD(nn.Module):
         if student_feat is None or teacher_feat is None:
             raise InputError(
                 "the hint loss needs the student's projected features and the teacher's hidden "
-                "states (teachers serve them as the HIDDEN output)",
+                "states",
                 where="loss.features",
             )
         if student_feat.shape != teacher_feat.shape:
             raise InputError(
                 f"student features {list(student_feat.shape)} and teacher hidden states "
-                f"{list(teacher_feat.shape)} differ: set student.kwargs.hint_dim to the teacher's "
-                f"hidden width ({teacher_feat.shape[-1]})",
+                f"{list(teacher_feat.shape)} differ: project the student's features to the "
+                f"teacher's hidden width ({teacher_feat.shape[-1]})",
                 where="loss.features",
             )
         samples = _sample_mask(valid, student)

@@ -448,13 +448,13 @@ def run_distill(
     from stkd_dist.config.validate import validate_config
 
     validate_config(cfg)  # models, kwargs and the distillation loss, before any work
-    if cfg.distill.loss == "hint" and cfg.serve.mode == "cache":
+    if cfg.distill.loss == "hint":
         from stkd_dist.errors import ConfigError
 
         raise ConfigError(
-            "the hint loss needs the teacher's hidden states, which teachers stream but the "
-            "label cache does not hold; use serve.mode=stream",
-            where="serve.mode",
+            "the hint loss needs the teacher's hidden states, which teacher services and label "
+            "caches do not provide yet; use regression or teacher_bounded",
+            where="distill.loss",
         )
     if cfg.serve.endpoints:
         from stkd_dist.errors import ConfigError

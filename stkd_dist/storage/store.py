@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
@@ -19,6 +20,7 @@ from stkd_dist.errors import StoreError
 from stkd_dist.location import (
     Location,
     exists,
+    is_remote,
     is_transient,
     location,
     retrying,
@@ -70,6 +72,8 @@ class DatasetStore:
         self.path = location(path)
         where = url(self.path)
         self.where = where
+        self.remote = is_remote(self.path)
+        self._pool: ThreadPoolExecutor | None = None
         source = _zarr_source(self.path, mode) if zarr_store is None else zarr_store
         try:
             self.group = retrying(lambda: _open_group(source, mode, where), where)
@@ -215,10 +219,7 @@ class DatasetStore:
         what = f"steps [{start}, {stop})"
         try:
             # transient errors (timeouts, 5xx, throttling) are retried, never called corruption
-            values, mask = retrying(
-                lambda: (np.asarray(self.values[start:stop]), np.asarray(self.mask[start:stop])),
-                f"{self.where} ({what})",
-            )
+            values, mask = retrying(lambda: self._fetch(start, stop), f"{self.where} ({what})")
         except StoreError:
             raise
         except Exception as e:  # a codec error means the stored bytes are damaged
@@ -242,6 +243,18 @@ class DatasetStore:
                 where=self.where,
             )
         return values, mask
+
+    def _fetch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.remote:
+            return np.asarray(self.values[start:stop]), np.asarray(self.mask[start:stop])
+        # on an object store each array's chunks are requests: fetch both arrays at once, so a
+        # block costs one round of latency rather than two
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(2, thread_name_prefix="stkd-store")
+        mask = pool.submit(lambda: np.asarray(self.mask[start:stop]))
+        values = np.asarray(self.values[start:stop])
+        return values, mask.result()
 
     def dask(self, name: str) -> da.Array:
         """``values`` or ``mask`` as a Dask array that every Dask scheduler (Ray's too) can run."""

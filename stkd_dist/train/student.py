@@ -271,6 +271,12 @@ def train_student(
         storage: the storage root (default: ``$STKD_STORAGE`` or ``./storage``).
         echo: where status lines go.
     """
+    if request.distill and cfg.distill.loss == "hint":
+        raise ConfigError(
+            "the hint loss needs the teacher's hidden states, which teacher services and label "
+            f"caches do not provide yet; use one of {', '.join(FORECAST_LOSSES)}",
+            where="distill.loss",
+        )
     if request.distill and cfg.distill.loss not in FORECAST_LOSSES:
         raise ConfigError(
             f"loss {cfg.distill.loss!r} distils class logits, but teachers serve forecasts; use "

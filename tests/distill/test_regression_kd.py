@@ -157,7 +157,7 @@ def test_hint_needs_features_of_the_teachers_width() -> None:
     loss = build_loss("hint")
     with pytest.raises(InputError, match="hidden states"):
         loss(x["student"], x["target"], x["mask"], x["teacher"])
-    with pytest.raises(InputError, match="hint_dim to the teacher's hidden width \\(5\\)"):
+    with pytest.raises(InputError, match="teacher.s hidden width \\(5\\)"):
         loss(
             x["student"],
             x["target"],

@@ -213,3 +213,33 @@ def test_distill_refuses_bad_endpoints_before_any_work(
     err = capsys.readouterr().err
     assert err.startswith("stkd: error: serve.endpoints (--teacher): expected HOST:PORT")
     assert not root.exists()  # nothing written, no dataset synthesised
+
+
+def test_teacher_check_and_findings_in_metrics(layout: RunLayout) -> None:
+    from stkd_dist.pipeline.findings import split_findings, teacher_check, write_findings
+
+    ok = teacher_check(3.0, {"last_value": 3.5, "historical_average": 6.0})
+    assert ok["beats_baselines"] and ok["beats"] == {
+        "last_value": True,
+        "historical_average": True,
+    }
+    bad = teacher_check(4.0, {"last_value": 3.5, "historical_average": 6.0})
+    assert not bad["beats_baselines"]
+    assert bad["message"].startswith("warning: the teacher (validation MAE 4) does not beat last")
+    layout.metrics.write_text(json.dumps({"teacher": {"mae": 1.0}, "kd_vs_scratch": {"old": 1}}))
+    write_findings(layout.metrics, {"teacher_check": bad})  # a stale kd_vs_scratch goes
+    models, findings = split_findings(json.loads(layout.metrics.read_text()))
+    assert models == {"teacher": {"mae": 1.0}} and list(findings) == ["teacher_check"]
+
+
+def test_further_seeds_have_their_own_experiments() -> None:
+    from stkd_dist.pipeline.findings import extra_seeds, seed_experiment, with_seed
+
+    cfg = load_config("demo", ["run.seed=3", "run.seeds=3"])
+    assert extra_seeds(cfg) == [4, 5]
+    assert seed_experiment(True, 4) == "student_kd_seed4"
+    assert seed_experiment(False, 5) == "student_scratch_seed5"
+    assert with_seed(cfg, 4).run.seed == 4 and with_seed(cfg, 4).student == cfg.student
+    assert extra_seeds(load_config("demo")) == []
+    with pytest.raises(ConfigError, match="run.seeds: must be > 0"):
+        load_config("demo", ["run.seeds=0"])

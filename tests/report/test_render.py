@@ -114,3 +114,28 @@ def test_pareto_front():
     params = np.array([10, 20, 30, 40, 15])
     mae = np.array([5.0, 4.0, 4.5, 3.0, 6.0])
     assert pareto_front(params, mae) == [0, 1, 3]
+
+
+def test_findings_verdict_and_integers(run_dir: Path):
+    from stkd_dist.stats import kd_vs_scratch
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["kd_vs_scratch"] = kd_vs_scratch(
+        [3.2, 3.1, 3.3], [3.4, 3.5, 3.3], 3.0, [0, 1, 2]
+    )
+    metrics["teacher_check"] = {
+        "beats_baselines": False,
+        "message": "warning: the teacher (validation MAE 4.1) does not beat last value 4.0",
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    md, page = write_report(run_dir)
+    text = md.read_text()
+    assert (
+        "The distilled student (test MAE 3.200) beat the student trained without distillation "
+        "(3.400) and beat both naive baselines; its test MAE is 6.7 % above the teacher's."
+    ) in text
+    assert "**Teacher check:** warning: the teacher" in text
+    assert "**Distilled vs scratch over seeds:** Distillation did not help" in text
+    assert "| 2 | 3.300 | 3.300 |" in text  # per-seed table
+    html = page.read_text()
+    assert "200,000" in html and "200000.0" not in html and "<b>Teacher check:</b>" in html

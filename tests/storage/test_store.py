@@ -193,9 +193,9 @@ def test_transient_read_errors_are_retried_not_called_corruption(make_store, mon
     """A timeout while fetching a chunk is retried with backoff; only bad bytes are corruption."""
     from zarr.storage import LocalStore
 
-    import stkd_dist.location as loc
+    from stkd_dist.location import errors as loc_errors
 
-    monkeypatch.setattr(loc.time, "sleep", lambda s: None)
+    monkeypatch.setattr(loc_errors.time, "sleep", lambda s: None)
     path = make_store(steps=200, chunk_steps=50)
     failures = {"left": 2, "calls": 0}
 

@@ -46,7 +46,7 @@ def ray_local(store: Path) -> Iterator[None]:
     ray.shutdown()
 
 
-def test_ddp_ranks_stay_identical_and_min_epochs_hold(
+def test_ddp_ranks_stay_identical(
     ray_local: None, store: Path, tmp_path: Path
 ) -> None:
     root = tmp_path / "storage"
@@ -57,19 +57,15 @@ def test_ddp_ranks_stay_identical_and_min_epochs_hold(
             "data.batch_size=16",
             "teacher.model=staeformer",
             f"teacher.kwargs={json.dumps(TINY)}",
-            "teacher.optim.lr=1.0e-30",  # no progress on validation: patience runs out at once
-            "teacher.schedule.epochs=4",
-            "teacher.schedule.early_stopping_patience=1",
-            "teacher.schedule.min_epochs=3",
+            "teacher.schedule.epochs=2",
             "run.name=stae",
             "cluster.num_workers=2",
         ],
     )
     out = train_teacher(cfg, storage=root, echo=lambda s: None)
     history = read_history(root / "runs" / "stae" / "teacher")
-    # patience 1 with no progress would stop after epoch 2; min_epochs keeps it to epoch 3
-    assert [h["epoch"] for h in history] == [0, 1, 2]
-    assert history[-1]["stopped_early"] and out.stopped_early
+    assert [h["epoch"] for h in history] == [0, 1] and out.epochs_done == 2
+    assert history[0]["param_digests"][0] != history[1]["param_digests"][0]  # training moved them
     for h in history:
         assert len(h["param_digests"]) == 2
         assert h["param_digests"][0] == h["param_digests"][1], h

@@ -1,0 +1,431 @@
+"""Completeness markers, fragments and the protocol by which concurrent writers fill a cache.
+
+Nothing in a label cache is taken for complete unless the object saying so exists, and every
+such object is written after the data it vouches for (the objects:
+:mod:`stkd_dist.serving.cache_layout`):
+
+* a folder without ``_stkd/commit.json`` is no label cache (its creation did not finish);
+* a chunk's rows count as present only once its ``done`` marker exists; the marker is written
+  after the chunk's data objects, and each data object is one whole chunk written by one writer
+  in one atomic write (one PUT on an object store, a rename on a local disk);
+* rows of a chunk that is not complete yet (write-through serving) are written as a fragment: one
+  new object per write, named by its writer, so writers never touch each other's objects. A writer
+  that has (from its own and the other writers' fragments) every row of a chunk writes the whole
+  chunk, then its marker, then deletes the fragments. Two writers completing the same chunk write
+  the same rows; either object is whole.
+
+So several serving replicas may fill one cache at once (write-through), and a crashed writer
+leaves at most objects no reader takes for complete.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+from upath import UPath
+
+from stkd_dist import location as loc_
+from stkd_dist.errors import StoreError
+from stkd_dist.serving.cache_layout import (
+    META_DIR,
+    Labels,
+    _fill_value,
+    _stored_dtype,
+    decode_labels,
+    encode_labels,
+)
+
+# how often a reader looks again for the marker of a chunk it misses (write-through replicas)
+REFRESH_S = 10.0
+
+
+# -- object-store listings ---------------------------------------------------------------------
+def _fresh(loc: UPath) -> UPath:
+    """``loc`` with fsspec's cached listing of it and its folder dropped.
+
+    fsspec caches listings of object stores per process; markers and fragments are written by
+    other processes, so every look for them must ask the store again.
+    """
+    if loc_.is_remote(loc):
+        loc.fs.invalidate_cache(loc.path)
+    return loc
+
+
+def _listdir(loc: UPath) -> list[UPath]:
+    """The entries of folder ``loc``, asking the store again; empty when it does not exist."""
+    # look first: location.listdir retries a missing folder as a transient error when its path
+    # happens to contain "500"…"504" (random temporary names do), sleeping seconds each time
+    if not _exists(loc):
+        return []
+    return loc_.listdir(loc)
+
+
+def _exists(loc: UPath) -> bool:
+    _fresh(loc.parent)
+    return loc_.exists(_fresh(loc))
+
+
+def _writer_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# -- per-split state ---------------------------------------------------------------------------
+@dataclass
+class _Partial:
+    """Rows of one incomplete chunk known to this process (own writes and others' fragments)."""
+
+    mask: np.ndarray  # [chunk rows] bool
+    prediction: np.ndarray  # [chunk rows, H, N, C] stored dtype
+    spread: np.ndarray | None
+    seen: set[str] = field(default_factory=set)  # fragment names already merged
+
+    def put(self, local: np.ndarray, pred: np.ndarray, spread: np.ndarray | None) -> None:
+        self.prediction[local] = pred
+        if self.spread is not None and spread is not None:
+            self.spread[local] = spread
+        self.mask[local] = True
+
+
+@dataclass
+class _Split:
+    """One split: its windows, chunking, arrays and what of it is present."""
+
+    name: str
+    windows: range
+    chunk_rows: int
+    block_rows: int
+    arrays: dict[str, zarr.Array]
+    done: np.ndarray  # [chunks] bool: marker seen
+    filled: np.ndarray  # [windows] bool: row present (done chunk or fragment)
+    checked: np.ndarray  # [chunks] float: monotonic time of the last look for the marker
+    partial: dict[int, _Partial] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.windows)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.done)
+
+    def chunk_slice(self, c: int) -> slice:
+        lo = c * self.chunk_rows
+        return slice(lo, min(lo + self.chunk_rows, self.n))
+
+    def chunk_len(self, c: int) -> int:
+        s = self.chunk_slice(c)
+        return s.stop - s.start
+
+    def positions(self, indices: np.ndarray) -> np.ndarray:
+        """Rows of windows ``indices``; -1 where a window is not in the split."""
+        r = self.windows
+        if len(r) == 0:
+            return np.full(indices.shape, -1, dtype=np.int64)
+        off = indices - r.start
+        pos = off // r.step
+        ok = (off >= 0) & (off % r.step == 0) & (pos < len(r))
+        return np.where(ok, pos, -1)
+
+
+class _ChunkPresence:
+    """Which rows of an opened cache are present, and how this process adds rows to it.
+
+    The base of :class:`~stkd_dist.serving.cache.LabelCache`, which sets the attributes below
+    when it opens the cache.
+    """
+
+    path: UPath
+    writable: bool
+    window_shape: tuple[int, ...]
+    has_spread: bool
+    label_dtype: str
+    writer_id: str
+    # _lock guards the in-memory state and is never held across storage I/O; _write_lock orders
+    # this instance's writes (see LabelCache.__init__)
+    _lock: threading.Lock
+    _write_lock: threading.RLock
+    _splits: dict[str, _Split]
+    _memory: dict[str, Labels]  # split -> (prediction, spread) float32 in RAM
+    _fragment_seq: int
+
+    # -- what is present -----------------------------------------------------------------------
+    def _scan(self, s: _Split) -> None:
+        """Read the split's markers and fragments from the store."""
+        done = np.zeros(s.n_chunks, dtype=bool)
+        for entry in _listdir(self.path / META_DIR / "done" / s.name):
+            if entry.name.isdigit() and int(entry.name) < s.n_chunks:
+                done[int(entry.name)] = True
+        for c in np.flatnonzero(done & ~s.done):
+            self._adopt_done(s, int(c))
+        for entry in _listdir(self.path / META_DIR / "rows" / s.name):
+            if not entry.name.isdigit() or int(entry.name) >= s.n_chunks:
+                continue
+            c = int(entry.name)
+            if s.done[c]:
+                if self.writable:  # fragments of a complete chunk are left over: tidy up
+                    loc_.remove(entry)
+                continue
+            self._merge_fragments(s, c)
+
+    def _mark_done(self, s: _Split, c: int) -> None:
+        """Chunk ``c``'s marker exists (call with ``_lock`` held)."""
+        s.done[c] = True
+        s.filled[s.chunk_slice(c)] = True
+        s.partial.pop(c, None)
+        s.checked[c] = time.monotonic()
+
+    def _marker(self, s: _Split, c: int) -> UPath:
+        return self.path / META_DIR / "done" / s.name / str(c)
+
+    def _fragments(self, s: _Split, c: int) -> UPath:
+        return self.path / META_DIR / "rows" / s.name / str(c)
+
+    def _check_marker(self, s: _Split, c: int) -> bool:
+        """Whether chunk ``c`` is complete, asking the store when not known (another writer)."""
+        if s.done[c]:
+            return True
+        if not _exists(self._marker(s, c)):
+            s.checked[c] = time.monotonic()
+            return False
+        self._adopt_done(s, c)
+        return True
+
+    def _adopt_done(self, s: _Split, c: int) -> None:
+        """Take chunk ``c`` for complete (its marker exists), copying it into memory if held."""
+        with self._write_lock:  # ordered with the resident copy's read (_ChunkReader._resident)
+            data = self._read_chunk_for_memory(s, c)
+            with self._lock:
+                self._mark_done(s, c)
+                self._put_memory(s, s.chunk_slice(c), data)
+
+    def _refresh_missing(self, s: _Split, rows: np.ndarray) -> None:
+        """Look for markers of the chunks of missing ``rows`` not looked for in a while."""
+        missing = rows[~s.filled[rows]]
+        if missing.size == 0:
+            return
+        now = time.monotonic()
+        for c in np.unique(missing // s.chunk_rows):
+            if not s.done[c] and now - s.checked[c] >= REFRESH_S:
+                self._check_marker(s, int(c))
+
+    def refresh(self) -> None:
+        """Read again which chunks and rows other writers have completed."""
+        for s in self._splits.values():
+            self._scan(s)
+
+    def _merge_fragments(self, s: _Split, c: int) -> _Partial | None:
+        """Merge the fragments of chunk ``c`` not merged yet; None when the chunk is complete."""
+        part = s.partial.get(c) or self._new_partial(s, c)
+        full = False
+        for entry in _listdir(self._fragments(s, c)):
+            if entry.name in part.seen or not entry.name.endswith(".npz"):
+                continue
+            try:
+                blob = loc_.read_bytes(entry)
+            except FileNotFoundError:
+                # a writer completed the chunk and deleted its fragments after its marker
+                if self._check_marker(s, c):
+                    return None
+                continue
+            with np.load(io.BytesIO(blob)) as f:
+                local = f["rows"].astype(np.int64)
+                pred = f["prediction"]
+                spread = f["spread"] if "spread" in f.files else None
+            with self._lock:
+                new = ~part.mask[local]
+                part.put(local[new], pred[new], None if spread is None else spread[new])
+                part.seen.add(entry.name)
+                if new.any():
+                    rows = local[new] + s.chunk_slice(c).start
+                    s.filled[rows] = True
+                    s.partial[c] = part
+                    self._put_memory(s, rows, self._decode_pair(pred[new], spread, new))
+                full = bool(part.mask.all())
+        if full and self.writable:
+            # writers that wrote the last rows at the same moment each saw the chunk incomplete
+            # and left a fragment: whoever sees them all first writes the whole chunk
+            with self._write_lock:
+                if not s.done[c]:
+                    self._complete_chunk(s, c, part.prediction, part.spread)
+            return None
+        return part
+
+    def _new_partial(self, s: _Split, c: int) -> _Partial:
+        n = s.chunk_len(c)
+        dtype = _stored_dtype(self.label_dtype)
+        fill = _fill_value(self.label_dtype)
+        return _Partial(
+            mask=np.zeros(n, dtype=bool),
+            prediction=np.full((n, *self.window_shape), fill, dtype=dtype),
+            spread=np.full((n, *self.window_shape), fill, dtype=dtype) if self.has_spread else None,
+        )
+
+    # -- the resident copy ---------------------------------------------------------------------
+    def _decode_pair(
+        self, pred: np.ndarray, spread: np.ndarray | None, sel: np.ndarray | None = None
+    ) -> Labels:
+        p = decode_labels(pred, self.label_dtype)
+        if spread is None:
+            return p, None
+        sp = spread if sel is None else spread[sel]
+        return p, decode_labels(sp, self.label_dtype)
+
+    def _read_chunk_for_memory(self, s: _Split, c: int) -> Labels | None:
+        """Chunk ``c`` decoded, when the split is held in memory (to copy it in), else None."""
+        if s.name not in self._memory:
+            return None
+        data = {n: np.asarray(a[s.chunk_slice(c)]) for n, a in s.arrays.items()}
+        return self._decode_pair(data["prediction"], data.get("spread"))
+
+    def _put_memory(self, s: _Split, rows: np.ndarray | slice, labels: Labels | None) -> None:
+        """Copy present rows into the resident arrays (call with ``_lock`` held)."""
+        held = self._memory.get(s.name)
+        if held is None or labels is None:
+            return
+        held[0][rows] = labels[0]
+        if held[1] is not None and labels[1] is not None:
+            held[1][rows] = labels[1]
+
+    # -- writes --------------------------------------------------------------------------------
+    def write(self, indices: np.ndarray, prediction: np.ndarray, spread: np.ndarray | None) -> int:
+        """Store the labels of windows ``indices`` (any split); returns the rows newly stored.
+
+        Windows of splits the cache does not hold, and windows already present, are skipped.
+        A chunk that these rows complete (with the rows of earlier writes and of other writers'
+        fragments) is written whole, then marked done; other rows go to a new fragment object.
+        """
+        if not self.writable:
+            raise StoreError("the label cache is opened read-only", where=str(self.path))
+        idx = np.asarray(indices, dtype=np.int64)
+        written = 0
+        with self._write_lock, loc_.storage_errors(self.path):
+            for s in self._splits.values():
+                pos = s.positions(idx)
+                sel = np.flatnonzero(pos >= 0)
+                if sel.size == 0:
+                    continue
+                rows, first = np.unique(pos[sel], return_index=True)
+                sel = sel[first]
+                pred = encode_labels(prediction[sel], self.label_dtype)
+                if self.has_spread:
+                    assert spread is not None, "a teacher with spread returns it"
+                    sp: np.ndarray | None = encode_labels(spread[sel], self.label_dtype)
+                else:
+                    sp = None
+                chunk_of = rows // s.chunk_rows
+                for c in np.unique(chunk_of):
+                    m = chunk_of == c
+                    written += self._write_rows(
+                        s, int(c), rows[m] - int(c) * s.chunk_rows, pred[m],
+                        None if sp is None else sp[m],
+                    )  # fmt: skip
+        return written
+
+    def _write_rows(
+        self, s: _Split, c: int, local: np.ndarray, pred: np.ndarray, spread: np.ndarray | None
+    ) -> int:
+        """Add rows ``local`` (stored dtype) of chunk ``c``; returns how many were new."""
+        if self._check_marker(s, c):
+            return 0
+        # other writers' rows of this chunk first: together they may complete it
+        part = self._merge_fragments(s, c)
+        if part is None:
+            return 0
+        with self._lock:
+            new = ~part.mask[local]
+            complete = int(part.mask.sum()) + int(new.sum()) == s.chunk_len(c)
+        if not new.any():
+            return 0
+        local, pred = local[new], pred[new]
+        spread = None if spread is None else spread[new]
+        if complete:
+            full_pred = part.prediction.copy()
+            full_pred[local] = pred
+            full_spread = None
+            if part.spread is not None and spread is not None:
+                full_spread = part.spread.copy()
+                full_spread[local] = spread
+            self._complete_chunk(s, c, full_pred, full_spread)
+        else:
+            name = self._write_fragment(s, c, local, pred, spread)
+            with self._lock:
+                part.put(local, pred, spread)
+                part.seen.add(name)
+                rows = local + s.chunk_slice(c).start
+                s.filled[rows] = True
+                s.partial[c] = part
+                self._put_memory(s, rows, self._decode_pair(pred, spread))
+        return int(local.size)
+
+    def _complete_chunk(
+        self, s: _Split, c: int, pred: np.ndarray, spread: np.ndarray | None
+    ) -> None:
+        """Write chunk ``c`` whole and its marker, then drop its fragments."""
+        self._store_chunk(s, c, pred, spread)
+        # the marker exists now: the fragments are redundant (readers that listed them and find
+        # them gone look for the marker)
+        loc_.remove(self._fragments(s, c))
+        with self._lock:
+            self._mark_done(s, c)
+            self._put_memory(s, s.chunk_slice(c), self._decode_pair(pred, spread))
+
+    def _write_fragment(
+        self, s: _Split, c: int, local: np.ndarray, pred: np.ndarray, spread: np.ndarray | None
+    ) -> str:
+        """One new object holding rows ``local`` of chunk ``c``; returns its name."""
+        self._fragment_seq += 1
+        name = f"{self.writer_id}-{self._fragment_seq:08d}.npz"
+        buf = io.BytesIO()
+        arrays = {"rows": local.astype(np.int32), "prediction": pred}
+        if spread is not None:
+            arrays["spread"] = spread
+        np.savez(buf, **arrays)
+        loc_.write_bytes_atomic(self._fragments(s, c) / name, buf.getvalue())
+        return name
+
+    def write_chunk(
+        self, split: str, chunk: int, prediction: np.ndarray, spread: np.ndarray | None
+    ) -> None:
+        """Store every row of chunk ``chunk`` of ``split`` (float32 labels) and mark it done.
+
+        The fill (:func:`~stkd_dist.serving.precompute.precompute_labels`) gives each chunk to
+        exactly one worker, which writes it with this.
+        """
+        s = self._splits[split]
+        n = s.chunk_len(chunk)
+        if len(prediction) != n or (spread is not None and len(spread) != n):
+            raise ValueError(f"chunk {chunk} of {split} has {n} rows, got {len(prediction)}")
+        pred = encode_labels(prediction, self.label_dtype)
+        sp = encode_labels(spread, self.label_dtype) if spread is not None else None
+        if self.has_spread and sp is None:
+            raise ValueError("a teacher with spread returns it")
+        with self._write_lock, loc_.storage_errors(self.path):
+            self._store_chunk(s, chunk, pred, sp)
+            with self._lock:
+                self._mark_done(s, chunk)
+                self._put_memory(s, s.chunk_slice(chunk), self._decode_pair(pred, sp))
+
+    def _store_chunk(self, s: _Split, c: int, pred: np.ndarray, spread: np.ndarray | None) -> None:
+        """Write chunk ``c`` whole (stored dtype), then its marker.
+
+        Each array write covers exactly one whole chunk, so Zarr encodes it and stores it as
+        one object without reading the old one (one PUT, or a rename on a local disk): a reader
+        sees the old object or the new, and two writers of the same chunk never mix.
+        """
+        sl = s.chunk_slice(c)
+        s.arrays["prediction"][sl] = pred
+        if self.has_spread:
+            assert spread is not None
+            s.arrays["spread"][sl] = spread
+        # the marker after the data: a crash in between leaves a chunk nobody counts
+        loc_.write_json_atomic(self._marker(s, c), {"rows": sl.stop - sl.start})

@@ -92,7 +92,9 @@ def validate_distill(cfg: Config, source: str | None = None) -> None:
     try:
         kwargs = distill_loss_kwargs(cfg.distill)
     except ConfigError as e:
-        raise ConfigError(e.message, where=f"{prefix}{e.where}") from None
+        # an unknown loss key is about distill.loss; a parameter error names its own field
+        where = e.where if (e.where or "").startswith("distill.") else "distill.loss"
+        raise ConfigError(e.message, where=f"{prefix}{where}") from None
     try:
         build_loss(cfg.distill.loss, **kwargs)
     except StkdError as e:

@@ -52,6 +52,7 @@ from stkd_dist.location.files import (
     write_text_atomic,
 )
 from stkd_dist.location.urls import (
+    CREDENTIAL_ENV,
     OPTIONS_ENV,
     SCRATCH_ENV,
     Location,
@@ -66,6 +67,7 @@ from stkd_dist.location.urls import (
 )
 
 __all__ = [
+    "CREDENTIAL_ENV",
     "OPTIONS_ENV",
     "SCRATCH_ENV",
     "Location",

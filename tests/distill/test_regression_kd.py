@@ -157,7 +157,7 @@ def test_hint_needs_features_of_the_teachers_width() -> None:
     loss = build_loss("hint")
     with pytest.raises(InputError, match="hidden states"):
         loss(x["student"], x["target"], x["mask"], x["teacher"])
-    with pytest.raises(InputError, match="teacher.s hidden width \\(5\\)"):
+    with pytest.raises(InputError, match=r"teacher.s hidden width \(5\)"):
         loss(
             x["student"],
             x["target"],
@@ -170,7 +170,7 @@ def test_hint_needs_features_of_the_teachers_width() -> None:
 
 def test_registered_with_typed_parameters() -> None:
     assert {"teacher_bounded", "hint"} <= set(LOSSES.keys())
-    with pytest.raises(ConfigError, match="loss.margin"):
+    with pytest.raises(ConfigError, match=r"loss\.margin"):
         build_loss("teacher_bounded", margin=-1.0)
     with pytest.raises(ConfigError, match="unknown criterion 'l3'"):
         build_loss("hint", match="l3")
@@ -182,7 +182,11 @@ def test_registered_with_typed_parameters() -> None:
         (["distill.temperature=8"], "distill.temperature", "'regression'"),
         (["distill.loss=teacher_bounded", "distill.beta=0.5"], "distill.beta", "'teacher_bounded'"),
         (["distill.loss=hinton", "distill.margin=1"], "distill.margin", "'hinton'"),
-        (["distill.loss=hint", "distill.confidence_weighting=true"], "distill.confidence", "'hint'"),
+        (
+            ["distill.loss=hint", "distill.confidence_weighting=true"],
+            "distill.confidence",
+            "'hint'",
+        ),
     ],
 )
 def test_a_parameter_the_loss_does_not_take_is_a_config_error(
@@ -199,5 +203,5 @@ def test_parameters_the_loss_takes_are_passed() -> None:
     validate_config(
         load_config("demo", ["distill.loss=teacher_bounded", "distill.margin=0.5"]), roles=()
     )
-    with pytest.raises(ConfigError, match="distill.margin: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"distill\.margin: must be >= 0"):
         load_config("demo", ["distill.loss=teacher_bounded", "distill.margin=-0.5"])

@@ -56,7 +56,7 @@ def test_tiny_case_by_hand() -> None:
     assert y.shape == (1, 1, 2, 1)
     expected = torch.tensor([1 - 2 + 0.5, -1 + 2 + 0.5]).reshape(1, 1, 2, 1)
     assert torch.allclose(y, expected, atol=1e-3)
-    mean, hidden = model(x, tod, dow, output="features")
+    _, hidden = model(x, tod, dow, output="features")
     assert hidden.shape == (1, 2, 2)  # [batch, node, D]: tokens averaged over the input steps
     assert torch.allclose(hidden[0, 0], torch.tensor([0.0, 0.0]), atol=1e-3)  # (+) and (-)
 

@@ -241,5 +241,14 @@ def test_further_seeds_have_their_own_experiments() -> None:
     assert seed_experiment(False, 5) == "student_scratch_seed5"
     assert with_seed(cfg, 4).run.seed == 4 and with_seed(cfg, 4).student == cfg.student
     assert extra_seeds(load_config("demo")) == []
-    with pytest.raises(ConfigError, match="run.seeds: must be > 0"):
+    with pytest.raises(ConfigError, match=r"run\.seeds: must be > 0"):
         load_config("demo", ["run.seeds=0"])
+
+
+def test_hint_loss_is_refused_before_any_work(tmp_path: Path) -> None:
+    from stkd_dist.pipeline.distill import run_distill
+
+    cfg = load_config("demo", ["distill.loss=hint", "distill.beta=0.5"])
+    with pytest.raises(ConfigError, match=r"distill\.loss: the hint loss needs the teacher"):
+        run_distill(cfg, storage=tmp_path)
+    assert not (tmp_path / "runs").exists()

@@ -120,9 +120,7 @@ def test_findings_verdict_and_integers(run_dir: Path):
     from stkd_dist.stats import kd_vs_scratch
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics["kd_vs_scratch"] = kd_vs_scratch(
-        [3.2, 3.1, 3.3], [3.4, 3.5, 3.3], 3.0, [0, 1, 2]
-    )
+    metrics["kd_vs_scratch"] = kd_vs_scratch([3.2, 3.1, 3.3], [3.4, 3.5, 3.3], 3.0, [0, 1, 2])
     metrics["teacher_check"] = {
         "beats_baselines": False,
         "message": "warning: the teacher (validation MAE 4.1) does not beat last value 4.0",

@@ -184,30 +184,34 @@ def test_wrong_credentials_are_one_clear_error(
     assert s3_server.objects(bucket, "other/") == []
 
 
-def test_a_killed_synth_leaves_nothing_a_reader_takes_for_a_store(
+def test_a_killed_ingest_leaves_nothing_a_reader_takes_for_a_store(
     s3_server: Any, tmp_path: Path
 ) -> None:
     bucket = s3_server.make_bucket()
     env = {**s3_server.env(), "STKD_STORAGE": f"s3://{bucket}/root"}
+    source = tmp_path / "big.npy"  # [time, node, channel], ~70 MiB: many chunks to upload
+    rng = np.random.default_rng(0)
+    np.save(source, rng.normal(50, 10, size=(60_000, 300, 1)).astype(np.float32))
     full = {**os.environ, **env}
     full.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stkd_dist.cli", "synth", "--nodes", "300", "--steps", "60000",
-         "--chunk-steps", "512", "--name", "big"],
+        [sys.executable, "-m", "stkd_dist.cli", "ingest", str(source), "--name", "big",
+         "--chunk-steps", "512"],
         env=full, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     try:
         # wait for the observable event: chunks landing under the hidden temporary prefix
         deadline = time.monotonic() + 180
+        partial: list[str] = []
         while time.monotonic() < deadline:
             partial = [k for k in s3_server.objects(bucket, "root/datasets/") if "/values/c/" in k]
             if partial or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        assert proc.poll() is None, "synth finished before it could be killed: make it larger"
+        assert proc.poll() is None, "ingest finished before it could be killed: make it larger"
         assert partial, "no chunk was written within 180 s"
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the ingest and anything it started
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -218,6 +222,12 @@ def test_a_killed_synth_leaves_nothing_a_reader_takes_for_a_store(
     assert s3_server.objects(bucket, "root/datasets/big.zarr/") == []
     line = one_error_line(stkd("info", "big", env=env, cwd=tmp_path))
     assert "no dataset named 'big'" in line and f"s3://{bucket}/root/datasets/big.zarr" in line
+    # the same command again succeeds: the leftover temporary prefix is not in its way
+    again = stkd("ingest", source, "--name", "big", "--chunk-steps", 512, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "root/datasets/big.zarr/zarr.json" in s3_server.objects(
+        bucket, "root/datasets/big.zarr/"
+    )
 
 
 def test_a_store_interrupted_while_moved_into_place_is_refused(
@@ -231,3 +241,39 @@ def test_a_store_interrupted_while_moved_into_place_is_refused(
     s3_server.client.delete_object(Bucket=bucket, Key="root/datasets/los.zarr/zarr.json")
     line = one_error_line(stkd("info", "los", env=env, cwd=tmp_path))
     assert "incomplete store" in line and f"s3://{bucket}/root/datasets/los.zarr" in line
+
+
+@pytest.mark.slow
+def test_sweep_with_an_s3_root(s3_env: Any, tmp_path: Path) -> None:
+    """Ray Tune keeps its experiment in the bucket (pyarrow filesystem for the same endpoint);
+    the label cache, leaderboard, summary and exported best student land there too."""
+    import ray
+
+    from stkd_dist.pipeline.sweep import SweepHooks, run_sweep
+    from stkd_dist.train.checkpoint import load_forecaster
+    from tests.pipeline.sweep_env import make_env
+
+    bucket = s3_env.make_bucket()
+    env = make_env(tmp_path / "local", samples=2, max_epochs=2)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        outcome = run_sweep(
+            env.config,
+            checkpoint=str(env.teacher),
+            storage=f"s3://{bucket}/root",
+            hooks=SweepHooks(echo=lambda line: None),
+        )
+    finally:
+        ray.shutdown()
+    prefix = "root/runs/sweep-test/"
+    keys = s3_env.objects(bucket, prefix)
+    for name in ("leaderboard.csv", "summary.json", "best/meta.json", "best/model.pt", "tune/tuner.pkl"):  # fmt: skip
+        assert prefix + "sweep/" + name in keys, name
+    assert any(k.startswith(prefix + "labels/") for k in keys)
+    assert any("/trial_" in k and k.endswith("/meta.json") for k in keys)  # trial checkpoints
+    summary = json.loads(s3_env.client.get_object(Bucket=bucket, Key=prefix + "sweep/summary.json")["Body"].read())  # fmt: skip
+    assert summary["evaluated"] == 2
+    # the exported best student loads straight from the bucket
+    model, _ = load_forecaster(f"s3://{bucket}/{prefix}sweep/best", role="student")
+    assert model.num_params() == summary["best"]["params"]
+    assert str(outcome.layout.root).startswith("s3://")

@@ -46,9 +46,7 @@ def ray_local(store: Path) -> Iterator[None]:
     ray.shutdown()
 
 
-def test_ddp_ranks_stay_identical(
-    ray_local: None, store: Path, tmp_path: Path
-) -> None:
+def test_ddp_ranks_stay_identical(ray_local: None, store: Path, tmp_path: Path) -> None:
     root = tmp_path / "storage"
     cfg = load_config(
         "demo",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import os
 import shutil
 from pathlib import Path
@@ -130,7 +131,14 @@ def headline_verdict(inp: ReportInputs) -> str:
         else:
             lost = [f"{label(b)} ({v:.3f})" for b, v in base.items()]
             parts.append(f"did not beat {' or '.join(lost)}")
-    text = f"The distilled student (test MAE {kd:.3f}) " + " and ".join(parts)
+    if not parts:
+        return ""
+    text = f"The distilled student (test MAE {kd:.3f}) " + parts[0]
+    for prev, part in itertools.pairwise(parts):
+        # "and" between two wins or two losses, "but" between a win and a loss
+        text += (
+            " and " if prev.startswith("did not") == part.startswith("did not") else " but "
+        ) + part
     if "teacher" in m:
         ratio = kd / m["teacher"]["mae"]
         if ratio >= 1:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from stkd_dist import location as loc
+from stkd_dist.errors import StoreError
 from stkd_dist.location import errors as loc_errors
 from stkd_dist.location import files as loc_files
-from stkd_dist.errors import StoreError
 
 
 def test_local_paths_and_urls_are_told_apart(tmp_path: Path) -> None:

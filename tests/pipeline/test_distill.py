@@ -158,7 +158,9 @@ def test_run_directory_holds_config_checkpoints_report(run: Run) -> None:
     assert "student (distilled)" in md and "historical average" in md
     assert (d / "report.html").read_text().startswith("<!doctype html>")
     stages = json.loads((d / "stages.json").read_text())["stages"]
-    assert set(stages) == {"teacher", "student_kd", "student_scratch", "evaluate", "report"}
+    assert set(stages) == {
+        "teacher", "student_kd", "student_scratch", "evaluate", "statistics", "report"
+    }  # fmt: skip
     assert list((d / "logs").glob("distill-*.log"))
     # one progress line per epoch of each training (read from the runs' history files)
     assert run.first.stdout.count("epoch   2/2  train_loss") == 3
@@ -241,7 +243,7 @@ def test_stage_with_missing_outputs_is_redone_alone(run: Run) -> None:
     assert "evaluate (output missing: metrics.json)" in again.stdout
     for stage in ("teacher", "student_kd", "student_scratch"):
         assert f"{stage} (skipped: already complete)" in again.stdout
-    assert "stages run: evaluate, report" in again.stdout
+    assert "stages run: evaluate, statistics, report" in again.stdout
     redone = json.loads((d / "metrics.json").read_text())
     for name in ENTRIES:  # the same checkpoints on the same windows: the same errors
         assert redone[name]["mae"] == pytest.approx(metrics[name]["mae"], rel=1e-9)
@@ -264,7 +266,7 @@ def test_locations_added_later_redo_evaluation_and_report(run: Run) -> None:
     for stage in ("teacher", "student_kd", "student_scratch"):
         assert f"{stage} (skipped: already complete)" in again.stdout
     assert "evaluate (inputs changed)" in again.stdout
-    assert "stages run: evaluate, report" in again.stdout
+    assert "stages run: evaluate, statistics, report" in again.stdout
     locations = np.load(d / "locations.npz")
     assert locations["latitude"].shape == (6,)
     assert (d / "report" / "error_map.png").is_file()

@@ -38,195 +38,28 @@ Rules, for ``n`` windows over ``W`` ranks:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
+from stkd_dist.data.blocks import Block, RankWindows, ShuffleKey
 from stkd_dist.errors import InputError
 
 # 2: exact balance, lazily derived windows (format 1 listed every rank's windows)
 PLAN_FORMAT = 2
 
-# (seed, epoch, rank): seeds the within-block shuffles of one rank (rule 4)
-ShuffleKey = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class Block:
-    """A contiguous run of windows ``range(start, stop, step)`` inside time chunk ``chunk``."""
-
-    chunk: int
-    start: int
-    stop: int
-    step: int = 1
-
-    @property
-    def windows(self) -> range:
-        """The block's windows in time order."""
-        return range(self.start, self.stop, self.step)
-
-    def __len__(self) -> int:
-        # arithmetic rather than len(self.windows): plans take the length of every block
-        return max(0, -((self.start - self.stop) // self.step))
-
-    @property
-    def last(self) -> int:
-        """The last window index of the block."""
-        return self.windows[-1]
-
-    def read_range(self, window_length: int) -> tuple[int, int]:
-        """Steps ``[lo, hi)`` the block's windows of ``L+H = window_length`` steps need."""
-        return self.start, self.last + window_length
-
-    def to_json(self) -> list[int]:
-        """``[chunk, start, stop, step]``."""
-        return [self.chunk, self.start, self.stop, self.step]
-
-    @classmethod
-    def from_json(cls, d: list[int]) -> Block:
-        """Inverse of :meth:`to_json`."""
-        chunk, start, stop, step = (int(v) for v in d)
-        return cls(chunk, start, stop, step)
-
-
-class RankWindows(Sequence[int]):
-    """A rank's window sequence, derived lazily from its blocks (rules 3 and 4).
-
-    Holds only the blocks and one offset per block, O(blocks). Every access derives just the
-    blocks it touches: iteration generates one block at a time, :meth:`array` and slices only the
-    blocks they overlap, an index lookup one block. Supports ``len``, iteration (also reversed),
-    indexing, slicing (a slice is a ``list``), ``in`` (O(blocks)) and equality with any sequence of
-    ints.
-
-    Args:
-        blocks: the rank's blocks in the order it reads them.
-        key: ``(seed, epoch, rank)`` to shuffle within blocks, or None for time order.
-        sizes: ``[blocks]`` the block lengths, when the caller has them (saves a pass).
-    """
-
-    __slots__ = ("_offsets", "blocks", "key")
-
-    def __init__(
-        self, blocks: Sequence[Block], key: ShuffleKey | None, sizes: np.ndarray | None = None
-    ) -> None:
-        self.blocks: tuple[Block, ...] = tuple(blocks)
-        self.key: ShuffleKey | None = None
-        if key is not None:
-            self.key = (int(key[0]), int(key[1]), int(key[2]))
-        if sizes is None:
-            sizes = np.fromiter((len(b) for b in self.blocks), np.int64, len(self.blocks))
-        assert len(sizes) == len(self.blocks)
-        # _offsets[i] = position of block i's first window in the sequence; [-1] = len
-        self._offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes)])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def block_windows(self, i: int) -> np.ndarray:
-        """``[len(block)]`` int64: the windows of block ``i`` in the order the rank sees them."""
-        b = self.blocks[i]
-        order = np.arange(len(b), dtype=np.int64)
-        if self.key is not None:
-            # seeded per block, so this block is derived without any other (resumable suffix)
-            order = np.random.default_rng([*self.key, i]).permutation(len(b))
-        return b.start + order * b.step
-
-    def iter_blocks(self) -> Iterator[tuple[Block, np.ndarray]]:
-        """``(block, its windows in rank order)`` one block at a time."""
-        for i, b in enumerate(self.blocks):
-            yield b, self.block_windows(i)
-
-    def array(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """``[k]`` int64: positions ``[start, stop)`` of the sequence (clamped like a slice).
-
-        Only the blocks overlapping the range are derived, so a suffix costs its own length.
-        """
-        n = len(self)
-        start, stop, _ = slice(start, stop).indices(n)
-        if start >= stop:
-            return np.zeros(0, dtype=np.int64)
-        first = int(np.searchsorted(self._offsets, start, side="right")) - 1
-        last = int(np.searchsorted(self._offsets, stop, side="left")) - 1
-        parts = []
-        for i in range(first, last + 1):
-            lo = int(self._offsets[i])
-            ws = self.block_windows(i)
-            parts.append(ws[max(start - lo, 0) : stop - lo])
-        return np.concatenate(parts)
-
-    def take(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
-        """``[k]`` int64: the windows at sequence ``positions`` (each block derived once)."""
-        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if pos.size and (pos.min() < 0 or pos.max() >= n):
-            raise IndexError(f"positions outside 0..{n - 1}")
-        out = np.empty(pos.size, dtype=np.int64)
-        which = np.searchsorted(self._offsets, pos, side="right") - 1
-        for i in np.unique(which):
-            sel = which == i
-            out[sel] = self.block_windows(int(i))[pos[sel] - self._offsets[i]]
-        return out
-
-    @overload
-    def __getitem__(self, index: int) -> int: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[int]: ...
-    def __getitem__(self, index: int | slice) -> int | list[int]:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step == 1:
-                return self.array(start, stop).tolist()
-            return self.take(np.arange(start, stop, step)).tolist()
-        n = len(self)
-        i = int(index) + n if int(index) < 0 else int(index)
-        if not 0 <= i < n:
-            raise IndexError(f"window position {index} outside a sequence of {n}")
-        return int(self.take([i])[0])
-
-    def __iter__(self) -> Iterator[int]:
-        for i in range(len(self.blocks)):
-            yield from self.block_windows(i).tolist()
-
-    def __reversed__(self) -> Iterator[int]:
-        for i in reversed(range(len(self.blocks))):
-            yield from self.block_windows(i)[::-1].tolist()
-
-    def __contains__(self, value: object) -> bool:
-        # a block holds the same windows in any order: test membership without deriving
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            return False
-        v = int(value)  # range's O(1) membership test needs a plain int
-        return any(v in b.windows for b in self.blocks)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, RankWindows):
-            if (self.blocks, self.key) == (other.blocks, other.key):
-                return True
-        elif not isinstance(other, Sequence) or isinstance(other, str | bytes):
-            return NotImplemented
-        if len(other) != len(self):
-            return False
-        # block by block, so comparing with another lazy sequence never materialises it whole
-        pos = 0
-        for _, ws in self.iter_blocks():
-            theirs = (
-                other.array(pos, pos + len(ws))
-                if isinstance(other, RankWindows)
-                else np.asarray(other[pos : pos + len(ws)], dtype=np.int64)
-            )
-            if not np.array_equal(ws, theirs):
-                return False
-            pos += len(ws)
-        return True
-
-    def __hash__(self) -> int:
-        return hash((self.blocks, self.key))
-
-    def __repr__(self) -> str:
-        order = "time order" if self.key is None else f"shuffled by {self.key}"
-        return f"RankWindows({len(self)} windows in {len(self.blocks)} blocks, {order})"
+__all__ = [
+    "PLAN_FORMAT",
+    "Block",
+    "RankShard",
+    "RankWindows",
+    "ShardPlan",
+    "ShuffleKey",
+    "make_blocks",
+    "make_plan",
+]
 
 
 @dataclass(frozen=True)

@@ -112,13 +112,13 @@ def make_inputs(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
     import torch
 
+    from stkd_dist.checkpoint import TrainState, save_checkpoint
     from stkd_dist.config import Config, DataSection, RunSection
     from stkd_dist.data.reader import WindowReader
     from stkd_dist.models import build_forecaster
     from stkd_dist.serving.precompute import precompute_labels
     from stkd_dist.serving.teacher import load_teacher
     from stkd_dist.storage import StoreMeta, choose_chunks, open_store, write_store
-    from stkd_dist.train.checkpoint import TrainState, save_checkpoint
 
     steps, nodes = args.steps, args.nodes
     rng = np.random.default_rng(0)

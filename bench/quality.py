@@ -196,7 +196,7 @@ class DatasetResult:
 
 def other_teacher(storage: Path, run: str) -> dict[str, Any]:
     """Test metrics of run ``run``'s best teacher (``stkd evaluate``'s code path)."""
-    from stkd_dist.train.checkpoint import load_forecaster
+    from stkd_dist.checkpoint import load_forecaster
     from stkd_dist.train.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(run, role="teacher", storage=storage, baselines=False)

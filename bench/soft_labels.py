@@ -100,11 +100,11 @@ def make_teacher(root: Path, steps: int, nodes: int, channels: int) -> tuple[Pat
     import pandas as pd
     import torch
 
+    from stkd_dist.checkpoint import TrainState, save_checkpoint
     from stkd_dist.config import Config, DataSection, RunSection
     from stkd_dist.data.reader import WindowReader
     from stkd_dist.models import build_forecaster
     from stkd_dist.storage import StoreMeta, open_store, write_store
-    from stkd_dist.train.checkpoint import TrainState, save_checkpoint
 
     rng = np.random.default_rng(0)
     t = np.arange(steps)[:, None, None]

@@ -57,13 +57,13 @@ def make_inputs(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
     import torch
 
+    from stkd_dist.checkpoint import TrainState, save_checkpoint
     from stkd_dist.config import Config, DataSection, RunSection
     from stkd_dist.data.reader import WindowReader
     from stkd_dist.models import build_forecaster
     from stkd_dist.serving.precompute import precompute_labels
     from stkd_dist.serving.teacher import load_teacher
     from stkd_dist.storage import StoreMeta, choose_chunks, open_store, write_store
-    from stkd_dist.train.checkpoint import TrainState, save_checkpoint
 
     steps, nodes = args.steps, args.nodes
     rng = np.random.default_rng(0)
@@ -150,12 +150,13 @@ def run_epoch(inputs: dict[str, Any], teacher: Any, root: Path, args: argparse.N
     """One distilled-student epoch of rank 0 of 1; returns seconds, label wait and a digest."""
     import torch
 
+    from stkd_dist.checkpoint import weights_digest
     from stkd_dist.config import Config, DataSection, RunSection
     from stkd_dist.data.loader import make_loader
+    from stkd_dist.labels.teachers import LabelSpec
+    from stkd_dist.serving.client import ClientOptions
     from stkd_dist.storage import open_store
-    from stkd_dist.train.checkpoint import weights_digest
     from stkd_dist.train.loop import WorkerContext, build_model, build_reader, global_mean
-    from stkd_dist.train.soft_labels import ClientOptions, LabelSpec
     from stkd_dist.train.student import DistillLoss
 
     cfg = Config(
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from stkd_dist.train.soft_labels import TeacherSpec
+    from stkd_dist.labels.teachers import TeacherSpec
 
     torch.set_num_threads(1)
     command = ".venv/bin/python -m bench.student_epoch" + (" " + shlex.join(argv) if argv else "")

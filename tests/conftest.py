@@ -199,3 +199,8 @@ def s3_env(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> object:
     # s3fs caches filesystem instances: drop those made with other credentials
     fsspec.get_filesystem_class("s3").clear_instance_cache()
     return s3_server
+
+
+@pytest.fixture
+def small_store(make_store: Callable[..., Path]) -> Path:
+    return make_store("ck", steps=200, nodes=4, channels=1, chunk_steps=50)

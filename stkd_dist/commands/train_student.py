@@ -120,8 +120,9 @@ def _absolute(path: str | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``stkd train-student``."""
+    from stkd_dist.labels.teachers import parse_labels, parse_teacher
     from stkd_dist.serving.auth import resolve_token
-    from stkd_dist.train.soft_labels import ClientOptions, parse_labels, parse_teacher
+    from stkd_dist.serving.client import ClientOptions
     from stkd_dist.train.student import StudentRequest, train_student
 
     cfg = config_from_args(args, roles=("student",))

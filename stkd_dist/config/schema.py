@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from stkd_dist.config.models import DistillSection, ModelSection, StudentSection, TeacherSection
 from stkd_dist.config.pipeline import EvaluateSection, ServeSection
 from stkd_dist.config.sections import ClusterSection, DataSection, RunSection, StorageSection
-from stkd_dist.config.sweep import SweepSection
+from stkd_dist.config.sweep import SweepSection, parse_space
 
 ROLES = ("teacher", "student")
 
@@ -31,6 +31,10 @@ class Config:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     sweep: SweepSection = field(default_factory=SweepSection)
     storage: StorageSection = field(default_factory=StorageSection)
+
+    def __post_init__(self) -> None:
+        # the sweep's keys are keys of this class: checked here, where the whole schema is known
+        parse_space(self.sweep.space, "sweep.space", schema=Config)
 
     def model(self, role: str) -> ModelSection:
         """The ``teacher`` or ``student`` section."""

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stkd_dist.config.base import convert_value, resolve_key, suggestion, type_name
 from stkd_dist.config.sections import non_negative, positive, require
 from stkd_dist.errors import ConfigError
 
@@ -153,12 +154,9 @@ def _parse_args(key: str, name: str, raw: Any, where: str) -> tuple[Any, ...]:
     return args
 
 
-def _check_type(spec: ParamSpec, where: str) -> None:
+def _check_type(spec: ParamSpec, schema: type, where: str) -> None:
     """Check the drawn values fit the key's type (e.g. no real numbers for an integer field)."""
-    from stkd_dist.config.base import convert_value, resolve_key, type_name
-    from stkd_dist.config.schema import Config
-
-    tp = resolve_key(Config, spec.key, source=None)
+    tp = resolve_key(schema, spec.key, source=None)
     if tp is Any:  # free-form model kwargs: the model itself checks (see check_space)
         return
     base = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
@@ -179,25 +177,31 @@ def _check_type(spec: ParamSpec, where: str) -> None:
         convert_value(value, tp, where)
 
 
-def parse_space(space: Mapping[str, Any], where: str = "space") -> tuple[ParamSpec, ...]:
+def parse_space(
+    space: Mapping[str, Any], where: str = "space", schema: type | None = None
+) -> tuple[ParamSpec, ...]:
     """Parse a ``sweep.space`` mapping into :class:`ParamSpec` s (in the mapping's order).
 
-    Raises :class:`ConfigError` at ``space.<key>`` for an unknown config key (with a suggestion),
-    a key that may not be swept, an unknown distribution, malformed arguments, or values that do
-    not fit the key's type.
-    """
-    from stkd_dist.config.base import resolve_key, suggestion
-    from stkd_dist.config.schema import Config
+    Args:
+        space: dotted config key -> ``{distribution: arguments}``.
+        where: the config key of ``space`` (errors name ``<where>.<key>``).
+        schema: the configuration class the keys belong to (``Config``, which validates its
+            own ``sweep.space`` with it); None checks the distributions only.
 
+    Raises :class:`ConfigError` at ``<where>.<key>`` for an unknown config key (with a
+    suggestion), a key that may not be swept, an unknown distribution, malformed arguments, or
+    values that do not fit the key's type.
+    """
     specs = []
     for key, entry in space.items():
         at = f"{where}.{key}"
         if not isinstance(key, str) or not key:
             raise ConfigError("keys must be dotted config keys like distill.alpha", where=at)
-        try:
-            resolve_key(Config, key, source=None)  # unknown key: error with a suggestion
-        except ConfigError as e:
-            raise ConfigError(e.message, where=at) from None
+        if schema is not None:
+            try:
+                resolve_key(schema, key, source=None)  # unknown key: error with a suggestion
+            except ConfigError as e:
+                raise ConfigError(e.message, where=at) from None
         check_sweepable(key, at)
         if not isinstance(entry, Mapping) or len(entry) != 1:
             raise ConfigError(
@@ -213,7 +217,8 @@ def parse_space(space: Mapping[str, Any], where: str = "space") -> tuple[ParamSp
                 where=at,
             )
         spec = ParamSpec(key, name, _parse_args(key, name, raw, at))
-        _check_type(spec, at)
+        if schema is not None:
+            _check_type(spec, schema, at)
         specs.append(spec)
     keys = [s.key for s in specs]
     for k in keys:
@@ -272,8 +277,9 @@ class SweepSection:
             "max_concurrent",
             f"must be > 0 or null, got {self.max_concurrent!r}",
         )
-        self.params()  # validates the space (errors name "space.<key>")
+        # the distributions; keys and types are checked by the whole ``Config``, which knows them
+        parse_space(self.space)
 
     def params(self) -> tuple[ParamSpec, ...]:
-        """The parsed search space."""
-        return parse_space(self.space)
+        """The parsed search space (keys and types checked when the ``Config`` was built)."""
+        return parse_space(self.space, "sweep.space")

@@ -17,7 +17,7 @@ Atomicity: one object PUT is atomic on every object store, so a single file is w
 at all; on a local disk a file is written to a temporary sibling and renamed. A folder of several
 files (a Zarr store, a checkpoint) is complete only once its commit marker exists, and the marker is
 always written last (see the writers in :mod:`stkd_dist.storage.writer` and
-:mod:`stkd_dist.train.checkpoint`).
+:mod:`stkd_dist.checkpoint`).
 """
 
 from __future__ import annotations

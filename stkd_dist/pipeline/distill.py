@@ -316,8 +316,8 @@ class _Pipeline:
         return self.step("evaluate", key, self._evaluate, lambda r: r.info.get("detail", ""))
 
     def _evaluate(self) -> tuple[list[Location], dict[str, Any], str]:
+        from stkd_dist.checkpoint import load_forecaster
         from stkd_dist.pipeline.evaluate_all import evaluate_all
-        from stkd_dist.train.checkpoint import load_forecaster
         from stkd_dist.train.loop import build_reader
 
         assert self.store is not None
@@ -353,8 +353,8 @@ class _Pipeline:
         return self.step("statistics", key, self._statistics, lambda r: r.info.get("detail", ""))
 
     def _statistics(self) -> tuple[list[Location], dict[str, Any], str]:
+        from stkd_dist.checkpoint import load_forecaster
         from stkd_dist.stats import kd_vs_scratch
-        from stkd_dist.train.checkpoint import load_forecaster
         from stkd_dist.train.loop import build_reader
 
         assert self.store is not None
@@ -458,7 +458,7 @@ def run_distill(
         )
     if cfg.serve.endpoints:
         from stkd_dist.errors import ConfigError
-        from stkd_dist.train.distill_teachers import parse_teacher
+        from stkd_dist.labels.teachers import parse_teacher
 
         try:
             parse_teacher(cfg.serve.endpoints)

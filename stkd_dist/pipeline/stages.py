@@ -153,8 +153,9 @@ def train_student_stage(
 
     ``distill=False`` trains the same student on the targets only (``student_scratch``).
     """
+    from stkd_dist.labels.teachers import TeacherSpec, parse_teacher
     from stkd_dist.serving.auth import resolve_token
-    from stkd_dist.train.distill_teachers import ClientOptions, TeacherSpec, parse_teacher
+    from stkd_dist.serving.client import ClientOptions
     from stkd_dist.train.student import StudentRequest, train_student
 
     serve = cfg.serve

@@ -123,10 +123,10 @@ def check_forecast_loss(cfg: Config, specs: Sequence[ParamSpec]) -> None:
 def cache_teacher(cache: Location, reader: Any, cfg: Config, val_mae: float | None) -> Any:
     """The label cache as a ``cache`` teacher of the student trainer, checked and pinned.
 
-    The check (:func:`~stkd_dist.train.soft_labels.resolve_teachers`) runs once on the driver: the
+    The check (:func:`~stkd_dist.labels.sources.resolve_teachers`) runs once on the driver: the
     cache must hold every training window of the student, with the student's label shape.
     """
-    from stkd_dist.train.soft_labels import TeacherSpec, resolve_teachers
+    from stkd_dist.labels.teachers import TeacherSpec, resolve_teachers
 
     dims = reader.dims
     (teacher,) = resolve_teachers(
@@ -265,8 +265,8 @@ def _resolve_teacher(
     cfg: Config, checkpoint: str | None, storage: str | os.PathLike[str] | None, echo: Echo
 ) -> Location:
     """The teacher checkpoint: the one given, else the run's (trained here when missing)."""
+    from stkd_dist.checkpoint import resolve_checkpoint
     from stkd_dist.pipeline.stages import train_teacher_stage
-    from stkd_dist.train.checkpoint import resolve_checkpoint
 
     if checkpoint is not None:
         return absolute(resolve_checkpoint(checkpoint, "teacher", storage))
@@ -293,6 +293,7 @@ def run_sweep(
         ConfigError: an empty or invalid search space, a teacher trained on other windows, or a
             run holding a sweep with other settings.
     """
+    from stkd_dist.checkpoint import read_checkpoint
     from stkd_dist.config.validate import validate_config
     from stkd_dist.pipeline.stages import (
         RaySession,
@@ -301,7 +302,6 @@ def run_sweep(
         label_cache_path,
     )
     from stkd_dist.report import write_report
-    from stkd_dist.train.checkpoint import read_checkpoint
     from stkd_dist.train.loop import build_reader
 
     hooks = hooks or SweepHooks()

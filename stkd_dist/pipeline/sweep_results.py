@@ -157,7 +157,7 @@ def collect_rows(
     ``counts`` has ``trials``, ``errored``, ``without_checkpoint`` and ``label_reads`` (training
     windows the trials read from the label cache, all epochs).
     """
-    from stkd_dist.train.checkpoint import load_forecaster
+    from stkd_dist.checkpoint import load_forecaster
     from stkd_dist.train.evaluate import predict_metrics
 
     rows: list[TrialRow] = []
@@ -220,7 +220,7 @@ def export_best(row: TrialRow, layout: SweepLayout, test: dict[str, Any]) -> Loc
     (the checkpoint's completion marker) last, so ``best/`` is never taken for a complete
     checkpoint before it is one.
     """
-    from stkd_dist.train.checkpoint import META, read_checkpoint
+    from stkd_dist.checkpoint import META, read_checkpoint
 
     info = read_checkpoint(row.checkpoint)  # verifies the files against meta.json
     tmp = temporary_sibling(layout.best)
@@ -262,8 +262,8 @@ def update_run_metrics(
     student and the baselines, so the report has its table; an existing one keeps its entries and
     gains (or replaces) :data:`ENTRY`. Returns the best student's entry.
     """
+    from stkd_dist.checkpoint import load_forecaster
     from stkd_dist.pipeline.evaluate_all import evaluate_all
-    from stkd_dist.train.checkpoint import load_forecaster
 
     student, _ = load_forecaster(best, role=ROLE)
     models = {ENTRY: student}

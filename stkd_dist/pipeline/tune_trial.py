@@ -30,15 +30,15 @@ import torch
 
 from stkd_dist.config import Config
 from stkd_dist.config.sweep import ParamSpec
+from stkd_dist.labels.teachers import TeacherSpec
 from stkd_dist.location import Location, append_text, exists, location, makedirs, read_text
 from stkd_dist.pipeline.tune_space import apply_params, sampled
-from stkd_dist.train.soft_labels import TeacherSpec
 
 if TYPE_CHECKING:
+    from stkd_dist.checkpoint import TrainState
     from stkd_dist.data.reader import WindowReader
     from stkd_dist.models import Forecaster
     from stkd_dist.storage import DatasetStore
-    from stkd_dist.train.checkpoint import TrainState
     from stkd_dist.train.loop import EpochHooks, LossFn
 
 #: experiment name stored in the trials' checkpoints
@@ -104,11 +104,11 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
     """The Tune function trainable: train one student, reporting every epoch with a checkpoint."""
     from ray import tune
 
+    from stkd_dist.checkpoint import TrainState, load_checkpoint_state, read_checkpoint
+    from stkd_dist.labels.teachers import LabelSpec
     from stkd_dist.storage import open_store
-    from stkd_dist.train.checkpoint import TrainState, load_checkpoint_state, read_checkpoint
     from stkd_dist.train.loop import EpochHooks, WorkerContext, build_model, build_reader
     from stkd_dist.train.schedule import build_scheduler
-    from stkd_dist.train.soft_labels import LabelSpec
     from stkd_dist.train.student import make_distill_loss
 
     cfg = trial_config(job, params)
@@ -176,8 +176,8 @@ def _train(
     """The epochs of a trial, from ``state.epoch + 1``; each ends with ``tune.report``."""
     from ray import tune
 
+    from stkd_dist.checkpoint import save_checkpoint
     from stkd_dist.data.loader import make_loader
-    from stkd_dist.train.checkpoint import save_checkpoint
     from stkd_dist.train.loop import train_epoch, validate
 
     section = cfg.student

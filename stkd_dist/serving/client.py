@@ -21,6 +21,7 @@ teacher refuses (FAILED_PRECONDITION): that is a :class:`LabelMismatchError`, ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -104,6 +105,41 @@ class Backoff:
         return base * random.uniform(0.5, 1.0)
 
 
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a client talks to teacher services: the one definition of its settings and defaults.
+
+    Attributes:
+        token: bearer token (None: ``$STKD_TOKEN``; resolve it on the driver, workers may not see
+            its environment).
+        tls_ca: CA certificate (PEM path, readable where the client runs); enables TLS.
+        tls_cert, tls_key: client certificate and key for mutual TLS.
+        wire_dtype: ``float32`` keeps labels bit-exact; ``float16``/``bfloat16`` halve the bytes.
+        prefetch: label chunks buffered ahead of the consumer, per stream.
+        max_message_bytes: largest label message accepted; windows whose labels are larger
+            arrive split along the node axis.
+        deadline: seconds one call may take before it is resumed with a new call (None = none).
+        backoff: reconnection policy.
+    """
+
+    token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    wire_dtype: str = "float32"
+    prefetch: int = 8
+    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
+    deadline: float | None = 300.0
+    backoff: Backoff = Backoff()
+
+    def __post_init__(self) -> None:
+        codec.wire_dtype(self.wire_dtype)  # raises for an unknown dtype
+        if self.prefetch < 1:
+            raise ConfigError(f"must be >= 1, got {self.prefetch}", where="prefetch")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ConfigError(f"must be > 0 seconds, got {self.deadline}", where="deadline")
+
+
 @dataclass
 class ClientStats:
     """What a client did (all streams)."""
@@ -148,23 +184,20 @@ class PlanRequest:
     chunk_steps: int = 0  # 0: the server's store's time-chunk length
 
 
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ClientOptions))
+
+
 class SoftLabelClient:
     """Client of one or more teacher replicas.
 
     Args:
         endpoints: ``host:port`` (list or comma-separated), ``dns:///name:port`` or
             ``ray:PREFIX`` (see :mod:`~stkd_dist.serving.discovery`).
-        token: bearer token (default ``$STKD_TOKEN``).
-        tls_ca: CA certificate (PEM path) to verify the servers with; enables TLS.
-        tls_cert, tls_key: client certificate and key for mutual TLS.
         expected_fingerprint: the fingerprint of the dataset the labels must be for.
         expected_version: the teacher version required (None = whichever the first replica
             serves; every later chunk, from any replica, must then be of that version).
-        wire_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
-        prefetch: chunks buffered ahead of the consumer.
-        max_message_bytes: largest chunk accepted.
-        deadline: seconds one call may take before it is resumed with a new call (None = none).
-        backoff: reconnection policy.
+        options: connection settings (token, TLS, wire dtype, prefetch, limits, backoff).
+        **overrides: fields of :class:`ClientOptions` to set on top of ``options``.
     """
 
     def __init__(
@@ -173,32 +206,27 @@ class SoftLabelClient:
         *,
         expected_fingerprint: str,
         expected_version: str | None = None,
-        token: str | None = None,
-        tls_ca: str | os.PathLike[str] | None = None,
-        tls_cert: str | os.PathLike[str] | None = None,
-        tls_key: str | os.PathLike[str] | None = None,
-        wire_dtype: str = "float32",
-        prefetch: int = 4,
-        max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
-        deadline: float | None = 300.0,
-        backoff: Backoff = Backoff(),
+        options: ClientOptions | None = None,
+        **overrides: Any,
     ) -> None:
         if not expected_fingerprint:
             raise ConfigError(
                 "the expected dataset fingerprint is required", "expected_fingerprint"
             )
-        if prefetch < 1:
-            raise ConfigError(f"must be >= 1, got {prefetch}", where="prefetch")
-        if deadline is not None and deadline <= 0:
-            raise ConfigError(f"must be > 0 seconds, got {deadline}", where="deadline")
+        try:
+            opts = dataclasses.replace(options or ClientOptions(), **overrides)
+        except TypeError as e:
+            raise ConfigError(f"{e}; options are {', '.join(OPTION_NAMES)}", "client") from None
+        self.options = opts
+        tls_ca, tls_cert, tls_key, token = opts.tls_ca, opts.tls_cert, opts.tls_key, opts.token
         self.source = EndpointSource(endpoints)
         self.expected_fingerprint = expected_fingerprint
         self.version = expected_version
-        self.wire_dtype = codec.wire_dtype(wire_dtype)
-        self.prefetch = int(prefetch)
-        self.max_message_bytes = int(max_message_bytes)
-        self.deadline = deadline
-        self.backoff = backoff
+        self.wire_dtype = codec.wire_dtype(opts.wire_dtype)
+        self.prefetch = int(opts.prefetch)
+        self.max_message_bytes = int(opts.max_message_bytes)
+        self.deadline = opts.deadline
+        self.backoff = opts.backoff
         token = resolve_token(token)
         self._metadata = bearer(token) if token else ()
         self._tls: ClientTls | None = None

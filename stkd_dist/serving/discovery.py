@@ -7,7 +7,7 @@ An endpoint specification is one of
   (a Kubernetes headless service, a round-robin DNS record). TLS certificates are then checked
   against ``name``;
 * ``ray:PREFIX``: every named Ray actor whose name starts with ``PREFIX`` and that was started by
-  :func:`start_teacher_replicas` (the actor reports its own ``host:port``).
+  :func:`stkd_dist.labels.replicas.start_teacher_replicas` (the actor reports its own ``host:port``).
 
 :class:`EndpointSource` resolves the specification again whenever the client has tried every
 known replica, so replicas that moved or were added are found after a failure.
@@ -15,16 +15,12 @@ known replica, so replicas that moved or were added are found after a failure.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from stkd_dist.errors import ConfigError
-from stkd_dist.location import exists, location
 
 log = logging.getLogger(__name__)
 
@@ -138,124 +134,3 @@ class EndpointSource:
 
     def __repr__(self) -> str:
         return f"EndpointSource({self.spec!r})"
-
-
-class TeacherReplica:
-    """A teacher server running inside a Ray actor (created by :func:`start_teacher_replicas`).
-
-    Args:
-        checkpoint: teacher checkpoint reference.
-        data: the teacher's dataset (store path or name).
-        config: server settings; ``host`` is replaced by this node's IP when the server is
-            secured (TLS or token), else by 127.0.0.1.
-        cache: label cache path (None = no cache).
-        write_through: fill ``cache`` while serving.
-        storage: storage root override.
-    """
-
-    def __init__(
-        self,
-        checkpoint: str,
-        data: str,
-        config: Any,
-        cache: str | None = None,
-        write_through: bool = False,
-        storage: str | None = None,
-    ) -> None:
-        import ray
-
-        from stkd_dist.serving.cache import SERVE_MEMORY_BYTES, open_cache
-        from stkd_dist.serving.server import LOOPBACK, TeacherServer
-        from stkd_dist.serving.teacher import load_teacher
-
-        if storage:
-            os.environ["STKD_STORAGE"] = storage
-        teacher = load_teacher(checkpoint, data, storage)
-        host = ray.util.get_node_ip_address() if config.secured else LOOPBACK
-        label_cache = None
-        if cache is not None and (exists(location(cache)) or write_through):
-            label_cache = open_cache(
-                location(cache),
-                teacher.meta,
-                writable=write_through,
-                memory_bytes=SERVE_MEMORY_BYTES,
-                chunk_steps=teacher.reader.store.chunks[0],  # chunks follow the plan's blocks
-            )
-        self.server = TeacherServer(
-            teacher, dataclasses.replace(config, host=host), label_cache, write_through
-        )
-        self.server.start()
-
-    def address(self) -> str:
-        """``host:port`` of the server."""
-        return self.server.address
-
-    def info(self) -> dict[str, Any]:
-        """Counters: forward windows, batches, active streams, cached windows."""
-        s = self.server.batcher_stats()
-        return {
-            "address": self.server.address,
-            "forward_windows": self.server.teacher.forward_windows,
-            "batches": s.batches,
-            "max_batch": s.max_batch,
-            "active_streams": self.server.active_streams,
-            "cached_windows": self.server.cache.filled_windows() if self.server.cache else 0,
-        }
-
-    def drain(self, grace_s: float | None = None) -> None:
-        """Drain and stop the server (see :meth:`TeacherServer.drain`)."""
-        self.server.drain(grace_s)
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
-def start_teacher_replicas(
-    n: int,
-    checkpoint: str | os.PathLike[str],
-    data: str | os.PathLike[str],
-    *,
-    config: Any = None,
-    name_prefix: str = DEFAULT_RAY_PREFIX,
-    cache: str | os.PathLike[str] | None = None,
-    write_through: bool = False,
-    num_cpus: float = 1.0,
-    storage: str | os.PathLike[str] | None = None,
-) -> list[Any]:
-    """Start ``n`` teacher servers as named Ray actors ``<name_prefix>-<i>``.
-
-    Each actor loads the teacher from its checkpoint, binds a free port and reports its address;
-    clients find them with the endpoint ``ray:<name_prefix>``. Returns the actor handles once every
-    server is up. Ray must be initialised.
-
-    Args:
-        config: a :class:`~stkd_dist.serving.server.ServerConfig` (``host``/``port`` are chosen
-            by each actor).
-        cache: one label cache path (only one replica may write through to it: the first).
-    """
-    import ray
-
-    from stkd_dist.serving.server import ServerConfig
-
-    if n < 1:
-        raise ConfigError(f"must be >= 1, got {n}", where="replicas")
-    if not ray.is_initialized():
-        raise ConfigError("starting teacher replicas needs a connected Ray cluster", "replicas")
-    cfg = dataclasses.replace(config or ServerConfig(), port=0)
-    actor_cls = ray.remote(TeacherReplica)
-    actors = []
-    for i in range(n):
-        actors.append(
-            actor_cls.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus).remote(
-                str(checkpoint),
-                str(data),
-                cfg,
-                None if cache is None else str(cache),
-                # one writer per cache: concurrent writers could lose each other's rows
-                write_through and i == 0,
-                None if storage is None else str(storage),
-            )
-        )
-    # the constructor starts the server; an address answer means it is serving
-    ray.get([a.address.remote() for a in actors])
-    return actors

@@ -174,7 +174,7 @@ def load_teacher(
     Raises:
         StoreError: ``data`` is not the dataset the teacher was trained on (fingerprint differs).
     """
-    from stkd_dist.train.checkpoint import load_forecaster
+    from stkd_dist.checkpoint import load_forecaster
 
     model, info = load_forecaster(checkpoint, role="teacher", storage=storage)
     store = data if isinstance(data, DatasetStore) else open_store(data, storage)

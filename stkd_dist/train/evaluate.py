@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
+from stkd_dist.checkpoint import load_forecaster
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.data.windows import check_split_name
 from stkd_dist.errors import StoreError
 from stkd_dist.metrics import MetricAccumulator, MetricResult
 from stkd_dist.paths import resolve_dataset
 from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import load_forecaster
 from stkd_dist.train.loop import build_reader
 
 

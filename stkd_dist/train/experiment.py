@@ -18,13 +18,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from stkd_dist.checkpoint import CheckpointInfo, list_checkpoints, read_checkpoint, write_best
 from stkd_dist.config import Config
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import ConfigError, StoreError
 from stkd_dist.location import Location, absolute, exists, pyarrow_filesystem, url
 from stkd_dist.paths import resolve_dataset, run_dir
 from stkd_dist.storage import DatasetStore, open_store
-from stkd_dist.train.checkpoint import CheckpointInfo, list_checkpoints, read_checkpoint, write_best
 from stkd_dist.train.loop import TrainJob, build_reader
 from stkd_dist.train.ray_session import EpochReporter, read_history
 

@@ -32,19 +32,19 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
-from stkd_dist.config import Config, ModelSection
-from stkd_dist.data.batch import WindowBatch
-from stkd_dist.data.reader import WindowReader
-from stkd_dist.location import location, write_json_atomic
-from stkd_dist.metrics import MetricAccumulator, MetricResult
-from stkd_dist.storage import DatasetStore, open_store
-from stkd_dist.train.checkpoint import (
+from stkd_dist.checkpoint import (
     TrainState,
     load_checkpoint_state,
     read_checkpoint,
     save_checkpoint,
     weights_digest,
 )
+from stkd_dist.config import Config, ModelSection
+from stkd_dist.data.batch import WindowBatch
+from stkd_dist.data.reader import WindowReader
+from stkd_dist.location import location, write_json_atomic
+from stkd_dist.metrics import MetricAccumulator, MetricResult
+from stkd_dist.storage import DatasetStore, open_store
 from stkd_dist.train.schedule import build_scheduler
 
 

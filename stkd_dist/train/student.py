@@ -33,20 +33,20 @@ from typing import Any
 
 import torch
 
+from stkd_dist.checkpoint import list_checkpoints
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.validate import distill_loss_kwargs, validate_config
 from stkd_dist.distill import FORECAST_LOSSES
 from stkd_dist.errors import ConfigError, InputError, StkdError, StoreError
-from stkd_dist.location import Location, exists, location, read_json, write_json_atomic
-from stkd_dist.serving.client import PlanRequest
-from stkd_dist.train.checkpoint import list_checkpoints
-from stkd_dist.train.distill_teachers import (
-    ClientOptions,
+from stkd_dist.labels.replicas import started_replicas
+from stkd_dist.labels.sources import open_label_source
+from stkd_dist.labels.teachers import (
     LabelSpec,
     TeacherSpec,
     resolve_teachers,
-    started_replicas,
 )
+from stkd_dist.location import Location, exists, location, read_json, write_json_atomic
+from stkd_dist.serving.client import ClientOptions, PlanRequest
 from stkd_dist.train.experiment import (
     TrainOutcome,
     existing_outcome,
@@ -56,7 +56,6 @@ from stkd_dist.train.experiment import (
 )
 from stkd_dist.train.loop import LossFn, LossValue, TrainJob, WorkerContext
 from stkd_dist.train.ray_session import ray_cluster
-from stkd_dist.train.soft_labels import open_label_source
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import yaml
 
+from stkd_dist.checkpoint import TrainState, save_checkpoint
 from stkd_dist.config import Config, load_config
 from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import TrainState, save_checkpoint
 from stkd_dist.train.loop import build_model, build_reader
 
 SPACE: dict[str, Any] = {

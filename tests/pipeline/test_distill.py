@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import yaml
 
+from stkd_dist.checkpoint import list_checkpoints, load_forecaster
 from stkd_dist.config import load_config, read_config
 from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import list_checkpoints, load_forecaster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import ray
 
+from stkd_dist.checkpoint import load_forecaster, read_checkpoint
 from stkd_dist.config import read_config
 from stkd_dist.pipeline.sweep import SweepOutcome, run_sweep
 from stkd_dist.pipeline.tune_trial import read_starts
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import load_forecaster, read_checkpoint
 from stkd_dist.train.loop import build_reader
 from tests.pipeline.sweep_env import SweepEnv, make_env
 

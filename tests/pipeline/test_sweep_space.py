@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stkd_dist.config import config_from_text, dump_config, load_config
+from stkd_dist.config import Config, config_from_text, dump_config, load_config
 from stkd_dist.config.sweep import ParamSpec, parse_space
 from stkd_dist.errors import ConfigError
 from stkd_dist.pipeline.tune_space import (
@@ -49,7 +49,7 @@ def test_yaml_exponents_without_a_dot_are_numbers() -> None:
 
 
 def test_randint_candidates_exclude_the_upper_bound() -> None:
-    (spec,) = parse_space({"student.kwargs.embed_dim": {"randint": [8, 33]}})
+    (spec,) = parse_space({"student.kwargs.embed_dim": {"randint": [8, 33]}}, schema=Config)
     assert spec.candidates == (8, 32)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stkd_dist.checkpoint import TrainState, load_forecaster, save_checkpoint
 from stkd_dist.config import load_config, read_config
 from stkd_dist.errors import ConfigError, StoreError
 from stkd_dist.pipeline.sweep import (
@@ -24,7 +25,6 @@ from stkd_dist.pipeline.sweep import (
     run_sweep,
 )
 from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import TrainState, load_forecaster, save_checkpoint
 from stkd_dist.train.loop import build_model, build_reader
 
 SPACE = {"distill.alpha": {"uniform": [0.2, 0.9]}}

@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import torch
 
+from stkd_dist.checkpoint import TrainState, save_checkpoint
 from stkd_dist.config import Config, DataSection, RunSection
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.models import build_forecaster
@@ -32,7 +33,6 @@ from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.server import ServerConfig, TeacherServer
 from stkd_dist.serving.teacher import Teacher, load_teacher
 from stkd_dist.storage import StoreMeta, open_store, write_store
-from stkd_dist.train.checkpoint import TrainState, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

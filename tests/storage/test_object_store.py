@@ -249,8 +249,8 @@ def test_sweep_with_an_s3_root(s3_env: Any, tmp_path: Path) -> None:
     the label cache, leaderboard, summary and exported best student land there too."""
     import ray
 
+    from stkd_dist.checkpoint import load_forecaster
     from stkd_dist.pipeline.sweep import SweepHooks, run_sweep
-    from stkd_dist.train.checkpoint import load_forecaster
     from tests.pipeline.sweep_env import make_env
 
     bucket = s3_env.make_bucket()

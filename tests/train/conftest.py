@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
+from stkd_dist.checkpoint import TrainState, save_checkpoint
 from stkd_dist.config import Config, load_config
 from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import TrainState, save_checkpoint
 from stkd_dist.train.loop import build_model, build_reader
 
 TINY_STGNN = {
@@ -60,8 +58,3 @@ def write_checkpoint(
         scheduler_state={"last_epoch": epoch},
     )
     return model, reader
-
-
-@pytest.fixture
-def small_store(make_store: Callable[..., Path]) -> Path:
-    return make_store("ck", steps=200, nodes=4, channels=1, chunk_steps=50)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from stkd_dist.checkpoint import TrainState
 from stkd_dist.config import ScheduleSection
-from stkd_dist.train.checkpoint import TrainState
 
 
 def test_patience_is_off_before_min_epochs() -> None:

@@ -10,8 +10,8 @@ import pytest
 import ray
 import torch
 
+from stkd_dist.checkpoint import load_forecaster
 from stkd_dist.config import load_config
-from stkd_dist.train.checkpoint import load_forecaster
 from stkd_dist.train.ray_session import read_history
 from stkd_dist.train.teacher import train_teacher
 

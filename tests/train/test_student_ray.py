@@ -23,24 +23,25 @@ import pytest
 import ray
 import torch
 
-from stkd_dist.cli import main
-from stkd_dist.config import Config, DataSection, RunSection, load_config
-from stkd_dist.data.plan import make_plan
-from stkd_dist.data.reader import WindowReader
-from stkd_dist.models import build_forecaster
-from stkd_dist.serving.precompute import precompute_labels
-from stkd_dist.serving.teacher import load_teacher
-from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import (
+from stkd_dist.checkpoint import (
     TrainState,
     list_checkpoints,
     load_checkpoint_state,
     read_best,
     save_checkpoint,
 )
+from stkd_dist.cli import main
+from stkd_dist.config import Config, DataSection, RunSection, load_config
+from stkd_dist.data.plan import make_plan
+from stkd_dist.data.reader import WindowReader
+from stkd_dist.labels.teachers import TeacherSpec, parse_labels
+from stkd_dist.models import build_forecaster
+from stkd_dist.serving.client import ClientOptions
+from stkd_dist.serving.precompute import precompute_labels
+from stkd_dist.serving.teacher import load_teacher
+from stkd_dist.storage import open_store
 from stkd_dist.train.loop import build_reader
 from stkd_dist.train.ray_session import read_history
-from stkd_dist.train.soft_labels import ClientOptions, TeacherSpec, parse_labels
 from stkd_dist.train.student import StudentRequest, delivery_path, train_student
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from stkd_dist.checkpoint import read_best
 from stkd_dist.errors import ConfigError
-from stkd_dist.train.checkpoint import read_best
 from stkd_dist.train.teacher import train_teacher
 from tests.train.conftest import tiny_config, write_checkpoint
 

@@ -17,8 +17,8 @@ import pytest
 import ray
 import torch
 
+from stkd_dist.checkpoint import list_checkpoints, load_forecaster, read_best
 from stkd_dist.config import Config, load_config, read_config
-from stkd_dist.train.checkpoint import list_checkpoints, load_forecaster, read_best
 from stkd_dist.train.ray_session import read_history
 from stkd_dist.train.teacher import train_teacher
 

@@ -14,27 +14,26 @@ import numpy as np
 import pytest
 import torch
 
+from stkd_dist.checkpoint import TrainState, save_checkpoint
 from stkd_dist.config import Config, DataSection, RunSection
 from stkd_dist.data.loader import make_loader
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import ConfigError, InputError, StoreError
-from stkd_dist.models import build_forecaster
-from stkd_dist.serving.cache import LabelCache
-from stkd_dist.serving.client import LabelMismatchError
-from stkd_dist.serving.precompute import precompute_labels
-from stkd_dist.serving.server import ServerConfig, TeacherServer
-from stkd_dist.serving.teacher import MICRO_BATCH, load_teacher
-from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import TrainState, save_checkpoint
-from stkd_dist.train.soft_labels import (
-    ClientOptions,
+from stkd_dist.labels.sources import open_label_source
+from stkd_dist.labels.teachers import (
     LabelSpec,
     TeacherSpec,
-    open_label_source,
     parse_labels,
     parse_teacher,
     resolve_teachers,
 )
+from stkd_dist.models import build_forecaster
+from stkd_dist.serving.cache import LabelCache
+from stkd_dist.serving.client import ClientOptions, LabelMismatchError
+from stkd_dist.serving.precompute import precompute_labels
+from stkd_dist.serving.server import ServerConfig, TeacherServer
+from stkd_dist.serving.teacher import MICRO_BATCH, load_teacher
+from stkd_dist.storage import open_store
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@
 * :class:`TeacherSpec`: one teacher, from ``--teacher`` (:func:`parse_teacher`: the endpoints of a
   teacher service's replicas, or ``ray:N`` replicas to start) or ``--labels``
   (:func:`parse_labels`: a label cache);
-* :class:`ClientOptions`: how workers talk to teacher services (token, TLS, wire dtype, prefetch);
+* :func:`label_client`: a client of a teacher service with the run's :class:`ClientOptions`;
 * :class:`LabelSpec`: a student's teachers and how their labels combine (``distill.ensemble``);
 * :func:`resolve_teachers`: the driver's one check of every teacher before training: the dataset
   fingerprint, the label shape and the training windows must be the student's; each teacher's
@@ -11,22 +11,21 @@
   validation MAE read (``Describe`` or the cache) for ``inverse_error`` weights;
 * :func:`started_replicas`: ``ray:N`` teachers started as Ray actors for the length of a run.
 
-The worker side (label sources) is :mod:`stkd_dist.train.soft_labels`.
+The worker side (label sources) is :mod:`stkd_dist.labels.sources`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from stkd_dist.distill.ensemble import RULES, teacher_weights
 from stkd_dist.errors import ConfigError, StoreError
 from stkd_dist.location import url
-from stkd_dist.serving import codec
+from stkd_dist.serving.cache import LabelCache
+from stkd_dist.serving.client import ClientOptions, SoftLabelClient
+from stkd_dist.serving.discovery import EndpointSource
 
 TeacherKind = Literal["stream", "cache", "replicas"]
 CACHE_SCHEME = "cache:"
@@ -77,8 +76,6 @@ def parse_teacher(text: str) -> TeacherSpec:
     Raises:
         ConfigError: a malformed endpoint specification.
     """
-    from stkd_dist.serving.discovery import EndpointSource
-
     spec = text.strip()
     rest = spec.removeprefix(RAY_SCHEME)
     if spec.startswith(RAY_SCHEME) and rest.isdigit():
@@ -101,51 +98,16 @@ def parse_labels(text: str) -> TeacherSpec:
     return TeacherSpec("cache", url(spec.removeprefix(CACHE_SCHEME)))
 
 
-@dataclass(frozen=True)
-class ClientOptions:
-    """How student workers talk to teacher services (see ``SoftLabelClient``).
-
-    Attributes:
-        token: bearer token (resolved on the driver: workers may not see its environment).
-        tls_ca: CA certificate (PEM path, readable on every worker node); enables TLS.
-        tls_cert, tls_key: client certificate and key for mutual TLS.
-        wire_dtype: ``float32`` keeps labels bit-exact; ``float16``/``bfloat16`` halve the bytes.
-        prefetch: label chunks buffered ahead of training, per teacher.
-        max_message_bytes: largest label chunk.
-        deadline: seconds one call may take before it is resumed with a new call.
-    """
-
-    token: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    wire_dtype: str = "float32"
-    prefetch: int = 8
-    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
-    deadline: float | None = 300.0
-
-    def __post_init__(self) -> None:
-        codec.wire_dtype(self.wire_dtype)  # raises for an unknown dtype
-        if self.prefetch < 1:
-            raise ConfigError(f"must be >= 1, got {self.prefetch}", where="--label-prefetch")
-
-    def client(self, endpoints: str, fingerprint: str, version: str | None) -> Any:
-        """A ``SoftLabelClient`` of ``endpoints`` with these options."""
-        from stkd_dist.serving.client import SoftLabelClient
-
-        return SoftLabelClient(
-            endpoints,
-            expected_fingerprint=fingerprint,
-            expected_version=version or None,
-            token=self.token,
-            tls_ca=self.tls_ca,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-            wire_dtype=self.wire_dtype,
-            prefetch=self.prefetch,
-            max_message_bytes=self.max_message_bytes,
-            deadline=self.deadline,
-        )
+def label_client(
+    options: ClientOptions, endpoints: str, fingerprint: str, version: str | None
+) -> SoftLabelClient:
+    """A client of the teacher service at ``endpoints`` for labels of dataset ``fingerprint``."""
+    return SoftLabelClient(
+        endpoints,
+        expected_fingerprint=fingerprint,
+        expected_version=version or None,
+        options=options,
+    )
 
 
 @dataclass(frozen=True)
@@ -239,7 +201,7 @@ def resolve_teachers(
     windows: range,
     spread: bool = False,
     split: str = "train",
-    client: ClientOptions = ClientOptions(),
+    client: ClientOptions | None = None,
 ) -> tuple[TeacherSpec, ...]:
     """Check each ``stream``/``cache`` teacher against the student; pin versions, read MAEs.
 
@@ -257,11 +219,12 @@ def resolve_teachers(
         ConfigError / StoreError / LabelMismatchError / TeacherUnavailableError: a teacher that
         does not fit, or cannot be reached.
     """
+    client = client or ClientOptions()
     out = []
     for t in teachers:
         common = {"window_shape": window_shape, "train": windows, "spread": spread, "split": split}
         if t.kind == "stream":
-            with client.client(t.location, fingerprint, t.version) as c:
+            with label_client(client, t.location, fingerprint, t.version) as c:
                 info = c.describe()
             found = {s.split: range(s.start, s.stop, s.step) for s in info.splits}
             _check_labels(
@@ -270,8 +233,6 @@ def resolve_teachers(
             val_mae = float(info.val_mae) if info.val_mae > 0 else t.val_mae
             out.append(replace(t, version=info.teacher_version, val_mae=val_mae))
         elif t.kind == "cache":
-            from stkd_dist.serving.cache import LabelCache
-
             cache = LabelCache(t.location)
             if cache.fingerprint != fingerprint:
                 raise StoreError(
@@ -292,60 +253,3 @@ def resolve_teachers(
         else:
             raise ConfigError("start the replicas before resolving the teachers", where=t.name)
     return tuple(out)
-
-
-@contextlib.contextmanager
-def started_replicas(
-    teachers: Sequence[TeacherSpec],
-    *,
-    checkpoint: str | Path,
-    dataset: str | Path,
-    run_name: str,
-    token: str | None = None,
-    num_cpus: float = 0.0,
-    storage: str | Path | None = None,
-) -> Iterator[tuple[TeacherSpec, ...]]:
-    """Start the ``replicas`` teachers as Ray actors; yield all teachers, those as ``stream``.
-
-    Each ``replicas`` teacher gets servers of ``checkpoint`` named
-    ``stkd-teacher-<run>-<random>-<i>``, found by the workers' clients through the endpoint
-    ``ray:<that prefix>-``; they are killed when the block ends. Ray must be initialised.
-
-    Args:
-        checkpoint: the teacher checkpoint the replicas serve (any ``resolve_checkpoint`` ref).
-        dataset: the teacher's dataset (store path).
-        run_name: names the actors.
-        token: bearer token the replicas require. A replica binds its node's address only when
-            secured (token or TLS), else 127.0.0.1: on a cluster of several nodes give a token.
-        num_cpus: CPUs Ray reserves per replica (0: they share the workers' cores).
-    """
-    import ray
-
-    from stkd_dist.serving.discovery import start_teacher_replicas
-    from stkd_dist.serving.server import ServerConfig
-    from stkd_dist.train.checkpoint import resolve_checkpoint
-
-    actors: list[Any] = []
-    out = []
-    try:
-        for t in teachers:
-            if t.kind != "replicas":
-                out.append(t)
-                continue
-            prefix = f"stkd-teacher-{run_name}-{uuid.uuid4().hex[:8]}"
-            actors += start_teacher_replicas(
-                t.replicas,
-                # absolute: the actors run in another working directory
-                url(resolve_checkpoint(checkpoint, "teacher", storage)),
-                url(dataset),
-                config=ServerConfig(token=token),
-                name_prefix=prefix,
-                num_cpus=num_cpus,
-                storage=None if storage is None else url(storage),
-            )
-            out.append(TeacherSpec("stream", f"{RAY_SCHEME}{prefix}-"))
-        yield tuple(out)
-    finally:
-        for actor in actors:
-            with contextlib.suppress(Exception):  # already gone with its node
-                ray.kill(actor)

@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stkd_dist.errors import StoreError
-from stkd_dist.storage import open_store
-from stkd_dist.train.checkpoint import (
+from stkd_dist.checkpoint import (
     META,
     MODEL,
     TrainState,
@@ -21,6 +19,8 @@ from stkd_dist.train.checkpoint import (
     weights_digest,
     write_best,
 )
+from stkd_dist.errors import StoreError
+from stkd_dist.storage import open_store
 from stkd_dist.train.loop import LossValue, global_mean
 from tests.train.conftest import tiny_config, write_checkpoint
 

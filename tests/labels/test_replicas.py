@@ -11,8 +11,9 @@ import ray
 import torch
 
 from stkd_dist.errors import ConfigError
+from stkd_dist.labels.replicas import start_teacher_replicas
 from stkd_dist.serving.client import Backoff, SoftLabelClient
-from stkd_dist.serving.discovery import EndpointSource, start_teacher_replicas
+from stkd_dist.serving.discovery import EndpointSource
 from stkd_dist.serving.server import ServerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

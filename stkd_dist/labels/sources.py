@@ -24,7 +24,7 @@ teacher's validation MAE, as ``Describe`` or the cache reports it).
 The driver checks every teacher once before training (:func:`resolve_teachers`): the dataset
 fingerprint, the label shape and the training windows must be the student's, and each teacher's
 version is pinned so that every worker and every failover uses the very teacher that was checked.
-The teacher specifications, their parsing and checks live in :mod:`stkd_dist.train.distill_teachers`
+The teacher specifications, their parsing and checks live in :mod:`stkd_dist.labels.teachers`
 and are re-exported here.
 """
 
@@ -39,35 +39,9 @@ import torch
 
 from stkd_dist.distill.ensemble import combine_teachers
 from stkd_dist.errors import ConfigError, InputError, StoreError
-from stkd_dist.serving.client import PlanRequest
-from stkd_dist.train.distill_teachers import (
-    CACHE_SCHEME,
-    RAY_SCHEME,
-    ClientOptions,
-    LabelSpec,
-    TeacherKind,
-    TeacherSpec,
-    parse_labels,
-    parse_teacher,
-    resolve_teachers,
-)
-
-__all__ = [
-    "CACHE_SCHEME",
-    "RAY_SCHEME",
-    "CachedTeacher",
-    "ClientOptions",
-    "LabelSource",
-    "LabelSpec",
-    "StreamedTeacher",
-    "TeacherEnsemble",
-    "TeacherKind",
-    "TeacherSpec",
-    "open_label_source",
-    "parse_labels",
-    "parse_teacher",
-    "resolve_teachers",
-]
+from stkd_dist.labels.teachers import LabelSpec, TeacherSpec, label_client
+from stkd_dist.serving.cache import LabelCache
+from stkd_dist.serving.client import ClientStats, PlanRequest
 
 Labels = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -109,14 +83,12 @@ class StreamedTeacher:
         assert teacher.kind == "stream", teacher
         self.teacher = teacher
         self.spec = spec
-        self.client = spec.client.client(teacher.location, spec.fingerprint, teacher.version)
+        self.client = label_client(spec.client, teacher.location, spec.fingerprint, teacher.version)
         self._stream: Any = None
         self._requested = 0
         self._wait = 0.0
 
     def begin_epoch(self, windows: np.ndarray, plan: PlanRequest | None = None) -> None:
-        from stkd_dist.serving.client import ClientStats
-
         self.client.stats = ClientStats()  # per-epoch counters (no stream is running now)
         self._requested, self._wait = len(windows), 0.0
         if plan is not None:
@@ -170,8 +142,6 @@ class CachedTeacher:
     """
 
     def __init__(self, teacher: TeacherSpec, spec: LabelSpec, in_memory: bool = False) -> None:
-        from stkd_dist.serving.cache import LabelCache
-
         assert teacher.kind == "cache", teacher
         self.teacher = teacher
         self.spec = spec

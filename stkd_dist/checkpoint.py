@@ -374,9 +374,9 @@ def resolve_checkpoint(
     )
 
 
-def _torch_load(loc: Location) -> Any:
+def _torch_load(loc: Location, map_location: str | torch.device = "cpu") -> Any:
     # torch.load needs a seekable file: read the object whole (checkpoints are small next to RAM)
-    return torch.load(io.BytesIO(read_bytes(loc)), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(read_bytes(loc)), map_location=map_location, weights_only=True)
 
 
 def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -389,16 +389,21 @@ def load_forecaster(
     ref: str | os.PathLike[str],
     role: str = "teacher",
     storage: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
 ) -> tuple[Forecaster, CheckpointInfo]:
-    """Load a checkpoint's model: ``(Forecaster in eval mode on CPU, CheckpointInfo)``.
+    """Load a checkpoint's model: ``(Forecaster in eval mode on device, CheckpointInfo)``.
 
-    ``ref`` is anything :func:`resolve_checkpoint` accepts.
+    ``ref`` is anything :func:`resolve_checkpoint` accepts. The weights are loaded straight onto
+    ``device`` (``map_location``), never staged on the CPU first.
     """
     from stkd_dist.models import Forecaster
 
     info = read_checkpoint(resolve_checkpoint(ref, role, storage))
-    model = Forecaster.from_spec(info.spec)
-    state = _torch_load(info.path / MODEL)
+    # the architecture is built (randomly initialised, small) on the CPU and moved before the
+    # weights are copied in on the device
+    model = Forecaster.from_spec(info.spec).to(device)
+    state = _torch_load(info.path / MODEL, map_location=device)
     model.load_state_dict(state)
     model.eval()
     return model, info

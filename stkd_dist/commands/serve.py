@@ -71,7 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-message-bytes",
         type=int,
         default=codec.DEFAULT_MAX_MESSAGE_BYTES,
-        help=f"largest chunk message (default {codec.DEFAULT_MAX_MESSAGE_BYTES})",
+        help=f"largest label message sent (default {codec.DEFAULT_MAX_MESSAGE_BYTES}, at least "
+        "65536; clients may ask for less). Chunks carry as many whole windows as fit; a window "
+        "whose labels alone are larger is split along the node axis into several messages, "
+        "which the client reassembles",
     )
     net.add_argument(
         "--drain-grace", type=float, default=10.0, help="seconds streams run on after SIGTERM"

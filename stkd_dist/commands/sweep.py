@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     best = outcome.best
     assert best is not None, "a finished sweep has a best trial"
     print(
-        f"teacher forward passes: {labels['teacher_forward_windows']} windows for "
+        f"teacher forward passes: {labels['teacher_windows_computed']} windows for "
         f"{summary['trials']} trials ({labels['distinct_windows']} distinct windows; the trials "
         f"read {labels['trial_label_reads']} labels from the cache)"
     )

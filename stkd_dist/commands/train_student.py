@@ -7,7 +7,9 @@ from pathlib import Path
 
 from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands._common import add_config_args, config_from_args
-from stkd_dist.serving import codec
+from stkd_dist.serving.client import ClientOptions
+
+CLIENT_DEFAULTS = ClientOptions()
 
 EPILOG = """\
 examples:
@@ -59,7 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="HOST:PORT[,HOST:PORT...]",
         help="one teacher: its replicas' endpoints (also dns:///NAME:PORT, ray:PREFIX), or "
-        "ray:N to start N replicas as Ray actors; repeat for an ensemble (distill.ensemble)",
+        "ray:N to start N replicas as Ray actors; repeat for an ensemble (distill.ensemble). "
+        "ray:N replicas write through to the run's label cache (<run>/labels/), so the teacher "
+        "computes each window once however many epochs read it (serve.write_through=false: "
+        "compute on every request)",
     )
     src.add_argument(
         "--labels",
@@ -92,23 +97,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--tls-key", metavar="PEM", help="client key (mutual TLS)")
     net.add_argument(
         "--wire-dtype",
-        default="float32",
+        default=CLIENT_DEFAULTS.wire_dtype,
         choices=("float32", "float16", "bfloat16"),
         help="label precision on the wire (default float32: bit-exact, reproducible)",
     )
     net.add_argument(
         "--label-prefetch",
         type=int,
-        default=8,
+        default=CLIENT_DEFAULTS.prefetch,
         metavar="N",
-        help="label chunks buffered ahead of training per teacher (default 8)",
+        help=f"label chunks buffered ahead of training per teacher (default "
+        f"{CLIENT_DEFAULTS.prefetch})",
     )
     net.add_argument(
         "--label-chunk-bytes",
         type=int,
-        default=codec.DEFAULT_MAX_MESSAGE_BYTES,
+        default=CLIENT_DEFAULTS.max_message_bytes,
         metavar="BYTES",
-        help=f"largest label chunk (default {codec.DEFAULT_MAX_MESSAGE_BYTES})",
+        help=f"largest label message (default {CLIENT_DEFAULTS.max_message_bytes}; the "
+        "server caps it to its --max-message-bytes). A window whose labels are larger arrives "
+        "split along the node axis and is reassembled; the least is one node's labels of one "
+        "window plus ~1 KB of headers",
     )
     parser.set_defaults(func=run)
 
@@ -122,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``stkd train-student``."""
     from stkd_dist.labels.teachers import parse_labels, parse_teacher
     from stkd_dist.serving.auth import resolve_token
-    from stkd_dist.serving.client import ClientOptions
-    from stkd_dist.train.student import StudentRequest, train_student
+    from stkd_dist.train.student import StudentRequest, replica_server_config, train_student
 
     cfg = config_from_args(args, roles=("student",))
     teachers = (
@@ -146,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         client=client,
         replica_cpus=args.replica_cpus,
+        write_through=cfg.serve.write_through,
+        server=replica_server_config(cfg.serve),
     )
     outcome = train_student(cfg, request, storage=args.storage)
     best = outcome.best

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +14,49 @@ from stkd_dist.config.sections import positive, require
 
 ServeMode = Literal["stream", "cache"]
 WireDtype = Literal["float32", "float16", "bfloat16"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+#: the precisions a teacher can compute its labels in (``bf16``/``fp16``: CUDA autocast only)
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+#: devices a teacher can run on: ``auto`` (CUDA when available, else the CPU), ``cpu``,
+#: ``cuda`` (the current CUDA device) or ``cuda:<i>``
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+#: windows per model call unless configured: changing it changes the labels' last bits
+DEFAULT_MICRO_BATCH = 32
+
+
+def check_compute_syntax(
+    device: str, precision: str, micro_batch: int, keys: tuple[str, str, str]
+) -> None:
+    """The checks of a teacher's compute settings that hold on any machine.
+
+    ``keys`` name the device, precision and micro-batch settings in errors (config keys or
+    command-line flags). Whether the device exists is checked where the teacher is loaded
+    (:func:`stkd_dist.serving.forward.resolve_compute`): the machine that reads a config may not
+    be the one that serves.
+    """
+    require(
+        isinstance(device, str) and bool(DEVICE_PATTERN.match(device)),
+        keys[0],
+        f"must be auto, cpu, cuda or cuda:<index>, got {device!r}",
+    )
+    require(
+        precision in PRECISIONS,
+        keys[1],
+        f"must be one of {', '.join(PRECISIONS)}, got {precision!r}",
+    )
+    require(
+        not (device == "cpu" and precision != "fp32"),
+        keys[1],
+        f"{precision} needs a CUDA device but {keys[0]} is cpu: the CPU computes in fp32 only "
+        "(CPU autocast lacks bf16 kernels of some models, e.g. the LSTM, on CPUs without "
+        "native bf16)",
+    )
+    require(
+        isinstance(micro_batch, int) and micro_batch > 0,
+        keys[2],
+        f"must be > 0, got {micro_batch!r}",
+    )
 
 
 @dataclass(frozen=True)
@@ -30,6 +74,18 @@ class ServeSection:
         wire_dtype: dtype of the labels on the wire (``float16`` halves the traffic).
         batch_size: most windows per teacher forward pass (server batching and cache filling).
         cpus_per_replica: CPUs Ray reserves for each replica actor (fractions allowed).
+        write_through: started replicas share the run's label cache (``<run>/labels/``) and
+            store every window they compute in it, so the teacher computes each window once
+            however many epochs and students read it; false = compute on every request.
+        device: where a replica runs its teacher: ``cpu`` (default: labels bitwise equal to a
+            CPU label cache), ``cuda``, ``cuda:<i>`` or ``auto`` (CUDA when the replica's machine
+            has it, else the CPU). Whether CUDA exists is checked where the teacher loads.
+        precision: ``fp32`` (default), or ``bf16`` / ``fp16`` under CUDA autocast (CUDA only:
+            the CPU computes in fp32).
+        micro_batch: windows per model call, the last one padded (default 32). CPU kernels pick
+            their algorithm by batch size, so a fixed micro-batch keeps the labels' bits
+            independent of how requests were batched: keep it fixed per teacher version (label
+            caches record it).
     """
 
     mode: ServeMode = "stream"
@@ -38,9 +94,17 @@ class ServeSection:
     wire_dtype: WireDtype = "float32"
     batch_size: int = 64
     cpus_per_replica: float = 0.5
+    write_through: bool = True
+    device: str = "cpu"
+    precision: Precision = "fp32"
+    micro_batch: int = DEFAULT_MICRO_BATCH
 
     def __post_init__(self) -> None:
         positive(self, "replicas", "batch_size")
+        # the section's own field names: loading prefixes them with "serve."
+        check_compute_syntax(
+            self.device, self.precision, self.micro_batch, ("device", "precision", "micro_batch")
+        )
         require(
             self.cpus_per_replica >= 0,
             "cpus_per_replica",

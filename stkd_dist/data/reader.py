@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from stkd_dist.data.batch import DataDims, WindowBatch
+from stkd_dist.data.block_cache import BLOCK_CACHE_BYTES, BlockCache
 from stkd_dist.data.stats import Stats, load_stats
 from stkd_dist.data.windows import SplitSpec, WindowSpec, split_windows
 from stkd_dist.errors import ConfigError, InputError
@@ -124,6 +125,19 @@ class WindowReader:
         minutes = (time - time.normalize()) / np.timedelta64(1, "m")
         self._time_of_day = (np.asarray(minutes, dtype=np.float64) / 1440.0).astype(np.float32)
         self._day_of_week = np.asarray(time.day_of_week, dtype=np.int64)  # Monday = 0
+        # None: every batch reads its steps from the store (see use_block_cache)
+        self.block_cache: BlockCache | None = None
+
+    def use_block_cache(self, max_bytes: int = BLOCK_CACHE_BYTES) -> BlockCache:
+        """Read :meth:`batch`'s steps through an LRU of decoded time chunks from now on.
+
+        For readers that come back to the same chunks batch after batch (a teacher server):
+        each chunk is then read and decoded once while it stays in the ``max_bytes`` budget.
+        Batches are the same either way. Returns the cache (its ``stats`` count chunk reads).
+        """
+        if self.block_cache is None or self.block_cache.max_bytes != max_bytes:
+            self.block_cache = BlockCache(self.store, max_bytes)
+        return self.block_cache
 
     # -- scales and splits ---------------------------------------------------------------------
     def _scale(self, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +226,10 @@ class WindowReader:
         sorted_idx = idx[order]
         for lo, hi in merge_spans(sorted_idx, self.window.length, self.store.chunks[0]):
             sel = order[(sorted_idx >= lo) & (sorted_idx < hi)]
-            values, mask = self.store.read(lo, hi)  # [t, node, channel]
+            # [t, node, channel]; through the block cache the arrays may be read-only views,
+            # which batch_from_block only reads (its fancy indexing copies)
+            cache = self.block_cache
+            values, mask = cache.read(lo, hi) if cache is not None else self.store.read(lo, hi)
             parts.append(self.batch_from_block(values, mask, lo, idx[sel], ok[sel]))
             positions.append(sel)
         if len(parts) == 1:

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,27 @@ from stkd_dist.serving.cache import SERVE_MEMORY_BYTES, open_cache
 from stkd_dist.serving.discovery import DEFAULT_RAY_PREFIX
 from stkd_dist.serving.server import LOOPBACK, ServerConfig, TeacherServer
 from stkd_dist.serving.teacher import load_teacher
+
+
+@dataclass(frozen=True)
+class ReplicaCounters:
+    """What one replica did (:meth:`TeacherReplica.info`).
+
+    Attributes:
+        address: ``host:port`` it served on.
+        forward_windows: windows its teacher model ran on (padding excluded).
+        batches: teacher batches it ran.
+        max_batch: most windows in one batch.
+        active_streams: streams in progress when asked.
+        cached_windows: windows its label cache holds.
+    """
+
+    address: str
+    forward_windows: int
+    batches: int
+    max_batch: int
+    active_streams: int
+    cached_windows: int
 
 
 class TeacherReplica:
@@ -73,17 +95,21 @@ class TeacherReplica:
         """``host:port`` of the server."""
         return self.server.address
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ReplicaCounters:
         """Counters: forward windows, batches, active streams, cached windows."""
         s = self.server.batcher_stats()
-        return {
-            "address": self.server.address,
-            "forward_windows": self.server.teacher.forward_windows,
-            "batches": s.batches,
-            "max_batch": s.max_batch,
-            "active_streams": self.server.active_streams,
-            "cached_windows": self.server.cache.filled_windows() if self.server.cache else 0,
-        }
+        return ReplicaCounters(
+            address=self.server.address,
+            forward_windows=self.server.teacher.forward_windows,
+            batches=s.batches,
+            max_batch=s.max_batch,
+            active_streams=self.server.active_streams,
+            cached_windows=self.server.cache.filled_windows() if self.server.cache else 0,
+        )
+
+    def flush(self) -> None:
+        """Wait until the labels computed so far (and their forward count) are in the cache."""
+        self.server.flush_cache()
 
     def drain(self, grace_s: float | None = None) -> None:
         """Drain and stop the server (see :meth:`TeacherServer.drain`)."""
@@ -114,7 +140,8 @@ def start_teacher_replicas(
     Args:
         config: a :class:`~stkd_dist.serving.server.ServerConfig` (``host``/``port`` are chosen
             by each actor).
-        cache: one label cache path (only one replica may write through to it: the first).
+        cache: one label cache path (URL) every replica serves from.
+        write_through: every replica stores the windows it computes in ``cache``.
     """
     import ray
 
@@ -132,8 +159,10 @@ def start_teacher_replicas(
                 str(data),
                 cfg,
                 None if cache is None else str(cache),
-                # one writer per cache: concurrent writers could lose each other's rows
-                write_through and i == 0,
+                # every replica writes through: writers never share an object (whole chunks
+                # with done markers, per-writer fragments), and a window one replica stored
+                # is read by the others instead of computed again
+                write_through,
                 None if storage is None else str(storage),
             )
         )
@@ -152,6 +181,9 @@ def started_replicas(
     token: str | None = None,
     num_cpus: float = 0.0,
     storage: str | Path | None = None,
+    config: ServerConfig | None = None,
+    cache: str | None = None,
+    counters: list[ReplicaCounters] | None = None,
 ) -> Iterator[tuple[TeacherSpec, ...]]:
     """Start the ``replicas`` teachers as Ray actors; yield all teachers, those as ``stream``.
 
@@ -166,6 +198,10 @@ def started_replicas(
         token: bearer token the replicas require. A replica binds its node's address only when
             secured (token or TLS), else 127.0.0.1: on a cluster of several nodes give a token.
         num_cpus: CPUs Ray reserves per replica (0: they share the workers' cores).
+        config: the replicas' server settings (``token`` replaces its token).
+        cache: a label cache (URL) the replicas share and write through to, so the teacher
+            computes each window once however many epochs and students read it (None = none).
+        counters: filled, when the block ends, with each replica's :class:`ReplicaCounters`.
     """
     import ray
 
@@ -182,14 +218,32 @@ def started_replicas(
                 # absolute: the actors run in another working directory
                 url(resolve_checkpoint(checkpoint, "teacher", storage)),
                 url(dataset),
-                config=ServerConfig(token=token),
+                config=dataclasses.replace(config or ServerConfig(), token=token),
                 name_prefix=prefix,
+                cache=cache,
+                write_through=cache is not None,
                 num_cpus=num_cpus,
                 storage=None if storage is None else url(storage),
             )
             out.append(TeacherSpec("stream", f"{RAY_SCHEME}{prefix}-"))
         yield tuple(out)
     finally:
+        if counters is not None and actors:
+            counters.extend(_counters(actors))
         for actor in actors:
             with contextlib.suppress(Exception):  # already gone with its node
                 ray.kill(actor)
+
+
+def _counters(actors: list[Any]) -> list[ReplicaCounters]:
+    """The counters of the replicas still alive (a dead one's are lost with it)."""
+    import ray
+
+    out = []
+    for actor in actors:
+        try:
+            ray.get(actor.flush.remote(), timeout=60)  # the cache's forward count is current
+            out.append(ray.get(actor.info.remote(), timeout=30))
+        except Exception:  # gone with its node, or not answering: its counts are unknown
+            continue
+    return out

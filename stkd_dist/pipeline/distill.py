@@ -50,6 +50,7 @@ from stkd_dist.location import (
 from stkd_dist.pipeline.findings import (
     baseline_predictors,
     extra_seeds,
+    label_cost,
     model_predictor,
     seed_experiment,
     split_mae,
@@ -70,6 +71,7 @@ from stkd_dist.pipeline.stages import (
 from stkd_dist.pipeline.ui import PipelineUI, StageReport
 from stkd_dist.pipeline.ui import log as pipeline_log
 from stkd_dist.storage import DatasetStore
+from stkd_dist.train.student import label_use
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +390,20 @@ class _Pipeline:
             findings["kd_vs_scratch"] = entry
             self.ui.echo(entry["verdict"])
             detail = entry["verdict"]
+        cost = label_cost(
+            self.cfg.serve.mode,
+            [u for u in map(label_use, self._distilled_experiments()) if u is not None],
+            self.info("labels") if "labels" in self.names else None,
+        )
+        if cost is not None:
+            findings["labels"] = cost
         write_findings(self.layout.metrics, findings)
         return [self.layout.metrics], {"detail": detail}, detail
+
+    def _distilled_experiments(self) -> list[Location]:
+        """The experiments of the run's distilled students (every seed)."""
+        names = ["student_kd", *(seed_experiment(True, s) for s in extra_seeds(self.cfg))]
+        return [self.layout.experiment(n) for n in names]
 
     def report(self) -> StageRecord:
         key = config_digest(self.cfg, [], evaluated=self.book.records["statistics"].finished)

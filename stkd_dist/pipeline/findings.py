@@ -5,6 +5,8 @@ Two entries of ``metrics.json`` that are not models:
 * ``teacher_check``: the teacher's validation MAE next to last value and historical average on
   the validation split. A teacher that does not beat both is a finding: ``distill`` says so in one
   line and the report flags it;
+* ``labels``: what the soft labels cost the teacher: ``teacher_windows_computed`` against the
+  ``distinct_windows`` the students read (equal when each window was computed once);
 * ``kd_vs_scratch`` (``run.seeds`` >= 2): the test MAE of the distilled and the scratch student of
   every seed, the paired test, the bootstrap interval and the share of the scratch→teacher gap
   closed (:func:`stkd_dist.stats.kd_vs_scratch`).
@@ -13,7 +15,7 @@ Two entries of ``metrics.json`` that are not models:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,9 +24,8 @@ from stkd_dist.config import Config
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.location import Location, read_json, write_json_atomic
 from stkd_dist.metrics import MetricAccumulator
-
-#: ``metrics.json`` entries that are findings, not models or baselines
-FINDINGS = ("kd_vs_scratch", "teacher_check")
+from stkd_dist.report.render import FINDINGS
+from stkd_dist.train.student import LabelUse
 
 
 def split_findings(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -112,3 +113,34 @@ def write_findings(metrics_path: Location, findings: Mapping[str, Any]) -> None:
     for key in FINDINGS:
         metrics.pop(key, None)
     write_json_atomic(metrics_path, {**metrics, **dict(findings)})
+
+
+def label_cost(
+    mode: str, uses: Sequence[LabelUse], cache_info: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """The ``labels`` finding: teacher windows computed vs distinct windows read.
+
+    Args:
+        mode: ``serve.mode``.
+        uses: ``label_use.json`` of each distilled student (stream mode with started replicas).
+        cache_info: the ``labels`` stage's record (cache mode).
+
+    Returns None when nothing was measured (e.g. streaming from external servers).
+    """
+    if mode == "cache" and cache_info is not None:
+        return {
+            "mode": mode,
+            "teacher_windows_computed": int(cache_info["forward_windows"]),
+            "distinct_windows": int(sum(cache_info["windows"].values())),
+            "cache": cache_info["path"],
+        }
+    if not uses:
+        return None
+    # the replicas of every student share one write-through cache: its count is the total
+    return {
+        "mode": mode,
+        "teacher_windows_computed": max(u.teacher_windows_computed for u in uses),
+        "distinct_windows": max(u.distinct_windows for u in uses),
+        "cache": uses[0].cache,
+        "students": len(uses),
+    }

@@ -156,7 +156,7 @@ def train_student_stage(
     from stkd_dist.labels.teachers import TeacherSpec, parse_teacher
     from stkd_dist.serving.auth import resolve_token
     from stkd_dist.serving.client import ClientOptions
-    from stkd_dist.train.student import StudentRequest, train_student
+    from stkd_dist.train.student import StudentRequest, replica_server_config, train_student
 
     serve = cfg.serve
     # resolved here: workers on other nodes do not see this process's environment
@@ -179,6 +179,8 @@ def train_student_stage(
             client=client,
             replica_cpus=serve.cpus_per_replica,
             experiment=experiment,
+            write_through=serve.write_through,
+            server=replica_server_config(serve),
         )
     return _result(train_student(cfg, request, storage=storage, echo=echo))
 

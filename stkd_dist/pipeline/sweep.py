@@ -418,7 +418,7 @@ def run_sweep(
             "splits": list(LABEL_SPLITS),
             "distinct_windows": int(sum(len(reader.windows(s)) for s in LABEL_SPLITS)),
             # recorded in the cache when it was filled: what the teacher cost, once for all trials
-            "teacher_forward_windows": cache.forward_windows,
+            "teacher_windows_computed": cache.forward_windows,
             "computed_by_this_sweep": cache.computed,
             # labelled windows the trials consumed (every epoch of every trial)
             "trial_label_reads": counts["label_reads"],

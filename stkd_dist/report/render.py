@@ -34,7 +34,7 @@ from stkd_dist.report.inputs import ReportInputs, _npz, label, load_inputs
 
 #: ``metrics.json`` entries that are findings of the run, not models (see
 #: :mod:`stkd_dist.pipeline.findings`)
-FINDINGS = ("kd_vs_scratch", "teacher_check")
+FINDINGS = ("kd_vs_scratch", "labels", "teacher_check")
 LEARNED = ("teacher", "student_kd", "student_scratch")
 BASELINES = ("last_value", "historical_average")
 
@@ -165,6 +165,13 @@ def finding_lines(findings: dict[str, Any]) -> list[str]:
                 f"bootstrap 95 % interval [{ci[0]:+.3f}, {ci[1]:+.3f}])"
             )
         lines.append(f"**Distilled vs scratch over seeds:** {text}.")
+    cost = findings.get("labels")
+    if cost is not None:
+        computed, distinct = cost["teacher_windows_computed"], cost["distinct_windows"]
+        lines.append(
+            f"**Soft labels** ({cost['mode']}): the teacher computed {computed:,} windows for "
+            f"{distinct:,} distinct windows ({computed / max(distinct, 1):.2f} per window)."
+        )
     return lines
 
 

@@ -166,6 +166,9 @@ class LabelCache(_ChunkReader):
         # the teacher's validation MAE (None for caches written before it was recorded)
         self.val_mae: float | None = attrs.get("val_mae")
         self.writer_id = _writer_id()
+        # writers share the work: a miss is looked up in the store again at once (a marker and
+        # a listing per missed chunk), readers of a cache being filled look every REFRESH_S
+        self.refresh_s = 0.0 if self.writable else REFRESH_S
         self._names = ("prediction", "spread") if self.has_spread else ("prediction",)
         # _lock guards the in-memory state (present rows, partial chunks, resident copies, LRU)
         # and is never held across storage I/O, so lookups from the serving threads go on while

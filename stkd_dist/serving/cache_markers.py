@@ -44,7 +44,9 @@ from stkd_dist.serving.cache_layout import (
     encode_labels,
 )
 
-# how often a reader looks again for the marker of a chunk it misses (write-through replicas)
+# how often a read-only reader looks again for what others stored of a chunk it misses; a
+# writable cache (write-through replicas) looks on every miss, so that no replica computes a
+# window another one has stored (see LabelCache)
 REFRESH_S = 10.0
 
 
@@ -157,6 +159,7 @@ class _ChunkPresence:
     _splits: dict[str, _Split]
     _memory: dict[str, Labels]  # split -> (prediction, spread) float32 in RAM
     _fragment_seq: int
+    refresh_s: float  # how long a missed chunk is not looked at again
 
     # -- what is present -----------------------------------------------------------------------
     def _scan(self, s: _Split) -> None:
@@ -209,14 +212,18 @@ class _ChunkPresence:
                 self._put_memory(s, s.chunk_slice(c), data)
 
     def _refresh_missing(self, s: _Split, rows: np.ndarray) -> None:
-        """Look for markers of the chunks of missing ``rows`` not looked for in a while."""
+        """Look again for what other writers stored of the chunks of missing ``rows``: the
+        chunk's done marker, else its fragments (for chunks not looked at in ``refresh_s``)."""
         missing = rows[~s.filled[rows]]
         if missing.size == 0:
             return
         now = time.monotonic()
         for c in np.unique(missing // s.chunk_rows):
-            if not s.done[c] and now - s.checked[c] >= REFRESH_S:
-                self._check_marker(s, int(c))
+            due = not s.done[c] and now - s.checked[c] >= self.refresh_s
+            # rows another replica computed are read, not computed again: they may sit in its
+            # fragments of a chunk not complete yet
+            if due and not self._check_marker(s, int(c)):
+                self._merge_fragments(s, int(c))
 
     def refresh(self) -> None:
         """Read again which chunks and rows other writers have completed."""

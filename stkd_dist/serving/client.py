@@ -9,7 +9,10 @@ Exactly once: every chunk names the cursor to resume after it. When a stream bre
 DEADLINE_EXCEEDED, a replica killed or draining, a checksum mismatch) the client reconnects, to the
 next replica when there is one, with exponential backoff, and asks for the same sequence from the
 last cursor it fully received. Chunks are handed to the consumer only after their checksum
-verified, so every window is delivered exactly once.
+verified, so every window is delivered exactly once. Windows larger than the message limit arrive
+as node slices and are handed on whole, once their last slice has arrived
+(:class:`~stkd_dist.serving.codec_slices.WindowAssembler`: one partial window at a time, dropped
+when the stream breaks, since the cursor only moves past a window with its last slice).
 
 Streams are :class:`~stkd_dist.serving.label_stream.LabelStream` objects (prefetch thread and
 ``labels_for``), re-exported here.
@@ -36,7 +39,7 @@ import grpc
 import numpy as np
 
 from stkd_dist.errors import ConfigError, InputError, StkdError
-from stkd_dist.serving import codec
+from stkd_dist.serving import codec, codec_slices
 from stkd_dist.serving.auth import ClientTls, bearer, resolve_token
 from stkd_dist.serving.discovery import Endpoint, EndpointSource
 from stkd_dist.serving.label_stream import LabelItem, LabelStream
@@ -75,6 +78,12 @@ class TeacherRequestError(StkdError):
     def __init__(self, code: grpc.StatusCode, message: str, where: str | None = None) -> None:
         super().__init__(f"{code.name}: {message}", where=where)
         self.code = code
+        self.details = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickling (Ray hands a worker's exception to the driver) must call __init__ with its own
+        # arguments: the default, cls(*self.args), passes the one formatted message and fails
+        return type(self), (self.code, self.details, self.where)
 
 
 @dataclass(frozen=True)
@@ -116,8 +125,10 @@ class ClientOptions:
         tls_cert, tls_key: client certificate and key for mutual TLS.
         wire_dtype: ``float32`` keeps labels bit-exact; ``float16``/``bfloat16`` halve the bytes.
         prefetch: label chunks buffered ahead of the consumer, per stream.
-        max_message_bytes: largest label message accepted; windows whose labels are larger
-            arrive split along the node axis.
+        max_message_bytes: largest label message accepted (the server caps it to its own
+            limit); windows whose labels are larger arrive split along the node axis and are
+            reassembled here. The server refuses a limit below one node's labels of one window
+            (``[H, 1, C]`` per output plus about 1 KB of headers) with INVALID_ARGUMENT.
         deadline: seconds one call may take before it is resumed with a new call (None = none).
         backoff: reconnection policy.
     """
@@ -136,15 +147,22 @@ class ClientOptions:
         codec.wire_dtype(self.wire_dtype)  # raises for an unknown dtype
         if self.prefetch < 1:
             raise ConfigError(f"must be >= 1, got {self.prefetch}", where="prefetch")
+        if self.max_message_bytes < 1:
+            raise ConfigError(
+                f"must be >= 1 byte, got {self.max_message_bytes}", where="max_message_bytes"
+            )
         if self.deadline is not None and self.deadline <= 0:
             raise ConfigError(f"must be > 0 seconds, got {self.deadline}", where="deadline")
 
 
 @dataclass
 class ClientStats:
-    """What a client did (all streams)."""
+    """What a client did (all streams): ``chunks`` handed to streams (a split window is one),
+    ``slices`` node-slice messages received (including those of partial windows that a broken
+    stream dropped), ``windows`` and label ``bytes`` delivered."""
 
     chunks: int = 0
+    slices: int = 0
     windows: int = 0
     bytes: int = 0
     reconnects: int = 0
@@ -410,16 +428,22 @@ class SoftLabelClient:
             )
             call = stream_labels(req, timeout=self.deadline, metadata=self._metadata)
             stream.call = call
+            # node slices of one window at a time; a new call starts from the window's first
+            # slice (the cursor stays at a window until its last slice), so this one's go with it
+            assembler = codec_slices.WindowAssembler()
             try:
                 for data in call:
-                    chunk = codec.decode_chunk_bytes(data)  # raises ChecksumError
-                    self._check("", chunk.teacher_version, ep)
-                    if chunk.cursor - len(chunk.indices) != cursor:
-                        raise codec.ChecksumError(
-                            f"chunk covers [{chunk.cursor - len(chunk.indices)}, {chunk.cursor}), "
-                            f"expected it to start at {cursor}"
-                        )
-                    cursor, total, failures = chunk.cursor, chunk.total, 0
+                    part = codec.decode_chunk_bytes(data)  # raises ChecksumError
+                    self._check("", part.teacher_version, ep)
+                    total = part.total
+                    if part.nodes is not None:
+                        with self._lock:
+                            self.stats.slices += 1
+                    # checks that the chunk continues at `cursor`; raises ChecksumError
+                    chunk = assembler.add(part, cursor)
+                    if chunk is None:
+                        continue  # a partial window: not handed on, the cursor stays
+                    cursor, failures = chunk.cursor, 0
                     with self._lock:
                         self.stats.chunks += 1
                         self.stats.windows += len(chunk.indices)

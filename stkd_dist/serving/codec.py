@@ -1,13 +1,15 @@
 """Soft labels on the wire: tensors to bytes and back, checksums and chunking.
 
-A :class:`~stkd_dist.serving.proto_gen.teacher_pb2.LabelChunk` carries whole windows only. Its
-size is kept under a maximum message size by giving each chunk at most
-:func:`windows_per_chunk` windows; a window that alone does not fit is an error (raise the limit).
+A :class:`~stkd_dist.serving.proto_gen.teacher_pb2.LabelChunk` carries whole windows, at most
+:func:`windows_per_chunk` of them so that it stays under the maximum message size. A window that
+alone does not fit travels as *node slices*, one chunk each with a :class:`NodeSlice` (see
+:mod:`~stkd_dist.serving.codec_slices`, which splits windows and reassembles them).
 
 Checksum: CRC-32C (Castagnoli, via ``google_crc32c``, hardware accelerated) over the window
-indices as int64 little-endian bytes, then the prediction bytes, then the spread bytes. It guards
-against corruption between the teacher's output and the student (gRPC's TCP/TLS checksums do not
-cover bugs or memory errors in the layers above them).
+indices as int64 little-endian bytes, then (node slices only) ``node_start, node_stop,
+node_count`` as int64 little-endian bytes, then the prediction bytes, then the spread bytes. It
+guards against corruption between the teacher's output and the student (gRPC's TCP/TLS checksums
+do not cover bugs or memory errors in the layers above them).
 
 Servers send :func:`encode_chunk_bytes` and clients read :func:`decode_chunk_bytes`: both handle
 the label bytes as few times as Python allows (the protobuf message API copies them on every
@@ -28,6 +30,10 @@ import torch
 
 from stkd_dist.errors import InputError
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
+from stkd_dist.serving.wire import (
+    ChecksumError as ChecksumError,  # re-exported: codec.ChecksumError
+)
+from stkd_dist.serving.wire import fields, length_delimited
 
 WIRE_DTYPES: dict[str, int] = {
     "float32": pb.FLOAT32,
@@ -43,8 +49,26 @@ INDEX_BYTES = 10
 DEFAULT_MAX_MESSAGE_BYTES = 3 * 1024 * 1024
 
 
-class ChecksumError(Exception):
-    """A chunk's bytes do not match its checksum (the receiver retries)."""
+@dataclass(frozen=True)
+class NodeSlice:
+    """Nodes ``[start, stop)`` of a window of ``count`` nodes: the part a node-slice chunk holds."""
+
+    start: int
+    stop: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop <= self.count:
+            raise ChecksumError(f"malformed node slice [{self.start}, {self.stop}) of {self.count}")
+
+    @property
+    def last(self) -> bool:
+        """Whether this slice completes its window."""
+        return self.stop == self.count
+
+    def as_bytes(self) -> bytes:
+        """The range as the checksum covers it: three int64 little-endian values."""
+        return np.array([self.start, self.stop, self.count], dtype="<i8").tobytes()
 
 
 def wire_dtype(name: str | int) -> int:
@@ -75,14 +99,16 @@ def dtype_name(value: int) -> str:
 def tensor_bytes(array: np.ndarray, dtype: str | int) -> bytes:
     """The raw little-endian bytes of ``array`` in wire dtype ``dtype``."""
     code = wire_dtype(dtype)
-    a = np.ascontiguousarray(array, dtype=np.float32)
+    # no copy of a contiguous float32 array; a node slice (a strided view) is gathered in
+    # row-major order by tobytes(), in the one copy it makes anyway
+    a = np.asarray(array, dtype=np.float32)
     if code == pb.FLOAT32:
         return a.astype("<f4", copy=False).tobytes()
     if code == pb.FLOAT16:
         with np.errstate(over="ignore"):  # beyond ±65504 becomes ±inf, as a half must
             return a.astype("<f2").tobytes()
     # bfloat16 = upper 16 bits of float32, rounded to nearest even by torch
-    bits = torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy()
+    bits = torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).view(torch.int16).numpy()
     return bits.astype("<i2", copy=False).tobytes()
 
 
@@ -115,9 +141,12 @@ def decode_tensor(tensor: pb.Tensor, data: bytes | None = None) -> np.ndarray:
     return bits.view(np.float32).reshape(shape)
 
 
-def checksum(indices: np.ndarray, *parts: bytes) -> int:
-    """CRC-32C of ``indices`` (as int64 little-endian) followed by ``parts``."""
+def checksum(indices: np.ndarray, *parts: bytes, nodes: NodeSlice | None = None) -> int:
+    """CRC-32C of ``indices`` (as int64 little-endian), the node range of a node slice (``nodes``,
+    see :meth:`NodeSlice.as_bytes`), then ``parts``."""
     crc = google_crc32c.value(np.ascontiguousarray(indices, dtype="<i8").tobytes())
+    if nodes is not None:
+        crc = google_crc32c.extend(crc, nodes.as_bytes())
     for part in parts:
         if part:
             crc = google_crc32c.extend(crc, part)
@@ -134,7 +163,8 @@ def windows_per_chunk(
 ) -> int:
     """How many whole windows fit in one chunk of at most ``max_message_bytes``.
 
-    Raises :class:`InputError` when not even one window fits.
+    Raises :class:`InputError` when not even one window fits (then
+    :func:`~stkd_dist.serving.codec_slices.chunk_layout` splits windows along the node axis).
     """
     per_window = window_payload_bytes(window_shape, dtype, outputs) + INDEX_BYTES
     n = (max_message_bytes - CHUNK_OVERHEAD_BYTES) // per_window
@@ -145,20 +175,6 @@ def windows_per_chunk(
             where="max_message_bytes",
         )
     return int(n)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | 0x80 if value else low)
-        if not value:
-            return bytes(out)
-
-
-def _length_delimited(field_number: int, length: int) -> bytes:
-    """Tag and length of a length-delimited protobuf field (wire type 2)."""
-    return _varint(field_number << 3 | 2) + _varint(length)
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,7 @@ def encode_chunk_bytes(
     teacher_version: str,
     cursor: int,
     total: int,
+    nodes: NodeSlice | None = None,
 ) -> EncodedChunk:
     """Serialize the chunk of windows ``indices`` with labels ``[n, H, N, C]``.
 
@@ -187,9 +204,13 @@ def encode_chunk_bytes(
     the label bytes (the checksum needs a ``bytes`` object, then the message is joined) instead
     of four: the small fields are serialized by protobuf, and each tensor is appended as its
     length-delimited field (protobuf parsers merge concatenated fields).
+
+    ``nodes``: the node range of a node-slice chunk, whose labels (one window) are then
+    ``[1, H, nodes.stop - nodes.start, C]`` (a strided view is fine); None for whole windows.
     """
     n = len(indices)
     assert prediction.shape[0] == n, (prediction.shape, n)
+    assert nodes is None or (n, prediction.shape[2]) == (1, nodes.stop - nodes.start), nodes
     code = wire_dtype(dtype)
     tensors = [(2, prediction, tensor_bytes(prediction, code))]
     if spread is not None:
@@ -200,20 +221,29 @@ def encode_chunk_bytes(
         teacher_version=teacher_version,
         cursor=cursor,
         total=total,
-        crc32c=checksum(np.asarray(indices), *(data for _, _, data in tensors)),
+        crc32c=checksum(np.asarray(indices), *(data for _, _, data in tensors), nodes=nodes),
+        **_node_fields(nodes),
     ).SerializeToString()
     parts = [head]
     for field_number, array, data in tensors:
         meta = pb.Tensor(shape=list(array.shape), dtype=code).SerializeToString()
-        data_tag = _length_delimited(3, len(data))  # Tensor.data
+        data_tag = length_delimited(3, len(data))  # Tensor.data
         parts += [
-            _length_delimited(field_number, len(meta) + len(data_tag) + len(data)),
+            length_delimited(field_number, len(meta) + len(data_tag) + len(data)),
             meta,
             data_tag,
             data,
         ]
     payload = sum(len(data) for _, _, data in tensors)
-    return EncodedChunk(b"".join(parts), n, payload, cursor)
+    # a node slice delivers its window with the last slice only
+    windows = n if nodes is None else int(nodes.last)
+    return EncodedChunk(b"".join(parts), windows, payload, cursor)
+
+
+def _node_fields(nodes: NodeSlice | None) -> dict[str, int]:
+    if nodes is None:
+        return {}  # whole windows: the fields stay unset, the message is as before slicing
+    return {"node_start": nodes.start, "node_stop": nodes.stop, "node_count": nodes.count}
 
 
 def encode_chunk(
@@ -225,8 +255,10 @@ def encode_chunk(
     teacher_version: str,
     cursor: int,
     total: int,
+    nodes: NodeSlice | None = None,
 ) -> pb.LabelChunk:
-    """Build a chunk message for windows ``indices`` with their labels ``[n, H, N, C]``."""
+    """Build a chunk message for windows ``indices`` with their labels ``[n, H, N, C]``
+    (``nodes``: see :func:`encode_chunk_bytes`)."""
     assert prediction.shape[0] == len(indices), (prediction.shape, len(indices))
     pred = encode_tensor(prediction, dtype)
     chunk = pb.LabelChunk(
@@ -235,19 +267,21 @@ def encode_chunk(
         teacher_version=teacher_version,
         cursor=cursor,
         total=total,
+        **_node_fields(nodes),
     )
     spread_bytes = b""
     if spread is not None:
         assert spread.shape == prediction.shape, (spread.shape, prediction.shape)
         chunk.spread.CopyFrom(encode_tensor(spread, dtype))
         spread_bytes = chunk.spread.data
-    chunk.crc32c = checksum(np.asarray(indices), pred.data, spread_bytes)
+    chunk.crc32c = checksum(np.asarray(indices), pred.data, spread_bytes, nodes=nodes)
     return chunk
 
 
 @dataclass(frozen=True)
 class DecodedChunk:
-    """A verified chunk: window indices ``[n]``, labels ``[n, H, N, C]`` float32."""
+    """A verified chunk: window indices ``[n]``, labels ``[n, H, N, C]`` float32; a node slice
+    (``nodes`` set) has one window and labels ``[1, H, nodes.stop - nodes.start, C]``."""
 
     indices: np.ndarray
     prediction: np.ndarray
@@ -256,6 +290,7 @@ class DecodedChunk:
     cursor: int
     total: int
     payload_bytes: int = 0
+    nodes: NodeSlice | None = None
 
 
 def decode_chunk(chunk: pb.LabelChunk) -> DecodedChunk:
@@ -277,18 +312,23 @@ def _verified(
     spread_bytes: bytes,
 ) -> DecodedChunk:
     """Check a chunk's checksum and shapes, then decode its tensors (both decoders end here)."""
-    if checksum(indices, pred_bytes, spread_bytes) != chunk.crc32c:
+    nodes = None
+    if chunk.node_start or chunk.node_stop or chunk.node_count:  # a node slice
+        nodes = NodeSlice(int(chunk.node_start), int(chunk.node_stop), int(chunk.node_count))
+    if checksum(indices, pred_bytes, spread_bytes, nodes=nodes) != chunk.crc32c:
         raise ChecksumError(
             f"checksum mismatch in the chunk ending at cursor {chunk.cursor} "
-            f"({len(indices)} windows)"
+            f"({len(indices)} windows{'' if nodes is None else f', nodes {nodes}'})"
         )
     prediction = decode_tensor(pred_meta, pred_bytes)
     spread = None if spread_meta is None else decode_tensor(spread_meta, spread_bytes)
-    if prediction.shape[:1] != (len(indices),) or (
-        spread is not None and spread.shape != prediction.shape
+    if (
+        prediction.shape[:1] != (len(indices),)
+        or (spread is not None and spread.shape != prediction.shape)
+        or (nodes is not None and not _is_slice_shape(prediction.shape, nodes))
     ):
         raise ChecksumError(
-            f"chunk shapes do not match its {len(indices)} windows: prediction "
+            f"chunk shapes do not match its {len(indices)} windows ({nodes}): prediction "
             f"{list(prediction.shape)}, spread {None if spread is None else list(spread.shape)}"
         )
     return DecodedChunk(
@@ -299,52 +339,18 @@ def _verified(
         cursor=int(chunk.cursor),
         total=int(chunk.total),
         payload_bytes=len(pred_bytes) + len(spread_bytes),
+        nodes=nodes,
     )
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ChecksumError("truncated or malformed chunk (varint)")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _fields(data: bytes, lo: int, hi: int) -> list[tuple[int, int, int, int]]:
-    """Top-level fields of the message ``data[lo:hi]``: ``(number, start, value_start, end)``;
-    for length-delimited fields ``value_start`` is where the value's bytes begin."""
-    out = []
-    pos = lo
-    while pos < hi:
-        start = pos
-        key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _read_varint(data, pos)
-            value = pos
-        elif wire == 1:
-            value, pos = pos, pos + 8
-        elif wire == 2:
-            length, value = _read_varint(data, pos)
-            pos = value + length
-        elif wire == 5:
-            value, pos = pos, pos + 4
-        else:
-            raise ChecksumError(f"malformed chunk (wire type {wire})")
-        if pos > hi:
-            raise ChecksumError("truncated chunk")
-        out.append((number, start, value, pos))
-    return out
+def _is_slice_shape(shape: tuple[int, ...], nodes: NodeSlice) -> bool:
+    """Whether labels of ``shape`` are one window's ``[1, H, n, C]`` with n the slice's nodes."""
+    return len(shape) == 4 and shape[0] == 1 and shape[2] == nodes.stop - nodes.start
 
 
 def _split_tensor(data: bytes, lo: int, hi: int) -> tuple[pb.Tensor, bytes]:
     meta, payload = [], None
-    for number, start, value, end in _fields(data, lo, hi):
+    for number, start, value, end in fields(data, lo, hi):
         if number == 3:
             if payload is not None:
                 raise ChecksumError("malformed chunk (two data fields in a tensor)")
@@ -363,7 +369,7 @@ def decode_chunk_bytes(data: bytes) -> DecodedChunk:
     """
     head: list[bytes] = []
     tensors: dict[int, tuple[pb.Tensor, bytes]] = {}
-    for number, start, value, end in _fields(data, 0, len(data)):
+    for number, start, value, end in fields(data, 0, len(data)):
         if number in (2, 3):  # prediction, spread
             if number in tensors:
                 raise ChecksumError("malformed chunk (a tensor field twice)")

@@ -4,7 +4,9 @@
 :class:`LabelPlan`, or raises :class:`RequestError` with the gRPC status code the client gets:
 another dataset fingerprint or teacher version, or a spread the teacher does not have:
 FAILED_PRECONDITION; windows outside the split or a cursor past the end: OUT_OF_RANGE; malformed
-ranges, split or plan, unknown dtype, a message limit below one window: INVALID_ARGUMENT.
+ranges, split or plan, unknown dtype, a message limit below one node's labels of one window:
+INVALID_ARGUMENT. A limit below one whole window is fine: windows are then split along the node
+axis (see :mod:`~stkd_dist.serving.codec_slices`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import grpc
 import numpy as np
 
 from stkd_dist.errors import InputError
-from stkd_dist.serving import codec
+from stkd_dist.serving import codec, codec_slices
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.teacher import TeacherMeta
 
@@ -39,9 +41,10 @@ class LabelPlan:
     split: str
     sequence: np.ndarray  # [total] window indices, in order
     start: int  # resume cursor
-    per_chunk: int  # windows per chunk
+    per_chunk: int  # windows per chunk (1 when windows are split into node slices)
     dtype: int  # wire dtype enum
     spread: bool
+    nodes_per_slice: int = 0  # nodes per message of a split window; 0 = whole windows
 
 
 def resolve_request(
@@ -51,7 +54,8 @@ def resolve_request(
 
     Args:
         chunk_steps: time-chunk length of the teacher's store (shard plans are cut by it).
-        max_message_bytes: the server's message limit (a request may only lower it).
+        max_message_bytes: the server's message limit (a request may only lower it, down to
+            one node's labels of one window: :func:`codec_slices.min_message_bytes`).
 
     Raises:
         RequestError: with the status code for the client.
@@ -103,10 +107,18 @@ def resolve_request(
         limit = max_message_bytes
         if request.max_message_bytes:
             limit = min(limit, request.max_message_bytes)
-        per_chunk = codec.windows_per_chunk(meta.window_shape, dtype, 1 + spread, limit)
+        layout = codec_slices.chunk_layout(meta.window_shape, dtype, 1 + spread, limit)
     except InputError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{e.where}: {e.message}") from None
-    return LabelPlan(request.split, sequence, int(request.resume_cursor), per_chunk, dtype, spread)
+    return LabelPlan(
+        request.split,
+        sequence,
+        int(request.resume_cursor),
+        layout.windows,
+        dtype,
+        spread,
+        nodes_per_slice=layout.nodes,
+    )
 
 
 def _ranges(ranges: list[pb.WindowRange], windows: range, split: str) -> np.ndarray:

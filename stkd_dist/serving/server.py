@@ -258,6 +258,7 @@ class TeacherServer:
             lookahead=config.lookahead,
             stopped=self._stopped,
             drain_deadline=lambda: self._drain_deadline,
+            writer=self._writer,
         )
         self.host = config.host
         self.port = 0

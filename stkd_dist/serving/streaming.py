@@ -11,17 +11,18 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 
 import grpc
 import numpy as np
 
-from stkd_dist.serving import codec
+from stkd_dist.serving import codec, codec_slices
 from stkd_dist.serving.batcher import Batcher, Labels
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.metrics import ServerMetrics
 from stkd_dist.serving.requests import LabelPlan, RequestError
+from stkd_dist.serving.write_through import WriteBehind
 
 
 class _Pending:
@@ -38,7 +39,8 @@ class _Pending:
     ) -> None:
         self.lo, self.hi, self.indices = lo, hi, indices
         self.hit, self.cached, self.future = hit, cached, future
-        self.encoded: codec.EncodedChunk | None = None
+        # the chunk's messages: one of whole windows, or the node slices of a large window
+        self.encoded: Iterable[codec.EncodedChunk] | None = None
 
     def labels(self, timeout: float | None) -> Labels:
         """``(prediction, spread)`` ``[n, H, N, C]`` of the chunk's windows, in order."""
@@ -68,6 +70,8 @@ class ChunkProducer:
         lookahead: chunks in production ahead of the one being sent.
         stopped: set when the server has stopped (waits give up).
         drain_deadline: when in-flight streams must end (None = not draining).
+        writer: the write-through writer (None = none): labels the teacher computed for a
+            chunk are stored before the chunk is sent.
     """
 
     def __init__(
@@ -80,8 +84,10 @@ class ChunkProducer:
         lookahead: int,
         stopped: threading.Event,
         drain_deadline: Callable[[], float | None],
+        writer: WriteBehind | None = None,
     ) -> None:
         self.cache = cache
+        self._writer = writer
         self._batcher = batcher
         self.metrics = metrics
         self.version = version
@@ -108,17 +114,33 @@ class ChunkProducer:
             pending.encoded = self._encode(plan, pending)
         return pending
 
-    def _encode(self, plan: LabelPlan, p: _Pending) -> codec.EncodedChunk:
-        pred, spread = p.labels(timeout=0)
-        return codec.encode_chunk_bytes(
-            p.indices,
-            pred,
-            spread if plan.spread else None,
-            dtype=plan.dtype,
-            teacher_version=self.version,
-            cursor=p.hi,
-            total=len(plan.sequence),
-        )
+    def _encode(self, plan: LabelPlan, p: _Pending) -> Iterable[codec.EncodedChunk]:
+        """The messages of chunk ``p``: one message of whole windows, or, when one window does not
+        fit a message, the node slices of its window (encoded one at a time as they are sent, so
+        a large window is not held twice)."""
+        pred, spread = p.labels(timeout=0)  # [n, H, N, C]
+        if plan.nodes_per_slice:
+            return codec_slices.encode_node_slices(
+                p.indices,
+                pred,
+                spread if plan.spread else None,
+                nodes_per_slice=plan.nodes_per_slice,
+                position=p.lo,
+                dtype=plan.dtype,
+                teacher_version=self.version,
+                total=len(plan.sequence),
+            )
+        return [
+            codec.encode_chunk_bytes(
+                p.indices,
+                pred,
+                spread if plan.spread else None,
+                dtype=plan.dtype,
+                teacher_version=self.version,
+                cursor=p.hi,
+                total=len(plan.sequence),
+            )
+        ]
 
     def _ready(self, p: _Pending, context: grpc.ServicerContext) -> bool:
         """Wait for the teacher's part of ``p``; False when the client left or the server
@@ -126,8 +148,15 @@ class ChunkProducer:
         while p.future is not None:
             try:
                 p.future.result(timeout=0.5)
-                return True
+                break
             except futures.TimeoutError:
+                if not context.is_active() or self._stopped.is_set():
+                    return False
+        if p.future is not None and self._writer is not None:
+            # the batcher hands a batch to the writer before it resolves the batch's futures,
+            # so every batch that computed rows of this chunk is among those handed over now
+            batches = self._writer.handed_over
+            while not self._writer.written_through(batches, timeout=0.5):
                 if not context.is_active() or self._stopped.is_set():
                     return False
         return True
@@ -153,15 +182,18 @@ class ChunkProducer:
                 pending.append(self._launch(plan, *nxt))
             if not self._ready(p, context):
                 return
-            chunk = p.encoded if p.encoded is not None else self._encode(plan, p)
-            deadline = self._drain_deadline()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise RequestError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the server is draining; resume at cursor {p.lo} on another replica",
-                )
+            messages = p.encoded if p.encoded is not None else self._encode(plan, p)
             n_hit = int(p.hit.sum())
-            self.metrics.windows.labels(source="cache").inc(n_hit)
-            self.metrics.windows.labels(source="teacher").inc(len(p.indices) - n_hit)
-            self.metrics.bytes.inc(chunk.payload_bytes)
-            yield chunk
+            for chunk in messages:
+                deadline = self._drain_deadline()
+                if deadline is not None and time.monotonic() >= deadline:
+                    # between node slices too: the cursor stays at the window until its last one
+                    raise RequestError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the server is draining; resume at cursor {p.lo} on another replica",
+                    )
+                if chunk.windows:  # a split window counts once, with its last slice
+                    self.metrics.windows.labels(source="cache").inc(n_hit)
+                    self.metrics.windows.labels(source="teacher").inc(len(p.indices) - n_hit)
+                self.metrics.bytes.inc(chunk.payload_bytes)
+                yield chunk

@@ -9,6 +9,12 @@ loaders use, so the teacher sees exactly the inputs it saw in training.
 Labels: ``prediction`` is the forecast ``[n, H, N, C_out]`` in original units; ``spread`` (teachers
 built with ``spread=True`` only) is the log-variance in units² from
 :meth:`Forecaster.forward_with_spread`.
+
+How labels are computed (device, precision, windows per model call) is the teacher's
+:class:`~stkd_dist.serving.forward.ComputeSettings`; every forward pass runs through the one
+micro-batched forward of :mod:`stkd_dist.serving.forward`. A forward pass has two halves the
+server's pipeline runs in different threads: :meth:`Teacher.prepare` (read and decode the input
+windows, through a small LRU of decoded store chunks) and :meth:`Teacher.run` (the model calls).
 """
 
 from __future__ import annotations
@@ -29,16 +35,23 @@ from stkd_dist.data.windows import SPLITS
 from stkd_dist.errors import InputError, StoreError
 from stkd_dist.location import url
 from stkd_dist.models.base import Forecaster
+from stkd_dist.serving.forward import (
+    DEFAULT_MICRO_BATCH,
+    ComputeKeys,
+    ComputeSettings,
+    PreparedBatch,
+    forward_micro_batches,
+    prepare_inputs,
+    resolve_compute,
+)
 from stkd_dist.storage.store import DatasetStore, open_store
 
 log = logging.getLogger(__name__)
 
-# Windows per model call. CPU kernels (oneDNN convolutions, MKL matmuls) pick their algorithm by
-# the batch size, so a window's output can differ in the last bits with the size of the batch it
-# was computed in. Running every call in micro-batches of exactly this size (the last one padded)
-# makes each window's labels independent of how requests were batched: replicas, the label cache
-# and a resumed stream give bitwise identical labels (for the same intra-op thread count).
-MICRO_BATCH = 32
+# The default windows per model call (the setting is ComputeSettings.micro_batch; see
+# stkd_dist.serving.forward for why it fixes the labels' bits). Kept under its old name for
+# callers that compare against the default.
+MICRO_BATCH = DEFAULT_MICRO_BATCH
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,8 @@ class Teacher:
         reader: reads the windows of the teacher's dataset, normalised as in training.
         version: the teacher version clients check.
         val_mae: the teacher's validation MAE (reported by ``Describe``), if known.
+        compute: device, precision and micro-batch (default: the CPU, fp32, 32 windows); the
+            model is moved to the device if it is not there yet.
 
     Raises:
         InputError: the reader's data does not fit the model's dimensions.
@@ -95,6 +110,8 @@ class Teacher:
         reader: WindowReader,
         version: str,
         val_mae: float | None = None,
+        *,
+        compute: ComputeSettings | None = None,
     ) -> None:
         if not version:
             raise InputError("a teacher needs a non-empty version", where="version")
@@ -103,8 +120,11 @@ class Teacher:
                 f"the teacher was built for {model.dims} but the data gives {reader.dims}",
                 where=str(reader.store.path),
             )
-        self.model = model.eval()
+        self.compute = compute if compute is not None else ComputeSettings()
+        self.model = model.to(self.compute.torch_device).eval()
         self.reader = reader
+        # consecutive batches read the same time chunks: decode each once
+        reader.use_block_cache()
         self.version = version
         self._lock = threading.Lock()
         self._forward_windows = 0
@@ -128,41 +148,41 @@ class Teacher:
 
     @property
     def forward_windows(self) -> int:
-        """Windows the model has been run on since this teacher was created."""
+        """Windows the model has been run on since this teacher was created (not padding)."""
         return self._forward_windows
+
+    @property
+    def micro_batch(self) -> int:
+        """Windows per model call."""
+        return self.compute.micro_batch
+
+    def prepare(self, indices: Sequence[int] | np.ndarray) -> PreparedBatch:
+        """Read the inputs of windows ``indices``, padded to whole micro-batches (any thread)."""
+        return prepare_inputs(self.reader, indices, self.compute)
+
+    def run(self, batch: PreparedBatch) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run the model on prepared inputs: ``(prediction, spread)`` ``[n, H, N, C_out]``."""
+        # one model call at a time: the server's forward thread is the only caller there, but
+        # precompute threads and tests may call from several threads
+        with self._lock:
+            labels = forward_micro_batches(self.model, batch, self.compute)
+            self._forward_windows += batch.n
+        return labels
 
     def predict(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Run the teacher on windows ``indices``: ``(prediction, spread)`` ``[n, H, N, C_out]``."""
-        idx = np.asarray(indices, dtype=np.int64)
-        n = int(idx.shape[0])
-        if n == 0:  # no windows: empty labels of the right shape
-            empty = np.zeros((0, *self.meta.window_shape), dtype=np.float32)
-            return empty, (empty.copy() if self.meta.has_spread else None)
-        # pad to whole micro-batches with repeats of the last window (see MICRO_BATCH)
-        padded = np.concatenate([idx, np.repeat(idx[-1:], -n % MICRO_BATCH)])
-        batch = self.reader.batch(padded)
-        means, spreads = [], []
-        # one model call at a time: the batcher already serialises calls, precompute and tests
-        # may call from other threads
-        with self._lock, torch.inference_mode():
-            for lo in range(0, len(padded), MICRO_BATCH):
-                part = slice(lo, lo + MICRO_BATCH)
-                x, tod, dow = batch.x[part], batch.time_of_day[part], batch.day_of_week[part]
-                if self.meta.has_spread:
-                    mean, log_var = self.model.forward_with_spread(x, tod, dow)
-                    spreads.append(log_var.float())
-                else:
-                    mean = self.model(x, tod, dow)
-                means.append(mean.float())
-            self._forward_windows += n
-        spread = torch.cat(spreads)[:n].numpy() if spreads else None
-        return torch.cat(means)[:n].numpy(), spread  # [n, H, N, C_out]
+        return self.run(self.prepare(indices))
 
 
 def load_teacher(
     checkpoint: str | os.PathLike[str],
     data: str | os.PathLike[str] | DatasetStore,
     storage: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    micro_batch: int = DEFAULT_MICRO_BATCH,
+    keys: ComputeKeys = ComputeKeys(),
 ) -> Teacher:
     """Load the teacher of ``checkpoint`` and the reader of its dataset ``data``.
 
@@ -170,13 +190,22 @@ def load_teacher(
         checkpoint: a checkpoint reference (path, run name, ...; see ``resolve_checkpoint``).
         data: the dataset the teacher was trained on (store path or name, or an opened store).
         storage: storage root override.
+        device: ``cpu`` (default), ``cuda``, ``cuda:<i>`` or ``auto``; the weights are loaded
+            straight onto it.
+        precision: ``fp32`` (default), ``bf16`` or ``fp16`` (CUDA autocast).
+        micro_batch: windows per model call (default 32).
+        keys: how the three settings are named in errors (e.g. ``SERVE_KEYS``).
 
     Raises:
         StoreError: ``data`` is not the dataset the teacher was trained on (fingerprint differs).
+        ConfigError: compute settings this machine cannot run (checked before loading).
     """
     from stkd_dist.checkpoint import load_forecaster
 
-    model, info = load_forecaster(checkpoint, role="teacher", storage=storage)
+    compute = resolve_compute(device, precision, micro_batch, keys)
+    model, info = load_forecaster(
+        checkpoint, role="teacher", storage=storage, device=compute.device
+    )
     store = data if isinstance(data, DatasetStore) else open_store(data, storage)
     if info.fingerprint and info.fingerprint != store.fingerprint:
         raise StoreError(
@@ -193,8 +222,14 @@ def load_teacher(
         target_channels=section.target_channels or section.input_channels,
         per_node_stats=section.per_node_stats,
     )
-    log.info("loaded teacher %s (%s) from %s", info.version, model.key, url(info.path))
-    return Teacher(model, reader, str(info.version), val_mae=info.val_mae)
+    log.info(
+        "loaded teacher %s (%s) from %s (%s)",
+        info.version,
+        model.key,
+        url(info.path),
+        compute.describe(),
+    )
+    return Teacher(model, reader, str(info.version), val_mae=info.val_mae, compute=compute)
 
 
 def _data_section(config: Any) -> Any:

@@ -46,12 +46,36 @@ class WriteBehind:
         )
         self._uncounted = 0
         self._counted_at = time.monotonic()
+        # batches handed over / written (or failed) so far; streams wait on `_written` so that
+        # labels are stored before they are sent (see `written_through`)
+        self._put = 0
+        self._written = 0
+        self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="stkd-cache-writer", daemon=True)
         self._thread.start()
 
     def put(self, indices: np.ndarray, prediction: np.ndarray, spread: np.ndarray | None) -> None:
         """Queue labels of freshly computed windows for writing."""
+        with self._progress:
+            self._put += 1
         self._queue.put((indices, prediction, spread))
+
+    @property
+    def handed_over(self) -> int:
+        """Batches handed to :meth:`put` so far."""
+        with self._progress:
+            return self._put
+
+    def written_through(self, batches: int, timeout: float | None = None) -> bool:
+        """Wait until the first ``batches`` batches handed over are written (or their write
+        failed, which is logged); False on timeout.
+
+        A stream calls this before sending labels the teacher just computed: a window a student
+        has received is then in the cache, so a replica asked for it later (the next epoch, on
+        another replica) reads it instead of computing it again.
+        """
+        with self._progress:
+            return self._progress.wait_for(lambda: self._written >= batches, timeout)
 
     def flush(self) -> None:
         """Wait until every queued batch is written and the forward count recorded."""
@@ -90,4 +114,7 @@ class WriteBehind:
                 # before task_done: flush() returns only once the count is recorded too
                 if item is not None:
                     self._record_count(force=self._queue.empty())
+                    with self._progress:
+                        self._written += 1
+                        self._progress.notify_all()
                 self._queue.task_done()

@@ -23,6 +23,7 @@ labels are sent bit-exact. A label cache of the same teacher gives the same para
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections import defaultdict
@@ -33,20 +34,25 @@ from typing import Any
 
 import torch
 
-from stkd_dist.checkpoint import list_checkpoints
+from stkd_dist.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint
 from stkd_dist.config import Config, write_config
+from stkd_dist.config.pipeline import ServeSection
 from stkd_dist.config.validate import distill_loss_kwargs, validate_config
 from stkd_dist.distill import FORECAST_LOSSES
 from stkd_dist.errors import ConfigError, InputError, StkdError, StoreError
-from stkd_dist.labels.replicas import started_replicas
+from stkd_dist.labels.replicas import ReplicaCounters, started_replicas
 from stkd_dist.labels.sources import open_label_source
 from stkd_dist.labels.teachers import (
     LabelSpec,
     TeacherSpec,
     resolve_teachers,
 )
-from stkd_dist.location import Location, exists, location, read_json, write_json_atomic
+from stkd_dist.location import Location, exists, location, read_json, url, write_json_atomic
+from stkd_dist.paths import run_dir
+from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.client import ClientOptions, PlanRequest
+from stkd_dist.serving.server import ServerConfig
+from stkd_dist.serving.teacher import safe_version
 from stkd_dist.train.experiment import (
     TrainOutcome,
     existing_outcome,
@@ -62,6 +68,28 @@ log = logging.getLogger(__name__)
 KD_EXPERIMENT = "student_kd"
 SCRATCH_EXPERIMENT = "student_scratch"
 TEACHERS_FILE = "teachers.json"
+LABEL_USE_FILE = "label_use.json"
+
+
+@dataclass(frozen=True)
+class LabelUse:
+    """What the soft labels of a distilled student cost the teacher (``label_use.json``).
+
+    Attributes:
+        teacher_windows_computed: windows the teacher ran on for this student's labels: the
+            forward count of the write-through label cache (every replica, every invocation);
+            for replicas without a cache, what they computed in this invocation.
+        distinct_windows: distinct windows the student trains on (one epoch's worth).
+        cache: the label cache the replicas wrote through to (None = none).
+        replicas: each replica's counters in the last invocation.
+    """
+
+    teacher_windows_computed: int
+    distinct_windows: int
+    cache: str | None = None
+    replicas: tuple[ReplicaCounters, ...] = ()
+
+
 LABELS_DIR = "labels"
 
 
@@ -186,6 +214,10 @@ class StudentRequest:
             teacher, ``<storage>/runs/<run>/teacher``).
         client: options of the teacher-service clients.
         replica_cpus: CPUs Ray reserves for each started replica (0: they share the cores).
+        write_through: ``replicas`` teachers share the run's label cache
+            (``<run>/labels/<teacher version>.zarr``) and store what they compute in it: the
+            teacher computes each window once, however many epochs read it.
+        server: server settings of started replicas (batching, micro-batch, device, ...).
         experiment: the experiment's name in the run directory; None = ``student_kd`` (or
             ``student_scratch`` with ``distill=False``). ``stkd distill --seeds`` trains its
             further seeds as ``student_kd_seed<N>`` / ``student_scratch_seed<N>``.
@@ -197,6 +229,8 @@ class StudentRequest:
     client: ClientOptions = field(default_factory=ClientOptions)
     replica_cpus: float = 0.0
     experiment: str | None = None
+    write_through: bool = True
+    server: ServerConfig | None = None
 
     def __post_init__(self) -> None:
         if self.distill and not self.teachers:
@@ -293,14 +327,22 @@ def train_student(
     make_loss: Callable[[WorkerContext], LossFn] = make_task_loss
     c = cfg.cluster
     dims = reader.dims
+    teacher_ckpt = request.checkpoint or cfg.run_name  # default: the run's own teacher
+    cache = None
+    if request.write_through and any(t.kind == "replicas" for t in request.teachers):
+        cache = url(replica_cache(cfg.run_name, teacher_ckpt, storage))
+    counters: list[ReplicaCounters] = []
     replicas = started_replicas(
         request.teachers,
-        checkpoint=request.checkpoint or cfg.run_name,  # default: the run's own teacher
+        checkpoint=teacher_ckpt,
         dataset=dataset,
         run_name=cfg.run_name,
         token=request.client.token,
         num_cpus=request.replica_cpus,
         storage=storage,
+        config=request.server,
+        cache=cache,
+        counters=counters,
     )
     with ray_cluster(c) as where, replicas as teachers:
         if request.distill:
@@ -362,8 +404,40 @@ def train_student(
             if user is None:
                 raise
             raise user from e
+    if counters:  # the replicas are stopped: their counters were read as the block ended
+        computed = sum(c.forward_windows for c in counters)
+        if cache is not None:
+            computed = LabelCache(cache).forward_windows
+        use = LabelUse(computed, len(reader.windows("train")), cache, tuple(counters))
+        write_json_atomic(experiment / LABEL_USE_FILE, dataclasses.asdict(use))
+        echo(
+            f"soft labels: the teacher computed {use.teacher_windows_computed} windows for "
+            f"{use.distinct_windows} distinct training windows"
+        )
 
     return trained_outcome(exp, cfg, "student")
+
+
+def replica_server_config(serve: ServeSection) -> ServerConfig:
+    """The server settings of replicas a student starts, from the ``serve`` section."""
+    return ServerConfig(batch_size=serve.batch_size)
+
+
+def replica_cache(run: str, checkpoint: str | Path, storage: str | Path | None) -> Location:
+    """The label cache started replicas of teacher ``checkpoint`` write through to in run
+    ``run``: ``<run>/labels/<teacher version>.zarr`` (the cache ``serve.mode: cache`` fills)."""
+    info = read_checkpoint(resolve_checkpoint(checkpoint, "teacher", storage), verify=False)
+    return run_dir(run, storage) / "labels" / f"{safe_version(str(info.version))}.zarr"
+
+
+def label_use(experiment: str | Path | Location) -> LabelUse | None:
+    """``label_use.json`` of a distilled student's experiment (None when absent)."""
+    path = location(experiment) / LABEL_USE_FILE
+    if not exists(path):
+        return None
+    raw = read_json(path)
+    replicas = tuple(ReplicaCounters(**r) for r in raw.pop("replicas", []))
+    return LabelUse(**raw, replicas=replicas)
 
 
 def student_teachers(experiment: str | Path | Location) -> dict[str, Any] | None:

@@ -72,4 +72,4 @@ def test_replicas_in_ray_actors_serve_and_fail_over(
     assert client.stats.endpoints == set(addresses)
     survivor = actors[1 - addresses.index(first)]
     info = ray.get(survivor.info.remote())
-    assert info["forward_windows"] > 0 and info["active_streams"] == 0
+    assert info.forward_windows > 0 and info.active_streams == 0

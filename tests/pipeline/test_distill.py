@@ -192,6 +192,13 @@ def test_student_streamed_its_labels_from_teacher_replicas(run: Run) -> None:
         assert sum(delivered) == n_train
         for rec in records:
             assert all(ep.startswith("127.0.0.1:") for ep in rec["teachers"][0]["endpoints"])
+    # the 2 replicas wrote through to the run's label cache: over 2 epochs of 2 ranks the
+    # teacher computed each training window once (counted from the split, on the data side)
+    labels = json.loads((run.run_dir / "metrics.json").read_text())["labels"]
+    assert labels["mode"] == "stream"
+    assert labels["distinct_windows"] == n_train
+    assert labels["teacher_windows_computed"] == n_train, labels
+    assert (run.run_dir / "labels" / f"{teachers[0]['version']}.zarr").is_dir()
 
 
 def test_label_cache_is_filled_once_and_reused(run: Run, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_teacher_ran_once_per_distinct_window(swept: dict[str, Any], env: SweepE
     distinct = len(reader.windows("train"))
     cache = LabelCache(labels["cache"])
     # the cache's own counter of teacher forward passes: once per window, not per trial or epoch
-    assert cache.forward_windows == distinct == labels["teacher_forward_windows"]
+    assert cache.forward_windows == distinct == labels["teacher_windows_computed"]
     assert labels["distinct_windows"] == distinct and labels["computed_by_this_sweep"]
     board = pd.read_csv(outcome.layout.leaderboard, dtype={"trial": str}).set_index("trial")
     assert labels["trial_label_reads"] == distinct * board["epochs"].sum() > cache.forward_windows

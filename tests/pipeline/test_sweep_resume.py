@@ -107,5 +107,5 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
     # the labels were computed by the first run only, once per training window
     labels = summary["labels"]
     assert not labels["computed_by_this_sweep"]
-    assert labels["teacher_forward_windows"] == labels["distinct_windows"]
+    assert labels["teacher_windows_computed"] == labels["distinct_windows"]
     assert (sweep_dir / "best" / "meta.json").is_file()

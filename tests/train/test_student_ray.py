@@ -38,7 +38,7 @@ from stkd_dist.labels.teachers import TeacherSpec, parse_labels
 from stkd_dist.models import build_forecaster
 from stkd_dist.serving.client import ClientOptions
 from stkd_dist.serving.precompute import precompute_labels
-from stkd_dist.serving.teacher import load_teacher
+from stkd_dist.serving.teacher import load_teacher, safe_version
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import build_reader
 from stkd_dist.train.ray_session import read_history
@@ -374,7 +374,71 @@ def test_ensemble_of_two_teacher_versions_with_ray_replicas(
         assert ta["endpoints"] == [a.address]
         assert tb["teacher"].startswith("ray:stkd-teacher-ens-") and len(tb["endpoints"]) == 1
         assert tb["endpoints"] != [a.address]
+    # the ray:1 replica wrote through to the run's label cache: over both epochs its teacher
+    # computed each training window once (counted on the data side: the split's windows)
+    distinct = len(build_reader(config(env, "ens"), open_store(env.store)).windows("train"))
+    use = json.loads((experiment / "label_use.json").read_text())
+    assert use["distinct_windows"] == distinct
+    assert use["teacher_windows_computed"] == distinct, use
+    assert sum(r["forward_windows"] for r in use["replicas"]) == distinct
+    cache = root / "runs" / "ens" / "labels" / f"{safe_version(env.version['b'])}.zarr"
+    assert use["cache"] == str(cache) and cache.is_dir()
     # the replicas started for the run are gone with it
     names = [x["name"] for x in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in names if n.startswith("stkd-teacher-")]
     assert os.environ["STKD_STORAGE"] == str(root)
+
+
+def forward_windows(server: Server) -> float:
+    """Windows the server's teacher ran on (its Prometheus counter, read over HTTP)."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    values = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("stkd_serve_forward_windows_total ")
+    ]
+    assert len(values) == 1, text
+    return values[0]
+
+
+def test_two_replicas_sharing_a_write_through_cache_compute_each_window_once(
+    ray_local: None, env: Env, spawn: Callable[..., Server], tmp_path: Path
+) -> None:
+    epochs = 3
+    root, cache = tmp_path / "storage", tmp_path / "shared-labels.zarr"
+    # small batches: each rank's epoch stream is many teacher batches, spread over both replicas
+    flags = ("--cache", str(cache), "--write-through", "--metrics-port", "0", "--batch-size", "16")
+    a1, a2 = spawn(env.ckpt["a"], *flags), spawn(env.ckpt["a"], *flags)
+    overrides = [f"student.schedule.epochs={epochs}"]
+    cfg = load_config(env.config, ["run.name=shared", *overrides])
+    # one client per rank and epoch; each client starts at a random replica, so both serve
+    out = train_student(
+        cfg,
+        StudentRequest(
+            teachers=(TeacherSpec("stream", f"{a1.address},{a2.address}"),), client=OPTIONS
+        ),
+        storage=root,
+        echo=lambda _: None,
+    )
+    assert out.trained and out.epochs_done == epochs
+    # the data side: the distinct windows every epoch's shard plan deals out
+    distinct = len(build_reader(cfg, open_store(env.store)).windows("train"))
+    counts = [forward_windows(a1), forward_windows(a2)]
+    assert sum(counts) == distinct, counts  # not epochs x distinct: each window computed once
+
+    # the same student fed from a label cache precomputed by the teacher in this process
+    precomputed = tmp_path / "precomputed.zarr"
+    precompute_labels(load_teacher(env.ckpt["a"], env.store), precomputed, ["train"])
+    cached = train_student(
+        load_config(env.config, ["run.name=precomputed", *overrides]),
+        StudentRequest(teachers=(parse_labels(f"cache:{precomputed}"),)),
+        storage=root,
+        echo=lambda _: None,
+    )
+    a, b = (list_checkpoints(e)[-1] for e in (out.experiment, cached.experiment))
+    assert a.epoch == b.epoch == epochs - 1
+    assert_same_weights(
+        load_checkpoint_state(a.path)["model"], load_checkpoint_state(b.path)["model"]
+    )

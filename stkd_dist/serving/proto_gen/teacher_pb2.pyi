@@ -144,7 +144,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LabelChunk(_message.Message):
-    __slots__ = ("window_indices", "prediction", "spread", "teacher_version", "cursor", "total", "crc32c")
+    __slots__ = ("window_indices", "prediction", "spread", "teacher_version", "cursor", "total", "crc32c", "node_start", "node_stop", "node_count")
     WINDOW_INDICES_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     SPREAD_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,9 @@ class LabelChunk(_message.Message):
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    NODE_START_FIELD_NUMBER: _ClassVar[int]
+    NODE_STOP_FIELD_NUMBER: _ClassVar[int]
+    NODE_COUNT_FIELD_NUMBER: _ClassVar[int]
     window_indices: _containers.RepeatedScalarFieldContainer[int]
     prediction: Tensor
     spread: Tensor
@@ -159,4 +162,7 @@ class LabelChunk(_message.Message):
     cursor: int
     total: int
     crc32c: int
-    def __init__(self, window_indices: _Optional[_Iterable[int]] = ..., prediction: _Optional[_Union[Tensor, _Mapping]] = ..., spread: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_version: _Optional[str] = ..., cursor: _Optional[int] = ..., total: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    node_start: int
+    node_stop: int
+    node_count: int
+    def __init__(self, window_indices: _Optional[_Iterable[int]] = ..., prediction: _Optional[_Union[Tensor, _Mapping]] = ..., spread: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_version: _Optional[str] = ..., cursor: _Optional[int] = ..., total: _Optional[int] = ..., crc32c: _Optional[int] = ..., node_start: _Optional[int] = ..., node_stop: _Optional[int] = ..., node_count: _Optional[int] = ...) -> None: ...

@@ -31,6 +31,7 @@ from stkd_dist.serving.cache import (
     LABEL_DTYPES,
     default_cache_path,
 )
+from stkd_dist.serving.forward import DEFAULT_MICRO_BATCH, PRECISIONS
 from stkd_dist.serving.precompute import DEVICES, TeacherSource, precompute_labels
 from stkd_dist.serving.teacher import Teacher, load_teacher
 
@@ -96,6 +97,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="cpu",
         help="where labels are computed (cpu: bitwise a CPU server; auto: GPUs when present)",
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default), or bf16/fp16 under CUDA autocast (with --device cuda)",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=DEFAULT_MICRO_BATCH,
+        help="windows per model call (default %(default)s; a server writing through to the "
+        "cache must use the same)",
+    )
     p.set_defaults(func=run)
 
 
@@ -117,9 +131,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"must be >= 1, got {args.batch_size}", where="--batch-size")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"must be >= 1, got {args.workers}", where="--workers")
+    if args.micro_batch < 1:
+        raise InputError(f"must be >= 1, got {args.micro_batch}", where="--micro-batch")
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher = load_teacher(args.checkpoint, args.data)
+    # loaded on the CPU: the fill moves it to --device (here or on Ray workers)
+    teacher = load_teacher(args.checkpoint, args.data, micro_batch=args.micro_batch)
     meta = teacher.meta
     out = (
         loc_.location(args.out) if args.out else default_cache_path(meta.fingerprint, meta.version)
@@ -182,6 +199,7 @@ def _fill(args: argparse.Namespace, teacher: Teacher, out: UPath, splits: list[s
             # Ray workers resolve run and dataset names under the same storage root
             source=TeacherSource(str(args.checkpoint), str(args.data), loc_.url(storage_root())),
             device=args.device,
+            precision=args.precision,
         )
     seconds = time.perf_counter() - started
     print(f"wrote label cache {loc_.url(cache.path)}")
@@ -190,7 +208,8 @@ def _fill(args: argparse.Namespace, teacher: Teacher, out: UPath, splits: list[s
     print(f"  label shape    {list(meta.window_shape)} per window, spread: {meta.has_spread}")
     print(
         f"  stored         {cache.label_dtype}, {cache.codec}, {cache.stored_bytes():,} bytes "
-        f"(labels computed on {cache.label_device})"
+        f"(labels computed on {cache.label_device}, {cache.computed_with['precision']}, "
+        f"micro-batches of {cache.computed_with['micro_batch']})"
     )
     for s in splits:
         print(f"  {s:<14} {cache.filled_windows(s)} windows")

@@ -25,6 +25,12 @@ from stkd_dist.serving.cache import (
     default_cache_path,
     open_cache,
 )
+from stkd_dist.serving.forward import (
+    CLI_KEYS,
+    DEFAULT_MICRO_BATCH,
+    PRECISIONS,
+    resolve_compute,
+)
 from stkd_dist.serving.server import ServerConfig, TeacherServer
 from stkd_dist.serving.teacher import Teacher, load_teacher
 
@@ -34,6 +40,9 @@ EPILOG = """\
 examples:
   # local, no security: binds 127.0.0.1 only
   stkd serve --checkpoint my-run --data demo --port 50051
+
+  # on a GPU in bf16 (labels then differ in their last bits from a CPU server's)
+  stkd serve --checkpoint my-run --data demo --device cuda --precision bf16 --batch-size 256
 
   # serve from the label cache made by `stkd precompute-labels`, filling it where it has gaps
   stkd serve --checkpoint my-run --data demo --cache auto --write-through
@@ -86,6 +95,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
     )
     inf.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    inf.add_argument(
+        "--device",
+        default="cpu",
+        help="where the teacher runs: auto (CUDA when available, else the CPU), cpu, cuda or "
+        "cuda:<i> (default cpu: labels bitwise equal to a CPU label cache)",
+    )
+    inf.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default), or bf16/fp16 under CUDA autocast (CUDA only; the CPU computes in "
+        "fp32)",
+    )
+    inf.add_argument(
+        "--micro-batch",
+        type=int,
+        default=DEFAULT_MICRO_BATCH,
+        help="windows per model call, the last one padded (default %(default)s): it fixes the "
+        "labels' bits however requests are batched, so keep it per teacher version (label "
+        "caches record it)",
+    )
     cache = p.add_argument_group("label cache")
     cache.add_argument(
         "--cache",
@@ -145,6 +175,8 @@ def _cache(args: argparse.Namespace, teacher: Teacher) -> LabelCache | None:
         meta,
         writable=args.write_through,
         memory_bytes=args.cache_memory_mb * 2**20,
+        # a cache created here records how this teacher computes its labels
+        compute=teacher.compute,
         # a cache created here is chunked like the shard plan's blocks of this store
         chunk_steps=teacher.reader.store.chunks[0],
     )
@@ -167,6 +199,8 @@ def _write_ready(path: Path, server: TeacherServer) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``stkd serve`` until SIGTERM/SIGINT has drained it."""
     _check_cache_args(args)  # before the (slow) teacher load
+    # checked against this machine before the load too: a missing GPU fails in a second
+    compute = resolve_compute(args.device, args.precision, args.micro_batch, CLI_KEYS)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ServerConfig(
@@ -182,7 +216,14 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     print(f"stkd serve: loading teacher {args.checkpoint}", file=sys.stderr, flush=True)
-    teacher = load_teacher(args.checkpoint, args.data)
+    teacher = load_teacher(
+        args.checkpoint,
+        args.data,
+        device=compute.device,
+        precision=compute.precision,
+        micro_batch=compute.micro_batch,
+        keys=CLI_KEYS,
+    )
     server = TeacherServer(teacher, config, _cache(args, teacher), args.write_through)
     server.start()
     signals = {"count": 0}

@@ -129,9 +129,10 @@ def _absolute(path: str | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``stkd train-student``."""
+    from stkd_dist.labels.replicas import replica_compute, replica_server_config
     from stkd_dist.labels.teachers import parse_labels, parse_teacher
     from stkd_dist.serving.auth import resolve_token
-    from stkd_dist.train.student import StudentRequest, replica_server_config, train_student
+    from stkd_dist.train.student import StudentRequest, train_student
 
     cfg = config_from_args(args, roles=("student",))
     teachers = (
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         replica_cpus=args.replica_cpus,
         write_through=cfg.serve.write_through,
         server=replica_server_config(cfg.serve),
+        compute=replica_compute(cfg.serve),
     )
     outcome = train_student(cfg, request, storage=args.storage)
     best = outcome.best

@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stkd_dist.checkpoint import resolve_checkpoint
+from stkd_dist.checkpoint import read_checkpoint, resolve_checkpoint
+from stkd_dist.config.pipeline import ServeSection
 from stkd_dist.errors import ConfigError
 from stkd_dist.labels.teachers import RAY_SCHEME, TeacherSpec
-from stkd_dist.location import exists, location, url
+from stkd_dist.location import Location, exists, location, url
+from stkd_dist.paths import run_dir
 from stkd_dist.serving.cache import SERVE_MEMORY_BYTES, open_cache
 from stkd_dist.serving.discovery import DEFAULT_RAY_PREFIX
+from stkd_dist.serving.forward import DEFAULT_MICRO_BATCH, SERVE_KEYS
 from stkd_dist.serving.server import LOOPBACK, ServerConfig, TeacherServer
-from stkd_dist.serving.teacher import load_teacher
+from stkd_dist.serving.teacher import load_teacher, safe_version
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,16 @@ class ReplicaCounters:
     cached_windows: int
 
 
+@dataclass(frozen=True)
+class ReplicaCompute:
+    """How replicas compute labels: ``serve.device`` (``auto`` resolved on each replica's node),
+    ``serve.precision`` and ``serve.micro_batch``."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    micro_batch: int = DEFAULT_MICRO_BATCH
+
+
 class TeacherReplica:
     """A teacher server running inside a Ray actor (created by :func:`start_teacher_replicas`).
 
@@ -60,6 +73,7 @@ class TeacherReplica:
         cache: label cache path (None = no cache).
         write_through: fill ``cache`` while serving.
         storage: storage root override.
+        compute: device, precision and micro-batch of the teacher.
     """
 
     def __init__(
@@ -70,12 +84,21 @@ class TeacherReplica:
         cache: str | None = None,
         write_through: bool = False,
         storage: str | None = None,
+        compute: ReplicaCompute = ReplicaCompute(),
     ) -> None:
         import ray
 
         if storage:
             os.environ["STKD_STORAGE"] = storage
-        teacher = load_teacher(checkpoint, data, storage)
+        teacher = load_teacher(
+            checkpoint,
+            data,
+            storage,
+            device=compute.device,
+            precision=compute.precision,
+            micro_batch=compute.micro_batch,
+            keys=SERVE_KEYS,
+        )
         host = ray.util.get_node_ip_address() if config.secured else LOOPBACK
         label_cache = None
         if cache is not None and (exists(location(cache)) or write_through):
@@ -85,6 +108,7 @@ class TeacherReplica:
                 writable=write_through,
                 memory_bytes=SERVE_MEMORY_BYTES,
                 chunk_steps=teacher.reader.store.chunks[0],  # chunks follow the plan's blocks
+                compute=teacher.compute,
             )
         self.server = TeacherServer(
             teacher, dataclasses.replace(config, host=host), label_cache, write_through
@@ -130,6 +154,7 @@ def start_teacher_replicas(
     write_through: bool = False,
     num_cpus: float = 1.0,
     storage: str | os.PathLike[str] | None = None,
+    compute: ReplicaCompute = ReplicaCompute(),
 ) -> list[Any]:
     """Start ``n`` teacher servers as named Ray actors ``<name_prefix>-<i>``.
 
@@ -142,6 +167,7 @@ def start_teacher_replicas(
             by each actor).
         cache: one label cache path (URL) every replica serves from.
         write_through: every replica stores the windows it computes in ``cache``.
+        compute: the teacher's device, precision and micro-batch on every replica.
     """
     import ray
 
@@ -164,6 +190,7 @@ def start_teacher_replicas(
                 # is read by the others instead of computed again
                 write_through,
                 None if storage is None else str(storage),
+                compute,
             )
         )
     # the constructor starts the server; an address answer means it is serving
@@ -184,6 +211,7 @@ def started_replicas(
     config: ServerConfig | None = None,
     cache: str | None = None,
     counters: list[ReplicaCounters] | None = None,
+    compute: ReplicaCompute = ReplicaCompute(),
 ) -> Iterator[tuple[TeacherSpec, ...]]:
     """Start the ``replicas`` teachers as Ray actors; yield all teachers, those as ``stream``.
 
@@ -202,6 +230,7 @@ def started_replicas(
         cache: a label cache (URL) the replicas share and write through to, so the teacher
             computes each window once however many epochs and students read it (None = none).
         counters: filled, when the block ends, with each replica's :class:`ReplicaCounters`.
+        compute: the teacher's device, precision and micro-batch on the replicas.
     """
     import ray
 
@@ -222,6 +251,7 @@ def started_replicas(
                 name_prefix=prefix,
                 cache=cache,
                 write_through=cache is not None,
+                compute=compute,
                 num_cpus=num_cpus,
                 storage=None if storage is None else url(storage),
             )
@@ -247,3 +277,20 @@ def _counters(actors: list[Any]) -> list[ReplicaCounters]:
         except Exception:  # gone with its node, or not answering: its counts are unknown
             continue
     return out
+
+
+def replica_server_config(serve: ServeSection) -> ServerConfig:
+    """The server settings of replicas a student starts, from the ``serve`` section."""
+    return ServerConfig(batch_size=serve.batch_size)
+
+
+def replica_compute(serve: ServeSection) -> ReplicaCompute:
+    """How replicas a student starts compute, from the ``serve`` section."""
+    return ReplicaCompute(serve.device, serve.precision, serve.micro_batch)
+
+
+def replica_cache(run: str, checkpoint: str | Path, storage: str | Path | None) -> Location:
+    """The label cache started replicas of teacher ``checkpoint`` write through to in run
+    ``run``: ``<run>/labels/<teacher version>.zarr`` (the cache ``serve.mode: cache`` fills)."""
+    info = read_checkpoint(resolve_checkpoint(checkpoint, "teacher", storage), verify=False)
+    return run_dir(run, storage) / "labels" / f"{safe_version(str(info.version))}.zarr"

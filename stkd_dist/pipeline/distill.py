@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from stkd_dist.config import Config, write_config
+from stkd_dist.labels.replicas import replica_compute
+from stkd_dist.labels.usage import label_use
 from stkd_dist.location import (
     Location,
     is_remote,
@@ -71,7 +73,6 @@ from stkd_dist.pipeline.stages import (
 from stkd_dist.pipeline.ui import PipelineUI, StageReport
 from stkd_dist.pipeline.ui import log as pipeline_log
 from stkd_dist.storage import DatasetStore
-from stkd_dist.train.student import label_use
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ class _Pipeline:
                     label_cache_path(self.layout, teacher["version"]),
                     LABEL_SPLITS,
                     batch_size=self.cfg.serve.batch_size,
+                    compute=replica_compute(self.cfg.serve),
                     progress=bar.advance,
                     on_start=bar.start,
                 )

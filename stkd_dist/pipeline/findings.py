@@ -22,10 +22,10 @@ import torch
 
 from stkd_dist.config import Config
 from stkd_dist.data.reader import WindowReader
+from stkd_dist.labels.usage import LabelUse
 from stkd_dist.location import Location, read_json, write_json_atomic
 from stkd_dist.metrics import MetricAccumulator
 from stkd_dist.report.render import FINDINGS
-from stkd_dist.train.student import LabelUse
 
 
 def split_findings(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from stkd_dist.config import Config
 from stkd_dist.errors import ConfigError, StoreError
+from stkd_dist.labels.replicas import ReplicaCompute, replica_compute
 from stkd_dist.location import Location, exists, location, url
 from stkd_dist.paths import dataset_path, resolve_dataset
 from stkd_dist.pipeline.run import RunLayout
@@ -153,10 +154,11 @@ def train_student_stage(
 
     ``distill=False`` trains the same student on the targets only (``student_scratch``).
     """
+    from stkd_dist.labels.replicas import replica_server_config
     from stkd_dist.labels.teachers import TeacherSpec, parse_teacher
     from stkd_dist.serving.auth import resolve_token
     from stkd_dist.serving.client import ClientOptions
-    from stkd_dist.train.student import StudentRequest, replica_server_config, train_student
+    from stkd_dist.train.student import StudentRequest, train_student
 
     serve = cfg.serve
     # resolved here: workers on other nodes do not see this process's environment
@@ -181,6 +183,7 @@ def train_student_stage(
             experiment=experiment,
             write_through=serve.write_through,
             server=replica_server_config(serve),
+            compute=replica_compute(serve),
         )
     return _result(train_student(cfg, request, storage=storage, echo=echo))
 
@@ -221,6 +224,7 @@ def ensure_label_cache(
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    compute: ReplicaCompute | None = None,
 ) -> CacheResult:
     """The labels of teacher ``checkpoint`` for every window of ``splits``, cached at ``dest``.
 
@@ -236,12 +240,15 @@ def ensure_label_cache(
         batch_size: windows per teacher forward pass.
         progress: called with the number of windows labelled after each forward pass.
         on_start: called once with the total number of windows when computing starts.
+        compute: the ``serve`` section's device, precision and micro-batch: the cache records
+            them, and replicas writing through to it must compute alike.
     """
     from stkd_dist.serving.cache import LabelCache
     from stkd_dist.serving.precompute import TeacherSource, precompute_labels
     from stkd_dist.serving.teacher import load_teacher
 
-    teacher = load_teacher(checkpoint, dataset)
+    compute = compute or ReplicaCompute()
+    teacher = load_teacher(checkpoint, dataset, micro_batch=compute.micro_batch)
     dest = location(dest)
     if exists(dest):
         try:
@@ -262,6 +269,9 @@ def ensure_label_cache(
         overwrite=True,
         progress=progress,
         source=TeacherSource(url(checkpoint), url(dataset)),
+        # a fill names a device kind; cuda:<i> is for one server process
+        device=compute.device.split(":", 1)[0],
+        precision=compute.precision,
     )
     return _cache_result(cache, splits, computed=True)
 

@@ -34,6 +34,7 @@ import pandas as pd
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.sweep import ParamSpec
 from stkd_dist.errors import ConfigError, StkdError, StoreError
+from stkd_dist.labels.replicas import replica_compute
 from stkd_dist.location import (
     Location,
     absolute,
@@ -337,6 +338,7 @@ def run_sweep(
             label_cache_path(run, tinfo.version),
             LABEL_SPLITS,
             batch_size=cfg.serve.batch_size,
+            compute=replica_compute(cfg.serve),
             progress=hooks.cache_progress,
             on_start=hooks.cache_start,
         )

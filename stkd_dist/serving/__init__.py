@@ -2,9 +2,13 @@
 
 * :mod:`~stkd_dist.serving.codec`: tensors to bytes and back, checksums, chunking under a size limit.
 * :mod:`~stkd_dist.serving.teacher`: the teacher loaded from its checkpoint, batched inference.
-* :mod:`~stkd_dist.serving.batcher`: one batching queue shared by all concurrent streams.
+* :mod:`~stkd_dist.serving.forward`: compute settings (device, precision, micro-batch) and the one
+  micro-batched forward pass every caller shares.
+* :mod:`~stkd_dist.serving.batcher`: the batching pipeline shared by all concurrent streams
+  (read-ahead thread, forward thread, windows in flight computed once; :mod:`.inflight`).
 * :mod:`~stkd_dist.serving.cache`: the Zarr soft-label cache, read and written row by row.
-* :mod:`~stkd_dist.serving.precompute`: filling a cache in one pass (``stkd precompute-labels``).
+* :mod:`~stkd_dist.serving.precompute`: filling a cache in one pass (``stkd precompute-labels``;
+  on Ray: :mod:`.precompute_ray`).
 * :mod:`~stkd_dist.serving.requests`: validation of label requests (status codes).
 * :mod:`~stkd_dist.serving.streaming`: producing the chunks of one request (cache, batcher).
 * :mod:`~stkd_dist.serving.server`: the ``TeacherService`` server (``stkd serve``).

@@ -50,16 +50,20 @@ from stkd_dist.serving.cache_layout import (
     _check_setting,
     _create_split,
     _stored_dtype,
+    check_compute,
     chunk_amplification,
+    compute_attrs,
     decode_labels,
     default_cache_path,
     encode_labels,
     plan_chunk_rows,
     rows_per_chunk,
+    stored_compute,
 )
 from stkd_dist.serving.cache_layout import _block_rows as _block_rows  # tests of the chunk plan
 from stkd_dist.serving.cache_markers import REFRESH_S, _exists, _listdir, _Split, _writer_id
 from stkd_dist.serving.cache_reader import CHUNK_CACHE_BYTES, SERVE_MEMORY_BYTES, _ChunkReader
+from stkd_dist.serving.forward import DEFAULT_MICRO_BATCH, ComputeSettings
 from stkd_dist.serving.teacher import TeacherMeta
 
 __all__ = [
@@ -162,7 +166,9 @@ class LabelCache(_ChunkReader):
         self.has_spread = bool(attrs["has_spread"])
         self.codec = str(attrs.get("codec", "none"))
         self.label_dtype = str(attrs.get("label_dtype", DEFAULT_LABEL_DTYPE))
-        self.label_device = str(attrs.get("label_device", "cpu"))
+        # how the labels were computed: micro_batch, precision, label_device (device type)
+        self.computed_with = stored_compute(attrs)
+        self.label_device = str(self.computed_with["label_device"])
         # the teacher's validation MAE (None for caches written before it was recorded)
         self.val_mae: float | None = attrs.get("val_mae")
         self.writer_id = _writer_id()
@@ -228,6 +234,8 @@ class LabelCache(_ChunkReader):
         label_dtype: str = DEFAULT_LABEL_DTYPE,
         chunk_steps: int | None = None,
         label_device: str = "cpu",
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+        precision: str = "fp32",
     ) -> LabelCache:
         """Create an empty cache for teacher ``meta`` holding ``splits`` (replaces ``path``).
 
@@ -236,8 +244,9 @@ class LabelCache(_ChunkReader):
             label_dtype: how labels are stored (one of :data:`LABEL_DTYPES`).
             chunk_steps: the time-chunk length of the teacher's store; chunks then follow its
                 shard plans (:func:`plan_chunk_rows`). None chunks by size alone.
-            label_device: where the labels are computed (recorded: a GPU's labels are not
-                bitwise a CPU server's).
+            label_device, micro_batch, precision: how the labels are computed (the device type,
+                windows per model call, precision), recorded: labels of other settings differ in
+                their last bits (see :meth:`check_compute`).
 
         The commit marker is written last: until then no reader opens the folder.
         """
@@ -258,7 +267,7 @@ class LabelCache(_ChunkReader):
                     "has_spread": meta.has_spread,
                     "codec": codec,
                     "label_dtype": label_dtype,
-                    "label_device": label_device,
+                    **compute_attrs(micro_batch, precision, label_device),
                     "chunk_steps": chunk_steps,
                     "splits": {},
                     "val_mae": meta.val_mae,
@@ -314,6 +323,15 @@ class LabelCache(_ChunkReader):
                     f"{meta.splits.get(split)} for the teacher (other window or split settings)",
                     where=where,
                 )
+
+    def check_compute(self, compute: ComputeSettings) -> None:
+        """Check that a teacher computing with ``compute`` makes this cache's labels.
+
+        Raises :class:`StoreError` naming both settings when the cache is writable
+        (write-through would mix labels of different bits); logs a warning when read-only.
+        """
+        theirs = compute_attrs(compute.micro_batch, compute.precision, compute.device_type)
+        check_compute(self.computed_with, theirs, self.writable, str(self.path))
 
     # -- counts --------------------------------------------------------------------------------
     @property
@@ -388,6 +406,7 @@ def open_cache(
     memory_bytes: int = 0,
     *,
     chunk_steps: int | None = None,
+    compute: ComputeSettings | None = None,
 ) -> LabelCache:
     """Open the cache at ``path`` for teacher ``meta`` (checked to match).
 
@@ -396,9 +415,13 @@ def open_cache(
     added; otherwise a missing cache raises :class:`StoreError`. Replicas starting at once may
     both find the cache missing: each builds it under a temporary name, and only the first
     moves into place (the others open it).
-    ``memory_bytes``: see :class:`LabelCache`.
+    ``memory_bytes``: see :class:`LabelCache`. ``compute``: how the teacher computes labels,
+    recorded in a cache created here (None = the defaults: CPU, fp32, 32 windows per call); the
+    server checks an existing cache's settings against its teacher's
+    (:meth:`LabelCache.check_compute`).
     """
     loc = location(path)
+    compute = compute if compute is not None else ComputeSettings()
     if not _exists(loc):
         if not writable:
             raise StoreError(
@@ -406,7 +429,7 @@ def open_cache(
                 "--write-through",
                 where=str(loc),
             )
-        _create_shared(loc, meta, chunk_steps)
+        _create_shared(loc, meta, chunk_steps, compute)
     cache = LabelCache(loc, mode="r+" if writable else "r", memory_bytes=memory_bytes)
     cache.check_matches(meta)
     if writable:
@@ -416,12 +439,20 @@ def open_cache(
     return cache
 
 
-def _create_shared(loc: UPath, meta: TeacherMeta, chunk_steps: int | None) -> None:
+def _create_shared(
+    loc: UPath, meta: TeacherMeta, chunk_steps: int | None, compute: ComputeSettings
+) -> None:
     """Create an empty cache at ``loc`` unless another process does so first."""
     tmp = loc_.temporary_sibling(loc)
     try:
         LabelCache.create(
-            tmp, meta, [s for s in meta.splits if len(meta.splits[s])], chunk_steps=chunk_steps
+            tmp,
+            meta,
+            [s for s in meta.splits if len(meta.splits[s])],
+            chunk_steps=chunk_steps,
+            label_device=compute.device_type,
+            micro_batch=compute.micro_batch,
+            precision=compute.precision,
         )
         if _exists(loc):
             return  # another replica was first: use its cache

@@ -18,7 +18,11 @@ Row ``i`` of a split holds window ``split_start + i * stride``. Root attributes 
 version, the dataset fingerprint, the teacher version and its validation MAE (``val_mae``), the
 label shape, the codec and ``label_dtype`` (``float32``, the default, keeps labels bitwise equal to
 a live forward pass; ``float16`` and ``bfloat16`` halve the bytes; reads always return float32),
-and each split's window range and chunk rows.
+each split's window range and chunk rows, and the compute settings the labels were made with
+(``micro_batch``, ``precision``, ``label_device``: the device type; see
+:mod:`stkd_dist.serving.forward`): labels of other settings differ in their last bits, so a server
+writing through to a cache must compute with the cache's settings. Caches written before these
+were recorded read as :data:`LEGACY_COMPUTE`.
 
 Chunks follow the shard plan (:mod:`stkd_dist.data.plan`): ranks read chunk-aligned blocks of
 contiguous windows, shuffled only within a block, so the chunk rows are chosen
@@ -30,6 +34,7 @@ contiguous windows, shuffled only within a block, so the chunk rows are chosen
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -45,6 +50,8 @@ from stkd_dist.location import location
 from stkd_dist.paths import storage_root
 from stkd_dist.serving.teacher import safe_version
 
+log = logging.getLogger("stkd_dist.serving.cache")
+
 CACHE_SCHEMA_ATTR = "stkd_label_cache_version"
 CACHE_SCHEMA_VERSION = 2
 COMMIT_MARKER = "_stkd/commit.json"
@@ -58,6 +65,10 @@ FILLED_CHUNK = 65536
 # world sizes the chunk rows are chosen for (plan_chunk_rows), and the amplification allowed
 PLAN_WORLD_SIZES = (1, 2, 4, 8)
 DESIGN_AMPLIFICATION = 1.25
+
+# compute settings of caches that predate recording them: every fill then ran fp32 CPU
+# micro-batches of 32 windows
+LEGACY_COMPUTE = {"micro_batch": 32, "precision": "fp32", "label_device": "cpu"}
 
 LABEL_DTYPES = ("float32", "float16", "bfloat16")
 CODECS = ("blosc-zstd", "zstd", "none")
@@ -253,3 +264,50 @@ def _create_split(
     splits = dict(group.attrs.get("splits", {}))
     splits[split] = _range_attr(windows, rows, block)
     group.attrs["splits"] = splits
+
+
+# -- compute settings --------------------------------------------------------------------------
+def compute_attrs(micro_batch: int, precision: str, label_device: str) -> dict[str, Any]:
+    """The root attributes recording how a cache's labels are computed (device type only)."""
+    return {
+        "micro_batch": int(micro_batch),
+        "precision": str(precision),
+        "label_device": str(label_device).split(":", 1)[0],
+    }
+
+
+def stored_compute(attrs: dict[str, Any]) -> dict[str, Any]:
+    """``micro_batch``, ``precision`` and ``label_device`` of a cache (:data:`LEGACY_COMPUTE`
+    for the settings a cache written before they were recorded lacks)."""
+    return {k: type(v)(attrs.get(k, v)) for k, v in LEGACY_COMPUTE.items()}
+
+
+def check_compute(
+    cached: dict[str, Any], computed: dict[str, Any], writable: bool, where: str
+) -> None:
+    """Compare the cache's compute settings with a server's (both as :func:`compute_attrs`).
+
+    A writable (write-through) cache with other settings is refused: it would mix labels that
+    differ in their last bits. A read-only one is served with a warning (its labels are the
+    teacher's, computed another way).
+
+    Raises:
+        StoreError: naming both settings, for a writable cache.
+    """
+    if cached == computed:
+        return
+
+    def text(s: dict[str, Any]) -> str:
+        return f"micro_batch {s['micro_batch']}, {s['precision']} on {s['label_device']}"
+
+    message = (
+        f"the cache's labels were computed with {text(cached)}, this teacher computes with "
+        f"{text(computed)}"
+    )
+    if writable:
+        raise StoreError(
+            f"{message}: writing through would mix labels that differ in their last bits; serve "
+            "with the cache's settings (--micro-batch, --precision, --device) or use another cache",
+            where=where,
+        )
+    log.warning("%s: %s; its labels are served as they are", where, message)

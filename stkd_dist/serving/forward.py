@@ -44,6 +44,7 @@ from stkd_dist.models.base import Forecaster
 
 __all__ = [
     "CLI_KEYS",
+    "DEFAULT_KEYS",
     "DEFAULT_MICRO_BATCH",
     "PRECISIONS",
     "SERVE_KEYS",
@@ -74,6 +75,8 @@ class ComputeKeys:
         return (self.device, self.precision, self.micro_batch)
 
 
+#: plain field names (library callers)
+DEFAULT_KEYS = ComputeKeys()
 #: the ``serve:`` config section's keys
 SERVE_KEYS = ComputeKeys("serve.device", "serve.precision", "serve.micro_batch")
 #: the flags of ``stkd serve`` / ``stkd precompute-labels``
@@ -101,9 +104,7 @@ class ComputeSettings:
     def __post_init__(self) -> None:
         if self.device == "auto":
             raise ConfigError("resolve 'auto' with resolve_compute first", where="device")
-        check_compute_syntax(
-            self.device, self.precision, self.micro_batch, ComputeKeys().as_tuple()
-        )
+        check_compute_syntax(self.device, self.precision, self.micro_batch, DEFAULT_KEYS.as_tuple())
 
     @property
     def device_type(self) -> str:
@@ -123,7 +124,7 @@ def resolve_compute(
     device: str = "cpu",
     precision: str = "fp32",
     micro_batch: int = DEFAULT_MICRO_BATCH,
-    keys: ComputeKeys = ComputeKeys(),
+    keys: ComputeKeys = DEFAULT_KEYS,
 ) -> ComputeSettings:
     """Check compute settings against this machine and resolve ``auto``.
 

@@ -11,7 +11,8 @@ one process, e.g. in tests or Ray actors) exposed over HTTP by ``--metrics-port`
 ``stkd_serve_cache_misses_total``           counter    windows sent to the teacher instead
 ``stkd_serve_stream_errors_total{code}``    counter    streams ended with an error status
 ``stkd_serve_active_streams``               gauge      streams in progress
-``stkd_teacher_forward_windows_total``      counter    windows the teacher model ran on
+``stkd_serve_forward_windows_total``        counter    windows run through the model, no padding
+``stkd_serve_forward_seconds_total``        counter    seconds spent in teacher model calls
 ==========================================  =========  ==========================================
 """
 
@@ -53,8 +54,13 @@ class ServerMetrics:
             "stkd_serve_stream_errors", "Streams ended with an error", ["code"], registry=r
         )
         self.active_streams = Gauge("stkd_serve_active_streams", "Streams in progress", registry=r)
+        # windows computed by the teacher model, without the padding of the last micro-batch
         self.forward_windows = Counter(
-            "stkd_teacher_forward_windows", "Windows the teacher model ran on", registry=r
+            "stkd_serve_forward_windows", "Windows the teacher model ran on", registry=r
+        )
+        # the forward thread's busy time: its rate over wall time is the teacher's utilisation
+        self.forward_seconds = Counter(
+            "stkd_serve_forward_seconds", "Seconds spent in teacher model calls", registry=r
         )
 
     def value(self, name: str, **labels: str) -> float:

@@ -3,7 +3,7 @@
 The teacher runs over every window of the requested splits, whole cache chunks at a time. The
 work is cut into time blocks (runs of consecutive chunks of one split) and fanned out:
 
-* ``ray``: one Ray task per block when a Ray cluster is connected in this process and the caller
+* ``ray`` (:mod:`~stkd_dist.serving.precompute_ray`): one Ray task per block when a Ray cluster is connected in this process and the caller
   says where workers load the teacher from (``source``). A task asks for as many CPUs as the
   intra-op threads the labels are computed with, and for a GPU (``num_gpus=1``) when the labels
   are computed on GPUs. Each task loads the teacher once per worker process.
@@ -16,13 +16,15 @@ done marker (see :mod:`stkd_dist.serving.cache`). Tasks on an object-store cache
 chunks themselves; a local cache path may not exist on other nodes, so there the tasks return
 the labels and this process writes them.
 
-Bitwise equality. Labels do not depend on the batch a window was computed in (the teacher runs
-fixed micro-batches, :data:`~stkd_dist.serving.teacher.MICRO_BATCH`) nor on the worker: every
-worker runs the same micro-batches with this process's intra-op thread count
-(``torch.get_num_threads()``, which ``--threads`` sets), as a server with that thread count
-does. So a parallel fill gives the very bits of a serial one, and of a live forward pass on the
-CPU. A GPU fill (``device="cuda"``) is bitwise stable across GPU fills but not equal to a CPU
-server: the cache records ``label_device``.
+Bitwise equality. Labels do not depend on the batch a window was computed in (every forward pass
+runs the teacher's fixed micro-batches through the one shared forward function of
+:mod:`~stkd_dist.serving.forward`) nor on the worker: every worker runs the same micro-batches
+and precision with this process's intra-op thread count (``torch.get_num_threads()``, which
+``--threads`` sets), as a server with those settings does. So a parallel fill gives the very bits
+of a serial one, and of a live forward pass on the CPU. A GPU fill (``device="cuda"``) is bitwise
+stable across GPU fills but not equal to a CPU server: the cache records the device type, the
+micro-batch and the precision (``label_device``, ``micro_batch``, ``precision``), and a server
+writing through refuses a cache of other settings.
 
 A local cache is written under a temporary name and renamed into place; a cache on an object
 store is written in place (a copy of every object would double the cost) and only counts as
@@ -32,14 +34,11 @@ crashed fill leaves nothing a reader takes for complete.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +48,14 @@ from stkd_dist import location as loc_
 from stkd_dist.errors import InputError, StoreError
 from stkd_dist.location import location
 from stkd_dist.serving.cache import DEFAULT_CODEC, DEFAULT_LABEL_DTYPE, LabelCache
-from stkd_dist.serving.teacher import MICRO_BATCH, Teacher
+from stkd_dist.serving.fill_blocks import Block, BlockRunner, TeacherSource
+from stkd_dist.serving.forward import (
+    ComputeSettings,
+)
+from stkd_dist.serving.precompute_ray import default_workers, fill_ray
+from stkd_dist.serving.teacher import Teacher
+
+__all__ = ["DEVICES", "FILL_MODES", "TeacherSource", "precompute_labels"]
 
 DEVICES = ("cpu", "cuda", "auto")
 FILL_MODES = ("auto", "ray", "threads")
@@ -57,103 +63,6 @@ FILL_MODES = ("auto", "ray", "threads")
 BLOCKS_PER_WORKER = 4
 
 Labels = tuple[np.ndarray, np.ndarray | None]
-
-
-@dataclass(frozen=True)
-class TeacherSource:
-    """Where a worker loads the teacher from (the arguments of ``load_teacher``)."""
-
-    checkpoint: str
-    data: str
-    storage: str | None = None
-
-
-@dataclass(frozen=True)
-class _Block:
-    """A time block: consecutive chunks of one split, and the windows of each."""
-
-    split: str
-    chunks: tuple[int, ...]
-    windows: tuple[np.ndarray, ...]
-
-    @property
-    def n_windows(self) -> int:
-        return int(sum(len(w) for w in self.windows))
-
-
-class _Runner:
-    """Runs a teacher on windows on one device, in the teacher's micro-batches."""
-
-    def __init__(self, teacher: Teacher, device: str) -> None:
-        self.teacher = teacher
-        self.device = torch.device(device)
-        self._lock = threading.Lock()
-        # a CPU run is the serving teacher's own predict; a GPU run needs a model on the GPU
-        # (a copy: the caller's teacher stays on the CPU)
-        self.model = (
-            teacher.model if self.device.type == "cpu" else copy.deepcopy(teacher.model).to(device)
-        )
-
-    def predict(self, idx: np.ndarray) -> Labels:
-        """``(prediction, spread)`` of windows ``idx`` as :meth:`Teacher.predict` computes them."""
-        if self.device.type == "cpu":
-            return self.teacher.predict(idx)
-        n = len(idx)
-        padded = np.concatenate([idx, np.repeat(idx[-1:], -n % MICRO_BATCH)])
-        batch = self.teacher.reader.batch(padded)
-        means, spreads = [], []
-        has_spread = self.teacher.meta.has_spread
-        with self._lock, torch.inference_mode():
-            for lo in range(0, len(padded), MICRO_BATCH):
-                part = slice(lo, lo + MICRO_BATCH)
-                x, tod, dow = (
-                    t[part].to(self.device) for t in (batch.x, batch.time_of_day, batch.day_of_week)
-                )
-                if has_spread:
-                    mean, log_var = self.model.forward_with_spread(x, tod, dow)
-                    spreads.append(log_var.float().cpu())
-                else:
-                    mean = self.model(x, tod, dow)
-                means.append(mean.float().cpu())
-        spread = torch.cat(spreads)[:n].numpy() if spreads else None
-        return torch.cat(means)[:n].numpy(), spread
-
-    def chunks(
-        self,
-        chunks: Sequence[int],
-        windows: Sequence[np.ndarray],
-        batch_size: int,
-        progress: Callable[[int], None] | None,
-    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """``(chunk, prediction, spread)`` of consecutive chunks, computed ``batch_size`` at a time.
-
-        Chunks may hold fewer windows than a micro-batch: consecutive chunks are computed
-        together (at least ``batch_size`` windows per group, whole chunks) so that no call pads
-        a few windows to a whole micro-batch, then split again for writing.
-        """
-        if len(chunks) != len(windows):
-            raise ValueError("one window array per chunk")
-        group: list[int] = []
-        for i in range(len(chunks)):
-            group.append(i)
-            if sum(len(windows[j]) for j in group) < batch_size and i < len(chunks) - 1:
-                continue
-            index = np.concatenate([windows[j] for j in group])
-            preds, spreads = [], []
-            for b in range(0, len(index), batch_size):
-                pred, spread = self.predict(index[b : b + batch_size])
-                preds.append(pred)
-                spreads.append(spread)
-                if progress is not None:
-                    progress(len(pred))
-            pred_all = np.concatenate(preds)
-            spread_all = np.concatenate(spreads) if self.teacher.meta.has_spread else None
-            lo = 0
-            for j in group:
-                hi = lo + len(windows[j])
-                yield chunks[j], pred_all[lo:hi], None if spread_all is None else spread_all[lo:hi]
-                lo = hi
-            group = []
 
 
 def precompute_labels(
@@ -170,6 +79,7 @@ def precompute_labels(
     source: TeacherSource | None = None,
     device: str = "cpu",
     mode: str = "auto",
+    precision: str | None = None,
 ) -> LabelCache:
     """Run ``teacher`` on every window of ``splits`` and store the labels at ``out``.
 
@@ -187,10 +97,13 @@ def precompute_labels(
         device: ``cpu`` (labels bitwise equal to a CPU server), ``cuda``, or ``auto`` (GPUs when
             the cluster, or this machine without Ray, has them).
         mode: ``auto`` (Ray when connected and ``source`` given), ``ray`` or ``threads``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (the last two on CUDA); None: the teacher's.
+            The micro-batch is always the teacher's (``teacher.compute.micro_batch``).
 
     Raises:
         StoreError: ``out`` exists and ``overwrite`` is False.
         InputError: bad ``batch_size``, ``device`` or ``mode``.
+        ConfigError: a precision the device does not offer, or CUDA asked for without it.
     """
     if batch_size < 1:
         raise InputError(f"must be >= 1, got {batch_size}", where="batch_size")
@@ -206,6 +119,14 @@ def precompute_labels(
     remote = loc_.is_remote(dest)
     target = dest if remote else loc_.temporary_sibling(dest)
     report = _serialised(progress)
+    precision = precision or teacher.compute.precision
+    # threads compute here (checked against this machine); Ray workers check their own device
+    runner = BlockRunner(teacher, device, precision) if fill == "threads" else None
+    compute = (
+        runner.compute
+        if runner is not None
+        else ComputeSettings(device, precision, teacher.compute.micro_batch)
+    )
     try:
         cache = LabelCache.create(
             target,
@@ -214,16 +135,16 @@ def precompute_labels(
             codec=codec,
             label_dtype=label_dtype,
             chunk_steps=int(teacher.reader.store.chunks[0]),
-            label_device=device,
+            label_device=compute.device_type,
+            micro_batch=compute.micro_batch,
+            precision=compute.precision,
         )
         blocks = _blocks(cache, splits, workers if workers else _default_workers(fill, device))
-        if fill == "ray":
+        if runner is None:
             assert source is not None
-            forward = _fill_ray(cache, blocks, source, batch_size, device, remote, report)
+            forward = fill_ray(cache, blocks, source, batch_size, compute, remote, report)
         else:
-            forward = _fill_threads(
-                cache, blocks, _Runner(teacher, device), batch_size, workers or 4, report
-            )
+            forward = _fill_threads(cache, blocks, runner, batch_size, workers or 4, report)
         cache.add_forward_windows(forward)
         if not remote:
             loc_.remove(dest)
@@ -276,23 +197,10 @@ def _resolve_device(device: str, fill: str) -> str:
 def _default_workers(fill: str, device: str) -> int:
     if fill != "ray":
         return 4
-    import ray
-
-    resources = ray.cluster_resources()
-    if device == "cuda":
-        return max(1, int(resources.get("GPU", 1)))
-    return max(1, int(resources.get("CPU", 1) // _task_cpus()))
+    return default_workers(device)
 
 
-def _task_cpus() -> int:
-    """CPUs a Ray task asks for: the intra-op threads it computes with, at most a node's CPUs."""
-    import ray
-
-    node_cpus = max((n.get("Resources", {}).get("CPU", 1) for n in ray.nodes()), default=1)
-    return max(1, min(torch.get_num_threads(), int(node_cpus)))
-
-
-def _blocks(cache: LabelCache, splits: Sequence[str], workers: int) -> list[_Block]:
+def _blocks(cache: LabelCache, splits: Sequence[str], workers: int) -> list[Block]:
     """Time blocks of consecutive chunks, about ``BLOCKS_PER_WORKER`` per worker."""
     chunks = [
         (s, c, w) for s in splits if s in cache.ranges for c, w in enumerate(cache.chunk_windows(s))
@@ -300,26 +208,26 @@ def _blocks(cache: LabelCache, splits: Sequence[str], workers: int) -> list[_Blo
     if not chunks:
         return []
     per_block = max(1, -(-len(chunks) // (BLOCKS_PER_WORKER * max(1, workers))))
-    blocks: list[_Block] = []
+    blocks: list[Block] = []
     for split in dict.fromkeys(s for s, _, _ in chunks):
         mine = [(c, w) for s, c, w in chunks if s == split]
         for lo in range(0, len(mine), per_block):
             part = mine[lo : lo + per_block]
-            blocks.append(_Block(split, tuple(c for c, _ in part), tuple(w for _, w in part)))
+            blocks.append(Block(split, tuple(c for c, _ in part), tuple(w for _, w in part)))
     return blocks
 
 
 def _fill_threads(
     cache: LabelCache,
-    blocks: Sequence[_Block],
-    runner: _Runner,
+    blocks: Sequence[Block],
+    runner: BlockRunner,
     batch_size: int,
     workers: int,
     progress: Callable[[int], None] | None,
 ) -> int:
     """Fill ``blocks`` from a thread pool; returns the windows computed."""
 
-    def fill(block: _Block) -> int:
+    def fill(block: Block) -> int:
         for c, pred, spread in runner.chunks(block.chunks, block.windows, batch_size, progress):
             cache.write_chunk(block.split, c, pred, spread)
         return block.n_windows
@@ -336,94 +244,3 @@ def _fill_threads(
     finally:
         # after a failure the blocks not started are dropped; running ones finish their chunk
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-# -- Ray ---------------------------------------------------------------------------------------
-_WORKER_RUNNERS: dict[tuple[TeacherSource, str], _Runner] = {}
-
-
-def _worker_runner(source: TeacherSource, device: str) -> _Runner:
-    """The teacher of ``source`` on ``device``, loaded once per worker process."""
-    from stkd_dist.serving.teacher import load_teacher
-
-    key = (source, device)
-    if key not in _WORKER_RUNNERS:
-        teacher = load_teacher(source.checkpoint, source.data, source.storage)
-        _WORKER_RUNNERS[key] = _Runner(teacher, device)
-    return _WORKER_RUNNERS[key]
-
-
-def fill_block_task(
-    source: TeacherSource,
-    cache_url: str | None,
-    split: str,
-    chunks: tuple[int, ...],
-    windows: tuple[np.ndarray, ...],
-    batch_size: int,
-    threads: int,
-    device: str,
-) -> tuple[int, list[tuple[int, np.ndarray, np.ndarray | None]]]:
-    """Body of one Ray task: compute a time block; write it (``cache_url``) or return it.
-
-    Returns ``(windows computed, [(chunk, prediction, spread)])`` (the list is empty when the
-    task wrote the chunks itself).
-    """
-    # the driver's intra-op thread count: the same bits as the driver (and a server) computes
-    torch.set_num_threads(threads)
-    runner = _worker_runner(source, device)
-    cache = LabelCache(cache_url, mode="r+") if cache_url is not None else None
-    out: list[tuple[int, np.ndarray, np.ndarray | None]] = []
-    forward = 0
-    index = [np.asarray(w, dtype=np.int64) for w in windows]
-    for c, pred, spread in runner.chunks(chunks, index, batch_size, None):
-        forward += len(pred)
-        if cache is not None:
-            cache.write_chunk(split, c, pred, spread)
-        else:
-            out.append((c, pred, spread))
-    return forward, out
-
-
-def _fill_ray(
-    cache: LabelCache,
-    blocks: Sequence[_Block],
-    source: TeacherSource,
-    batch_size: int,
-    device: str,
-    remote: bool,
-    progress: Callable[[int], None] | None,
-) -> int:
-    """Fill ``blocks`` with one Ray task each; returns the windows computed."""
-    import ray
-
-    threads = torch.get_num_threads()
-    options: dict[str, Any] = {"num_cpus": _task_cpus(), "max_retries": 2}
-    if device == "cuda":
-        options["num_gpus"] = 1
-    if remote:
-        # the workers open the object store themselves: give them this process's settings
-        env = {k: os.environ[k] for k in loc_.CREDENTIAL_ENV if k in os.environ}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-    task = ray.remote(fill_block_task).options(**options)
-    url = loc_.url(cache.path) if remote else None
-    pending = {
-        task.remote(source, url, b.split, b.chunks, b.windows, batch_size, threads, device): b
-        for b in blocks
-    }
-    forward = 0
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            block = pending.pop(ready[0])
-            n, labels = ray.get(ready[0])
-            for c, pred, spread in labels:  # a local cache: this process writes the chunks
-                cache.write_chunk(block.split, c, pred, spread)
-            forward += n
-            if progress is not None:
-                progress(block.n_windows)
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
-    return forward

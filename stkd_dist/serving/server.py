@@ -22,96 +22,39 @@ UNAUTHENTICATED (see :mod:`~stkd_dist.serving.auth`).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stkd_dist.errors import ConfigError
 from stkd_dist.serving import codec
-from stkd_dist.serving.auth import ServerTls, TokenAuthInterceptor
+from stkd_dist.serving.auth import TokenAuthInterceptor
 from stkd_dist.serving.batcher import Batcher, BatcherStats, Labels
 from stkd_dist.serving.cache import LabelCache
+from stkd_dist.serving.forward import PreparedBatch
 from stkd_dist.serving.metrics import ServerMetrics, log_event
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
 from stkd_dist.serving.requests import LabelPlan, RequestError, resolve_request
+from stkd_dist.serving.server_config import LOOPBACK, ServerConfig, is_loopback
 from stkd_dist.serving.streaming import ChunkProducer
 from stkd_dist.serving.teacher import Teacher
 from stkd_dist.serving.write_through import WriteBehind
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LOOPBACK", "SERVICE_NAME", "ServerConfig", "TeacherServer", "is_loopback"]
+
 SERVICE_NAME = "stkd.v1.TeacherService"
-LOOPBACK = "127.0.0.1"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Settings of a :class:`TeacherServer`.
-
-    Attributes:
-        host: address to bind; forced to 127.0.0.1 when there is neither TLS nor a token.
-        port: port to bind, 0 = a free port.
-        max_streams: most concurrent ``StreamLabels`` calls.
-        batch_size: most windows per teacher forward pass.
-        batch_wait_s: how long a batch waits to fill.
-        max_message_bytes: largest chunk message sent (requests may ask for less).
-        token: bearer token required on the teacher service (None = none).
-        tls: server TLS settings (None = plaintext).
-        drain_grace_s: how long in-flight streams may run on after a drain starts.
-        lookahead: chunks per stream queued in the batcher ahead of the one being sent.
-        metrics_port: port of the Prometheus endpoint (None = no endpoint, 0 = a free port).
-    """
-
-    host: str = LOOPBACK
-    port: int = 0
-    max_streams: int = 16
-    batch_size: int = 64
-    batch_wait_s: float = 0.005
-    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
-    token: str | None = None
-    tls: ServerTls | None = None
-    drain_grace_s: float = 10.0
-    lookahead: int = 2
-    metrics_port: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_streams", "batch_size", "lookahead"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", where=name)
-        for name in ("batch_wait_s", "drain_grace_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", where=name)
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"must be a port number, got {self.port}", where="port")
-        if self.max_message_bytes < 64 * 1024:
-            raise ConfigError(
-                f"must be at least 65536 bytes, got {self.max_message_bytes}",
-                where="max_message_bytes",
-            )
-
-    @property
-    def secured(self) -> bool:
-        return self.tls is not None or bool(self.token)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names the loopback interface."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+DEFAULT_CONFIG = ServerConfig()
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
@@ -224,7 +167,7 @@ class TeacherServer:
     def __init__(
         self,
         teacher: Teacher,
-        config: ServerConfig = ServerConfig(),
+        config: ServerConfig = DEFAULT_CONFIG,
         cache: LabelCache | None = None,
         write_through: bool = False,
     ) -> None:
@@ -234,13 +177,34 @@ class TeacherServer:
             )
         if cache is not None:
             cache.check_matches(teacher.meta)
+            # labels written through must have the cache's bits (refused), served ones should
+            cache.check_compute(teacher.compute)
         self.teacher = teacher
         self.config = config
         self.cache = cache
         self.metrics = ServerMetrics()
         self._writer = WriteBehind(cache) if write_through and cache is not None else None
+        micro = teacher.compute.micro_batch
+        if config.batch_size % micro:
+            log_event(
+                log,
+                "batch_padding",
+                level=logging.WARNING,
+                batch_size=config.batch_size,
+                micro_batch=micro,
+                reason="a full batch ends in a padded micro-batch; use a multiple",
+            )
+        # the forward thread computes with this thread's intra-op thread count (`--threads`):
+        # the labels' bits depend on it, and they must match an in-process forward pass
+        threads = torch.get_num_threads()
         self._batcher = Batcher(
-            teacher.predict, config.batch_size, config.batch_wait_s, on_batch=self._on_batch
+            self._run,
+            config.batch_size,
+            config.batch_wait_s,
+            on_batch=self._on_batch,
+            prepare=teacher.prepare,
+            recent_bytes=config.recent_bytes,
+            forward_init=lambda: torch.set_num_threads(threads),
         )
         self._lock = threading.Lock()
         self._active = 0
@@ -318,6 +282,10 @@ class TeacherServer:
             teacher=meta.version,
             model=meta.model_key,
             dataset=meta.fingerprint,
+            device=self.teacher.compute.device,
+            precision=self.teacher.compute.precision,
+            micro_batch=self.teacher.compute.micro_batch,
+            threads=torch.get_num_threads(),
             tls=cfg.tls is not None,
             token=bool(cfg.token),
             cache=self.cache.path if self.cache else "none",
@@ -411,8 +379,17 @@ class TeacherServer:
         """Counters of the shared batching queue."""
         return self._batcher.stats()
 
+    def _run(self, batch: PreparedBatch) -> Labels:
+        """The forward thread's model call (timed: ``stkd_serve_forward_seconds_total``)."""
+        started = time.perf_counter()
+        try:
+            return self.teacher.run(batch)
+        finally:
+            self.metrics.forward_seconds.inc(time.perf_counter() - started)
+
     def _on_batch(self, indices: np.ndarray, labels: Labels, n_requests: int) -> None:
-        """Called by the batching thread after every teacher forward pass."""
+        """Called by the forward thread after every teacher forward pass, before the futures of
+        the requests it serves resolve; ``indices`` are the windows computed (no padding)."""
         self.metrics.batch_windows.observe(len(indices))
         self.metrics.forward_windows.inc(len(indices))
         if self._writer is not None:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.data.windows import SPLITS
@@ -36,6 +35,7 @@ from stkd_dist.errors import InputError, StoreError
 from stkd_dist.location import url
 from stkd_dist.models.base import Forecaster
 from stkd_dist.serving.forward import (
+    DEFAULT_KEYS,
     DEFAULT_MICRO_BATCH,
     ComputeKeys,
     ComputeSettings,
@@ -182,7 +182,7 @@ def load_teacher(
     device: str = "cpu",
     precision: str = "fp32",
     micro_batch: int = DEFAULT_MICRO_BATCH,
-    keys: ComputeKeys = ComputeKeys(),
+    keys: ComputeKeys = DEFAULT_KEYS,
 ) -> Teacher:
     """Load the teacher of ``checkpoint`` and the reader of its dataset ``data``.
 

@@ -23,7 +23,6 @@ labels are sent bit-exact. A label cache of the same teacher gives the same para
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from collections import defaultdict
@@ -34,25 +33,28 @@ from typing import Any
 
 import torch
 
-from stkd_dist.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint
+from stkd_dist.checkpoint import list_checkpoints
 from stkd_dist.config import Config, write_config
-from stkd_dist.config.pipeline import ServeSection
 from stkd_dist.config.validate import distill_loss_kwargs, validate_config
 from stkd_dist.distill import FORECAST_LOSSES
 from stkd_dist.errors import ConfigError, InputError, StkdError, StoreError
-from stkd_dist.labels.replicas import ReplicaCounters, started_replicas
+from stkd_dist.labels.replicas import (
+    ReplicaCompute,
+    ReplicaCounters,
+    replica_cache,
+    started_replicas,
+)
 from stkd_dist.labels.sources import open_label_source
 from stkd_dist.labels.teachers import (
     LabelSpec,
     TeacherSpec,
     resolve_teachers,
 )
+from stkd_dist.labels.usage import LabelUse, write_label_use
 from stkd_dist.location import Location, exists, location, read_json, url, write_json_atomic
-from stkd_dist.paths import run_dir
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.client import ClientOptions, PlanRequest
 from stkd_dist.serving.server import ServerConfig
-from stkd_dist.serving.teacher import safe_version
 from stkd_dist.train.experiment import (
     TrainOutcome,
     existing_outcome,
@@ -68,26 +70,6 @@ log = logging.getLogger(__name__)
 KD_EXPERIMENT = "student_kd"
 SCRATCH_EXPERIMENT = "student_scratch"
 TEACHERS_FILE = "teachers.json"
-LABEL_USE_FILE = "label_use.json"
-
-
-@dataclass(frozen=True)
-class LabelUse:
-    """What the soft labels of a distilled student cost the teacher (``label_use.json``).
-
-    Attributes:
-        teacher_windows_computed: windows the teacher ran on for this student's labels: the
-            forward count of the write-through label cache (every replica, every invocation);
-            for replicas without a cache, what they computed in this invocation.
-        distinct_windows: distinct windows the student trains on (one epoch's worth).
-        cache: the label cache the replicas wrote through to (None = none).
-        replicas: each replica's counters in the last invocation.
-    """
-
-    teacher_windows_computed: int
-    distinct_windows: int
-    cache: str | None = None
-    replicas: tuple[ReplicaCounters, ...] = ()
 
 
 LABELS_DIR = "labels"
@@ -217,7 +199,8 @@ class StudentRequest:
         write_through: ``replicas`` teachers share the run's label cache
             (``<run>/labels/<teacher version>.zarr``) and store what they compute in it: the
             teacher computes each window once, however many epochs read it.
-        server: server settings of started replicas (batching, micro-batch, device, ...).
+        server: server settings of started replicas (batching, ...).
+        compute: device, precision and micro-batch of started replicas' teacher.
         experiment: the experiment's name in the run directory; None = ``student_kd`` (or
             ``student_scratch`` with ``distill=False``). ``stkd distill --seeds`` trains its
             further seeds as ``student_kd_seed<N>`` / ``student_scratch_seed<N>``.
@@ -231,6 +214,7 @@ class StudentRequest:
     experiment: str | None = None
     write_through: bool = True
     server: ServerConfig | None = None
+    compute: ReplicaCompute = field(default_factory=ReplicaCompute)
 
     def __post_init__(self) -> None:
         if self.distill and not self.teachers:
@@ -343,6 +327,7 @@ def train_student(
         config=request.server,
         cache=cache,
         counters=counters,
+        compute=request.compute,
     )
     with ray_cluster(c) as where, replicas as teachers:
         if request.distill:
@@ -409,35 +394,13 @@ def train_student(
         if cache is not None:
             computed = LabelCache(cache).forward_windows
         use = LabelUse(computed, len(reader.windows("train")), cache, tuple(counters))
-        write_json_atomic(experiment / LABEL_USE_FILE, dataclasses.asdict(use))
+        write_label_use(experiment, use)
         echo(
             f"soft labels: the teacher computed {use.teacher_windows_computed} windows for "
             f"{use.distinct_windows} distinct training windows"
         )
 
     return trained_outcome(exp, cfg, "student")
-
-
-def replica_server_config(serve: ServeSection) -> ServerConfig:
-    """The server settings of replicas a student starts, from the ``serve`` section."""
-    return ServerConfig(batch_size=serve.batch_size)
-
-
-def replica_cache(run: str, checkpoint: str | Path, storage: str | Path | None) -> Location:
-    """The label cache started replicas of teacher ``checkpoint`` write through to in run
-    ``run``: ``<run>/labels/<teacher version>.zarr`` (the cache ``serve.mode: cache`` fills)."""
-    info = read_checkpoint(resolve_checkpoint(checkpoint, "teacher", storage), verify=False)
-    return run_dir(run, storage) / "labels" / f"{safe_version(str(info.version))}.zarr"
-
-
-def label_use(experiment: str | Path | Location) -> LabelUse | None:
-    """``label_use.json`` of a distilled student's experiment (None when absent)."""
-    path = location(experiment) / LABEL_USE_FILE
-    if not exists(path):
-        return None
-    raw = read_json(path)
-    replicas = tuple(ReplicaCounters(**r) for r in raw.pop("replicas", []))
-    return LabelUse(**raw, replicas=replicas)
 
 
 def student_teachers(experiment: str | Path | Location) -> dict[str, Any] | None:

@@ -108,15 +108,20 @@ def direct(teacher_env: TeacherEnv) -> Teacher:
 def server_factory(
     teacher_env: TeacherEnv,
 ) -> Iterator[Callable[..., TeacherServer]]:
-    """``make(cache=None, write_through=False, **ServerConfig fields) -> started server``."""
+    """``make(cache=None, write_through=False, teacher=None, **ServerConfig fields) -> started
+    server``; ``teacher``: keyword arguments of ``load_teacher`` (``micro_batch``, ``device``...).
+    """
     servers: list[TeacherServer] = []
 
     def make(
-        cache: LabelCache | None = None, write_through: bool = False, **cfg: object
+        cache: LabelCache | None = None,
+        write_through: bool = False,
+        teacher: dict[str, object] | None = None,
+        **cfg: object,
     ) -> TeacherServer:
-        teacher = load_teacher(teacher_env.checkpoint, teacher_env.store)
+        loaded = load_teacher(teacher_env.checkpoint, teacher_env.store, **(teacher or {}))  # type: ignore[arg-type]
         cfg.setdefault("drain_grace_s", 1.0)
-        server = TeacherServer(teacher, ServerConfig(**cfg), cache, write_through)  # type: ignore[arg-type]
+        server = TeacherServer(loaded, ServerConfig(**cfg), cache, write_through)  # type: ignore[arg-type]
         server.start()
         servers.append(server)
         return server

@@ -109,3 +109,118 @@ def test_a_partial_batch_waits_at_most_max_wait() -> None:
 def test_invalid_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         Batcher(FakeModel(), batch_size=0)
+
+
+class GatedModel(FakeModel):
+    """A FakeModel whose first call waits until ``release`` is set (``entered`` says it began)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail
+
+    def __call__(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        first = not self.entered.is_set()
+        self.entered.set()
+        if first:
+            assert self.release.wait(10)
+            if self.fail:
+                with self.lock:
+                    self.calls.append(idx.copy())
+                raise RuntimeError("boom")
+        return super().__call__(idx)
+
+
+def _wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_windows_in_flight_are_not_computed_again() -> None:
+    # no recent LRU: only the in-flight dedup can spare the second and third forward pass
+    model = GatedModel()
+    batcher = Batcher(model, batch_size=64, max_wait_s=0.0, recent_bytes=0)
+    idx = np.arange(100, 164)
+    first = batcher.submit(idx)
+    assert model.entered.wait(10)  # the batch is computing
+    again = [batcher.submit(idx[::-1]), batcher.submit(idx[:10])]
+    _wait_until(lambda: batcher.stats().shared == 74)  # both attached to the batch in flight
+    model.release.set()
+    check(idx, first.result(timeout=10))
+    check(idx[::-1], again[0].result(timeout=10))
+    check(idx[:10], again[1].result(timeout=10))
+    batcher.close()
+    assert len(model.calls) == 1 and model.calls[0].tolist() == idx.tolist()
+    stats = batcher.stats()
+    assert stats.windows == 64 and stats.batches == 1 and stats.max_requests_per_batch == 3
+
+
+def test_recently_computed_windows_are_served_from_the_lru() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, batch_size=16, max_wait_s=0.0)
+    idx = np.arange(40)
+    check(idx, batcher.submit(idx).result(timeout=10))
+    mixed = np.array([5, 39, 40, 41, 0])  # three recent windows, two new ones
+    check(mixed, batcher.submit(mixed).result(timeout=10))
+    batcher.close()
+    assert np.concatenate(model.calls).tolist() == [*range(42)]
+    assert batcher.stats().recent_hits == 3
+
+
+def test_on_batch_runs_before_the_futures_it_serves_resolve() -> None:
+    model = GatedModel()
+    stored: set[int] = set()
+    lock = threading.Lock()
+    violations: list[str] = []
+
+    def on_batch(indices: np.ndarray, labels, n_requests: int) -> None:
+        time.sleep(0.05)  # a slow write-through: futures must still wait for it
+        with lock:
+            stored.update(indices.tolist())
+
+    def expect_stored(idx: np.ndarray):
+        def callback(future) -> None:
+            with lock:
+                if not set(idx.tolist()) <= stored:
+                    violations.append(f"{idx.tolist()} resolved before on_batch stored them")
+
+        return callback
+
+    batcher = Batcher(model, batch_size=8, max_wait_s=0.0, on_batch=on_batch)
+    requests = [np.arange(0, 20)]
+    futures = [batcher.submit(requests[0])]
+    assert model.entered.wait(10)
+    # one request shares the batch in flight, one takes new windows too
+    requests += [np.arange(0, 8)[::-1], np.arange(15, 30)]
+    futures += [batcher.submit(r) for r in requests[1:]]
+    model.release.set()
+    for f, r in zip(futures, requests, strict=True):
+        f.add_done_callback(expect_stored(r))
+        check(r, f.result(timeout=10))
+    # served from the recent LRU: stored long ago, resolved at once
+    late = batcher.submit(np.arange(5, 25))
+    late.add_done_callback(expect_stored(np.arange(5, 25)))
+    check(np.arange(5, 25), late.result(timeout=10))
+    batcher.close()
+    assert not violations
+    assert sorted(stored) == list(range(30))
+    assert sorted(np.concatenate(model.calls).tolist()) == list(range(30))
+
+
+def test_a_failed_batch_fails_the_requests_attached_to_it() -> None:
+    model = GatedModel(fail=True)
+    batcher = Batcher(model, batch_size=8, max_wait_s=0.0, recent_bytes=0)
+    first = batcher.submit(np.arange(8))
+    assert model.entered.wait(10)
+    attached = batcher.submit(np.array([3, 4, 50]))  # two windows of the failing batch
+    _wait_until(lambda: batcher.stats().shared == 2)
+    model.release.set()
+    for f in (first, attached):
+        with pytest.raises(RuntimeError, match="boom"):
+            f.result(timeout=10)
+    # the batcher goes on; the failed windows are computed afresh when asked again
+    check(np.arange(8), batcher.submit(np.arange(8)).result(timeout=10))
+    batcher.close()

@@ -73,7 +73,7 @@ def test_precompute_then_serve_without_teacher_passes(
     assert vidx.tolist() == val
     # zero teacher forward passes: everything came from the cache
     assert server.teacher.forward_windows == 0
-    assert server.metrics.value("stkd_teacher_forward_windows_total") == 0
+    assert server.metrics.value("stkd_serve_forward_windows_total") == 0
     assert server.metrics.value("stkd_serve_cache_hits_total") == 150 + len(val)
     # the test split is not cached: the teacher computes it
     tidx, tpred, _ = _stream(server, teacher_env, "test", range(480, 500))
@@ -180,3 +180,30 @@ def test_precompute_refuses_to_overwrite(teacher_env, direct, tmp_path, capsys) 
     assert LabelCache(out).forward_windows == len(direct.meta.splits["val"])
     assert main([*args[:-4], "--splits", "train,nope"]) == 2
     assert "unknown split 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_two_write_through_servers_compute_each_window_once(
+    teacher_env, direct, server_factory, tmp_path
+) -> None:
+    path = tmp_path / "shared.zarr"
+    a = server_factory(
+        cache=open_cache(path, direct.meta, writable=True), write_through=True, batch_size=8
+    )
+    b = server_factory(
+        cache=open_cache(path, direct.meta, writable=True), write_through=True, batch_size=8
+    )
+    first, second = list(range(40, 140)), list(range(90, 190))  # 50 windows in common
+    _, pred_a, _ = _stream(a, teacher_env, "train", first)
+    # stored before sent: with no flush, a reader opened now finds every window A delivered
+    assert LabelCache(path).lookup("train", np.asarray(first))[0].all()
+    _, pred_b, _ = _stream(b, teacher_env, "train", second)
+    # B read A's 50 windows (its fragments of incomplete chunks included) and computed the rest
+    assert a.teacher.forward_windows == len(first)
+    assert b.teacher.forward_windows == len(set(second) - set(first))
+    ref = direct.predict(np.arange(40, 190))[0]
+    np.testing.assert_array_equal(pred_a, ref[np.asarray(first) - 40])
+    np.testing.assert_array_equal(pred_b, ref[np.asarray(second) - 40])
+    # and back on A: everything B stored is read, nothing computed
+    _stream(a, teacher_env, "train", second)
+    assert a.teacher.forward_windows == len(first)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from stkd_dist.cli import main
+
+no_cuda = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the errors of a machine without CUDA"
+)
 
 
 @pytest.mark.parametrize("command", ["serve", "precompute-labels"])
@@ -39,3 +44,29 @@ def test_serve_refuses_another_dataset(teacher_env, make_store, capsys) -> None:
     assert main([*argv, "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "stkd: error:" in err and "fingerprint" in err and "Traceback" not in err
+
+
+def test_serve_help_mentions_the_compute_flags(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--device", "--precision", "--micro-batch", "auto", "bf16", "fp16"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "words"),
+    [
+        (["--precision", "fp16"], "--precision", "needs a CUDA device"),
+        (["--micro-batch", "0"], "--micro-batch", "> 0"),
+        (["--device", "npu"], "--device", "auto, cpu, cuda"),
+        pytest.param(
+            ["--device", "cuda"], "--device", "torch.cuda.is_available() is False", marks=no_cuda
+        ),
+    ],
+)
+def test_serve_compute_errors_are_one_line(teacher_env, capsys, extra, where, words) -> None:
+    argv = ["serve", "--checkpoint", str(teacher_env.checkpoint), "--data", str(teacher_env.store)]
+    assert main([*argv, "--port", "0", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"stkd: error: {where}") and words in err

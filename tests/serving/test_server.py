@@ -259,6 +259,6 @@ def test_metrics_endpoint_counts_windows_and_bytes(server_factory, teacher_env) 
     assert 'stkd_serve_windows_total{source="teacher"} 50.0' in text
     assert f"stkd_serve_bytes_total {50 * 12 * 5 * 2 * 4 * 2}.0" in text
     assert "stkd_serve_batch_windows_bucket" in text
-    assert "stkd_teacher_forward_windows_total 50.0" in text
+    assert "stkd_serve_forward_windows_total 50.0" in text
     assert "stkd_serve_active_streams 0.0" in text
     assert "stkd_serve_cache_misses_total 50.0" in text

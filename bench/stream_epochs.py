@@ -147,7 +147,12 @@ def section(args: argparse.Namespace, inputs: dict[str, Any], runs: dict, comman
         "",
         f"The cache path's total includes precomputing the labels ({inputs['cache_seconds']:.1f} "
         "s). With write-through the teacher runs once per window, in the first epoch; the "
-        "later epochs read its labels from the cache the server filled. Student parameters after "
+        "later epochs read its labels from the cache the server filled. Without a cache a server "
+        "still keeps its most recent windows in memory (`ServerConfig.recent_bytes`, 32 MiB): "
+        f"here that holds the whole split ({inputs['label_mib']:.1f} MiB), so "
+        "`streamed, no cache` is served from memory after its first "
+        "epoch too; a split larger than that memory is recomputed every epoch. Student "
+        "parameters after "
         f"the last epoch are {'bitwise identical' if same else 'NOT identical'} in all "
         f"{len(runs)} modes.",
         "",

@@ -52,6 +52,7 @@ from stkd_dist.serving.client_options import (
     PlanRequest,
     TeacherRequestError,
     TeacherUnavailableError,
+    keepalive_options,
     to_ranges,
 )
 from stkd_dist.serving.discovery import Endpoint, EndpointSource
@@ -143,6 +144,7 @@ class SoftLabelClient:
                 options: list[tuple[str, Any]] = [
                     ("grpc.max_receive_message_length", max(limit, 4 * 1024 * 1024)),
                     ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                    *keepalive_options(self.options),
                 ]
                 if self._tls is not None:
                     if ep.tls_name:

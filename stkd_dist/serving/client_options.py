@@ -101,6 +101,14 @@ class ClientOptions:
             (``[H, 1, C]`` per output plus about 1 KB of headers) with INVALID_ARGUMENT.
         deadline: seconds one call may take before it is resumed with a new call (None = none).
         backoff: reconnection policy.
+        keepalive_s: seconds between HTTP/2 keepalive pings on every connection, even idle
+            ones: a replica that stops answering without closing its connection (stopped,
+            partitioned) is noticed within ``keepalive_s + keepalive_timeout_s``, not at the call
+            deadline, and its streams resume from their cursors on another replica.
+        keepalive_timeout_s: seconds a ping may go unanswered before the connection is dropped.
+        connect_timeout_s: seconds a new connection may take to complete its HTTP/2 handshake:
+            a stopped replica accepts TCP connections (the kernel does) but never answers, and
+            gRPC's default of 20 s per attempt would hold every new stream that long.
     """
 
     token: str | None = None
@@ -112,6 +120,9 @@ class ClientOptions:
     max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
     deadline: float | None = 300.0
     backoff: Backoff = Backoff()
+    keepalive_s: float = 2.0
+    keepalive_timeout_s: float = 3.0
+    connect_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         codec.wire_dtype(self.wire_dtype)  # raises for an unknown dtype
@@ -121,6 +132,9 @@ class ClientOptions:
             raise ConfigError(
                 f"must be >= 1 byte, got {self.max_message_bytes}", where="max_message_bytes"
             )
+        for name in ("keepalive_s", "keepalive_timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be > 0 seconds, got {getattr(self, name)}", where=name)
         if self.deadline is not None and self.deadline <= 0:
             raise ConfigError(f"must be > 0 seconds, got {self.deadline}", where="deadline")
 
@@ -173,3 +187,20 @@ class PlanRequest:
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ClientOptions))
+
+
+def keepalive_options(options: ClientOptions) -> list[tuple[str, int]]:
+    """gRPC channel arguments that notice a silent replica within seconds: keepalive pings
+    (:attr:`ClientOptions.keepalive_s`) and the connection timeout."""
+    keepalive_s, timeout_s = options.keepalive_s, options.keepalive_timeout_s
+    return [
+        # gRPC core uses the minimum reconnect backoff as the timeout of a connection attempt
+        ("grpc.min_reconnect_backoff_ms", int(options.connect_timeout_s * 1000)),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        # newer gRPC cores time pings out by this argument (default 60 s), not the one above
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        # ping idle connections too: a stream waiting on a stopped replica carries no data
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]

@@ -44,7 +44,12 @@ from stkd_dist.serving.metrics import ServerMetrics, log_event
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
 from stkd_dist.serving.requests import LabelPlan, RequestError, resolve_request
-from stkd_dist.serving.server_config import LOOPBACK, ServerConfig, is_loopback
+from stkd_dist.serving.server_config import (
+    LOOPBACK,
+    SERVER_KEEPALIVE_OPTIONS,
+    ServerConfig,
+    is_loopback,
+)
 from stkd_dist.serving.streaming import ChunkProducer
 from stkd_dist.serving.teacher import Teacher
 from stkd_dist.serving.write_through import WriteBehind
@@ -249,6 +254,7 @@ class TeacherServer:
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", max(limit, 4 * 1024 * 1024)),
             ("grpc.so_reuseport", 0),
+            *SERVER_KEEPALIVE_OPTIONS,
         ]
         interceptors = [TokenAuthInterceptor(cfg.token)] if cfg.token else []
         # a worker per allowed stream, plus room for Describe, health probes and refusals

@@ -442,3 +442,62 @@ def test_two_replicas_sharing_a_write_through_cache_compute_each_window_once(
     assert_same_weights(
         load_checkpoint_state(a.path)["model"], load_checkpoint_state(b.path)["model"]
     )
+
+
+def test_a_stopped_replica_is_abandoned_within_seconds_and_used_again_after(
+    ray_local: None, env: Env, spawn: Callable[..., Server], tmp_path: Path
+) -> None:
+    # slow batches (150 ms each) keep every rank's stream open for a few seconds, so the
+    # replica stopped after its first label bytes is stopped in the middle of a stream
+    slow = ("--batch-size", "512", "--batch-wait-ms", "150", "--metrics-port", "0")
+    a1, a2 = spawn(env.ckpt["a"], *slow), spawn(env.ckpt["a"], *slow)
+    stopped: list[Server] = []
+
+    def stopper() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not stopped:
+            for server in (a1, a2):
+                if server.bytes_sent() > 0:
+                    # no TCP reset, no error: the process just stops answering
+                    server.proc.send_signal(signal.SIGSTOP)
+                    stopped.append(server)
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    cfg = config(env, "sigstop")
+    request = StudentRequest(
+        teachers=(TeacherSpec("stream", f"{a1.address},{a2.address}"),), client=OPTIONS
+    )
+    t0 = time.monotonic()
+    try:
+        out = train_student(cfg, request, storage=tmp_path / "storage", echo=lambda _: None)
+        seconds = time.monotonic() - t0
+    finally:
+        thread.join(5)
+        for server in stopped:
+            server.proc.send_signal(signal.SIGCONT)
+    assert len(stopped) == 1, "no replica sent labels: nothing was stopped"
+    victim, survivor = stopped[0], (a2 if stopped[0] is a1 else a1)
+    assert out.trained and out.epochs_done == EPOCHS
+    records = deliveries(out.experiment, cfg)
+    moved = [t for rec in records[0] for t in rec["teachers"] if victim.address in t["endpoints"]]
+    assert moved and all(survivor.address in t["endpoints"] for t in moved), moved
+    assert sum(t["reconnects"] for t in moved) >= 1
+    # after SIGCONT the replica serves again: the same student, from it alone
+    before = victim.bytes_sent()
+    t0 = time.monotonic()
+    again = train_student(
+        config(env, "sigcont"),
+        StudentRequest(teachers=(TeacherSpec("stream", victim.address),), client=OPTIONS),
+        storage=tmp_path / "storage",
+        echo=lambda _: None,
+    )
+    calm = time.monotonic() - t0
+    assert again.trained and victim.bytes_sent() > before
+    # the stopped replica cost seconds (keepalive pings and a 2 s connection timeout), not the
+    # 20 s gRPC spends on every connection attempt to a silent host by default, nor the 300 s
+    # call deadline of a stream left hanging on it
+    assert seconds < calm + 30, (seconds, calm)
+    assert_same_weights(final_weights(out.experiment), final_weights(again.experiment))

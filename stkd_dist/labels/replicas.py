@@ -42,6 +42,7 @@ class ReplicaCounters:
         max_batch: most windows in one batch.
         active_streams: streams in progress when asked.
         cached_windows: windows its label cache holds.
+        pid: its process (a restarted replica has a new one).
     """
 
     address: str
@@ -50,6 +51,7 @@ class ReplicaCounters:
     max_batch: int
     active_streams: int
     cached_windows: int
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class TeacherReplica:
             max_batch=s.max_batch,
             active_streams=self.server.active_streams,
             cached_windows=self.server.cache.filled_windows() if self.server.cache else 0,
+            pid=os.getpid(),
         )
 
     def flush(self) -> None:
@@ -155,6 +158,7 @@ def start_teacher_replicas(
     num_cpus: float = 1.0,
     storage: str | os.PathLike[str] | None = None,
     compute: ReplicaCompute = ReplicaCompute(),
+    max_restarts: int = 3,
 ) -> list[Any]:
     """Start ``n`` teacher servers as named Ray actors ``<name_prefix>-<i>``.
 
@@ -168,6 +172,7 @@ def start_teacher_replicas(
         cache: one label cache path (URL) every replica serves from.
         write_through: every replica stores the windows it computes in ``cache``.
         compute: the teacher's device, precision and micro-batch on every replica.
+        max_restarts: how often Ray starts a replica again after its process or node died.
     """
     import ray
 
@@ -180,7 +185,15 @@ def start_teacher_replicas(
     actors = []
     for i in range(n):
         actors.append(
-            actor_cls.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus).remote(
+            actor_cls.options(
+                name=f"{name_prefix}-{i}",
+                num_cpus=num_cpus,
+                # a replica whose process or node dies is started again (its __init__ loads the
+                # teacher and binds a new port); clients find it again through ray:PREFIX
+                max_restarts=max_restarts,
+                # one replica per node where the cluster allows, not all on the first one
+                scheduling_strategy="SPREAD",
+            ).remote(
                 str(checkpoint),
                 str(data),
                 cfg,

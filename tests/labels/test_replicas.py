@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,3 +74,40 @@ def test_replicas_in_ray_actors_serve_and_fail_over(
     survivor = actors[1 - addresses.index(first)]
     info = ray.get(survivor.info.remote())
     assert info.forward_windows > 0 and info.active_streams == 0
+
+
+def test_a_replica_that_dies_is_started_again_and_found_by_its_name(
+    ray_local: None, teacher_env: Any, direct: Any
+) -> None:
+    (actor,) = start_teacher_replicas(
+        1,
+        teacher_env.checkpoint,
+        teacher_env.store,
+        config=ServerConfig(batch_size=32),
+        name_prefix="stkd-test-restart",
+        num_cpus=0.5,
+    )
+    pid = ray.get(actor.info.remote()).pid
+    try:
+        ray.kill(actor, no_restart=False)  # the actor's process dies, as with its node
+        # Ray starts it again: its constructor loads the teacher and binds a port; wait for
+        # the answer of the new process (the kill takes effect asynchronously)
+        deadline = time.monotonic() + 120
+        info = None
+        while (info is None or info.pid == pid) and time.monotonic() < deadline:
+            try:
+                info = ray.get(actor.info.remote(), timeout=120)
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+                continue
+        assert info is not None and info.pid != pid and info.forward_windows == 0
+        (found,) = EndpointSource("ray:stkd-test-restart").resolve()
+        assert found.address == info.address
+        client = SoftLabelClient(
+            "ray:stkd-test-restart", expected_fingerprint=teacher_env.fingerprint
+        )
+        with client:
+            items = list(client.stream("train", np.arange(60)))
+        pred = np.concatenate([p for _, p, _ in items])
+        np.testing.assert_array_equal(pred, direct.predict(np.arange(60))[0])
+    finally:
+        ray.kill(actor)

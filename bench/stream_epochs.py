@@ -36,12 +36,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from bench import results
-from bench.student_epoch import make_inputs, start_server
+from bench.student_epoch import make_inputs, run_epochs, start_server
 
 HEADING = "## Student epochs: streamed with write-through vs in-memory labels"
 TARGET = 1.10
@@ -49,59 +48,6 @@ TARGET = 1.10
 
 def _say(msg: str) -> None:
     print(f"[stream_epochs] {msg}", file=sys.stderr, flush=True)
-
-
-def run_epochs(inputs: dict[str, Any], teacher: Any, root: Path, args: argparse.Namespace) -> dict:
-    """``args.epochs`` distilled-student epochs of rank 0 of 1; seconds, label wait, digest."""
-    import torch
-
-    from stkd_dist.checkpoint import weights_digest
-    from stkd_dist.config import Config, DataSection, RunSection
-    from stkd_dist.data.loader import make_loader
-    from stkd_dist.labels.teachers import LabelSpec
-    from stkd_dist.serving.client import ClientOptions
-    from stkd_dist.storage import open_store
-    from stkd_dist.train.loop import WorkerContext, build_model, build_reader, global_mean
-    from stkd_dist.train.student import DistillLoss
-
-    cfg = Config(
-        run=RunSection(name="bench-student", seed=0),
-        data=DataSection(dataset=str(inputs["store"]), batch_size=args.batch_size),
-    )
-    store = open_store(inputs["store"])
-    reader = build_reader(cfg, store)
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.student, reader, store)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.student.optim.lr)
-    labels = LabelSpec(
-        (teacher,), store.fingerprint, client=ClientOptions(), in_memory=teacher.kind == "cache"
-    )
-    ctx = WorkerContext(cfg, reader, store, 0, 1, torch.device("cpu"))
-    epochs, wait = [], 0.0
-    t0 = time.perf_counter()
-    # the label source is opened inside the timing: loading the cache into memory counts too
-    loss_fn = DistillLoss(ctx, labels, str(root / f"deliveries-{time.monotonic_ns()}"))
-    for epoch in range(args.epochs):
-        e0 = time.perf_counter()
-        loader = make_loader(reader, "train", 1, 0, epoch=epoch, seed=0, batch_size=args.batch_size)
-        loss_fn.begin_epoch(epoch, loader)
-        model.train()
-        for batch in loader:
-            pred = model(batch.x, batch.time_of_day, batch.day_of_week)
-            loss = global_mean(loss_fn(batch, pred), 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        wait += loss_fn.end_epoch(epoch)["label_wait_s"]
-        epochs.append(time.perf_counter() - e0)
-    seconds = time.perf_counter() - t0
-    loss_fn.close()
-    return {
-        "seconds": seconds,
-        "epochs": epochs,
-        "wait_s": wait,
-        "digest": weights_digest(model.state_dict()),
-    }
 
 
 def section(args: argparse.Namespace, inputs: dict[str, Any], runs: dict, command: str) -> str:
@@ -198,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, dict] = {}
         try:
             runs["in memory"] = run_epochs(
-                inputs, TeacherSpec("cache", str(inputs["cache"])), root, args
+                inputs, TeacherSpec("cache", str(inputs["cache"])), root, args, args.epochs
             )
             _say(f"in memory: {runs['in memory']['seconds']:.1f} s")
             mem = runs["in memory"]
@@ -213,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             cache = str(root / "write-through.zarr")
             servers["wt"] = start_server(inputs, root, "wt", "--cache", cache, "--write-through")
             runs["streamed, write-through"] = run_epochs(
-                inputs, TeacherSpec("stream", servers["wt"][1]), root, args
+                inputs, TeacherSpec("stream", servers["wt"][1]), root, args, args.epochs
             )
             _say(f"write-through: {runs['streamed, write-through']['seconds']:.1f} s")
             if args.no_cache:
                 servers["live"] = start_server(inputs, root, "live")
                 runs["streamed, no cache"] = run_epochs(
-                    inputs, TeacherSpec("stream", servers["live"][1]), root, args
+                    inputs, TeacherSpec("stream", servers["live"][1]), root, args, args.epochs
                 )
                 _say(f"no cache: {runs['streamed, no cache']['seconds']:.1f} s")
         finally:

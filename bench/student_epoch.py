@@ -146,8 +146,12 @@ def start_server(inputs: dict[str, Any], root: Path, name: str, *extra: str) -> 
     return proc, json.loads(ready.read_text())["address"]
 
 
-def run_epoch(inputs: dict[str, Any], teacher: Any, root: Path, args: argparse.Namespace) -> dict:
-    """One distilled-student epoch of rank 0 of 1; returns seconds, label wait and a digest."""
+def run_epochs(
+    inputs: dict[str, Any], teacher: Any, root: Path, args: argparse.Namespace, epochs: int = 1
+) -> dict:
+    """``epochs`` distilled-student epochs of rank 0 of 1 (``args.batch_size``; the client
+    prefetches ``args.prefetch`` chunks when given); seconds in all and per epoch, label wait,
+    labels delivered, batches per epoch and the final weights' digest."""
     import torch
 
     from stkd_dist.checkpoint import weights_digest
@@ -168,34 +172,41 @@ def run_epoch(inputs: dict[str, Any], teacher: Any, root: Path, args: argparse.N
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.student, reader, store)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.student.optim.lr)
+    prefetch = getattr(args, "prefetch", None)
+    client = ClientOptions() if prefetch is None else ClientOptions(prefetch=prefetch)
     labels = LabelSpec(
-        (teacher,),
-        store.fingerprint,
-        client=ClientOptions(prefetch=args.prefetch),
-        in_memory=teacher.kind == "cache",
+        (teacher,), store.fingerprint, client=client, in_memory=teacher.kind == "cache"
     )
     ctx = WorkerContext(cfg, reader, store, 0, 1, torch.device("cpu"))
+    per_epoch, wait, delivered, batches = [], 0.0, 0, 0
     t0 = time.perf_counter()
     # the label source is opened inside the timing: loading the cache into memory counts too
-    loss_fn = DistillLoss(ctx, labels, str(root / "deliveries"))
-    loader = make_loader(reader, "train", 1, 0, epoch=0, seed=0, batch_size=args.batch_size)
-    loss_fn.begin_epoch(0, loader)
-    model.train()
-    for batch in loader:
-        pred = model(batch.x, batch.time_of_day, batch.day_of_week)
-        loss = global_mean(loss_fn(batch, pred), 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    extra = loss_fn.end_epoch(0)
+    loss_fn = DistillLoss(ctx, labels, str(root / f"deliveries-{time.monotonic_ns()}"))
+    for epoch in range(epochs):
+        e0 = time.perf_counter()
+        loader = make_loader(reader, "train", 1, 0, epoch=epoch, seed=0, batch_size=args.batch_size)
+        loss_fn.begin_epoch(epoch, loader)
+        model.train()
+        for batch in loader:
+            pred = model(batch.x, batch.time_of_day, batch.day_of_week)
+            loss = global_mean(loss_fn(batch, pred), 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        extra = loss_fn.end_epoch(epoch)
+        wait += extra["label_wait_s"]
+        delivered += extra["labels_delivered"]
+        batches = len(loader)
+        per_epoch.append(time.perf_counter() - e0)
     seconds = time.perf_counter() - t0
     loss_fn.close()
     return {
         "seconds": seconds,
-        "wait_s": extra["label_wait_s"],
-        "delivered": extra["labels_delivered"],
+        "epochs": per_epoch,
+        "wait_s": wait,
+        "delivered": delivered,
         "digest": weights_digest(model.state_dict()),
-        "batches": len(loader),
+        "batches": batches,
     }
 
 
@@ -302,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict]] = {m: [] for m in MODES}
             plan = [m for _ in range(args.repeats) for m in MODES[:2]]
             for i, mode in enumerate([*plan, *MODES[2:]] if args.live else plan):
-                r = run_epoch(inputs, teachers[mode], root, args)
+                r = run_epochs(inputs, teachers[mode], root, args)
                 runs[mode].append(r)
                 _say(
                     f"{i + 1}/{len(plan) + args.live} {mode}: {r['seconds']:.2f} s "

@@ -195,6 +195,30 @@ def config(env: Env, run: str) -> Config:
     return load_config(env.config, [f"run.name={run}"])
 
 
+def signal_first_sender(
+    servers: tuple[Server, ...], sig: int, delay_s: float = 0.0
+) -> tuple[list[Server], threading.Thread]:
+    """Send ``sig`` to the first of ``servers`` whose label bytes counter moves (observed over
+    its metrics endpoint), ``delay_s`` after it does; returns the list it lands in and the
+    watching thread."""
+    hit: list[Server] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            for server in servers:
+                if server.bytes_sent() > 0:
+                    time.sleep(delay_s)
+                    server.proc.send_signal(sig)
+                    hit.append(server)
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return hit, thread
+
+
 def final_weights(experiment: Path) -> dict[str, torch.Tensor]:
     latest = list_checkpoints(experiment)[-1]
     assert latest.epoch == EPOCHS - 1
@@ -247,21 +271,8 @@ def test_killed_replica_cache_and_stream_give_identical_students(
     # right after its first chunk, mid-stream
     slow = ("--batch-size", "512", "--batch-wait-ms", "150", "--metrics-port", "0")
     a1, a2 = spawn(env.ckpt["a"], *slow), spawn(env.ckpt["a"], *slow)
-    killed: list[Server] = []
-
-    def killer() -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            for server in (a1, a2):
-                if server.bytes_sent() > 0:
-                    time.sleep(0.1)  # the chunk reaches its client; the next one is 150 ms away
-                    server.proc.send_signal(signal.SIGKILL)
-                    killed.append(server)
-                    return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    # the chunk reaches its client first; the next one is 150 ms away
+    killed, thread = signal_first_sender((a1, a2), signal.SIGKILL, delay_s=0.1)
     cfg = config(env, "killed")
     request = StudentRequest(
         teachers=(TeacherSpec("stream", f"{a1.address},{a2.address}"),), client=OPTIONS
@@ -451,21 +462,8 @@ def test_a_stopped_replica_is_abandoned_within_seconds_and_used_again_after(
     # replica stopped after its first label bytes is stopped in the middle of a stream
     slow = ("--batch-size", "512", "--batch-wait-ms", "150", "--metrics-port", "0")
     a1, a2 = spawn(env.ckpt["a"], *slow), spawn(env.ckpt["a"], *slow)
-    stopped: list[Server] = []
-
-    def stopper() -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not stopped:
-            for server in (a1, a2):
-                if server.bytes_sent() > 0:
-                    # no TCP reset, no error: the process just stops answering
-                    server.proc.send_signal(signal.SIGSTOP)
-                    stopped.append(server)
-                    return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=stopper, daemon=True)
-    thread.start()
+    # no TCP reset, no error: the process just stops answering
+    stopped, thread = signal_first_sender((a1, a2), signal.SIGSTOP)
     cfg = config(env, "sigstop")
     request = StudentRequest(
         teachers=(TeacherSpec("stream", f"{a1.address},{a2.address}"),), client=OPTIONS

@@ -71,6 +71,7 @@ __all__ = [
     "Backoff",
     "ClientOptions",
     "ClientStats",
+    "LabelItem",
     "LabelMismatchError",
     "LabelStream",
     "PlanRequest",
@@ -376,17 +377,3 @@ def _request_error(code: grpc.StatusCode, details: str, ep: Endpoint) -> StkdErr
 
 def _path(p: str | os.PathLike[str] | None) -> Path | None:
     return None if p is None else Path(p)
-
-
-__all__ = [
-    "Backoff",
-    "ClientStats",
-    "LabelItem",
-    "LabelMismatchError",
-    "LabelStream",
-    "PlanRequest",
-    "SoftLabelClient",
-    "TeacherRequestError",
-    "TeacherUnavailableError",
-    "to_ranges",
-]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from stkd_dist.commands import SUMMARIES
@@ -129,7 +130,7 @@ def _absolute(path: str | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``stkd train-student``."""
-    from stkd_dist.labels.replicas import replica_compute, replica_server_config
+    from stkd_dist.labels.started import replica_plan
     from stkd_dist.labels.teachers import parse_labels, parse_teacher
     from stkd_dist.serving.auth import resolve_token
     from stkd_dist.train.student import StudentRequest, train_student
@@ -154,10 +155,8 @@ def run(args: argparse.Namespace) -> int:
         distill=not args.no_distill,
         checkpoint=args.checkpoint,
         client=client,
-        replica_cpus=args.replica_cpus,
+        replicas=dataclasses.replace(replica_plan(cfg.serve), num_cpus=args.replica_cpus),
         write_through=cfg.serve.write_through,
-        server=replica_server_config(cfg.serve),
-        compute=replica_compute(cfg.serve),
     )
     outcome = train_student(cfg, request, storage=args.storage)
     best = outcome.best

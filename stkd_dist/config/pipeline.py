@@ -60,6 +60,35 @@ def check_compute_syntax(
 
 
 @dataclass(frozen=True)
+class AutoscaleSection:
+    """``serve.autoscale``: grow and shrink the started replicas with the students' backlog.
+
+    Attributes:
+        min: fewest replicas (the fleet starts with ``max(min, serve.replicas)`` capped to ``max``).
+        max: most replicas (fewer when the cluster lacks the CPUs / GPUs of another one).
+        target_wait: the students' share of step time spent waiting for labels (0..1) above
+            which a replica is added.
+        interval_s: seconds between two decisions (and the window the share is measured over).
+        idle_s: seconds a replica must have served no stream before it is removed.
+    """
+
+    min: int = 1
+    max: int = 4
+    target_wait: float = 0.2
+    interval_s: float = 5.0
+    idle_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        positive(self, "min", "max")
+        require(self.max >= self.min, "max", f"must be >= min ({self.min}), got {self.max}")
+        require(
+            0 < self.target_wait < 1, "target_wait", f"must be in (0, 1), got {self.target_wait}"
+        )
+        require(self.interval_s > 0, "interval_s", f"must be > 0, got {self.interval_s}")
+        require(self.idle_s >= 0, "idle_s", f"must be >= 0, got {self.idle_s}")
+
+
+@dataclass(frozen=True)
 class ServeSection:
     """``serve``: where the distilled student's soft labels come from.
 
@@ -86,6 +115,15 @@ class ServeSection:
             their algorithm by batch size, so a fixed micro-batch keeps the labels' bits
             independent of how requests were batched: keep it fixed per teacher version (label
             caches record it).
+        max_streams: most concurrent streams one replica admits; a student whose replica is
+            full goes to another one, or waits for a free slot (never an error).
+        secure: started replicas are private: the run generates a bearer token, a CA and a
+            certificate per replica, binds each replica on its node's address and serves over
+            TLS. false = plaintext on 127.0.0.1 (one machine only).
+        replicas_per_node: start this many replicas on every alive node instead of
+            ``replicas`` spread over the nodes (null = ``replicas``).
+        autoscale: grow and shrink the started replicas with the students' label wait (null =
+            a fixed fleet); see :class:`AutoscaleSection`.
     """
 
     mode: ServeMode = "stream"
@@ -98,9 +136,23 @@ class ServeSection:
     device: str = "cpu"
     precision: Precision = "fp32"
     micro_batch: int = DEFAULT_MICRO_BATCH
+    max_streams: int = 16
+    secure: bool = True
+    replicas_per_node: int | None = None
+    autoscale: AutoscaleSection | None = None
 
     def __post_init__(self) -> None:
-        positive(self, "replicas", "batch_size")
+        positive(self, "replicas", "batch_size", "max_streams")
+        require(
+            self.replicas_per_node is None or self.replicas_per_node >= 1,
+            "replicas_per_node",
+            f"must be >= 1 or null, got {self.replicas_per_node!r}",
+        )
+        require(
+            self.autoscale is None or self.replicas_per_node is None,
+            "autoscale",
+            "autoscaling sizes the fleet itself: drop serve.replicas_per_node or serve.autoscale",
+        )
         # the section's own field names: loading prefixes them with "serve."
         check_compute_syntax(
             self.device, self.precision, self.micro_batch, ("device", "precision", "micro_batch")

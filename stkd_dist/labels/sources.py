@@ -83,7 +83,9 @@ class StreamedTeacher:
         assert teacher.kind == "stream", teacher
         self.teacher = teacher
         self.spec = spec
-        self.client = label_client(spec.client, teacher.location, spec.fingerprint, teacher.version)
+        self.client = label_client(
+            teacher.client or spec.client, teacher.location, spec.fingerprint, teacher.version
+        )
         self._stream: Any = None
         self._requested = 0
         self._wait = 0.0

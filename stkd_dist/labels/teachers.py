@@ -9,7 +9,8 @@
   fingerprint, the label shape and the training windows must be the student's; each teacher's
   version is pinned (so every worker and every failover uses the teacher that was checked) and its
   validation MAE read (``Describe`` or the cache) for ``inverse_error`` weights;
-* :func:`started_replicas`: ``ray:N`` teachers started as Ray actors for the length of a run.
+* started replicas (``ray:N`` teachers as Ray actors for the length of a run) are
+  :mod:`stkd_dist.labels.started`.
 
 The worker side (label sources) is :mod:`stkd_dist.labels.sources`.
 """
@@ -44,6 +45,8 @@ class TeacherSpec:
         replicas: how many replicas to start (``replicas`` only).
         version: the teacher version, pinned once checked (empty before).
         val_mae: the teacher's validation MAE, when known.
+        client: this teacher's client options when they are its own (started replicas: the
+            run's generated token and CA); None = the student's (:attr:`LabelSpec.client`).
     """
 
     kind: TeacherKind
@@ -51,6 +54,7 @@ class TeacherSpec:
     replicas: int = 0
     version: str = ""
     val_mae: float | None = None
+    client: ClientOptions | None = field(default=None, repr=False)  # carries a token
 
     def __post_init__(self) -> None:
         if self.kind not in ("stream", "cache", "replicas"):
@@ -123,6 +127,8 @@ class LabelSpec:
         client: options of the teacher-service clients.
         in_memory: read each ``cache`` teacher's split whole into memory once per worker
             (instead of reading each batch's rows from the cache).
+        wait_meter: the named Ray actor each rank reports its label wait to (started replicas
+            with ``serve.autoscale``; None = none).
     """
 
     teachers: tuple[TeacherSpec, ...]
@@ -132,6 +138,7 @@ class LabelSpec:
     split: str = "train"
     client: ClientOptions = field(default_factory=ClientOptions)
     in_memory: bool = False
+    wait_meter: str | None = None
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -224,7 +231,7 @@ def resolve_teachers(
     for t in teachers:
         common = {"window_shape": window_shape, "train": windows, "spread": spread, "split": split}
         if t.kind == "stream":
-            with label_client(client, t.location, fingerprint, t.version) as c:
+            with label_client(t.client or client, t.location, fingerprint, t.version) as c:
                 info = c.describe()
             found = {s.split: range(s.start, s.stop, s.step) for s in info.splits}
             _check_labels(

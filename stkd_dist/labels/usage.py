@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from stkd_dist.labels.replicas import ReplicaCounters
 from stkd_dist.location import Location, exists, location, read_json, write_json_atomic
@@ -27,12 +28,16 @@ class LabelUse:
         distinct_windows: distinct windows the student trains on (one epoch's worth).
         cache: the label cache the replicas wrote through to (None = none).
         replicas: each replica's counters in the last invocation.
+        replicas_timeline: the autoscaler's decisions in the last invocation
+            (:meth:`ScaleDecision.to_json <stkd_dist.labels.autoscale.ScaleDecision.to_json>`;
+            empty for a fixed fleet).
     """
 
     teacher_windows_computed: int
     distinct_windows: int
     cache: str | None = None
     replicas: tuple[ReplicaCounters, ...] = ()
+    replicas_timeline: tuple[dict[str, Any], ...] = ()
 
 
 def write_label_use(experiment: str | os.PathLike[str] | Location, use: LabelUse) -> None:
@@ -47,4 +52,5 @@ def label_use(experiment: str | os.PathLike[str] | Location) -> LabelUse | None:
         return None
     raw = read_json(path)
     replicas = tuple(ReplicaCounters(**r) for r in raw.pop("replicas", []))
-    return LabelUse(**raw, replicas=replicas)
+    timeline = tuple(raw.pop("replicas_timeline", []))
+    return LabelUse(**raw, replicas=replicas, replicas_timeline=timeline)

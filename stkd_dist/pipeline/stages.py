@@ -24,7 +24,7 @@ from typing import Any
 
 from stkd_dist.config import Config
 from stkd_dist.errors import ConfigError, StoreError
-from stkd_dist.labels.replicas import ReplicaCompute, replica_compute
+from stkd_dist.labels.replicas import ReplicaCompute
 from stkd_dist.location import Location, exists, location, url
 from stkd_dist.paths import dataset_path, resolve_dataset
 from stkd_dist.pipeline.run import RunLayout
@@ -154,7 +154,7 @@ def train_student_stage(
 
     ``distill=False`` trains the same student on the targets only (``student_scratch``).
     """
-    from stkd_dist.labels.replicas import replica_server_config
+    from stkd_dist.labels.started import replica_plan
     from stkd_dist.labels.teachers import TeacherSpec, parse_teacher
     from stkd_dist.serving.auth import resolve_token
     from stkd_dist.serving.client import ClientOptions
@@ -179,11 +179,9 @@ def train_student_stage(
             teachers=(TeacherSpec("replicas", replicas=serve.replicas),),
             checkpoint=url(teacher),
             client=client,
-            replica_cpus=serve.cpus_per_replica,
+            replicas=replica_plan(serve),
             experiment=experiment,
             write_through=serve.write_through,
-            server=replica_server_config(serve),
-            compute=replica_compute(serve),
         )
     return _result(train_student(cfg, request, storage=storage, echo=echo))
 

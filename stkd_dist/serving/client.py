@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -57,6 +56,7 @@ from stkd_dist.serving.client_options import (
 )
 from stkd_dist.serving.discovery import Endpoint, EndpointSource
 from stkd_dist.serving.label_stream import LabelItem, LabelStream
+from stkd_dist.serving.placement import AllFull, Placement, ReplicaLoad
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
 
@@ -125,15 +125,20 @@ class SoftLabelClient:
         token = resolve_token(token)
         self._metadata = bearer(token) if token else ()
         self._tls: ClientTls | None = None
-        if tls_ca is not None or tls_cert is not None:
+        if tls_ca is not None or tls_cert is not None or opts.tls_ca_pem is not None:
             self._tls = ClientTls(
-                ca=_path(tls_ca), cert=_path(tls_cert), key=_path(tls_key), target_name=None
+                ca=opts.tls_ca_pem if opts.tls_ca_pem is not None else _path(tls_ca),
+                cert=_path(tls_cert),
+                key=_path(tls_key),
+                target_name=None,
             )
         self.stats = ClientStats()
+        # a load probe is answered at once by a live replica; a stopped one must not hold a
+        # new stream longer than a broken connection would
+        self._probe_timeout = opts.connect_timeout_s + opts.keepalive_timeout_s
         self._lock = threading.Lock()
         self._channels: dict[Endpoint, grpc.Channel] = {}
-        self._endpoints: list[Endpoint] = []
-        self._next = random.randrange(1 << 16)  # spread clients over replicas
+        self.placement = Placement(self.source, self._probe, opts.discovery_s)
         self._streams: list[LabelStream] = []
 
     # -- connections ---------------------------------------------------------------------------
@@ -156,30 +161,60 @@ class SoftLabelClient:
                 self._channels[ep] = ch
             return ch
 
-    def _pick(self, refresh: bool) -> Endpoint:
-        """The next replica, round robin; ``refresh`` resolves the endpoint source again."""
-        with self._lock:
-            if refresh or not self._endpoints:
-                try:
-                    found = self.source.resolve()
-                except ConfigError:
-                    if not self._endpoints:
-                        raise
-                    found = self._endpoints  # keep the last known replicas
-                self._endpoints = found
-            if not self._endpoints:
+    def _probe(self, ep: Endpoint) -> ReplicaLoad | None:
+        """A replica's load, or None when it does not answer within the probe timeout."""
+        stub = pb_grpc.TeacherServiceStub(self._channel(ep))
+        try:
+            info = stub.Describe(
+                pb.DescribeRequest(), timeout=self._probe_timeout, metadata=self._metadata
+            )
+        except grpc.RpcError:
+            return None
+        return ReplicaLoad(info.active_streams, info.max_streams, info.outstanding_windows)
+
+    def _pick(self, exclude: Sequence[Endpoint], refresh: bool, cursor: int = 0) -> Endpoint:
+        """The replica for the next call (see :class:`Placement`); waits while all are full."""
+        admission_started = time.monotonic()
+        waits = 0
+        while True:
+            try:
+                return self.placement.pick(exclude, refresh)
+            except AllFull as full:
+                # admission is a queue: slots free up as other streams end
+                waited = time.monotonic() - admission_started
+                if waited > self.options.admission_timeout_s:
+                    raise TeacherUnavailableError(
+                        f"every teacher replica ({full}) has been full (its max_streams) for "
+                        f"{waited:.0f} s; start more replicas (serve.replicas, serve.autoscale) "
+                        "or admit more streams per replica (serve.max_streams)",
+                        where=str(self.source.spec),
+                    ) from None
+                waits += 1
+                with self._lock:
+                    self.stats.admission_waits += 1
+                if waits == 1:
+                    log.info("every replica is full (%s); waiting for a free stream slot", full)
+                time.sleep(self.backoff.delay(min(waits, 6)))
+            except LookupError:
                 raise TeacherUnavailableError(
-                    "no teacher replica found", where=str(self.source.spec)
-                )
-            ep = self._endpoints[self._next % len(self._endpoints)]
-            self._next += 1
-            return ep
+                    self._gone_message("no teacher replica is running", cursor, None),
+                    where=str(self.source.spec),
+                ) from None
+
+    def _gone_message(self, what: str, cursor: int, total: int | None) -> str:
+        tried = ", ".join(self.placement.tried) or "none"
+        return (
+            f"teacher {self.version or '(version not yet known)'} at {self.source.spec}: {what}; "
+            f"endpoints tried: {tried}; stopped at window {cursor} of "
+            f"{total if total is not None else '?'}. Re-running resumes from the last checkpoint"
+        )
 
     def describe(self) -> pb.TeacherInfo:
         """``Describe`` of a replica, checked against the expected fingerprint and version."""
         attempt = 0
+        exclude: tuple[Endpoint, ...] = ()
         while True:
-            ep = self._pick(refresh=attempt > 0)
+            ep = self._pick(exclude, refresh=attempt > 0)
             stub = pb_grpc.TeacherServiceStub(self._channel(ep))
             try:
                 info = stub.Describe(
@@ -190,6 +225,7 @@ class SoftLabelClient:
                 attempt += 1
                 if code not in RETRYABLE or attempt >= self.backoff.max_attempts:
                     raise _request_error(code, e.details(), ep) from None  # type: ignore[attr-defined]
+                exclude = (ep,)
                 time.sleep(self.backoff.delay(attempt))
                 continue
             self._check(info.dataset_fingerprint, info.teacher_version, ep)
@@ -288,11 +324,12 @@ class SoftLabelClient:
         total: int | None = None
         failures = 0
         refresh = False
+        exclude: tuple[Endpoint, ...] = ()
         while total is None or cursor < total:
             if stream.closed:
                 return
-            ep = self._pick(refresh)
-            refresh = False
+            ep = self._pick(exclude, refresh, cursor)
+            refresh, exclude = False, ()
             req = pb.LabelRequest()
             req.CopyFrom(request)
             req.resume_cursor = cursor
@@ -344,12 +381,20 @@ class SoftLabelClient:
                     raise LabelMismatchError(details, where=ep.address) from None
                 if code not in RETRYABLE:
                     raise _request_error(code, details, ep) from None
+                exclude = (ep,)
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # full: another replica (or a wait for a slot in _pick), not a failure
+                    with self._lock:
+                        self.stats.redirects += 1
+                    log.info("%s is full; placing the stream elsewhere", ep.address)
+                    continue
                 failures += 1
                 log.info("stream from %s broke (%s: %s); resuming at %d", ep.address,
                          code.name, details, cursor)  # fmt: skip
             except codec.ChecksumError as e:
                 call.cancel()
                 failures += 1
+                exclude = (ep,)
                 with self._lock:
                     self.stats.checksum_failures += 1
                 log.warning("bad chunk from %s (%s); resuming at %d", ep.address, e, cursor)
@@ -357,13 +402,15 @@ class SoftLabelClient:
                 continue
             if failures >= self.backoff.max_attempts:
                 raise TeacherUnavailableError(
-                    f"no replica delivered the labels after {failures} attempts (last: "
-                    f"{ep.address}); stopped at window {cursor} of {total if total is not None else '?'}",
+                    self._gone_message(
+                        f"no replica delivered the labels after {failures} attempts", cursor, total
+                    ),
                     where=str(self.source.spec),
                 )
             with self._lock:
                 self.stats.reconnects += 1
-            refresh = failures % max(len(self._endpoints), 1) == 0
+            # every known replica failed once since the last progress: look for moved ones
+            refresh = failures % max(len(self.placement.endpoints), 1) == 0
             time.sleep(self.backoff.delay(failures))
 
 

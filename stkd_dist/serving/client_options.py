@@ -93,6 +93,9 @@ class ClientOptions:
             its environment).
         tls_ca: CA certificate (PEM path, readable where the client runs); enables TLS.
         tls_cert, tls_key: client certificate and key for mutual TLS.
+        tls_ca_pem: the CA certificate itself (PEM bytes) instead of a path: what a run's
+            generated CA travels as to workers on other nodes (see
+            :mod:`~stkd_dist.serving.certs`); enables TLS.
         wire_dtype: ``float32`` keeps labels bit-exact; ``float16``/``bfloat16`` halve the bytes.
         prefetch: label chunks buffered ahead of the consumer, per stream.
         max_message_bytes: largest label message accepted (the server caps it to its own
@@ -106,15 +109,21 @@ class ClientOptions:
             partitioned) is noticed within ``keepalive_s + keepalive_timeout_s``, not at the call
             deadline, and its streams resume from their cursors on another replica.
         keepalive_timeout_s: seconds a ping may go unanswered before the connection is dropped.
+        discovery_s: seconds after which the endpoints are resolved again when a stream opens:
+            replicas started meanwhile get new streams without any failure having happened.
+        admission_timeout_s: how long a new stream waits for a free slot while every replica is
+            full (its ``max_streams``) before the run fails with a clear error.
         connect_timeout_s: seconds a new connection may take to complete its HTTP/2 handshake:
             a stopped replica accepts TCP connections (the kernel does) but never answers, and
             gRPC's default of 20 s per attempt would hold every new stream that long.
     """
 
-    token: str | None = None
+    # secrets stay out of reprs (logs, error messages)
+    token: str | None = field(default=None, repr=False)
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_ca_pem: bytes | None = field(default=None, repr=False)
     wire_dtype: str = "float32"
     prefetch: int = 8
     max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
@@ -123,6 +132,8 @@ class ClientOptions:
     keepalive_s: float = 2.0
     keepalive_timeout_s: float = 3.0
     connect_timeout_s: float = 2.0
+    discovery_s: float = 5.0
+    admission_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         codec.wire_dtype(self.wire_dtype)  # raises for an unknown dtype
@@ -132,7 +143,13 @@ class ClientOptions:
             raise ConfigError(
                 f"must be >= 1 byte, got {self.max_message_bytes}", where="max_message_bytes"
             )
-        for name in ("keepalive_s", "keepalive_timeout_s", "connect_timeout_s"):
+        for name in (
+            "keepalive_s",
+            "keepalive_timeout_s",
+            "connect_timeout_s",
+            "discovery_s",
+            "admission_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be > 0 seconds, got {getattr(self, name)}", where=name)
         if self.deadline is not None and self.deadline <= 0:
@@ -151,6 +168,8 @@ class ClientStats:
     bytes: int = 0
     reconnects: int = 0
     checksum_failures: int = 0
+    redirects: int = 0  # streams a full replica turned away, placed on another one
+    admission_waits: int = 0  # waits for a free stream slot while every replica was full
     endpoints: set[str] = field(default_factory=set)
 
 

@@ -7,10 +7,12 @@ An endpoint specification is one of
   (a Kubernetes headless service, a round-robin DNS record). TLS certificates are then checked
   against ``name``;
 * ``ray:PREFIX``: every named Ray actor whose name starts with ``PREFIX`` and that was started by
-  :func:`stkd_dist.labels.replicas.start_teacher_replicas` (the actor reports its own ``host:port``).
+  :func:`stkd_dist.labels.fleet.start_teacher_replicas` (the actor reports its own ``host:port``,
+  and the name its TLS certificate is issued for).
 
-:class:`EndpointSource` resolves the specification again whenever the client has tried every
-known replica, so replicas that moved or were added are found after a failure.
+Clients resolve the specification again every few seconds and after failures
+(:class:`~stkd_dist.serving.placement.Placement`), so replicas that moved or were added are found
+while streaming.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def resolve_dns(name: str, port: int) -> list[str]:
     return list(seen)
 
 
-def ray_endpoints(prefix: str) -> list[str]:
-    """Addresses reported by the named Ray actors whose names start with ``prefix``."""
+def ray_endpoints(prefix: str) -> list[Endpoint]:
+    """Endpoints reported by the named Ray actors whose names start with ``prefix`` (address,
+    and the name their certificate is issued for when they serve TLS)."""
     import ray
 
     if not ray.is_initialized():
@@ -79,16 +82,16 @@ def ray_endpoints(prefix: str) -> list[str]:
     for entry in sorted(found, key=lambda a: a["name"]):
         try:
             actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-            refs.append(actor.address.remote())
+            refs.append(actor.endpoint.remote())
         except (ValueError, AttributeError):  # gone meanwhile, or not a teacher replica
             continue
-    addresses = []
+    endpoints = []
     for ref in refs:
         try:
-            addresses.append(str(ray.get(ref, timeout=30)))
+            endpoints.append(ray.get(ref, timeout=30))
         except Exception as e:  # a dead replica is skipped; the others still serve
             log.warning("a teacher replica did not report its address: %s", e)
-    return addresses
+    return [e if isinstance(e, Endpoint) else Endpoint(str(e)) for e in endpoints]
 
 
 class EndpointSource:
@@ -130,7 +133,7 @@ class EndpointSource:
             name, port = self._dns
             return [Endpoint(a, tls_name=name) for a in resolve_dns(name, port)]
         assert self._ray is not None
-        return [Endpoint(a) for a in ray_endpoints(self._ray)]
+        return ray_endpoints(self._ray)
 
     def __repr__(self) -> str:
         return f"EndpointSource({self.spec!r})"

@@ -40,6 +40,7 @@ from stkd_dist.serving.auth import TokenAuthInterceptor
 from stkd_dist.serving.batcher import Batcher, BatcherStats, Labels
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.forward import PreparedBatch
+from stkd_dist.serving.load import StreamLoad
 from stkd_dist.serving.metrics import ServerMetrics, log_event
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
@@ -92,8 +93,11 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         started = time.monotonic()
         sent = {"windows": 0, "bytes": 0, "cursor": request.resume_cursor}
         status = "OK"
+        owed = 0  # windows of this stream counted as outstanding and not sent yet
         try:
             plan = s.plan(request)
+            owed = max(len(plan.sequence) - plan.start, 0)
+            s.load.progress(owed)
             log_event(
                 log,
                 "stream_start",
@@ -107,6 +111,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 yield chunk
                 sent["windows"] += chunk.windows
                 sent["bytes"] += chunk.payload_bytes
+                # the cursor, not chunk.windows: node slices of a window move it once
+                moved = min(chunk.cursor - sent["cursor"], owed)
+                s.load.progress(-moved)
+                owed -= moved
                 sent["cursor"] = chunk.cursor
         except RequestError as e:
             status = e.code.name
@@ -123,7 +131,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 grpc.StatusCode.INTERNAL, f"teacher server error: {type(e).__name__}: {e}"
             )
         finally:
-            s.release_stream()
+            s.release_stream(owed)
             log_event(
                 log,
                 "stream_end",
@@ -212,8 +220,7 @@ class TeacherServer:
             forward_init=lambda: torch.set_num_threads(threads),
         )
         self._lock = threading.Lock()
-        self._active = 0
-        self._idle = threading.Condition(self._lock)
+        self.load = StreamLoad(config.max_streams)
         self._drain_deadline: float | None = None
         self._stopped = threading.Event()
         self._stopping = False
@@ -324,10 +331,9 @@ class TeacherServer:
                 for service in ("", SERVICE_NAME):
                     self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
                 self._drain_deadline = time.monotonic() + grace
-            log_event(log, "drain", grace_s=grace, active_streams=self._active)
-            # streams end at the deadline at their next chunk; allow a moment for that chunk
-            self._idle.wait_for(lambda: self._active == 0, timeout=grace + 2.0)
-            left = self._active
+        log_event(log, "drain", grace_s=grace, active_streams=self.load.active)
+        # streams end at the deadline at their next chunk; allow a moment for that chunk
+        left = self.load.wait_idle(grace + 2.0)
         if left:
             log_event(log, "drain_cancel", level=logging.WARNING, streams=left)
         self.stop(grace_s=0.5)
@@ -364,22 +370,20 @@ class TeacherServer:
 
     # -- shared stream state -------------------------------------------------------------------
     def acquire_stream(self) -> bool:
-        with self._lock:
-            if self._active >= self.config.max_streams:
-                return False
-            self._active += 1
+        """Admit a stream (False: ``max_streams`` are active)."""
+        if not self.load.acquire():
+            return False
         self.metrics.active_streams.inc()
         return True
 
-    def release_stream(self) -> None:
-        with self._lock:
-            self._active -= 1
-            self._idle.notify_all()
+    def release_stream(self, unsent: int = 0) -> None:
+        """A stream ended with ``unsent`` windows not sent."""
+        self.load.release(unsent)
         self.metrics.active_streams.dec()
 
     @property
     def active_streams(self) -> int:
-        return self._active
+        return self.load.active
 
     def batcher_stats(self) -> BatcherStats:
         """Counters of the shared batching queue."""
@@ -403,6 +407,7 @@ class TeacherServer:
 
     def describe(self) -> pb.TeacherInfo:
         meta = self.teacher.meta
+        load = self.load.snapshot()
         return pb.TeacherInfo(
             teacher_version=meta.version,
             model_key=meta.model_key,
@@ -421,6 +426,11 @@ class TeacherServer:
             forward_windows=self.teacher.forward_windows,
             cached_windows=self.cache.filled_windows() if self.cache else 0,
             val_mae=meta.val_mae or 0.0,
+            active_streams=load.active_streams,
+            max_streams=load.max_streams,
+            outstanding_windows=load.outstanding_windows,
+            streams_served=load.streams_served,
+            idle_seconds=load.idle_s,
         )
 
     # -- requests ------------------------------------------------------------------------------

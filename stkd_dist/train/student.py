@@ -23,8 +23,10 @@ labels are sent bit-exact. A label cache of the same teacher gives the same para
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,13 +40,10 @@ from stkd_dist.config import Config, write_config
 from stkd_dist.config.validate import distill_loss_kwargs, validate_config
 from stkd_dist.distill import FORECAST_LOSSES
 from stkd_dist.errors import ConfigError, InputError, StkdError, StoreError
-from stkd_dist.labels.replicas import (
-    ReplicaCompute,
-    ReplicaCounters,
-    replica_cache,
-    started_replicas,
-)
+from stkd_dist.labels.autoscale import WaitReporter
+from stkd_dist.labels.replicas import replica_cache
 from stkd_dist.labels.sources import open_label_source
+from stkd_dist.labels.started import ReplicaPlan, started_replicas
 from stkd_dist.labels.teachers import (
     LabelSpec,
     TeacherSpec,
@@ -54,7 +53,6 @@ from stkd_dist.labels.usage import LabelUse, write_label_use
 from stkd_dist.location import Location, exists, location, read_json, url, write_json_atomic
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.client import ClientOptions, PlanRequest
-from stkd_dist.serving.server import ServerConfig
 from stkd_dist.train.experiment import (
     TrainOutcome,
     existing_outcome,
@@ -106,6 +104,9 @@ class DistillLoss:
         self._parts: dict[str, float] = defaultdict(float)
         self._weight = 0.0
         self._windows = 0
+        # the autoscaler's signal: this rank's label wait against its step time
+        self.reporter = WaitReporter(labels.wait_meter, rank=ctx.rank)
+        self._last_step: float | None = None
 
     def begin_epoch(self, epoch: int, loader: Any) -> None:
         """Ask the teachers for this rank's windows of ``epoch``, in the order it reads them."""
@@ -127,7 +128,12 @@ class DistillLoss:
 
     def __call__(self, batch: Any, pred: torch.Tensor) -> LossValue:
         # labels of the batch's windows, in batch order; padding samples get zeros (no loss)
+        asked = time.perf_counter()
         teacher, log_var = self.source.labels_for(batch.index, batch.valid)  # [B, H, N, C]
+        got = time.perf_counter()
+        if self._last_step is not None:  # a step = from one loss call to the next
+            self.reporter.step(got - asked, got - self._last_step)
+        self._last_step = got
         extra = {} if log_var is None else {"teacher_log_var": log_var.to(pred.device)}
         loss, parts = self.criterion(
             pred, batch.y, batch.mask, teacher.to(pred.device), valid=batch.valid, **extra
@@ -142,6 +148,8 @@ class DistillLoss:
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Write this rank's delivery record; return a few numbers for the epoch's metrics."""
         records = self.source.end_epoch()
+        self.reporter.flush()
+        self._last_step = None  # validation and checkpointing are not steps
         write_json_atomic(
             delivery_path(self.experiment_dir, epoch, self.ctx.rank),
             {
@@ -195,12 +203,11 @@ class StudentRequest:
         checkpoint: teacher checkpoint that ``replicas`` teachers serve (None: the run's own
             teacher, ``<storage>/runs/<run>/teacher``).
         client: options of the teacher-service clients.
-        replica_cpus: CPUs Ray reserves for each started replica (0: they share the cores).
+        replicas: how ``replicas`` teachers are started (server, compute, CPUs, security,
+            placement, autoscaling; see :func:`~stkd_dist.labels.started.replica_plan`).
         write_through: ``replicas`` teachers share the run's label cache
             (``<run>/labels/<teacher version>.zarr``) and store what they compute in it: the
             teacher computes each window once, however many epochs read it.
-        server: server settings of started replicas (batching, ...).
-        compute: device, precision and micro-batch of started replicas' teacher.
         experiment: the experiment's name in the run directory; None = ``student_kd`` (or
             ``student_scratch`` with ``distill=False``). ``stkd distill --seeds`` trains its
             further seeds as ``student_kd_seed<N>`` / ``student_scratch_seed<N>``.
@@ -210,11 +217,9 @@ class StudentRequest:
     distill: bool = True
     checkpoint: str | None = None
     client: ClientOptions = field(default_factory=ClientOptions)
-    replica_cpus: float = 0.0
+    replicas: ReplicaPlan = field(default_factory=ReplicaPlan)
     experiment: str | None = None
     write_through: bool = True
-    server: ServerConfig | None = None
-    compute: ReplicaCompute = field(default_factory=ReplicaCompute)
 
     def __post_init__(self) -> None:
         if self.distill and not self.teachers:
@@ -315,21 +320,17 @@ def train_student(
     cache = None
     if request.write_through and any(t.kind == "replicas" for t in request.teachers):
         cache = url(replica_cache(cfg.run_name, teacher_ckpt, storage))
-    counters: list[ReplicaCounters] = []
     replicas = started_replicas(
         request.teachers,
         checkpoint=teacher_ckpt,
         dataset=dataset,
         run_name=cfg.run_name,
-        token=request.client.token,
-        num_cpus=request.replica_cpus,
+        client=request.client,
+        plan=dataclasses.replace(request.replicas, cache=cache),
         storage=storage,
-        config=request.server,
-        cache=cache,
-        counters=counters,
-        compute=request.compute,
     )
-    with ray_cluster(c) as where, replicas as teachers:
+    with ray_cluster(c) as where, replicas as started:
+        teachers = started.teachers
         if request.distill:
             resolved = resolve_teachers(
                 teachers,
@@ -345,6 +346,7 @@ def train_student(
                 ensemble=cfg.distill.ensemble,
                 spread=cfg.distill.confidence_weighting,
                 client=request.client,
+                wait_meter=started.wait_meter,
             )
             weights = labels.weights()  # checks inverse_error has every teacher's MAE
             _check_teachers_unchanged(experiment, resolved)
@@ -389,11 +391,13 @@ def train_student(
             if user is None:
                 raise
             raise user from e
-    if counters:  # the replicas are stopped: their counters were read as the block ended
+    counters = started.counters  # read as the block ended, before the replicas stopped
+    if counters:
         computed = sum(c.forward_windows for c in counters)
         if cache is not None:
             computed = LabelCache(cache).forward_windows
-        use = LabelUse(computed, len(reader.windows("train")), cache, tuple(counters))
+        timeline = tuple(d.to_json() for d in started.timeline)
+        use = LabelUse(computed, len(reader.windows("train")), cache, tuple(counters), timeline)
         write_label_use(experiment, use)
         echo(
             f"soft labels: the teacher computed {use.teacher_windows_computed} windows for "

@@ -12,8 +12,13 @@ import ray
 import torch
 
 from stkd_dist.errors import ConfigError
-from stkd_dist.labels.replicas import start_teacher_replicas
-from stkd_dist.serving.client import Backoff, SoftLabelClient
+from stkd_dist.labels.fleet import FleetSecurity, start_teacher_replicas
+from stkd_dist.serving.client import (
+    Backoff,
+    ClientOptions,
+    SoftLabelClient,
+    TeacherUnavailableError,
+)
 from stkd_dist.serving.discovery import EndpointSource
 from stkd_dist.serving.server import ServerConfig
 
@@ -38,7 +43,7 @@ def test_ray_endpoints_need_a_cluster() -> None:
 def test_replicas_in_ray_actors_serve_and_fail_over(
     ray_local: None, teacher_env: Any, direct: Any
 ) -> None:
-    actors = start_teacher_replicas(
+    fleet = start_teacher_replicas(
         2,
         teacher_env.checkpoint,
         teacher_env.store,
@@ -46,6 +51,7 @@ def test_replicas_in_ray_actors_serve_and_fail_over(
         name_prefix="stkd-test-teacher",
         num_cpus=0.5,
     )
+    actors = fleet.actors
     addresses = ray.get([a.address.remote() for a in actors])
     assert len(set(addresses)) == 2 and all(a.startswith("127.0.0.1:") for a in addresses)
     source = EndpointSource("ray:stkd-test-teacher")
@@ -86,7 +92,7 @@ def test_a_replica_that_dies_is_started_again_and_found_by_its_name(
         config=ServerConfig(batch_size=32),
         name_prefix="stkd-test-restart",
         num_cpus=0.5,
-    )
+    ).actors
     pid = ray.get(actor.info.remote()).pid
     try:
         ray.kill(actor, no_restart=False)  # the actor's process dies, as with its node
@@ -111,3 +117,83 @@ def test_a_replica_that_dies_is_started_again_and_found_by_its_name(
         np.testing.assert_array_equal(pred, direct.predict(np.arange(60))[0])
     finally:
         ray.kill(actor)
+
+
+FAST = Backoff(initial_s=0.01, max_s=0.1, max_attempts=3)
+
+
+def test_a_secured_fleet_binds_the_node_address_and_serves_only_over_tls(
+    ray_local: None, teacher_env: Any, direct: Any
+) -> None:
+    security = FleetSecurity()
+    fleet = start_teacher_replicas(
+        1,
+        teacher_env.checkpoint,
+        teacher_env.store,
+        config=ServerConfig(batch_size=32),
+        name_prefix="stkd-test-secure",
+        num_cpus=0.5,
+        security=security,
+    )
+    try:
+        (found,) = EndpointSource(fleet.endpoint).resolve()
+        # the node's address, not loopback: students on other nodes can reach it
+        assert found.address.split(":")[0] == ray.util.get_node_ip_address()
+        assert found.tls_name == "stkd-test-secure-0.replica.stkd"
+        options = fleet.client_options(ClientOptions(backoff=FAST))
+        assert options.token == security.token and options.tls_ca_pem == security.ca.cert_pem
+        with SoftLabelClient(
+            fleet.endpoint, expected_fingerprint=teacher_env.fingerprint, options=options
+        ) as client:
+            pred = np.concatenate([p for _, p, _ in client.stream("train", np.arange(40))])
+        np.testing.assert_array_equal(pred, direct.predict(np.arange(40))[0])
+        # the token alone, in plaintext: the TLS handshake fails before any call is made
+        plain = ClientOptions(token=security.token, backoff=FAST)
+        with (
+            SoftLabelClient(
+                fleet.endpoint, expected_fingerprint=teacher_env.fingerprint, options=plain
+            ) as client,
+            pytest.raises(TeacherUnavailableError, match="UNAVAILABLE"),
+        ):
+            client.describe()
+        (counters,) = fleet.counters()
+        assert counters.streams_served == 1 and counters.name == "stkd-test-secure-0"
+    finally:
+        fleet.close()
+
+
+def test_a_replica_added_mid_run_gets_the_next_stream_without_a_failure(
+    ray_local: None, teacher_env: Any
+) -> None:
+    fleet = start_teacher_replicas(
+        1,
+        teacher_env.checkpoint,
+        teacher_env.store,
+        config=ServerConfig(batch_size=32),
+        name_prefix="stkd-test-grow",
+        num_cpus=0.5,
+    )
+    try:
+        client = SoftLabelClient(
+            fleet.endpoint,
+            expected_fingerprint=teacher_env.fingerprint,
+            # resolve the actors again whenever a stream opens
+            options=ClientOptions(discovery_s=0.001, prefetch=1, max_message_bytes=16384),
+        )
+        with client:
+            # not read: it waits, with more labels (38 MB) than gRPC's flow-control windows hold
+            busy = client.stream("train", np.tile(np.arange(397), 200))
+            next(busy)
+            added = fleet.add()
+            fresh = list(client.stream("train", np.arange(100)))
+            assert sum(len(i) for i, _, _ in fresh) == 100
+            # the busy replica owes windows, the new one none: the stream went to the new one
+            assert len(client.stats.endpoints) == 2 and client.stats.reconnects == 0
+            busy.close()
+        served = {c.name: c.streams_served for c in fleet.counters()}
+        assert served == {"stkd-test-grow-0": 1, added: 1}
+        fleet.remove(added)  # drained, stopped; its counters stay with the fleet
+        assert fleet.size() == 1
+        assert {c.name for c in fleet.counters()} == {"stkd-test-grow-0", added}
+    finally:
+        fleet.close()

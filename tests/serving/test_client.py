@@ -136,7 +136,7 @@ def test_version_is_pinned_across_replicas(teacher_env, direct) -> None:
             prefetch=1,
             backoff=FAST,
         )
-        client._next = 0  # start on replica a
+        client.placement._next = 0  # ties go to replica a first
         with client, pytest.raises(LabelMismatchError, match="another-teacher"):
             stream = client.stream("train", range(0, 397))
             next(stream)

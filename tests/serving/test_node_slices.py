@@ -240,7 +240,7 @@ def test_stream_broken_mid_window_fails_over_without_loss_or_repetition(
         max_message_bytes=32768,
         backoff=FAST,
     )
-    client._next = 0  # start on replica a
+    client.placement._next = 0  # ties go to replica a first
     with client:
         items = list(client.stream("train", wanted))
     assert [i.tolist() for i, _, _ in items] == [[w] for w in wanted]  # each window once

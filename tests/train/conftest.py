@@ -12,6 +12,7 @@ from stkd_dist.checkpoint import TrainState, save_checkpoint
 from stkd_dist.config import Config, load_config
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import build_model, build_reader
+from tests.train.student_env import env, ray_local, spawn  # noqa: F401 (fixtures)
 
 TINY_STGNN = {
     "residual_channels": 4,

@@ -46,7 +46,7 @@ class SplitInfo(_message.Message):
     def __init__(self, split: _Optional[str] = ..., windows: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("teacher_version", "model_key", "dataset_fingerprint", "window_shape", "wire_dtypes", "horizon", "input_steps", "has_spread", "splits", "max_message_bytes", "server_id", "forward_windows", "cached_windows", "val_mae")
+    __slots__ = ("teacher_version", "model_key", "dataset_fingerprint", "window_shape", "wire_dtypes", "horizon", "input_steps", "has_spread", "splits", "max_message_bytes", "server_id", "forward_windows", "cached_windows", "val_mae", "active_streams", "max_streams", "outstanding_windows", "streams_served", "idle_seconds")
     TEACHER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_KEY_FIELD_NUMBER: _ClassVar[int]
     DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,11 @@ class TeacherInfo(_message.Message):
     FORWARD_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     CACHED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     VAL_MAE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    OUTSTANDING_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     teacher_version: str
     model_key: str
     dataset_fingerprint: str
@@ -75,7 +80,12 @@ class TeacherInfo(_message.Message):
     forward_windows: int
     cached_windows: int
     val_mae: float
-    def __init__(self, teacher_version: _Optional[str] = ..., model_key: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., window_shape: _Optional[_Iterable[int]] = ..., wire_dtypes: _Optional[_Iterable[_Union[WireDtype, str]]] = ..., horizon: _Optional[int] = ..., input_steps: _Optional[int] = ..., has_spread: _Optional[bool] = ..., splits: _Optional[_Iterable[_Union[SplitInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., server_id: _Optional[str] = ..., forward_windows: _Optional[int] = ..., cached_windows: _Optional[int] = ..., val_mae: _Optional[float] = ...) -> None: ...
+    active_streams: int
+    max_streams: int
+    outstanding_windows: int
+    streams_served: int
+    idle_seconds: float
+    def __init__(self, teacher_version: _Optional[str] = ..., model_key: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., window_shape: _Optional[_Iterable[int]] = ..., wire_dtypes: _Optional[_Iterable[_Union[WireDtype, str]]] = ..., horizon: _Optional[int] = ..., input_steps: _Optional[int] = ..., has_spread: _Optional[bool] = ..., splits: _Optional[_Iterable[_Union[SplitInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., server_id: _Optional[str] = ..., forward_windows: _Optional[int] = ..., cached_windows: _Optional[int] = ..., val_mae: _Optional[float] = ..., active_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., outstanding_windows: _Optional[int] = ..., streams_served: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
 
 class WindowRange(_message.Message):
     __slots__ = ("start", "stop", "step")

@@ -115,6 +115,9 @@ class ServeSection:
             their algorithm by batch size, so a fixed micro-batch keeps the labels' bits
             independent of how requests were batched: keep it fixed per teacher version (label
             caches record it).
+        threads: torch intra-op threads of each started replica (null = its process's default;
+            Ray sets it from the replica's CPUs). Some CPU kernels' last bits depend on it: keep
+            it fixed per teacher version, like ``micro_batch``.
         max_streams: most concurrent streams one replica admits; a student whose replica is
             full goes to another one, or waits for a free slot (never an error).
         secure: started replicas are private: the run generates a bearer token, a CA and a
@@ -124,6 +127,9 @@ class ServeSection:
             ``replicas`` spread over the nodes (null = ``replicas``).
         autoscale: grow and shrink the started replicas with the students' label wait (null =
             a fixed fleet); see :class:`AutoscaleSection`.
+        tls_ca: the CA certificate (PEM file or URL) that the certificates of ``endpoints`` are
+            signed by: the driver reads it and hands it to the workers (they need no copy);
+            null = plaintext to ``endpoints``. Started replicas use the run's own CA.
     """
 
     mode: ServeMode = "stream"
@@ -136,13 +142,20 @@ class ServeSection:
     device: str = "cpu"
     precision: Precision = "fp32"
     micro_batch: int = DEFAULT_MICRO_BATCH
+    threads: int | None = None
     max_streams: int = 16
     secure: bool = True
     replicas_per_node: int | None = None
     autoscale: AutoscaleSection | None = None
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         positive(self, "replicas", "batch_size", "max_streams")
+        require(
+            self.threads is None or self.threads >= 1,
+            "threads",
+            f"must be >= 1 or null, got {self.threads!r}",
+        )
         require(
             self.replicas_per_node is None or self.replicas_per_node >= 1,
             "replicas_per_node",

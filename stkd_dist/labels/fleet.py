@@ -128,7 +128,10 @@ class ReplicaFleet:
             nodes = [
                 node["NodeID"]
                 for node in ray.nodes()
-                if node["Alive"] and node["Resources"].get("CPU", 0.0) >= self.spec.num_cpus
+                # nodes that run work: a head started with 0 CPUs only coordinates
+                if node["Alive"]
+                and node["Resources"].get("CPU", 0.0) > 0
+                and node["Resources"].get("CPU", 0.0) >= self.spec.num_cpus
             ]
             if not nodes:
                 raise ConfigError(

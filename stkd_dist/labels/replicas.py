@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from stkd_dist.checkpoint import read_checkpoint, resolve_checkpoint
 from stkd_dist.config.pipeline import ServeSection
 from stkd_dist.location import Location, exists, location
@@ -43,6 +45,8 @@ class ReplicaCounters:
         pid: its process (a restarted replica has a new one).
         name: its Ray actor name.
         streams_served: streams it admitted.
+        node_id: the Ray node it runs on.
+        secured: it required TLS or a token.
     """
 
     address: str
@@ -54,16 +58,20 @@ class ReplicaCounters:
     pid: int = 0
     name: str = ""
     streams_served: int = 0
+    node_id: str = ""
+    secured: bool = False
 
 
 @dataclass(frozen=True)
 class ReplicaCompute:
     """How replicas compute labels: ``serve.device`` (``auto`` resolved on each replica's node),
-    ``serve.precision`` and ``serve.micro_batch``."""
+    ``serve.precision``, ``serve.micro_batch`` and ``serve.threads`` (torch intra-op threads;
+    None = what the actor's process has)."""
 
     device: str = "cpu"
     precision: str = "fp32"
     micro_batch: int = DEFAULT_MICRO_BATCH
+    threads: int | None = None
 
 
 class TeacherReplica:
@@ -99,8 +107,12 @@ class TeacherReplica:
 
         self.tls_name = tls_name
         self.name = name
+        self.node_id = ray.get_runtime_context().get_node_id()
         if storage:
             os.environ["STKD_STORAGE"] = storage
+        if compute.threads:
+            # before the teacher loads: the server's forward thread takes this count
+            torch.set_num_threads(compute.threads)
         teacher = load_teacher(
             checkpoint,
             data,
@@ -152,6 +164,8 @@ class TeacherReplica:
             pid=os.getpid(),
             name=self.name,
             streams_served=load.streams_served,
+            node_id=self.node_id,
+            secured=self.server.config.secured,
         )
 
     def flush(self) -> None:
@@ -174,7 +188,7 @@ def replica_server_config(serve: ServeSection) -> ServerConfig:
 
 def replica_compute(serve: ServeSection) -> ReplicaCompute:
     """How replicas a student starts compute, from the ``serve`` section."""
-    return ReplicaCompute(serve.device, serve.precision, serve.micro_batch)
+    return ReplicaCompute(serve.device, serve.precision, serve.micro_batch, serve.threads)
 
 
 def replica_cache(run: str, checkpoint: str | Path, storage: str | Path | None) -> Location:

@@ -57,6 +57,10 @@ class ReplicaPlan:
     autoscale: AutoscaleSection | None = None
     cache: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0:
+            raise ConfigError(f"must be >= 0, got {self.num_cpus}", where="serve.cpus_per_replica")
+
 
 def replica_plan(serve: ServeSection) -> ReplicaPlan:
     """How a student starts its replicas, from the ``serve`` section (no cache yet: the run's

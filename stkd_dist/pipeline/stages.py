@@ -25,7 +25,7 @@ from typing import Any
 from stkd_dist.config import Config
 from stkd_dist.errors import ConfigError, StoreError
 from stkd_dist.labels.replicas import ReplicaCompute
-from stkd_dist.location import Location, exists, location, url
+from stkd_dist.location import Location, exists, location, read_bytes, url
 from stkd_dist.paths import dataset_path, resolve_dataset
 from stkd_dist.pipeline.run import RunLayout
 from stkd_dist.storage import DatasetStore, open_store
@@ -162,7 +162,12 @@ def train_student_stage(
 
     serve = cfg.serve
     # resolved here: workers on other nodes do not see this process's environment
-    client = ClientOptions(token=resolve_token(None), wire_dtype=serve.wire_dtype)
+    client = ClientOptions(
+        token=resolve_token(None),
+        wire_dtype=serve.wire_dtype,
+        # read here, sent to the workers with the options: no node needs a copy of the file
+        tls_ca_pem=None if serve.tls_ca is None else _read_ca(serve.tls_ca),
+    )
     if not distill:
         request = StudentRequest(distill=False, client=client, experiment=experiment)
     elif labels is not None:
@@ -184,6 +189,17 @@ def train_student_stage(
             write_through=serve.write_through,
         )
     return _result(train_student(cfg, request, storage=storage, echo=echo))
+
+
+def _read_ca(ref: str) -> bytes:
+    """The PEM bytes of ``serve.tls_ca``."""
+    try:
+        data = read_bytes(location(ref))
+    except (OSError, StoreError) as e:
+        raise ConfigError(f"cannot read the CA certificate {ref!r} ({e})", "serve.tls_ca") from e
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(f"{ref!r} is not a PEM certificate", where="serve.tls_ca")
+    return data
 
 
 def label_cache_path(layout: RunLayout, version: str) -> Location:

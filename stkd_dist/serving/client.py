@@ -172,13 +172,19 @@ class SoftLabelClient:
             return None
         return ReplicaLoad(info.active_streams, info.max_streams, info.outstanding_windows)
 
-    def _pick(self, exclude: Sequence[Endpoint], refresh: bool, cursor: int = 0) -> Endpoint:
+    def _pick(
+        self,
+        exclude: Sequence[Endpoint],
+        refresh: bool,
+        cursor: int = 0,
+        hint: int | None = None,
+    ) -> Endpoint:
         """The replica for the next call (see :class:`Placement`); waits while all are full."""
         admission_started = time.monotonic()
         waits = 0
         while True:
             try:
-                return self.placement.pick(exclude, refresh)
+                return self.placement.pick(exclude, refresh, hint)
             except AllFull as full:
                 # admission is a queue: slots free up as other streams end
                 waited = time.monotonic() - admission_started
@@ -325,10 +331,13 @@ class SoftLabelClient:
         failures = 0
         refresh = False
         exclude: tuple[Endpoint, ...] = ()
+        # a rank's plan stream: equally loaded replicas are taken in rank order
+        hint = request.plan.rank if request.WhichOneof("selection") == "plan" else None
         while total is None or cursor < total:
             if stream.closed:
                 return
-            ep = self._pick(exclude, refresh, cursor)
+            ep = self._pick(exclude, refresh, cursor, hint)
+            hint = None  # failover: round robin among the others
             refresh, exclude = False, ()
             req = pb.LabelRequest()
             req.CopyFrom(request)

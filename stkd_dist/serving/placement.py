@@ -116,8 +116,14 @@ class Placement:
             self._resolved_at = self._clock()
             return list(self._endpoints)
 
-    def pick(self, exclude: Sequence[Endpoint] = (), refresh: bool = False) -> Endpoint:
+    def pick(
+        self, exclude: Sequence[Endpoint] = (), refresh: bool = False, hint: int | None = None
+    ) -> Endpoint:
         """The replica for the next stream (see the module docstring).
+
+        ``hint`` (a rank) replaces the round-robin start among equally loaded replicas: the
+        ranks of a DDP group open their streams in the same millisecond, before any replica's
+        load shows the others', and rank ``r`` taking the ``r``-th spreads them anyway.
 
         Raises:
             AllFull: every replica that answered is full.
@@ -142,6 +148,8 @@ class Placement:
         free = [(e, load) for e, load in answered if not load.full]
         with self._lock:
             start, self._next = self._next, self._next + 1
+        if hint is not None:
+            start = hint
         n = len(candidates)
         if free:
             # ties go round robin from a random start, so clients starting together spread out

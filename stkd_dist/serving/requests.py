@@ -48,12 +48,20 @@ class LabelPlan:
 
 
 def resolve_request(
-    request: pb.LabelRequest, meta: TeacherMeta, *, chunk_steps: int, max_message_bytes: int
+    request: pb.LabelRequest,
+    meta: TeacherMeta,
+    *,
+    chunk_steps: int,
+    max_message_bytes: int,
+    max_chunk_windows: int | None = None,
 ) -> LabelPlan:
     """Validate ``request`` for teacher ``meta`` and resolve its window sequence.
 
     Args:
         chunk_steps: time-chunk length of the teacher's store (shard plans are cut by it).
+        max_chunk_windows: most windows in one chunk (the server's batch size: a chunk is sent
+            once its last window is computed, so a stream's first labels arrive after one
+            teacher batch, not after as many windows as fit in a message; None = no cap).
         max_message_bytes: the server's message limit (a request may only lower it, down to
             one node's labels of one window: :func:`codec_slices.min_message_bytes`).
 
@@ -114,7 +122,7 @@ def resolve_request(
         request.split,
         sequence,
         int(request.resume_cursor),
-        layout.windows,
+        layout.windows if max_chunk_windows is None else min(layout.windows, max_chunk_windows),
         dtype,
         spread,
         nodes_per_slice=layout.nodes,

@@ -441,6 +441,7 @@ class TeacherServer:
             self.teacher.meta,
             chunk_steps=self.teacher.reader.store.chunks[0],
             max_message_bytes=self.config.max_message_bytes,
+            max_chunk_windows=self.config.batch_size,
         )
 
     def chunks(

@@ -125,6 +125,8 @@ class DistillLoss:
             chunk_steps=plan.chunk_steps,
         )
         self.source.begin_epoch(windows, request)
+        # the first step's wait counts from here: with labels late, it is most of the wait
+        self._last_step = time.perf_counter()
 
     def __call__(self, batch: Any, pred: torch.Tensor) -> LossValue:
         # labels of the batch's windows, in batch order; padding samples get zeros (no loss)
@@ -237,8 +239,6 @@ class StudentRequest:
                 "names the checkpoint that --teacher ray:N replicas serve; no replicas are started",
                 where="--checkpoint",
             )
-        if self.replica_cpus < 0:
-            raise ConfigError(f"must be >= 0, got {self.replica_cpus}", where="--replica-cpus")
 
 
 def _user_error(exc: BaseException) -> StkdError | None:

@@ -84,7 +84,7 @@ def test_kuberay_objects_validate_against_the_crds(
 ) -> None:
     name, objects = overlay
     ray_objects = [o for o in objects if o["apiVersion"].startswith(f"{KUBERAY_GROUP}/")]
-    assert sorted(o["kind"] for o in ray_objects) == ["RayCluster", "RayJob", "RayJob"]
+    assert sorted(o["kind"] for o in ray_objects) == ["RayCluster", *["RayJob"] * 3]
     for obj in ray_objects:
         validator = kuberay_validators.get((obj["apiVersion"], obj["kind"]))
         assert validator is not None, f"no CRD for {obj['apiVersion']} {obj['kind']}"

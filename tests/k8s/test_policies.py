@@ -263,10 +263,12 @@ def test_rayjobs_run_the_commands_readme_documents(
 ) -> None:
     _, objects = overlay
     documented = {
-        line for line in readme_code_lines if line.startswith(("stkd distill", "stkd sweep"))
+        line
+        for line in readme_code_lines
+        if line.startswith(("stkd distill", "stkd sweep", "stkd train-student"))
     }
     jobs = {o["metadata"]["name"]: o["spec"] for o in by_kind(objects, "RayJob")}
-    assert set(jobs) == {"stkd-distill", "stkd-sweep"}
+    assert set(jobs) == {"stkd-distill", "stkd-sweep", "stkd-train-student"}
     for name, spec in jobs.items():
         entrypoint = " ".join(shlex.split(spec["entrypoint"]))
         assert entrypoint in documented, f"{name}: {entrypoint!r} is not in README.md"

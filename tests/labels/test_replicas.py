@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,9 @@ import pytest
 import ray
 import torch
 
+from stkd_dist.config.pipeline import AutoscaleSection
 from stkd_dist.errors import ConfigError
+from stkd_dist.labels.autoscale import Autoscaler
 from stkd_dist.labels.fleet import FleetSecurity, start_teacher_replicas
 from stkd_dist.serving.client import (
     Backoff,
@@ -195,5 +198,36 @@ def test_a_replica_added_mid_run_gets_the_next_stream_without_a_failure(
         fleet.remove(added)  # drained, stopped; its counters stay with the fleet
         assert fleet.size() == 1
         assert {c.name for c in fleet.counters()} == {"stkd-test-grow-0", added}
+    finally:
+        fleet.close()
+
+
+def test_the_autoscaler_removes_idle_replicas_down_to_min(
+    ray_local: None, teacher_env: Any
+) -> None:
+    fleet = start_teacher_replicas(
+        2,
+        teacher_env.checkpoint,
+        teacher_env.store,
+        config=ServerConfig(batch_size=32),
+        name_prefix="stkd-test-shrink",
+        num_cpus=0.5,
+    )
+    policy = AutoscaleSection(min=1, max=2, target_wait=0.2, interval_s=0.1, idle_s=0.2)
+    # no student reports any step: the fleet is idle
+    scaler = Autoscaler(policy, fleet, lambda: (0.0, 0.0, 0))
+    try:
+        ready = threading.Event()
+        for _ in range(100):
+            if scaler.tick().action == "remove":
+                break
+            ready.wait(0.1)  # the replicas become idle_s old
+        assert fleet.size() == 1
+        removed = [d for d in scaler.timeline if d.action == "remove"]
+        assert len(removed) == 1 and removed[0].replicas == 1
+        assert scaler.tick().action == "hold"  # at min: the last one stays
+        assert fleet.size() == 1
+        names = [x["name"] for x in ray.util.list_named_actors(all_namespaces=True)]
+        assert removed[0].replica not in names  # its actor is gone
     finally:
         fleet.close()

@@ -191,7 +191,10 @@ def test_student_streamed_its_labels_from_teacher_replicas(run: Run) -> None:
         assert delivered == [rec["plan_windows"] for rec in records]
         assert sum(delivered) == n_train
         for rec in records:
-            assert all(ep.startswith("127.0.0.1:") for ep in rec["teachers"][0]["endpoints"])
+            # serve.secure (the default): the replicas bind the node's address, not loopback
+            assert not any(ep.startswith("127.") for ep in rec["teachers"][0]["endpoints"])
+    use = json.loads((d / "label_use.json").read_text())
+    assert len(use["replicas"]) == 2 and all(r["secured"] for r in use["replicas"])
     # the 2 replicas wrote through to the run's label cache: over 2 epochs of 2 ranks the
     # teacher computed each training window once (counted from the split, on the data side)
     labels = json.loads((run.run_dir / "metrics.json").read_text())["labels"]

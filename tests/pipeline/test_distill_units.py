@@ -15,6 +15,8 @@ from stkd_dist.errors import ConfigError, StoreError
 from stkd_dist.pipeline.evaluate_all import forecast_sensors, steps_per_day
 from stkd_dist.pipeline.latency import measure_latency
 from stkd_dist.pipeline.run import RunLayout, StageBook, config_digest
+from stkd_dist.pipeline.stages import _read_ca
+from stkd_dist.serving.certs import CertificateAuthority
 
 
 @pytest.fixture
@@ -252,3 +254,16 @@ def test_hint_loss_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"distill\.loss: the hint loss needs the teacher"):
         run_distill(cfg, storage=tmp_path)
     assert not (tmp_path / "runs").exists()
+
+
+def test_tls_ca_is_read_on_the_driver_and_checked(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create()
+    good = tmp_path / "ca.pem"
+    good.write_bytes(ca.cert_pem)
+    assert _read_ca(str(good)) == ca.cert_pem
+    (tmp_path / "key.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="not a PEM certificate") as info:
+        _read_ca(str(tmp_path / "key.pem"))
+    assert info.value.where == "serve.tls_ca"
+    with pytest.raises(ConfigError, match="cannot read the CA certificate"):
+        _read_ca(str(tmp_path / "missing.pem"))

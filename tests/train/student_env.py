@@ -74,12 +74,15 @@ class Env:
     config: Path
 
 
-def _save_teacher(root: Path, store_path: Path, name: str, seed: int, val_mae: float):
+def save_teacher(
+    root: Path, store_path: Path, name: str, seed: int, val_mae: float, hidden: int = 8
+):
+    """An untrained LSTM teacher checkpoint `root/name` of the store (hidden size `hidden`)."""
     store = open_store(store_path)
     cfg = Config(run=RunSection(name=name), data=DataSection(dataset=str(store_path)))
     reader = WindowReader(store, cfg.data.window(), cfg.data.splits())
     torch.manual_seed(seed)
-    model = build_forecaster("lstm", reader.dims, target_scale=reader.target_scale(), hidden=8)
+    model = build_forecaster("lstm", reader.dims, target_scale=reader.target_scale(), hidden=hidden)
     return save_checkpoint(
         root / name,
         model_state=model.state_dict(),
@@ -100,8 +103,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     root = tmp_path_factory.mktemp("student")
     store = random_store(root / "tiny.zarr", steps=400, nodes=6, chunk_steps=64)
     infos = {
-        "a": _save_teacher(root, store, "teach-a", 1, 2.0),
-        "b": _save_teacher(root, store, "teach-b", 2, 4.0),
+        "a": save_teacher(root, store, "teach-a", 1, 2.0),
+        "b": save_teacher(root, store, "teach-b", 2, 4.0),
     }
     text = CONFIG.replace("DATASET", json.dumps(str(store)))
     config = root / "student.yaml"

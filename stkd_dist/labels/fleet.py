@@ -9,7 +9,7 @@ so labels and the token never cross nodes in cleartext, without any user setup. 
 stays on the driver; a replica receives only its own certificate and key.
 
 Placement: ``SPREAD`` (one replica per node where the cluster allows), or
-``serve.replicas_per_node`` replicas pinned (softly: a restart may go elsewhere) to every node.
+``serve.replicas_per_node`` replicas pinned to every node that has CPUs.
 A replica whose process or node dies is started again by Ray (``max_restarts``) and found again
 by the clients. :meth:`ReplicaFleet.add`/:meth:`ReplicaFleet.remove` are the autoscaler's
 (:mod:`stkd_dist.labels.autoscale`) hands.
@@ -138,9 +138,12 @@ class ReplicaFleet:
                     f"no alive node has {self.spec.num_cpus} CPUs for a replica",
                     where="serve.cpus_per_replica",
                 )
-            # soft: a replica restarted after its node died may run elsewhere
+            # hard: Ray's soft affinity gives up on a node whose CPUs are all taken (by the
+            # training workers) even for a replica that needs none. A replica restarted after
+            # its process died comes back on its node; one whose node died is gone (the others
+            # serve on)
             names = [
-                self._launch(NodeAffinitySchedulingStrategy(node, soft=True))
+                self._launch(NodeAffinitySchedulingStrategy(node, soft=False))
                 for node in nodes
                 for _ in range(per_node)
             ]

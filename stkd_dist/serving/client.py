@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,7 +36,7 @@ import numpy as np
 
 from stkd_dist.errors import ConfigError, InputError, StkdError
 from stkd_dist.serving import codec, codec_slices
-from stkd_dist.serving.auth import ClientTls, bearer, resolve_token
+from stkd_dist.serving.channels import Channels
 from stkd_dist.serving.client_options import (
     MAX_RANGES_PER_REQUEST,
     OPTION_NAMES,
@@ -51,12 +49,11 @@ from stkd_dist.serving.client_options import (
     PlanRequest,
     TeacherRequestError,
     TeacherUnavailableError,
-    keepalive_options,
     to_ranges,
 )
 from stkd_dist.serving.discovery import Endpoint, EndpointSource
 from stkd_dist.serving.label_stream import LabelItem, LabelStream
-from stkd_dist.serving.placement import AllFull, Placement, ReplicaLoad
+from stkd_dist.serving.placement import Placement
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
 
@@ -113,7 +110,6 @@ class SoftLabelClient:
         except TypeError as e:
             raise ConfigError(f"{e}; options are {', '.join(OPTION_NAMES)}", "client") from None
         self.options = opts
-        tls_ca, tls_cert, tls_key, token = opts.tls_ca, opts.tls_cert, opts.tls_key, opts.token
         self.source = EndpointSource(endpoints)
         self.expected_fingerprint = expected_fingerprint
         self.version = expected_version
@@ -122,56 +118,14 @@ class SoftLabelClient:
         self.max_message_bytes = int(opts.max_message_bytes)
         self.deadline = opts.deadline
         self.backoff = opts.backoff
-        token = resolve_token(token)
-        self._metadata = bearer(token) if token else ()
-        self._tls: ClientTls | None = None
-        if tls_ca is not None or tls_cert is not None or opts.tls_ca_pem is not None:
-            self._tls = ClientTls(
-                ca=opts.tls_ca_pem if opts.tls_ca_pem is not None else _path(tls_ca),
-                cert=_path(tls_cert),
-                key=_path(tls_key),
-                target_name=None,
-            )
         self.stats = ClientStats()
-        # a load probe is answered at once by a live replica; a stopped one must not hold a
-        # new stream longer than a broken connection would
-        self._probe_timeout = opts.connect_timeout_s + opts.keepalive_timeout_s
         self._lock = threading.Lock()
-        self._channels: dict[Endpoint, grpc.Channel] = {}
-        self.placement = Placement(self.source, self._probe, opts.discovery_s)
+        self.channels = Channels(opts)
+        self._metadata = self.channels.metadata
+        self.placement = Placement(self.source, self.channels.probe, opts.discovery_s)
         self._streams: list[LabelStream] = []
 
-    # -- connections ---------------------------------------------------------------------------
-    def _channel(self, ep: Endpoint) -> grpc.Channel:
-        with self._lock:
-            ch = self._channels.get(ep)
-            if ch is None:
-                limit = self.max_message_bytes + 64 * 1024
-                options: list[tuple[str, Any]] = [
-                    ("grpc.max_receive_message_length", max(limit, 4 * 1024 * 1024)),
-                    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-                    *keepalive_options(self.options),
-                ]
-                if self._tls is not None:
-                    if ep.tls_name:
-                        options.append(("grpc.ssl_target_name_override", ep.tls_name))
-                    ch = grpc.secure_channel(ep.address, self._tls.credentials(), options)
-                else:
-                    ch = grpc.insecure_channel(ep.address, options)
-                self._channels[ep] = ch
-            return ch
-
-    def _probe(self, ep: Endpoint) -> ReplicaLoad | None:
-        """A replica's load, or None when it does not answer within the probe timeout."""
-        stub = pb_grpc.TeacherServiceStub(self._channel(ep))
-        try:
-            info = stub.Describe(
-                pb.DescribeRequest(), timeout=self._probe_timeout, metadata=self._metadata
-            )
-        except grpc.RpcError:
-            return None
-        return ReplicaLoad(info.active_streams, info.max_streams, info.outstanding_windows)
-
+    # -- placement -----------------------------------------------------------------------------
     def _pick(
         self,
         exclude: Sequence[Endpoint],
@@ -179,33 +133,28 @@ class SoftLabelClient:
         cursor: int = 0,
         hint: int | None = None,
     ) -> Endpoint:
-        """The replica for the next call (see :class:`Placement`); waits while all are full."""
-        admission_started = time.monotonic()
-        waits = 0
-        while True:
+        """The replica for the next call (:meth:`Placement.place`: waits while all are full);
+        an empty source is resolved again with backoff before it is an error."""
+        for attempt in range(1, self.backoff.max_attempts + 1):
             try:
-                return self.placement.pick(exclude, refresh, hint)
-            except AllFull as full:
-                # admission is a queue: slots free up as other streams end
-                waited = time.monotonic() - admission_started
-                if waited > self.options.admission_timeout_s:
-                    raise TeacherUnavailableError(
-                        f"every teacher replica ({full}) has been full (its max_streams) for "
-                        f"{waited:.0f} s; start more replicas (serve.replicas, serve.autoscale) "
-                        "or admit more streams per replica (serve.max_streams)",
-                        where=str(self.source.spec),
-                    ) from None
-                waits += 1
-                with self._lock:
-                    self.stats.admission_waits += 1
-                if waits == 1:
-                    log.info("every replica is full (%s); waiting for a free stream slot", full)
-                time.sleep(self.backoff.delay(min(waits, 6)))
+                return self.placement.place(
+                    exclude,
+                    refresh or attempt > 1,
+                    hint,
+                    backoff=self.backoff,
+                    timeout_s=self.options.admission_timeout_s,
+                    on_wait=self._count_wait,
+                )
             except LookupError:
-                raise TeacherUnavailableError(
-                    self._gone_message("no teacher replica is running", cursor, None),
-                    where=str(self.source.spec),
-                ) from None
+                time.sleep(self.backoff.delay(attempt))
+        raise TeacherUnavailableError(
+            self._gone_message("no teacher replica is running", cursor, None),
+            where=str(self.source.spec),
+        )
+
+    def _count_wait(self) -> None:
+        with self._lock:
+            self.stats.admission_waits += 1
 
     def _gone_message(self, what: str, cursor: int, total: int | None) -> str:
         tried = ", ".join(self.placement.tried) or "none"
@@ -221,7 +170,7 @@ class SoftLabelClient:
         exclude: tuple[Endpoint, ...] = ()
         while True:
             ep = self._pick(exclude, refresh=attempt > 0)
-            stub = pb_grpc.TeacherServiceStub(self._channel(ep))
+            stub = pb_grpc.TeacherServiceStub(self.channels.get(ep))
             try:
                 info = stub.Describe(
                     pb.DescribeRequest(), timeout=self.deadline, metadata=self._metadata
@@ -311,10 +260,7 @@ class SoftLabelClient:
             streams, self._streams = self._streams, []
         for s in streams:
             s.close()
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for ch in channels:
-            ch.close()
+        self.channels.close()
 
     def __enter__(self) -> SoftLabelClient:
         return self
@@ -345,7 +291,7 @@ class SoftLabelClient:
             req.teacher_version = self.version or ""
             # chunks arrive as bytes: decode_chunk_bytes copies the labels once, where protobuf
             # parsing would copy them twice
-            stream_labels = self._channel(ep).unary_stream(
+            stream_labels = self.channels.get(ep).unary_stream(
                 STREAM_LABELS,
                 request_serializer=pb.LabelRequest.SerializeToString,
                 response_deserializer=None,
@@ -429,7 +375,3 @@ def _request_error(code: grpc.StatusCode, details: str, ep: Endpoint) -> StkdErr
     if code in RETRYABLE:
         return TeacherUnavailableError(f"{code.name}: {details}", where=ep.address)
     return TeacherRequestError(code, details, where=ep.address)
-
-
-def _path(p: str | os.PathLike[str] | None) -> Path | None:
-    return None if p is None else Path(p)

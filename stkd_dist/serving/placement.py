@@ -27,6 +27,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 from stkd_dist.errors import ConfigError
+from stkd_dist.serving.client_options import Backoff, TeacherUnavailableError
 from stkd_dist.serving.discovery import Endpoint, EndpointSource
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,43 @@ class Placement:
         with self._lock:
             self.tried.setdefault(best.address)
         return best
+
+    def place(
+        self,
+        exclude: Sequence[Endpoint] = (),
+        refresh: bool = False,
+        hint: int | None = None,
+        *,
+        backoff: Backoff,
+        timeout_s: float,
+        on_wait: Callable[[], None] = lambda: None,
+    ) -> Endpoint:
+        """:meth:`pick`, waiting (with ``backoff``, ``on_wait`` called each time) while every
+        replica is full: admission is a queue, slots free up as other streams end.
+
+        Raises:
+            TeacherUnavailableError: every replica stayed full for ``timeout_s`` seconds.
+            LookupError: no replica is known.
+        """
+        started = time.monotonic()
+        waits = 0
+        while True:
+            try:
+                return self.pick(exclude, refresh, hint)
+            except AllFull as full:
+                waited = time.monotonic() - started
+                if waited > timeout_s:
+                    raise TeacherUnavailableError(
+                        f"every teacher replica ({full}) has been full (its max_streams) for "
+                        f"{waited:.0f} s; start more replicas (serve.replicas, serve.autoscale) "
+                        "or admit more streams per replica (serve.max_streams)",
+                        where=str(self.source.spec),
+                    ) from None
+                waits += 1
+                on_wait()
+                if waits == 1:
+                    log.info("every replica is full (%s); waiting for a free stream slot", full)
+                time.sleep(backoff.delay(min(waits, 6)))
 
     def _probe_all(self, endpoints: list[Endpoint]) -> list[ReplicaLoad | None]:
         if len(endpoints) == 1:

@@ -71,55 +71,10 @@ def _say(msg: str) -> None:
 
 def make_inputs(root: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """A random store, an untrained LSTM teacher of it and the student config; their paths."""
-    import dask.array as da
-    import numpy as np
-    import pandas as pd
-    import torch
+    from stkd_dist.testing import random_store, untrained_teacher
 
-    from stkd_dist.checkpoint import TrainState, save_checkpoint
-    from stkd_dist.config import Config, DataSection, RunSection
-    from stkd_dist.data.reader import WindowReader
-    from stkd_dist.models import build_forecaster
-    from stkd_dist.storage import StoreMeta, open_store, write_store
-
-    steps, nodes = args.steps, args.nodes
-    rng = np.random.default_rng(0)
-    t = np.arange(steps)[:, None, None]
-    values = 50 + 10 * np.sin(2 * np.pi * t / 288 + rng.uniform(0, 6, (1, nodes, 2)))
-    values = (values + rng.normal(0, 1, (steps, nodes, 2))).astype(np.float32)
-    chunks = (64, nodes, 2)
-    meta = StoreMeta(
-        name="bench-fleet",
-        time=pd.date_range("2024-01-01", periods=steps, freq="5min"),
-        node_ids=[f"s{i}" for i in range(nodes)],
-        channels=["flow", "speed"],
-        freq="5min",
-        provenance="random benchmark data",
-    )
-    store_path = write_store(
-        root / "bench-fleet.zarr",
-        da.from_array(values, chunks=chunks),
-        da.from_array(rng.random(values.shape) >= 0.05, chunks=chunks),
-        meta,
-        chunks=chunks,
-    )
-    store = open_store(store_path)
-    cfg = Config(run=RunSection(name="slow"), data=DataSection(dataset=str(store_path)))
-    reader = WindowReader(store, cfg.data.window(), cfg.data.splits())
-    torch.manual_seed(3)
-    model = build_forecaster(
-        "lstm", reader.dims, target_scale=reader.target_scale(), hidden=args.hidden
-    )
-    info = save_checkpoint(
-        root / "slow",
-        model_state=model.state_dict(),
-        spec=model.spec(),
-        config=cfg,
-        fingerprint=store.fingerprint,
-        stats=reader.stats,
-        metrics={"val_mae": 1.0},
-        state=TrainState(epoch=0),
-    )
+    store_path = random_store(root / "bench-fleet.zarr", steps=args.steps, nodes=args.nodes)
+    info = untrained_teacher(root, store_path, "slow", seed=3, hidden=args.hidden)
     text = CONFIG.format(
         dataset=json.dumps(str(store_path)), batch_size=args.batch_size, world=WORLD
     )

@@ -1,6 +1,10 @@
-"""Test and benchmark helpers that need a real service: an S3-compatible HTTP server.
+"""Test and benchmark helpers: random stores, untrained teacher checkpoints, and a real service,
+an S3-compatible HTTP server.
 
-:class:`S3Server` runs moto's server mode in a child process on a free port of 127.0.0.1 (as s3fs
+* :func:`random_store`: a small Zarr store of smooth random series (and a random adjacency);
+* :func:`untrained_teacher`: a checkpoint of an untrained LSTM teacher of a store (its labels
+  are as deterministic as a trained one's; its width sets how slow it is);
+* :class:`S3Server` runs runs moto's server mode in a child process on a free port of 127.0.0.1 (as s3fs
 and zarr do in their own test suites), with IAM authentication on: the first requests
 (unauthenticated, counted by ``INITIAL_NO_AUTH_ACTION_COUNT``) create a user with an access key,
 and every later request must be signed with that key, so wrong credentials fail as they do against
@@ -14,8 +18,91 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import torch
+
+from stkd_dist.checkpoint import CheckpointInfo, TrainState, save_checkpoint
+from stkd_dist.config import Config, DataSection, RunSection
+from stkd_dist.data.reader import WindowReader
+from stkd_dist.models import build_forecaster
+from stkd_dist.storage import StoreMeta, open_store, write_store
+
+
+def random_store(
+    path: Path,
+    steps: int = 400,
+    nodes: int = 6,
+    channels: int = 2,
+    chunk_steps: int = 64,
+    missing: float = 0.05,
+    seed: int = 0,
+    locations: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write a store of smooth random series with ``missing`` fraction masked.
+
+    ``locations`` adds sensor coordinates (they do not change the data's fingerprint);
+    ``overwrite`` replaces a store at ``path``.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps)[:, None, None]
+    base = 50 + 10 * np.sin(2 * np.pi * t / 288 + rng.uniform(0, 6, size=(1, nodes, channels)))
+    values = (base + rng.normal(0, 1, size=(steps, nodes, channels))).astype(np.float32)
+    mask = rng.random((steps, nodes, channels)) >= missing
+    adj = (rng.random((nodes, nodes)) < 0.4).astype(np.float32)
+    np.fill_diagonal(adj, 1.0)
+    meta = StoreMeta(
+        name=path.stem,
+        time=pd.date_range("2024-01-01", periods=steps, freq="5min"),
+        node_ids=[f"n{i}" for i in range(nodes)],
+        channels=[f"c{i}" for i in range(channels)],
+        freq="5min",
+        adjacency=adj,
+        provenance="random test data",
+        locations=(
+            np.stack([34.0 + 0.01 * np.arange(nodes), -118.3 - 0.01 * np.arange(nodes)], axis=1)
+            if locations
+            else None
+        ),
+    )
+    chunks = (chunk_steps, nodes, channels)
+    return write_store(
+        path,
+        da.from_array(values, chunks=chunks),
+        da.from_array(mask, chunks=chunks),
+        meta,
+        chunks=chunks,
+        overwrite=overwrite,
+    )
+
+
+def untrained_teacher(
+    root: Path, store_path: Path, name: str, seed: int = 0, val_mae: float = 1.0, hidden: int = 8
+) -> CheckpointInfo:
+    """Checkpoint ``root/name`` of an untrained LSTM teacher (hidden size ``hidden``) of the
+    store at ``store_path``, recording ``val_mae`` as its validation MAE."""
+    store = open_store(store_path)
+    cfg = Config(run=RunSection(name=name), data=DataSection(dataset=str(store_path)))
+    reader = WindowReader(store, cfg.data.window(), cfg.data.splits())
+    torch.manual_seed(seed)
+    model = build_forecaster("lstm", reader.dims, target_scale=reader.target_scale(), hidden=hidden)
+    return save_checkpoint(
+        root / name,
+        model_state=model.state_dict(),
+        spec=model.spec(),
+        config=cfg,
+        fingerprint=store.fingerprint,
+        stats=reader.stats,
+        metrics={"val_mae": val_mae},
+        state=TrainState(epoch=0),
+    )
+
 
 _SERVER = """
 import sys

@@ -11,12 +11,9 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import dask.array as da
-import numpy as np
-import pandas as pd
 import pytest
 
-from stkd_dist.storage import StoreMeta, write_store
+from stkd_dist.testing import random_store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STKD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -37,54 +34,6 @@ def storage_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("STKD_STORAGE", str(root))
     return root
-
-
-def random_store(
-    path: Path,
-    steps: int = 400,
-    nodes: int = 6,
-    channels: int = 2,
-    chunk_steps: int = 64,
-    missing: float = 0.05,
-    seed: int = 0,
-    locations: bool = False,
-    overwrite: bool = False,
-) -> Path:
-    """Write a store of smooth random series with ``missing`` fraction masked.
-
-    ``locations`` adds sensor coordinates (they do not change the data's fingerprint);
-    ``overwrite`` replaces a store at ``path``.
-    """
-    rng = np.random.default_rng(seed)
-    t = np.arange(steps)[:, None, None]
-    base = 50 + 10 * np.sin(2 * np.pi * t / 288 + rng.uniform(0, 6, size=(1, nodes, channels)))
-    values = (base + rng.normal(0, 1, size=(steps, nodes, channels))).astype(np.float32)
-    mask = rng.random((steps, nodes, channels)) >= missing
-    adj = (rng.random((nodes, nodes)) < 0.4).astype(np.float32)
-    np.fill_diagonal(adj, 1.0)
-    meta = StoreMeta(
-        name=path.stem,
-        time=pd.date_range("2024-01-01", periods=steps, freq="5min"),
-        node_ids=[f"n{i}" for i in range(nodes)],
-        channels=[f"c{i}" for i in range(channels)],
-        freq="5min",
-        adjacency=adj,
-        provenance="random test data",
-        locations=(
-            np.stack([34.0 + 0.01 * np.arange(nodes), -118.3 - 0.01 * np.arange(nodes)], axis=1)
-            if locations
-            else None
-        ),
-    )
-    chunks = (chunk_steps, nodes, channels)
-    return write_store(
-        path,
-        da.from_array(values, chunks=chunks),
-        da.from_array(mask, chunks=chunks),
-        meta,
-        chunks=chunks,
-        overwrite=overwrite,
-    )
 
 
 @pytest.fixture

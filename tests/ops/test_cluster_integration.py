@@ -281,7 +281,14 @@ def test_stream_distill_on_two_nodes_survives_a_killed_replica_bitwise(
     cfg = yaml.safe_load(config.read_text())
     cfg["student"]["schedule"] = {"epochs": 2, "warmup_epochs": 0}
     # the workers' CPUs go to the DDP ranks: replicas share them (0 CPUs), one on each worker
-    cfg["serve"] = {"mode": "stream", "replicas_per_node": 1, "cpus_per_replica": 0}
+    # one window per batch and chunk: a rank's stream takes long enough to be killed in
+    cfg["serve"] = {
+        "mode": "stream",
+        "replicas_per_node": 1,
+        "cpus_per_replica": 0,
+        "batch_size": 1,
+        "micro_batch": 1,
+    }
     config.write_text(yaml.safe_dump(cfg))
     env = {"RAY_AUTH_MODE": "token", "STKD_TOKEN": ""}
     victim_file = tmp_path / "killed.json"

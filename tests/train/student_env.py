@@ -23,17 +23,15 @@ import ray
 import torch
 
 from stkd_dist.checkpoint import (
-    TrainState,
+    CheckpointInfo,
     list_checkpoints,
     load_checkpoint_state,
-    save_checkpoint,
 )
-from stkd_dist.config import Config, DataSection, RunSection, load_config
+from stkd_dist.config import Config, load_config
 from stkd_dist.data.plan import make_plan
-from stkd_dist.data.reader import WindowReader
-from stkd_dist.models import build_forecaster
 from stkd_dist.serving.client import ClientOptions
 from stkd_dist.storage import open_store
+from stkd_dist.testing import untrained_teacher
 from stkd_dist.train.loop import build_reader
 from stkd_dist.train.student import delivery_path
 
@@ -76,23 +74,9 @@ class Env:
 
 def save_teacher(
     root: Path, store_path: Path, name: str, seed: int, val_mae: float, hidden: int = 8
-):
-    """An untrained LSTM teacher checkpoint `root/name` of the store (hidden size `hidden`)."""
-    store = open_store(store_path)
-    cfg = Config(run=RunSection(name=name), data=DataSection(dataset=str(store_path)))
-    reader = WindowReader(store, cfg.data.window(), cfg.data.splits())
-    torch.manual_seed(seed)
-    model = build_forecaster("lstm", reader.dims, target_scale=reader.target_scale(), hidden=hidden)
-    return save_checkpoint(
-        root / name,
-        model_state=model.state_dict(),
-        spec=model.spec(),
-        config=cfg,
-        fingerprint=store.fingerprint,
-        stats=reader.stats,
-        metrics={"val_mae": val_mae},
-        state=TrainState(epoch=0),
-    )
+) -> CheckpointInfo:
+    """An untrained LSTM teacher checkpoint ``root/name`` of the store (hidden size ``hidden``)."""
+    return untrained_teacher(root, store_path, name, seed, val_mae, hidden)
 
 
 @pytest.fixture(scope="module")

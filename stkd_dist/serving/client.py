@@ -14,6 +14,12 @@ as node slices and are handed on whole, once their last slice has arrived
 (:class:`~stkd_dist.serving.codec_slices.WindowAssembler`: one partial window at a time, dropped
 when the stream breaks, since the cursor only moves past a window with its last slice).
 
+Placement (:class:`~stkd_dist.serving.placement.Placement`): every new stream goes to the known
+replica with the fewest outstanding windows; the endpoints are resolved again every
+``discovery_s`` seconds, so replicas started meanwhile are used without any failure. A full
+replica's RESOURCE_EXHAUSTED places the stream elsewhere (not a failure); with every replica full
+a stream waits for a slot.
+
 Streams are :class:`~stkd_dist.serving.label_stream.LabelStream` objects (prefetch thread and
 ``labels_for``), re-exported here.
 
@@ -342,6 +348,8 @@ class SoftLabelClient:
                     with self._lock:
                         self.stats.redirects += 1
                     log.info("%s is full; placing the stream elsewhere", ep.address)
+                    # a moment's pause: a probe that raced the refusal must not spin the loop
+                    time.sleep(self.backoff.delay(1))
                     continue
                 failures += 1
                 log.info("stream from %s broke (%s: %s); resuming at %d", ep.address,

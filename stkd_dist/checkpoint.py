@@ -6,12 +6,19 @@ A checkpoint is a directory::
     train_state.pt  optimiser and scheduler state (to resume training)
     meta.json       written LAST: version, epoch, model spec, resolved config, dataset
                     fingerprint, normalisation statistics, metrics, training state and the
-                    sha256 of the two files above
+                    size and sha256 of the two files above
 
 Ray Train copies the directory rank 0 wrote into ``<run>/<experiment>/epoch_NNNN`` and registers it
 in its ``checkpoint_manager_snapshot.json`` only after the copy finished, so Ray never resumes from
-a partial copy. Our own readers go one step further: a directory without ``meta.json``, or whose
-files do not match the hashes in it, is refused, so a half-copied checkpoint is never loaded.
+a partial copy. The copy itself is not atomic (``pyarrow.fs.copy_files``, file by file, in any
+order), so a rank 0 killed while it runs leaves a torn directory behind: on a local disk files
+missing or cut short (``meta.json`` included: then it is not valid JSON), on an object store, where
+every object appears whole or not at all, objects missing (``meta.json`` without ``model.pt``, or
+the weights without ``meta.json``). Our own readers therefore go one step further: a directory
+without a readable ``meta.json``, or whose files are missing or differ from the sizes and hashes
+in it, is refused (:class:`DamagedCheckpointError`), so a half-copied checkpoint is never loaded;
+:func:`latest_checkpoint`, what a resumed run continues from, skips such checkpoints for the newest
+one that verifies, with a warning naming both.
 
 ``resolve_checkpoint`` accepts a checkpoint directory, a run directory, an experiment directory or
 a run name (meaning the run's best checkpoint, from ``best.json``).
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -40,6 +48,7 @@ from stkd_dist.location import (
     read_bytes,
     read_json,
     relative,
+    retrying,
     url,
     write_json_atomic,
 )
@@ -54,6 +63,18 @@ MODEL = "model.pt"
 TRAIN_STATE = "train_state.pt"
 BEST = "best.json"
 CONFIG_FILE = "config.yaml"
+
+log = logging.getLogger(__name__)
+
+
+class DamagedCheckpointError(StoreError):
+    """A checkpoint that is incomplete (interrupted while written or copied) or damaged: its
+    ``meta.json`` is missing or unreadable, or a file is missing or differs from the size and
+    sha256 recorded in it.
+
+    Storage that cannot be read (a missing bucket, denied access, an unavailable service) raises a
+    plain :class:`StoreError` instead: it says nothing about the checkpoint.
+    """
 
 
 @dataclass
@@ -218,6 +239,7 @@ def save_checkpoint(
         "stats": stats.to_json(),
         "config": to_mapping(config),
         "files": {name: file_sha256(d / name) for name in (MODEL, TRAIN_STATE)},
+        "sizes": {name: (d / name).stat().st_size for name in (MODEL, TRAIN_STATE)},
     }
     # meta.json is the completion marker: written last, atomically
     write_json_atomic(d / META, meta)
@@ -241,21 +263,17 @@ def _info(path: Location, meta: dict[str, Any]) -> CheckpointInfo:
             state=TrainState.from_json(meta.get("state", {})),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise StoreError(f"malformed checkpoint metadata ({e!r})", where=where) from e
+        raise DamagedCheckpointError(f"malformed checkpoint metadata ({e!r})", where=where) from e
 
 
-def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> CheckpointInfo:
-    """Read and check a checkpoint directory's ``meta.json``.
-
-    Raises :class:`StoreError` when ``meta.json`` is missing (an incomplete checkpoint), is of
-    another format, or (with ``verify``) a file's sha256 differs from the one recorded.
-    """
-    d = location(path)
+def _read_meta(d: Location) -> dict[str, Any]:
+    """``meta.json`` of checkpoint directory ``d``: :class:`DamagedCheckpointError` when it is
+    missing or not a checkpoint's JSON object, :class:`StoreError` when it is of another format."""
     meta_path = d / META
     if not exists(meta_path):
         if not exists(d):
             raise StoreError("no such checkpoint directory", where=url(d))
-        raise StoreError(
+        raise DamagedCheckpointError(
             f"incomplete checkpoint: {META} is missing (it is written last, so the checkpoint "
             "was interrupted while being written); use another checkpoint",
             where=url(d),
@@ -263,26 +281,73 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
     try:
         meta = read_json(meta_path)
     except (OSError, ValueError) as e:
-        raise StoreError(f"unreadable checkpoint metadata ({e})", where=url(meta_path)) from e
+        raise DamagedCheckpointError(
+            f"unreadable checkpoint metadata ({e})", where=url(meta_path)
+        ) from e
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(
+            "unreadable checkpoint metadata (not a JSON object)", where=url(meta_path)
+        )
     if meta.get("format") != CHECKPOINT_FORMAT:
+        # not damage: written by another version, so never skipped for an older checkpoint
         raise StoreError(
             f"checkpoint format {meta.get('format')!r}, this version reads {CHECKPOINT_FORMAT}",
             where=url(meta_path),
         )
-    if verify:
-        for name, sha in meta.get("files", {}).items():
-            f = d / name
-            if not exists(f) or file_sha256(f) != sha:
-                raise StoreError(
-                    f"{name} is missing or does not match its recorded sha256: the checkpoint "
-                    "is incomplete or damaged",
+    if not isinstance(meta.get("files", {}), dict) or not isinstance(meta.get("sizes", {}), dict):
+        raise DamagedCheckpointError(
+            "malformed checkpoint metadata (files, sizes)", where=url(meta_path)
+        )
+    return meta
+
+
+def _verify_files(d: Location, meta: dict[str, Any]) -> None:
+    """Check the files of checkpoint ``d`` against the sizes and sha256 ``meta`` records.
+
+    The size (one stat) is compared first, so a file cut short is refused without reading it;
+    checkpoints written before sizes were recorded are checked by their sha256 alone.
+    """
+    sizes = meta.get("sizes", {})
+    for name, sha in meta.get("files", {}).items():
+        f = d / name
+        damaged = "the checkpoint is incomplete or damaged"
+        if not exists(f):
+            raise DamagedCheckpointError(f"{name} is missing: {damaged}", where=url(d))
+        recorded = sizes.get(name)
+        if recorded is not None:
+            size = retrying(lambda f=f: f.stat().st_size, url(f))
+            if size != recorded:
+                raise DamagedCheckpointError(
+                    f"{name} has {size} bytes, {recorded} were recorded: {damaged}",
                     where=url(d),
                 )
+        if file_sha256(f) != sha:
+            raise DamagedCheckpointError(
+                f"{name} does not match its recorded sha256: {damaged}", where=url(d)
+            )
+
+
+def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> CheckpointInfo:
+    """Read and check a checkpoint directory's ``meta.json``.
+
+    Raises :class:`DamagedCheckpointError` when ``meta.json`` is missing (an incomplete
+    checkpoint) or unreadable, or (with ``verify``) a file is missing or its size or sha256
+    differs from the one recorded; :class:`StoreError` when there is no such directory, the
+    checkpoint is of another format or the storage cannot be read.
+    """
+    d = location(path)
+    meta = _read_meta(d)
+    if verify:
+        _verify_files(d, meta)
     return _info(d, meta)
 
 
 def list_checkpoints(experiment: str | os.PathLike[str]) -> list[CheckpointInfo]:
-    """Complete checkpoints in an experiment directory, by epoch (incomplete ones are skipped)."""
+    """Checkpoints of an experiment directory with a readable ``meta.json``, by epoch.
+
+    Those without one (incomplete) are skipped; the files are not verified (see
+    :func:`latest_checkpoint` for the checkpoint to resume from).
+    """
     out = []
     for d in listdir(location(experiment)):
         if d.name.startswith(".") or d.is_file():
@@ -292,6 +357,66 @@ def list_checkpoints(experiment: str | os.PathLike[str]) -> list[CheckpointInfo]
         except StoreError:
             continue
     return sorted(out, key=lambda i: i.epoch)
+
+
+def latest_checkpoint(
+    experiment: str | os.PathLike[str] | Location,
+) -> CheckpointInfo | None:
+    """The newest checkpoint of an experiment directory that verifies: the one to resume from.
+
+    Checkpoints are tried newest (highest epoch) first, each verified against its ``meta.json``
+    (sizes, then sha256), until one verifies, so only the checkpoint used and any damaged newer
+    ones are read. A checkpoint that is incomplete or damaged (:class:`DamagedCheckpointError`:
+    ``meta.json`` missing or unreadable, a file missing, cut short or not matching) is skipped,
+    and one warning names the skipped checkpoints, why, and the one used. None when no checkpoint
+    verifies (the run starts from scratch; a warning names the damaged ones) or there are none.
+
+    Storage that cannot be read, or a checkpoint of another format, raises :class:`StoreError`:
+    an outage or a newer stkd-dist is no reason to start over.
+    """
+    exp = location(experiment)
+    readable: list[tuple[CheckpointInfo, dict[str, Any]]] = []
+    skipped: list[tuple[Location, str]] = []
+    for d in listdir(exp):
+        if d.name.startswith(".") or d.is_file():
+            continue
+        try:
+            meta = _read_meta(d)
+            readable.append((_info(d, meta), meta))
+        except DamagedCheckpointError as e:
+            # a folder holding checkpoint files (not e.g. ``workers/``) without a usable meta.json
+            if {p.name for p in listdir(d)} & {META, MODEL, TRAIN_STATE}:
+                skipped.append((d, e.message))
+    chosen = None
+    for info, meta in sorted(readable, key=lambda im: im[0].epoch, reverse=True):
+        try:
+            _verify_files(info.path, meta)
+        except DamagedCheckpointError as e:
+            skipped.append((info.path, e.message))
+            continue
+        chosen = info
+        break
+    if skipped:
+        what = "; ".join(f"{url(p)} ({why})" for p, why in skipped)
+        many = "s" if len(skipped) > 1 else ""
+        if chosen is None:
+            log.warning(
+                "skipping incomplete or damaged checkpoint%s %s; no checkpoint of %s is "
+                "complete, so training starts from scratch",
+                many,
+                what,
+                url(exp),
+            )
+        else:
+            log.warning(
+                "skipping incomplete or damaged checkpoint%s %s; resuming from %s "
+                "(after epoch %d) instead",
+                many,
+                what,
+                url(chosen.path),
+                chosen.epoch + 1,
+            )
+    return chosen
 
 
 def write_best(

@@ -82,6 +82,43 @@ def requested_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+# where Ray keeps the exception it wraps: a task's or actor's (RayTaskError(X).cause), a Ray Train
+# run's (WorkerGroupError.worker_failures by rank, ControllerError.controller_failure) and a Train
+# worker's (UserExceptionWithTraceback._base_exc); read by name, so that the CLI does not import Ray
+_WRAPPED = ("cause", "controller_failure", "_base_exc")
+
+
+def carried_user_error(exc: BaseException) -> StkdError | None:
+    """The user error that ``exc`` is or carries, as raised where it happened; None when none.
+
+    An error raised in a Ray task, actor or Train worker reaches the driver wrapped: a Dask task
+    on Ray's scheduler raises ``RayTaskError(StoreError)``, a StoreError whose message is the
+    remote traceback (the original is its ``cause``); ``trainer.fit()`` raises a
+    ``WorkerGroupError`` holding each failed worker's exception. The first StkdError that is not
+    such a wrapper (of the lowest rank) has the one-line message. A StkdError raised ``from``
+    another is the one to show, so the causes of a StkdError are not followed.
+    """
+    queue: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while queue:
+        e = queue.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        wrapped = [
+            x for x in (getattr(e, n, None) for n in _WRAPPED) if isinstance(x, BaseException)
+        ]
+        if isinstance(e, StkdError) and not wrapped:
+            return e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            wrapped += [f for _, f in sorted(failures.items()) if isinstance(f, BaseException)]
+        if e.__cause__ is not None:
+            wrapped.append(e.__cause__)
+        queue.extend(wrapped)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stkd`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -101,15 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except StkdError as e:
+    except Exception as e:
         if args.debug:
             raise
-        print(f"stkd: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except Exception as e:
-        # a missing bucket or denied request raised below any code that names its URL
-        known = storage_error(e, where=os.environ.get("STKD_STORAGE") or "storage")
-        if known is None or args.debug:
+        # a StkdError, or one raised in a Ray worker and handed over wrapped; else a missing
+        # bucket or denied request raised below any code that names its URL
+        known = carried_user_error(e) or storage_error(
+            e, where=os.environ.get("STKD_STORAGE") or "storage"
+        )
+        if known is None:
             raise
         print(f"stkd: error: {known}", file=sys.stderr)
         return known.exit_code

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+import stkd_dist.checkpoint as checkpoint_module
 from stkd_dist.checkpoint import (
     META,
     MODEL,
+    TRAIN_STATE,
+    DamagedCheckpointError,
     TrainState,
+    latest_checkpoint,
     list_checkpoints,
+    load_checkpoint_state,
     load_forecaster,
     read_best,
     read_checkpoint,
@@ -20,7 +30,9 @@ from stkd_dist.checkpoint import (
     write_best,
 )
 from stkd_dist.errors import StoreError
+from stkd_dist.location import Location, copy_tree, location, remove, url, write_json_atomic
 from stkd_dist.storage import open_store
+from stkd_dist.train.experiment import existing_outcome, open_experiment
 from stkd_dist.train.loop import LossValue, global_mean
 from tests.train.conftest import tiny_config, write_checkpoint
 
@@ -67,7 +79,10 @@ def test_incomplete_or_damaged_checkpoints_are_refused(tmp_path: Path, store: Pa
     write_checkpoint(tmp_path / "d", cfg, epoch=0, val_mae=2.0)
     data = (tmp_path / "d" / MODEL).read_bytes()
     (tmp_path / "d" / MODEL).write_bytes(data[: len(data) // 2])  # a copy cut short
-    with pytest.raises(StoreError, match="does not match its recorded sha256"):
+    with pytest.raises(DamagedCheckpointError, match=rf"has {len(data) // 2} bytes, {len(data)}"):
+        read_checkpoint(tmp_path / "d")
+    (tmp_path / "d" / MODEL).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit
+    with pytest.raises(DamagedCheckpointError, match="does not match its recorded sha256"):
         read_checkpoint(tmp_path / "d")
     assert [i.path.name for i in list_checkpoints(tmp_path)] == ["d"]  # "c" has no meta.json
 
@@ -120,3 +135,176 @@ def test_end_epoch_without_patience_never_stops() -> None:
     for epoch in range(6):
         state.end_epoch(epoch, 10.0 + epoch, 1, patience=0)
     assert state.bad_epochs == 5 and not state.stopped_early and state.best_epoch == 0
+
+
+# -- resuming past a checkpoint torn mid-write --------------------------------------------------
+
+
+def _cut_model_in_half(d: Location) -> None:  # a local copy killed half-way through model.pt
+    data = (d / MODEL).read_bytes()
+    (d / MODEL).write_bytes(data[: len(data) // 2])
+
+
+def _drop_model(d: Location) -> None:  # an object store: meta.json PUT, model.pt never was
+    remove(d / MODEL)
+
+
+def _drop_train_state(d: Location) -> None:
+    remove(d / TRAIN_STATE)
+
+
+def _flip_a_byte(d: Location) -> None:  # same size, other bytes: only the sha256 tells
+    data = bytearray((d / MODEL).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / MODEL).write_bytes(bytes(data))
+
+
+def _cut_meta_in_half(d: Location) -> None:  # meta.json itself copied half-way: not JSON
+    text = (d / META).read_bytes()
+    (d / META).write_bytes(text[: len(text) // 2])
+
+
+def _drop_meta(d: Location) -> None:  # the weights copied, meta.json (last) never was
+    remove(d / META)
+
+
+TEARS: dict[str, tuple[Callable[[Location], None], str]] = {
+    "model.pt cut in half": (_cut_model_in_half, r"model\.pt has \d+ bytes, \d+ were recorded"),
+    "model.pt missing": (_drop_model, r"model\.pt is missing"),
+    "train_state.pt missing": (_drop_train_state, r"train_state\.pt is missing"),
+    "model.pt corrupted": (_flip_a_byte, r"model\.pt does not match its recorded sha256"),
+    "meta.json cut in half": (_cut_meta_in_half, r"unreadable checkpoint metadata"),
+    "meta.json missing": (_drop_meta, r"meta\.json is missing"),
+}
+
+
+@pytest.fixture(params=["local", "object store"])
+def experiment_root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Location]:
+    """Where the experiment lives: a local folder, or an (in-memory) object store."""
+    if request.param == "local":
+        yield location(tmp_path / "runs" / "r1" / "teacher")
+        return
+    root = location(f"memory://stkd-test-{uuid.uuid4().hex[:8]}")
+    yield root / "runs" / "r1" / "teacher"
+    remove(root)
+
+
+def _two_checkpoints(store: Path, tmp_path: Path, experiment: Location) -> dict[str, torch.Tensor]:
+    """Checkpoints after epochs 1 and 2 in ``experiment``, written by ``save_checkpoint`` into a
+    local folder and copied there (as Ray Train copies them); returns the older one's model state."""
+    cfg = tiny_config(store)
+    older, _ = write_checkpoint(tmp_path / "w" / "epoch_0000", cfg, epoch=0, val_mae=3.0)
+    newer, _ = write_checkpoint(tmp_path / "w" / "epoch_0001", cfg, epoch=1, val_mae=2.0, seed=1)
+    assert weights_digest(older.state_dict()) != weights_digest(newer.state_dict())
+    for name in ("epoch_0000", "epoch_0001"):
+        copy_tree(location(tmp_path / "w" / name), experiment / name)
+    write_json_atomic(experiment / "workers" / "rank-0.json", {})  # not a checkpoint: not named
+    return {k: v.clone() for k, v in older.state_dict().items()}
+
+
+@pytest.mark.parametrize("tear", list(TEARS))
+def test_checkpoint_torn_mid_write_resume_uses_the_previous_one(
+    tear: str,
+    store: Path,
+    tmp_path: Path,
+    experiment_root: Location,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    experiment = experiment_root
+    older = _two_checkpoints(store, tmp_path, experiment)
+    assert latest_checkpoint(experiment).epoch == 1  # both intact: the newest
+    damage, why = TEARS[tear]
+    torn, previous = experiment / "epoch_0001", experiment / "epoch_0000"
+    damage(torn)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stkd_dist.checkpoint"):
+        info = latest_checkpoint(experiment)
+    assert info is not None
+    assert (url(info.path), info.epoch) == (url(previous), 0)
+    loaded = load_checkpoint_state(info.path)["model"]
+    assert loaded.keys() == older.keys()
+    assert all(torch.equal(loaded[k], older[k]) for k in older)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert f"skipping incomplete or damaged checkpoint {url(torn)} (" in message
+    assert f"resuming from {url(previous)} (after epoch 1) instead" in message
+    assert re.search(why, message), message
+    assert "workers" not in message
+    with pytest.raises(DamagedCheckpointError):
+        read_checkpoint(torn)  # and loading it directly is refused as before
+
+
+def test_every_checkpoint_torn_starts_from_scratch_with_a_warning(
+    store: Path, tmp_path: Path, experiment_root: Location, caplog: pytest.LogCaptureFixture
+) -> None:
+    experiment = experiment_root
+    _two_checkpoints(store, tmp_path, experiment)
+    _drop_meta(experiment / "epoch_0001")
+    _cut_model_in_half(experiment / "epoch_0000")
+    with caplog.at_level(logging.WARNING, logger="stkd_dist.checkpoint"):
+        assert latest_checkpoint(experiment) is None
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert url(experiment / "epoch_0000") in message and url(experiment / "epoch_0001") in message
+    assert "training starts from scratch" in message
+    caplog.clear()
+    empty = experiment.parent / "student_kd"
+    assert latest_checkpoint(empty) is None and not caplog.records  # nothing there: silent
+
+
+def test_unreadable_storage_is_an_error_not_a_torn_checkpoint(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment = location(tmp_path / "teacher")
+    _two_checkpoints(store, tmp_path, experiment)
+
+    def outage(loc: Location) -> bytes:
+        raise StoreError("storage unavailable after 5 attempts (503)", where=url(loc))
+
+    monkeypatch.setattr(checkpoint_module, "read_bytes", outage)  # the files' sha256 reads
+    with pytest.raises(StoreError, match="storage unavailable") as e:
+        latest_checkpoint(experiment)
+    assert not isinstance(e.value, DamagedCheckpointError)  # never "start from scratch"
+
+
+def test_a_checkpoint_of_another_format_is_an_error_not_skipped(
+    store: Path, tmp_path: Path
+) -> None:
+    experiment = location(tmp_path / "teacher")
+    _two_checkpoints(store, tmp_path, experiment)
+    meta = json.loads((experiment / "epoch_0001" / META).read_text())
+    (experiment / "epoch_0001" / META).write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(StoreError, match="checkpoint format 99") as e:
+        latest_checkpoint(experiment)  # a newer stkd-dist wrote it: do not resume from epoch 0
+    assert not isinstance(e.value, DamagedCheckpointError)
+
+
+def test_checkpoints_of_older_writers_verify_by_sha256_alone(store: Path, tmp_path: Path) -> None:
+    experiment = location(tmp_path / "teacher")
+    _two_checkpoints(store, tmp_path, experiment)
+    for name in ("epoch_0000", "epoch_0001"):  # meta.json as written before sizes were recorded
+        meta = json.loads((experiment / name / META).read_text())
+        del meta["sizes"]
+        (experiment / name / META).write_text(json.dumps(meta))
+    assert latest_checkpoint(experiment).epoch == 1
+    _cut_model_in_half(experiment / "epoch_0001")
+    assert latest_checkpoint(experiment).epoch == 0
+
+
+def test_a_torn_last_epoch_is_resumed_not_reported_complete(
+    store: Path, storage_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(store, "torn", "teacher.schedule.epochs=2", "data.horizon=3")
+    experiment = storage_root / "runs" / "torn" / "teacher"
+    write_checkpoint(experiment / "epoch_0000", cfg, epoch=0, val_mae=3.0)
+    write_checkpoint(experiment / "epoch_0001", cfg, epoch=1, val_mae=2.0, seed=1)
+    _cut_model_in_half(location(experiment / "epoch_0001"))  # the last epoch, killed mid-copy
+    lines: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="stkd_dist.checkpoint"):
+        outcome = existing_outcome(
+            open_experiment(cfg, "teacher", storage_root), cfg, "teacher", lines.append
+        )
+    assert outcome is None  # trained on (Ray resumes from epoch_0000), not "complete"
+    assert lines == ["resuming run 'torn' (teacher) after epoch 1/2"]
+    assert any(url(experiment / "epoch_0001") in r.getMessage() for r in caplog.records)

@@ -17,7 +17,8 @@ import numpy as np
 import zarr
 
 from stkd_dist.compute import compute
-from stkd_dist.location import Location, location, zarr_store
+from stkd_dist.location import Location, location, url, zarr_store
+from stkd_dist.storage.chunks import read_array
 from stkd_dist.storage.layout import GRAPH_GROUP
 from stkd_dist.storage.lazy import dask_array
 
@@ -36,6 +37,11 @@ def _block_digest(values: np.ndarray, mask: np.ndarray) -> tuple[bytes, np.ndarr
 def fingerprint_store(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """Compute ``fingerprint``, ``missing`` (per channel) and ``missing_fraction`` of a store."""
     root = zarr.open_group(zarr_store(location(path)), mode="r", zarr_format=3)
+    where = url(path)
+
+    def read(arr: zarr.Array) -> np.ndarray:  # a chunk that cannot be decoded is named
+        return read_array(arr, where=where)
+
     steps, nodes, channels = root["values"].shape
     block = (min(FINGERPRINT_BLOCK, steps), nodes, channels)
     v = dask_array(path, "values").rechunk(block).to_delayed().ravel()
@@ -47,15 +53,15 @@ def fingerprint_store(path: str | os.PathLike[str] | Location) -> dict[str, Any]
     for digest, miss in parts:
         h.update(digest)
         missing += miss
-    h.update(np.asarray(root["time"][...]).astype("<i8").tobytes())
+    h.update(read(root["time"]).astype("<i8").tobytes())
     h.update(str(dict(root["time"].attrs)).encode())
     for name in ("node", "channel"):
-        h.update("\x1f".join(str(x) for x in root[name][...]).encode())
+        h.update("\x1f".join(str(x) for x in read(root[name])).encode())
     graph = root.get(GRAPH_GROUP)
     if graph is not None and "adjacency" in graph:
-        h.update(np.ascontiguousarray(graph["adjacency"][...], dtype="<f4").tobytes())
+        h.update(np.ascontiguousarray(read(graph["adjacency"]), dtype="<f4").tobytes())
 
-    names = [str(c) for c in root["channel"][...]]
+    names = [str(c) for c in read(root["channel"])]
     per_channel = steps * nodes
     return {
         "fingerprint": h.hexdigest()[:32],

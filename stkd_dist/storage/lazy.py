@@ -5,7 +5,9 @@ task arguments on the worker, and zarr v3's metadata dataclasses do not survive 
 (``ArrayV3Metadata.__init__() got an unexpected keyword argument 'zarr_format'``). The graph here
 holds only the store's URL and an array name; each worker process opens the array itself on first
 read (through :func:`stkd_dist.location.zarr_store`, so a task reads its chunks straight from the
-object store; credentials reach Ray workers through their environment, not the graph).
+object store; credentials reach Ray workers through their environment, not the graph). A chunk that
+cannot be decoded raises :class:`~stkd_dist.errors.StoreError` naming it
+(:mod:`stkd_dist.storage.chunks`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import zarr
 
 from stkd_dist.location import Location, location, url, zarr_store
+from stkd_dist.storage.chunks import read_array
 
 
 class LazyZarrArray:
@@ -46,7 +49,9 @@ class LazyZarrArray:
         return arr
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return np.asarray(self._open()[key])
+        # a chunk that cannot be decoded raises StoreError naming the store and the chunk, here in
+        # the task (a Ray worker's too: the driver gets it back as the same one-line error)
+        return read_array(self._open(), key, where=self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         # ship only the address of the data; the receiving process opens it itself

@@ -21,7 +21,6 @@ from stkd_dist.location import (
     Location,
     exists,
     is_remote,
-    is_transient,
     location,
     retrying,
     storage_error,
@@ -29,6 +28,7 @@ from stkd_dist.location import (
     zarr_store,
 )
 from stkd_dist.paths import resolve_dataset
+from stkd_dist.storage.chunks import chunk_errors, read_array
 from stkd_dist.storage.layout import (
     COORD_ARRAYS,
     DATA_ARRAYS,
@@ -165,16 +165,17 @@ class DatasetStore:
 
     @cached_property
     def channels(self) -> list[str]:
-        return [str(c) for c in self.group["channel"][...]]
+        return [str(c) for c in self._read(self.group["channel"])]
 
     @cached_property
     def node_ids(self) -> list[str]:
-        return [str(n) for n in self.group["node"][...]]
+        return [str(n) for n in self._read(self.group["node"])]
 
     @cached_property
     def time(self) -> pd.DatetimeIndex:
         """The decoded time axis (one timestamp per step)."""
-        return pd.DatetimeIndex(self.xarray()["time"].values)
+        with chunk_errors(self.group["time"], self.where):  # xarray reads and decodes it
+            return pd.DatetimeIndex(self.xarray()["time"].values)
 
     def channel_index(self, names: list[str] | tuple[str, ...]) -> list[int]:
         """Indices of channels by name; raises naming the unknown channel and the known ones."""
@@ -198,13 +199,15 @@ class DatasetStore:
         """Dense ``[node, node]`` float32 adjacency; identity when the store has no graph."""
         if not self.has_adjacency:
             return np.eye(self.nodes, dtype=np.float32)
-        return np.asarray(self.group[GRAPH_GROUP]["adjacency"][...], dtype=np.float32)
+        return np.asarray(self._read(self.group[GRAPH_GROUP]["adjacency"]), dtype=np.float32)
 
     def locations(self) -> np.ndarray | None:
         """``[node, 2]`` latitude/longitude, or None when the store has no locations."""
         if "latitude" not in self.group:
             return None
-        return np.stack([self.group["latitude"][...], self.group["longitude"][...]], axis=1)
+        return np.stack(
+            [self._read(self.group["latitude"]), self._read(self.group["longitude"])], axis=1
+        )
 
     # -- data --------------------------------------------------------------------------------
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -217,22 +220,9 @@ class DatasetStore:
                 f"step range [{start}, {stop}) outside [0, {self.steps})", where=self.where
             )
         what = f"steps [{start}, {stop})"
-        try:
-            # transient errors (timeouts, 5xx, throttling) are retried, never called corruption
-            values, mask = retrying(lambda: self._fetch(start, stop), f"{self.where} ({what})")
-        except StoreError:
-            raise
-        except Exception as e:  # a codec error means the stored bytes are damaged
-            known = storage_error(e, self.where)
-            if known is not None:
-                raise known from e
-            if is_transient(e):
-                raise
-            raise StoreError(
-                f"cannot read {what}: a chunk is corrupted ({type(e).__name__}: {e}); "
-                "re-ingest the dataset",
-                where=self.where,
-            ) from e
+        # transient errors (timeouts, 5xx, throttling) are retried, never called corruption; a
+        # chunk that cannot be decoded raises StoreError naming it (stkd_dist.storage.chunks)
+        values, mask = self._fetch(start, stop, what)
         # values: [t, node, channel] float32, NaN exactly where mask is False
         if not np.array_equal(np.isnan(values), ~mask):
             bad = int(np.flatnonzero((np.isnan(values) != ~mask).any(axis=(1, 2)))[0]) + start
@@ -244,17 +234,24 @@ class DatasetStore:
             )
         return values, mask
 
-    def _fetch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    def _fetch(self, start: int, stop: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        def get(arr: zarr.Array) -> np.ndarray:
+            return read_array(arr, slice(start, stop), where=self.where, what=what)
+
         if not self.remote:
-            return np.asarray(self.values[start:stop]), np.asarray(self.mask[start:stop])
+            return get(self.values), get(self.mask)
         # on an object store each array's chunks are requests: fetch both arrays at once, so a
         # block costs one round of latency rather than two
         pool = self._pool
         if pool is None:
             pool = self._pool = ThreadPoolExecutor(2, thread_name_prefix="stkd-store")
-        mask = pool.submit(lambda: np.asarray(self.mask[start:stop]))
-        values = np.asarray(self.values[start:stop])
+        mask = pool.submit(get, self.mask)
+        values = get(self.values)
         return values, mask.result()
+
+    def _read(self, arr: zarr.Array) -> np.ndarray:
+        """All of a (small) coordinate or graph array."""
+        return read_array(arr, where=self.where)
 
     def dask(self, name: str) -> da.Array:
         """``values`` or ``mask`` as a Dask array that every Dask scheduler (Ray's too) can run."""

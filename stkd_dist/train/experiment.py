@@ -18,7 +18,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stkd_dist.checkpoint import CheckpointInfo, list_checkpoints, read_checkpoint, write_best
+from stkd_dist.checkpoint import (
+    CheckpointInfo,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    write_best,
+)
 from stkd_dist.config import Config
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import ConfigError, StoreError
@@ -189,10 +195,11 @@ def existing_outcome(
     exp: Experiment, cfg: Config, role: str, echo: Callable[[str], None]
 ) -> TrainOutcome | None:
     """The outcome of an experiment that is already complete, else None (train or resume)."""
-    existing = list_checkpoints(exp.path) if exists(exp.path) else []
-    if not existing:
+    # the newest checkpoint that verifies: a torn newer one (rank 0 killed while it was copied)
+    # is skipped with a warning, and Ray resumes from the last one it registered, this one
+    latest = latest_checkpoint(exp.path) if exists(exp.path) else None
+    if latest is None:
         return None
-    latest = existing[-1]
     check_resumable(latest, cfg, exp.store.fingerprint, role)
     label = f"run {cfg.run_name!r} ({exp.path.name})"
     epochs = cfg.model(role).schedule.epochs

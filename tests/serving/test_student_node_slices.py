@@ -23,15 +23,17 @@ from stkd_dist.serving.client import ClientOptions
 from stkd_dist.serving.server import ServerConfig, TeacherServer
 from stkd_dist.serving.teacher import load_teacher
 from stkd_dist.storage import open_store
+from stkd_dist.testing import random_store
 from stkd_dist.train.loop import build_reader
 from stkd_dist.train.student import StudentRequest, delivery_path, train_student
+from tests.train.student_env import CONFIG, save_teacher
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NODES = 300
 WINDOW_BYTES = 12 * NODES * 1 * 4  # [H, N, C_out] float32: 14,400 bytes
 EPOCHS = 2
-# the limit of tests/train/test_student_ray.py, now below one window: 3 slices per window
+# the limit of tests/train/student_env.py, now below one window: 3 slices per window
 OPTIONS = ClientOptions(max_message_bytes=8192, prefetch=2)
 
 
@@ -44,13 +46,10 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
-    from tests.conftest import random_store
-    from tests.train.test_student_ray import CONFIG, _save_teacher
-
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("pems-size")
     store = random_store(root / "pems.zarr", steps=300, nodes=NODES, channels=1, chunk_steps=64)
-    teacher = _save_teacher(root, store, "teach-pems", 1, 2.0)
+    teacher = save_teacher(root, store, "teach-pems", 1, 2.0)
     text = CONFIG.replace("DATASET", json.dumps(str(store)))
     config = root / "student.yaml"
     config.write_text(text.replace("EPOCHS", str(EPOCHS)).replace("WORLD", "1"))

@@ -15,7 +15,7 @@ import torch
 from stkd_dist.config.pipeline import AutoscaleSection
 from stkd_dist.errors import ConfigError
 from stkd_dist.labels.autoscale import Autoscaler
-from stkd_dist.labels.fleet import FleetSecurity, start_teacher_replicas
+from stkd_dist.labels.fleet import FleetSecurity, ReplicaFleet, start_teacher_replicas
 from stkd_dist.serving.client import (
     Backoff,
     ClientOptions,
@@ -36,6 +36,14 @@ def ray_local(teacher_env: object) -> Iterator[None]:
     ray.shutdown()
 
 
+def _fleet(env: Any, prefix: str, n: int = 1, **kw: Any) -> ReplicaFleet:
+    """``n`` replicas of the session's tiny teacher, named ``<prefix>-<i>``."""
+    return start_teacher_replicas(
+        n, env.checkpoint, env.store, config=ServerConfig(batch_size=32), name_prefix=prefix,
+        num_cpus=0.5, **kw,
+    )  # fmt: skip
+
+
 def test_ray_endpoints_need_a_cluster() -> None:
     if ray.is_initialized():
         pytest.skip("a Ray cluster is connected in this process")
@@ -46,14 +54,7 @@ def test_ray_endpoints_need_a_cluster() -> None:
 def test_replicas_in_ray_actors_serve_and_fail_over(
     ray_local: None, teacher_env: Any, direct: Any
 ) -> None:
-    fleet = start_teacher_replicas(
-        2,
-        teacher_env.checkpoint,
-        teacher_env.store,
-        config=ServerConfig(batch_size=32),
-        name_prefix="stkd-test-teacher",
-        num_cpus=0.5,
-    )
+    fleet = _fleet(teacher_env, "stkd-test-teacher", 2)
     actors = fleet.actors
     addresses = ray.get([a.address.remote() for a in actors])
     assert len(set(addresses)) == 2 and all(a.startswith("127.0.0.1:") for a in addresses)
@@ -88,14 +89,7 @@ def test_replicas_in_ray_actors_serve_and_fail_over(
 def test_a_replica_that_dies_is_started_again_and_found_by_its_name(
     ray_local: None, teacher_env: Any, direct: Any
 ) -> None:
-    (actor,) = start_teacher_replicas(
-        1,
-        teacher_env.checkpoint,
-        teacher_env.store,
-        config=ServerConfig(batch_size=32),
-        name_prefix="stkd-test-restart",
-        num_cpus=0.5,
-    ).actors
+    (actor,) = _fleet(teacher_env, "stkd-test-restart", 1).actors
     pid = ray.get(actor.info.remote()).pid
     try:
         ray.kill(actor, no_restart=False)  # the actor's process dies, as with its node
@@ -129,15 +123,7 @@ def test_a_secured_fleet_binds_the_node_address_and_serves_only_over_tls(
     ray_local: None, teacher_env: Any, direct: Any
 ) -> None:
     security = FleetSecurity()
-    fleet = start_teacher_replicas(
-        1,
-        teacher_env.checkpoint,
-        teacher_env.store,
-        config=ServerConfig(batch_size=32),
-        name_prefix="stkd-test-secure",
-        num_cpus=0.5,
-        security=security,
-    )
+    fleet = _fleet(teacher_env, "stkd-test-secure", 1, security=security)
     try:
         (found,) = EndpointSource(fleet.endpoint).resolve()
         # the node's address, not loopback: students on other nodes can reach it
@@ -168,14 +154,7 @@ def test_a_secured_fleet_binds_the_node_address_and_serves_only_over_tls(
 def test_a_replica_added_mid_run_gets_the_next_stream_without_a_failure(
     ray_local: None, teacher_env: Any
 ) -> None:
-    fleet = start_teacher_replicas(
-        1,
-        teacher_env.checkpoint,
-        teacher_env.store,
-        config=ServerConfig(batch_size=32),
-        name_prefix="stkd-test-grow",
-        num_cpus=0.5,
-    )
+    fleet = _fleet(teacher_env, "stkd-test-grow", 1)
     try:
         client = SoftLabelClient(
             fleet.endpoint,
@@ -205,14 +184,7 @@ def test_a_replica_added_mid_run_gets_the_next_stream_without_a_failure(
 def test_the_autoscaler_removes_idle_replicas_down_to_min(
     ray_local: None, teacher_env: Any
 ) -> None:
-    fleet = start_teacher_replicas(
-        2,
-        teacher_env.checkpoint,
-        teacher_env.store,
-        config=ServerConfig(batch_size=32),
-        name_prefix="stkd-test-shrink",
-        num_cpus=0.5,
-    )
+    fleet = _fleet(teacher_env, "stkd-test-shrink", 2)
     policy = AutoscaleSection(min=1, max=2, target_wait=0.2, interval_s=0.1, idle_s=0.2)
     # no student reports any step: the fleet is idle
     scaler = Autoscaler(policy, fleet, lambda: (0.0, 0.0, 0))

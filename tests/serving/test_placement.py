@@ -63,7 +63,8 @@ def test_ties_go_round_robin_and_a_silent_replica_is_the_last_resort() -> None:
     placement = _placement(loads, Source([A, B]), clock=lambda: clock[0], discovery_s=5.0)
     assert {placement.pick() for _ in range(4)} == {B}
     loads = {A: None, B: None}  # nobody answers: round robin, the stream attempt will tell
-    assert {_placement(loads, Source([A, B])).pick() for _ in range(4)} == {A, B}
+    placement = _placement(loads, Source([A, B]))
+    assert {placement.pick() for _ in range(4)} == {A, B}
 
 
 def test_every_replica_full_is_all_full_and_none_known_is_a_lookup_error() -> None:

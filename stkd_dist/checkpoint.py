@@ -89,6 +89,8 @@ class TrainState:
         stopped_early: training stopped before ``epochs`` because of early stopping.
         attempt: how many times the run (re)started from a checkpoint (0 = never).
         samples: training windows seen so far (all ranks).
+        step: optimiser steps done in the epoch after ``epoch`` (0 = a checkpoint at an epoch's
+            end; > 0 = a mid-epoch checkpoint, whose epoch resumes at this batch).
     """
 
     epoch: int = -1
@@ -98,6 +100,7 @@ class TrainState:
     stopped_early: bool = False
     attempt: int = 0
     samples: int = 0
+    step: int = 0
 
     def end_epoch(self, epoch: int, val_mae: float, samples: int, patience: int) -> float:
         """Record a finished epoch; returns its validation MAE (inf when it was not finite).
@@ -114,7 +117,13 @@ class TrainState:
         self.stopped_early = bool(patience and self.bad_epochs >= patience)
         self.epoch = epoch
         self.samples += samples
+        self.step = 0
         return val_mae
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """``(epoch, step)``: sorts checkpoints in the order they were taken."""
+        return (self.epoch, self.step)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,8 +170,14 @@ class CheckpointInfo:
 
     @property
     def val_mae(self) -> float | None:
+        """The validation MAE of the epoch (None for a mid-epoch checkpoint)."""
         v = self.metrics.get("val_mae")
         return None if v is None else float(v)
+
+    @property
+    def mid_epoch(self) -> bool:
+        """Taken inside an epoch (``checkpoint.every_steps`` / ``every_minutes``)."""
+        return self.state.step > 0
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -181,9 +196,11 @@ def file_sha256(path: str | os.PathLike[str] | Location) -> str:
     return hashlib.sha256(read_bytes(location(path))).hexdigest()
 
 
-def make_version(run: str, epoch: int, digest: str) -> str:
-    """The version string of a checkpoint: ``<run>-e<epoch>-<digest[:8]>``."""
-    return f"{run}-e{epoch}-{digest[:8]}"
+def make_version(run: str, epoch: int, digest: str, step: int = 0) -> str:
+    """The version string of a checkpoint: ``<run>-e<epoch>-<digest[:8]>`` (``-e<epoch>s<step>``
+    for a mid-epoch one)."""
+    at = f"e{epoch}" if not step else f"e{epoch}s{step}"
+    return f"{run}-{at}-{digest[:8]}"
 
 
 def save_checkpoint(
@@ -200,6 +217,7 @@ def save_checkpoint(
     dataset: str = "",
     optimizer_state: dict[str, Any] | None = None,
     scheduler_state: dict[str, Any] | None = None,
+    partial: list[dict[str, Any]] | None = None,
 ) -> CheckpointInfo:
     """Write a checkpoint into local ``directory`` (created if needed); ``meta.json`` comes last.
 
@@ -217,13 +235,18 @@ def save_checkpoint(
         role: experiment name (``teacher``, ``student_kd``, ...).
         dataset: dataset name, for messages.
         optimizer_state, scheduler_state: to resume training (omitted for an export).
+        partial: a mid-epoch checkpoint's per-rank sums of the epoch so far (entry ``r`` is
+            rank ``r``'s), so the resumed epoch reports the same metrics.
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(model_state, d / MODEL)
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, d / TRAIN_STATE)
+    torch.save(
+        {"optimizer": optimizer_state, "scheduler": scheduler_state, "partial": partial},
+        d / TRAIN_STATE,
+    )
     digest = weights_digest(model_state)
-    version = make_version(config.run_name, state.epoch, digest)
+    version = make_version(config.run_name, state.epoch, digest, state.step)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "role": role,
@@ -356,7 +379,7 @@ def list_checkpoints(experiment: str | os.PathLike[str]) -> list[CheckpointInfo]
             out.append(read_checkpoint(d, verify=False))
         except StoreError:
             continue
-    return sorted(out, key=lambda i: i.epoch)
+    return sorted(out, key=lambda i: i.state.order)
 
 
 def latest_checkpoint(
@@ -388,7 +411,7 @@ def latest_checkpoint(
             if {p.name for p in listdir(d)} & {META, MODEL, TRAIN_STATE}:
                 skipped.append((d, e.message))
     chosen = None
-    for info, meta in sorted(readable, key=lambda im: im[0].epoch, reverse=True):
+    for info, meta in sorted(readable, key=lambda im: im[0].state.order, reverse=True):
         try:
             _verify_files(info.path, meta)
         except DamagedCheckpointError as e:
@@ -505,7 +528,8 @@ def _torch_load(loc: Location, map_location: str | torch.device = "cpu") -> Any:
 
 
 def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{"model": state_dict, "optimizer": ..., "scheduler": ...}`` of a checkpoint, on CPU."""
+    """``{"model": state_dict, "optimizer": ..., "scheduler": ..., "partial": ...}`` of a
+    checkpoint, on CPU (``partial``: None unless it was taken mid-epoch)."""
     d = location(path)
     return {"model": _torch_load(d / MODEL), **_torch_load(d / TRAIN_STATE)}
 

@@ -27,10 +27,17 @@ from stkd_dist.config.models import (
     TeacherSection,
 )
 from stkd_dist.config.schema import ROLES, Config
-from stkd_dist.config.sections import ClusterSection, DataSection, RunSection, SplitSection
+from stkd_dist.config.sections import (
+    CheckpointSection,
+    ClusterSection,
+    DataSection,
+    RunSection,
+    SplitSection,
+)
 
 __all__ = [
     "ROLES",
+    "CheckpointSection",
     "ClusterSection",
     "Config",
     "DataSection",

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 
 from stkd_dist.config.models import DistillSection, ModelSection, StudentSection, TeacherSection
 from stkd_dist.config.pipeline import EvaluateSection, ServeSection
-from stkd_dist.config.sections import ClusterSection, DataSection, RunSection, StorageSection
+from stkd_dist.config.sections import (
+    CheckpointSection,
+    ClusterSection,
+    DataSection,
+    RunSection,
+    StorageSection,
+)
 from stkd_dist.config.sweep import SweepSection, parse_space
 
 ROLES = ("teacher", "student")
@@ -27,6 +33,7 @@ class Config:
     student: StudentSection = field(default_factory=StudentSection)
     distill: DistillSection = field(default_factory=DistillSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     serve: ServeSection = field(default_factory=ServeSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     sweep: SweepSection = field(default_factory=SweepSection)

@@ -142,7 +142,8 @@ class ClusterSection:
         cpus_per_worker: CPUs Ray reserves for each worker.
         torch_threads: intra-op threads of each worker (``torch.set_num_threads``).
         address: Ray cluster to connect to; null = ``$RAY_ADDRESS`` if set, else start a local one.
-        max_failures: how many worker failures a run recovers from (from its latest checkpoint).
+        max_failures: how many worker-group failures a run recovers from, each time from its
+            latest (step or epoch) checkpoint; -1 = unlimited, 0 = none.
     """
 
     num_workers: int = 2
@@ -150,7 +151,7 @@ class ClusterSection:
     cpus_per_worker: int = 1
     torch_threads: int = 1
     address: str | None = None
-    max_failures: int = 0
+    max_failures: int = 3
 
     def __post_init__(self) -> None:
         positive(self, "num_workers", "cpus_per_worker", "torch_threads")
@@ -159,6 +160,37 @@ class ClusterSection:
             "max_failures",
             f"must be >= 0, or -1 for unlimited, got {self.max_failures!r}",
         )
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """``checkpoint``: checkpoints inside an epoch, as well as the one at every epoch's end.
+
+    A mid-epoch checkpoint holds everything needed to continue the epoch exactly where it
+    stopped (model, optimiser, scheduler, early-stopping state, the step reached in the shard
+    plan, every rank's partial epoch sums); the random state of a step is derived from
+    ``(run.seed, rank, epoch, step)``, so it needs no saving. Resuming from it gives the same
+    weights, bit for bit, as never having stopped (for the same ``cluster.num_workers``).
+    Mid-epoch checkpoints rank below every epoch checkpoint when ``run.keep_best`` prunes, so
+    the latest one is kept (to resume from) and older ones are deleted.
+
+    Attributes:
+        every_steps: also checkpoint after every this many optimiser steps of an epoch
+            (0 = never).
+        every_minutes: also checkpoint when this many minutes passed since the last checkpoint
+            (rank 0's clock decides for all ranks; 0 = never).
+    """
+
+    every_steps: int = 0
+    every_minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        non_negative(self, "every_steps", "every_minutes")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any mid-epoch checkpoint is asked for."""
+        return self.every_steps > 0 or self.every_minutes > 0
 
 
 @dataclass(frozen=True)

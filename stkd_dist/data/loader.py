@@ -78,15 +78,30 @@ class RankLoader:
         plan: the epoch's shard plan (the same on every rank).
         rank: this rank, ``0 <= rank < plan.world_size``.
         prefetch: read the next block in a background thread while batches are cut.
+        start_batch: the first batch to yield (a resumed epoch): the loader yields batches
+            ``start_batch .. num_batches - 1``, exactly those an uninterrupted epoch yields from
+            there on, and reads no block that lies entirely before it.
     """
 
     def __init__(
-        self, reader: WindowReader, plan: ShardPlan, rank: int, prefetch: bool = True
+        self,
+        reader: WindowReader,
+        plan: ShardPlan,
+        rank: int,
+        prefetch: bool = True,
+        start_batch: int = 0,
     ) -> None:
         self.reader = reader
         self.plan = plan
         self.rank = rank
         self.prefetch = bool(prefetch)
+        if not 0 <= start_batch <= plan.num_batches:
+            raise InputError(
+                f"start batch {start_batch} is outside 0..{plan.num_batches} (the epoch's "
+                "batches): the checkpoint was taken with another batch size or world size",
+                where="start_batch",
+            )
+        self.start_batch = int(start_batch)
         self.shard = plan.rank(rank)  # validates the rank
         # from the blocks, O(blocks): the windows themselves are derived only block by block
         if self.shard.blocks and self.shard.last_window > reader.last_window:
@@ -96,6 +111,17 @@ class RankLoader:
                 where="plan",
             )
         self.segments = self._segments()
+
+    @property
+    def start_entry(self) -> int:
+        """The position in the rank's sequence (windows, then padding) of the first entry
+        yielded: ``start_batch * batch_size``."""
+        return min(self.start_batch * self.plan.batch_size, self.plan.samples_per_rank)
+
+    @property
+    def start_window(self) -> int:
+        """How many of the rank's real windows the skipped batches held (padding comes last)."""
+        return min(self.start_entry, self.shard.count)
 
     def _segments(self) -> list[Segment]:
         length = self.reader.window.length
@@ -119,7 +145,7 @@ class RankLoader:
         return out
 
     def __len__(self) -> int:
-        return self.plan.num_batches
+        return self.plan.num_batches - self.start_batch
 
     def _read(self, seg: Segment) -> _Read:
         # the segment's window order is derived here, in the prefetch thread with its read
@@ -139,22 +165,27 @@ class RankLoader:
     def __iter__(self) -> Iterator[WindowBatch]:
         batch_size = self.plan.batch_size
         total = self.plan.samples_per_rank
+        start = self.start_entry
+        # a resumed epoch: the segments (blocks) it has left, the first one perhaps partly
+        segments = [seg for seg in self.segments if seg.stop > start]
+        if not segments:
+            return
         pending: list[WindowBatch] = []
         pool = ThreadPoolExecutor(1, thread_name_prefix="stkd-prefetch") if self.prefetch else None
         try:
             future: Future[_Read] | None = None
             if pool is not None:
-                future = pool.submit(self._read, self.segments[0])
-            for i, seg in enumerate(self.segments):
+                future = pool.submit(self._read, segments[0])
+            for i, seg in enumerate(segments):
                 if future is not None:
                     read = future.result()  # re-raises a read error of the background thread
                     future = None
                 else:
                     read = self._read(seg)
-                if pool is not None and i + 1 < len(self.segments):
+                if pool is not None and i + 1 < len(segments):
                     # the next block is read while this one is cut: two blocks in memory at most
-                    future = pool.submit(self._read, self.segments[i + 1])
-                pos = seg.first
+                    future = pool.submit(self._read, segments[i + 1])
+                pos = max(seg.first, start)
                 while pos < seg.stop:
                     batch_end = min((pos // batch_size + 1) * batch_size, total)
                     end = min(seg.stop, batch_end)
@@ -188,8 +219,9 @@ def make_loader(
     batch_size: int = 32,
     shuffle: bool | None = None,
     prefetch: bool = True,
+    start_batch: int = 0,
 ) -> RankLoader:
-    """The loader of ``rank`` for ``split`` and ``epoch``.
+    """The loader of ``rank`` for ``split`` and ``epoch`` (from batch ``start_batch`` on).
 
     Every rank calls this with the same arguments except ``rank`` and gets its part of the same
     plan. ``shuffle`` defaults to True for the training split and False otherwise.
@@ -204,4 +236,4 @@ def make_loader(
         shuffle=split == "train" if shuffle is None else shuffle,
         split=split,
     )
-    return RankLoader(reader, plan, rank, prefetch=prefetch)
+    return RankLoader(reader, plan, rank, prefetch=prefetch, start_batch=start_batch)

@@ -179,6 +179,7 @@ def _train(
     from stkd_dist.checkpoint import save_checkpoint
     from stkd_dist.data.loader import make_loader
     from stkd_dist.train.loop import train_epoch, validate
+    from stkd_dist.train.steps import seed_step
 
     section = cfg.student
     optim = section.optim
@@ -195,7 +196,14 @@ def _train(
             hooks.begin_epoch(epoch, loader)
         # one process: global_mean is the exact mean over the batch's terms, nothing to reduce
         loss_sum, weight_sum, samples = train_epoch(
-            model, loader, loss_fn, optimizer, optim.grad_clip, device, 1
+            model,
+            loader,
+            loss_fn,
+            optimizer,
+            optim.grad_clip,
+            device,
+            1,
+            before_step=lambda step, epoch=epoch: seed_step(cfg.run.seed, 0, epoch, step),
         )
         extra = hooks.end_epoch(epoch) if hooks is not None else {}
         train_time = time.perf_counter() - t0

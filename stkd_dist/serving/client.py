@@ -240,7 +240,11 @@ class SoftLabelClient:
             shuffle=plan.shuffle,
             chunk_steps=plan.chunk_steps,
         )
-        return self._open([self._request(split, spread, plan=spec)], total=None)
+        request = self._request(split, spread, plan=spec)
+        # a resumed epoch starts where its last checkpoint was: the cursor of a stream resumed
+        # after a failure, the server skips what comes before it
+        request.resume_cursor = plan.start
+        return self._open([request], total=None)
 
     def _request(self, split: str, spread: bool, **selection: Any) -> pb.LabelRequest:
         outputs = [pb.PREDICTION, pb.SPREAD] if spread else [pb.PREDICTION]
@@ -278,7 +282,7 @@ class SoftLabelClient:
     def _fetch(
         self, request: pb.LabelRequest, stream: LabelStream
     ) -> Iterator[LabelItem]:  # runs in the stream's producer thread
-        cursor = 0
+        cursor = request.resume_cursor  # 0, or where a resumed epoch starts
         total: int | None = None
         failures = 0
         refresh = False

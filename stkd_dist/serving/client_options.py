@@ -203,6 +203,7 @@ class PlanRequest:
     batch_size: int = 32
     shuffle: bool = True
     chunk_steps: int = 0  # 0: the server's store's time-chunk length
+    start: int = 0  # the position in the rank's sequence to start at (a resumed epoch)
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ClientOptions))

@@ -150,7 +150,7 @@ def finish(experiment: Location, cfg: Config, role: str = "teacher") -> Checkpoi
 
 
 def fit(job: TrainJob, run: Location, epochs: int) -> None:
-    """Run ``job`` on Ray Train: ``cluster.num_workers`` DDP workers executing ``run_worker``.
+    """Run ``job`` on Ray Train: ``cluster.num_workers`` DDP workers executing :func:`~stkd_dist.train.worker.run_worker`.
 
     The Ray experiment ``<run>/<job.experiment>`` keeps the best ``run.keep_best`` checkpoints by
     validation MAE plus the latest; a failed worker group restarts from the latest checkpoint up
@@ -160,7 +160,7 @@ def fit(job: TrainJob, run: Location, epochs: int) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from stkd_dist.train.loop import worker_entry
+    from stkd_dist.train.worker import worker_entry
 
     cfg, c = job.config, job.config.cluster
     # Ray Train writes checkpoints and its own state through pyarrow.fs: the same root (a local
@@ -204,7 +204,11 @@ def existing_outcome(
     label = f"run {cfg.run_name!r} ({exp.path.name})"
     epochs = cfg.model(role).schedule.epochs
     if not is_complete(latest, epochs):
-        echo(f"resuming {label} after epoch {latest.epoch + 1}/{epochs}")
+        if latest.mid_epoch:
+            at = f"at step {latest.state.step} of epoch {latest.epoch + 2}/{epochs}"
+        else:
+            at = f"after epoch {latest.epoch + 1}/{epochs}"
+        echo(f"resuming {label} {at}")
         return None
     best = finish(exp.path, cfg, role)
     early = ", stopped early" if latest.state.stopped_early else ""

@@ -1,4 +1,7 @@
-"""The per-worker training loop (one Ray Train worker = one DDP rank).
+"""The per-worker training loop (one Ray Train worker = one DDP rank): its steps and epochs.
+
+:mod:`.worker` runs it on every Ray Train worker; this module holds the parts every trainer
+shares (the teacher's and students' workers, and a Tune trial's).
 
 The loop is role-agnostic: a :class:`TrainJob` names the config section of the model it trains
 (``teacher`` or ``student``), the Ray experiment it reports to, and a factory of the loss. Teacher
@@ -16,15 +19,17 @@ Every rank, each epoch:
 4. decides early stopping from those all-reduced metrics (identical on every rank);
 5. reports to Ray Train: rank 0 with a checkpoint, the others without one.
 
+Before every step the rank seeds its generators from ``(run.seed, rank, epoch, step)``
+(:mod:`.steps`), and after every ``checkpoint.every_steps`` steps (or ``every_minutes``) all ranks
+report a mid-epoch checkpoint: a worker group restarted from it (a lost worker, or the same
+command run again after the driver died) continues the epoch at that step and ends with the same
+weights, bit for bit, as a run that never stopped.
+
 Comments marked ``SYNC`` are collective calls that every rank must make, in the same order.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -32,20 +37,12 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
-from stkd_dist.checkpoint import (
-    TrainState,
-    load_checkpoint_state,
-    read_checkpoint,
-    save_checkpoint,
-    weights_digest,
-)
 from stkd_dist.config import Config, ModelSection
 from stkd_dist.data.batch import WindowBatch
 from stkd_dist.data.reader import WindowReader
-from stkd_dist.location import location, write_json_atomic
 from stkd_dist.metrics import MetricAccumulator, MetricResult
-from stkd_dist.storage import DatasetStore, open_store
-from stkd_dist.train.schedule import build_scheduler
+from stkd_dist.storage import DatasetStore
+from stkd_dist.train.steps import EpochProgress
 
 
 class LossValue(NamedTuple):
@@ -79,6 +76,14 @@ class EpochHooks(Protocol):
     def begin_epoch(self, epoch: int, loader: Any) -> None: ...
 
     def end_epoch(self, epoch: int) -> dict[str, Any]: ...
+
+    def partial(self) -> dict[str, Any]:
+        """What the hooks summed over the epoch so far (JSON; kept in mid-epoch checkpoints)."""
+        ...
+
+    def restore(self, partial: dict[str, Any]) -> None:
+        """Continue an epoch resumed mid-way (after :meth:`begin_epoch`) from :meth:`partial`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def build_model(section: ModelSection, reader: WindowReader, store: DatasetStore
     )
 
 
-def _sum_all(
+def sum_all(
     values: list[float], world_size: int, device: torch.device | str = "cpu"
 ) -> list[float]:
     """SYNC: element-wise sum over ranks of a few scalars (one all-reduce).
@@ -186,6 +191,11 @@ def train_epoch(
     grad_clip: float,
     device: torch.device,
     world_size: int,
+    *,
+    start_step: int = 0,
+    progress: EpochProgress | None = None,
+    before_step: Callable[[int], None] | None = None,
+    after_step: Callable[[int, EpochProgress], None] | None = None,
 ) -> tuple[float, float, int]:
     """One pass over this rank's ``loader``: forward, loss, backward, clip, step.
 
@@ -193,12 +203,21 @@ def train_epoch(
     single process. Every rank must call this in the same epoch with loaders of the same number
     of batches: each step all-reduces the loss weight and the gradients.
 
+    Args:
+        start_step: the loader's first batch is this step of the epoch (a resumed epoch).
+        progress: the epoch's sums so far (a resumed epoch), added to in place.
+        before_step: called with the step index before each step (seeds the generators).
+        after_step: called with the steps done and the progress after each step (mid-epoch
+            checkpoints; it may call collectives: every rank calls it after every step).
+
     Returns:
         ``(loss_sum, weight_sum, samples)`` of this rank: the weighted loss sum, its weight and
-        the windows trained on (padding excluded).
+        the windows trained on (padding excluded), over the whole epoch.
     """
-    loss_sum, weight_sum, samples = 0.0, 0.0, 0
-    for batch in loader:  # plan.num_batches batches on every rank
+    progress = progress if progress is not None else EpochProgress()
+    for step, batch in enumerate(loader, start=start_step):  # the same count on every rank
+        if before_step is not None:
+            before_step(step)
         batch = batch.to(device)
         pred = model(batch.x, batch.time_of_day, batch.day_of_week)  # [B, H, N, C_out]
         value = loss_fn(batch, pred)
@@ -208,10 +227,10 @@ def train_epoch(
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        loss_sum += float(value.mean.detach()) * float(value.weight)
-        weight_sum += float(value.weight)
-        samples += int(batch.valid.sum())
-    return loss_sum, weight_sum, samples
+        progress.add(float(value.mean.detach()), float(value.weight), int(batch.valid.sum()))
+        if after_step is not None:
+            after_step(step + 1, progress)
+    return progress.loss_sum, progress.weight_sum, progress.samples
 
 
 def validate(
@@ -242,168 +261,3 @@ def validate(
             acc.update(pred, batch.y, batch.mask)
     acc.all_reduce()  # SYNC: every rank, once per validation
     return acc.compute()
-
-
-def write_worker_status(job: TrainJob, rank: int, world_size: int, state: TrainState) -> None:
-    """Record which process serves ``rank`` in ``<experiment>/workers/rank-<r>.json``.
-
-    Operators (and the fault-tolerance and multi-node tests) use it to find a rank's process,
-    host and Ray node; it is rewritten whenever a worker group (re)starts.
-    """
-    import ray
-
-    folder = location(job.experiment_dir) / "workers"
-    write_json_atomic(
-        folder / f"rank-{rank}.json",
-        {
-            "rank": rank,
-            "world_size": world_size,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "attempt": state.attempt,
-            "resumed_after_epoch": state.epoch,
-            "started": time.time(),
-        },
-    )
-
-
-def run_worker(job: TrainJob) -> None:
-    """The body of each Ray Train worker (``train_loop_per_worker``)."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    from stkd_dist.data.loader import make_loader
-
-    cfg, section = job.config, job.section
-    torch.set_num_threads(cfg.cluster.torch_threads)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-
-    store = open_store(job.dataset)
-    reader = build_reader(cfg, store)
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts)
-    model = build_model(section, reader, store)
-    state = TrainState()
-    resume = ray.train.get_checkpoint()
-    saved: dict[str, Any] = {}
-    if resume is not None:
-        # every rank loads the same (latest registered) checkpoint, so they restart in step
-        with resume.as_directory() as d:
-            info = read_checkpoint(d)  # refuses a checkpoint without its final meta.json
-            saved = load_checkpoint_state(d)
-        model.load_state_dict(saved["model"])
-        state = info.state
-        state.attempt += 1
-    write_worker_status(job, rank, world, state)
-
-    # prepare_model moves the model to the device and wraps it in DDP when world_size > 1; DDP
-    # broadcasts rank 0's parameters, and registers the gradient all-reduce hooks.
-    ddp = ray.train.torch.prepare_model(model)
-    # the optimiser is built (and its state loaded) after the move, so its state lives on the
-    # parameters' device
-    optim = section.optim
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
-    )
-    scheduler = build_scheduler(optimizer, section.schedule)
-    if saved:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-    plain = model  # the unwrapped Forecaster (what checkpoints hold)
-    loss_fn = job.make_loss(WorkerContext(cfg, reader, store, rank, world, device))
-    hooks = loss_fn if isinstance(loss_fn, EpochHooks) else None
-    sched = section.schedule
-
-    for epoch in range(state.epoch + 1, sched.epochs):
-        if state.stopped_early:
-            break
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        lr = optimizer.param_groups[0]["lr"]
-        ddp.train()
-        loader = make_loader(
-            reader,
-            "train",
-            world,
-            rank,
-            epoch=epoch,
-            seed=cfg.run.seed,
-            batch_size=cfg.data.batch_size,
-            shuffle=True,
-        )
-        if hooks is not None:
-            hooks.begin_epoch(epoch, loader)  # e.g. start streaming this rank's soft labels
-        loss_sum, weight_sum, samples = train_epoch(
-            ddp, loader, loss_fn, optimizer, optim.grad_clip, device, world
-        )
-        extra = hooks.end_epoch(epoch) if hooks is not None else {}
-        train_time = time.perf_counter() - t0
-        # CPU seconds of all ranks' processes (every thread) in the training phase: a rate per
-        # CPU-second that contention on a shared machine disturbs less than wall time
-        cpu = time.process_time() - cpu0
-        loss_sum, weight_sum, samples_all, cpu_all = _sum_all(
-            [loss_sum, weight_sum, samples, cpu], world, device
-        )
-
-        val = validate(ddp, reader, "val", rank, world, cfg.data.eval_batch_size, device)
-        scheduler.step()
-
-        # Early stopping from the all-reduced validation MAE: every rank computes the same
-        # decision, so all ranks leave the loop in the same epoch and keep calling report() in step.
-        state.end_epoch(epoch, val.mae, int(samples_all), sched.patience_at(epoch))
-
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(weight_sum, 1.0),
-            "val_mae": val.mae,
-            "val_rmse": val.rmse,
-            "val_mape": val.mape,
-            "lr": lr,
-            "samples": int(samples_all),
-            "samples_per_s": samples_all / max(train_time, 1e-9),
-            "samples_per_cpu_s": samples_all / max(cpu_all, 1e-9),
-            "epoch_time_s": time.perf_counter() - t0,
-            "best_val_mae": state.best_val_mae,
-            "best_epoch": state.best_epoch,
-            "bad_epochs": state.bad_epochs,
-            "stopped_early": state.stopped_early,
-            "attempt": state.attempt,
-            "world_size": world,
-            "rank": rank,
-            "param_digest": weights_digest(plain.state_dict())[:16],
-            **extra,
-        }
-        # SYNC: every rank calls report() once per epoch (it is a barrier); only rank 0 attaches
-        # a checkpoint. Rank 0 writes it into a fresh temp dir that Ray copies to the run storage
-        # and registers only once the copy is complete.
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="stkd-ckpt-") as tmp:
-                info = save_checkpoint(
-                    tmp,
-                    model_state=plain.state_dict(),
-                    spec=plain.spec(),
-                    config=cfg,
-                    fingerprint=store.fingerprint,
-                    stats=reader.stats,
-                    metrics={k: v for k, v in metrics.items() if k != "param_digest"},
-                    state=state,
-                    role=job.experiment,
-                    dataset=store.name,
-                    optimizer_state=optimizer.state_dict(),
-                    scheduler_state=scheduler.state_dict(),
-                )
-                metrics["version"] = info.version
-                ray.train.report(
-                    metrics,
-                    checkpoint=Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"epoch_{epoch:04d}",
-                )
-        else:
-            ray.train.report(metrics, checkpoint=None)
-
-
-def worker_entry(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` for ``TorchTrainer``: ``train_loop_config={"job": TrainJob}``."""
-    run_worker(config["job"])

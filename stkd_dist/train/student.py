@@ -104,14 +104,21 @@ class DistillLoss:
         self._parts: dict[str, float] = defaultdict(float)
         self._weight = 0.0
         self._windows = 0
+        self._start = 0
         # the autoscaler's signal: this rank's label wait against its step time
         self.reporter = WaitReporter(labels.wait_meter, rank=ctx.rank)
         self._last_step: float | None = None
 
     def begin_epoch(self, epoch: int, loader: Any) -> None:
-        """Ask the teachers for this rank's windows of ``epoch``, in the order it reads them."""
+        """Ask the teachers for this rank's windows of ``epoch``, in the order it reads them.
+
+        A resumed epoch (the loader starts at a later batch) asks for the rest of the sequence
+        only: a streamed teacher's stream starts at that cursor.
+        """
         plan = loader.plan
-        windows = loader.shard.window_array()  # [n] int64, derived from the rank's blocks
+        self._start = loader.start_window  # windows the epoch's batches before this one held
+        # [n] int64, derived from the rank's blocks (only those the rest of the epoch touches)
+        windows = loader.shard.window_array(self._start)
         self._windows = len(windows)
         self._parts, self._weight = defaultdict(float), 0.0
         # streamed teachers get the plan itself (the server derives the same sequence)
@@ -123,6 +130,7 @@ class DistillLoss:
             batch_size=plan.batch_size,
             shuffle=plan.shuffle,
             chunk_steps=plan.chunk_steps,
+            start=self._start,
         )
         self.source.begin_epoch(windows, request)
         # the first step's wait counts from here: with labels late, it is most of the wait
@@ -159,6 +167,7 @@ class DistillLoss:
                 "rank": self.ctx.rank,
                 "world_size": self.ctx.world_size,
                 "plan_windows": self._windows,
+                "start_window": self._start,
                 "teachers": records,
             },
         )
@@ -171,6 +180,15 @@ class DistillLoss:
             if name != "loss":
                 out[f"train_{name}"] = total / max(self._weight, 1.0)
         return out
+
+    def partial(self) -> dict[str, Any]:
+        """The loss parts summed over the epoch so far (for a mid-epoch checkpoint)."""
+        return {"parts": dict(self._parts), "weight": self._weight}
+
+    def restore(self, partial: dict[str, Any]) -> None:
+        """Continue the sums of :meth:`partial` (after :meth:`begin_epoch` of a resumed epoch)."""
+        self._parts = defaultdict(float, {k: float(v) for k, v in partial["parts"].items()})
+        self._weight = float(partial["weight"])
 
     def close(self) -> None:
         self.source.close()

@@ -2,7 +2,7 @@
 
 :func:`train_teacher` validates the config, opens the store and computes the training statistics
 once (cached in the store, so workers only read them), then runs a ``TorchTrainer`` whose workers
-execute :func:`stkd_dist.train.loop.run_worker` with the masked MAE loss. The run lives in
+execute :func:`stkd_dist.train.worker.run_worker` with the masked MAE loss. The run lives in
 ``<storage>/runs/<run>/``; the Ray experiment is ``<run>/teacher/`` with one ``epoch_NNNN``
 checkpoint per kept epoch, ``history.jsonl`` and, after training, ``best.json``.
 

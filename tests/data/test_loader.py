@@ -59,6 +59,35 @@ def test_loader_equals_random_access(reader, prefetch, world_size, split):
     assert sorted(seen) == list(reader.windows(split))
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_one(
+    reader, prefetch, world_size, monkeypatch
+):
+    kw = dict(batch_size=7, epoch=1, prefetch=prefetch)
+    for rank in range(world_size):
+        full = list(make_loader(reader, "train", world_size, rank, **kw))
+        for start in (1, len(full) // 2, len(full) - 1, len(full)):
+            loader = make_loader(reader, "train", world_size, rank, start_batch=start, **kw)
+            reads: list[tuple[int, int]] = []
+            real = reader.store.read
+            monkeypatch.setattr(
+                reader.store, "read", lambda lo, hi: reads.append((lo, hi)) or real(lo, hi)
+            )
+            rest = list(loader)
+            monkeypatch.undo()
+            assert len(rest) == len(loader) == len(full) - start
+            for a, b in zip(full[start:], rest, strict=True):
+                assert_batches_equal(a, b)
+            # the blocks wholly before the resumed batch are never read
+            first = loader.start_entry
+            before = [s for s in loader.segments if s.stop <= first and not s.random]
+            assert not {(s.lo, s.hi) for s in before} & set(reads) or first == 0
+            assert loader.start_window == min(first, loader.shard.count)
+    with pytest.raises(InputError, match="start batch 99 is outside"):
+        make_loader(reader, "train", start_batch=99, batch_size=100)
+
+
 def test_shuffle_defaults(reader):
     train = make_loader(reader, "train")
     test = make_loader(reader, "test")

@@ -32,6 +32,7 @@ from stkd_dist.storage import open_store
 from stkd_dist.train.loop import build_reader
 from stkd_dist.train.ray_session import read_history
 from stkd_dist.train.student import StudentRequest, train_student
+from tests.train.kills import kill_rank_after, last_weights
 from tests.train.student_env import (
     EPOCHS,
     OPTIONS,
@@ -284,3 +285,62 @@ def test_a_stopped_replica_is_abandoned_within_seconds_and_used_again_after(
     # call deadline of a stream left hanging on it
     assert seconds < calm + 30, (seconds, calm)
     assert_same_weights(final_weights(out.experiment), final_weights(again.experiment))
+
+
+MID_EPOCH = ("checkpoint.every_steps=4", "cluster.max_failures=3")
+
+
+@pytest.fixture(scope="module")
+def label_cache(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("cache") / "labels-a.zarr"
+    precompute_labels(load_teacher(env.ckpt["a"], env.store), cache, ["train"])
+    return cache
+
+
+@pytest.fixture(scope="module")
+def calm_student(ray_local: None, env: Env, label_cache: Path, tmp_path_factory) -> Path:
+    """The student of teacher ``a`` (cached labels), trained without any failure."""
+    root = tmp_path_factory.mktemp("calm")
+    cfg = load_config(env.config, ["run.name=calm", *MID_EPOCH])
+    request = StudentRequest(teachers=(parse_labels(f"cache:{label_cache}"),))
+    out = train_student(cfg, request, storage=root, echo=lambda s: None)
+    assert out.attempts == 0
+    return out.experiment
+
+
+@pytest.mark.parametrize(("labels", "victim"), [("stream", 1), ("cache", 0)])
+def test_a_student_worker_killed_mid_epoch_resumes_at_its_step_bitwise(
+    calm_student: Path,
+    env: Env,
+    label_cache: Path,
+    spawn: Callable[..., Server],
+    tmp_path: Path,
+    labels: str,
+    victim: int,
+) -> None:
+    if labels == "stream":
+        teacher = TeacherSpec("stream", spawn(env.ckpt["a"]).address)
+    else:
+        teacher = parse_labels(f"cache:{label_cache}")
+    root = tmp_path / "storage"
+    cfg = load_config(env.config, ["run.name=killed", *MID_EPOCH])
+    experiment = root / "runs" / "killed" / "student_kd"
+    killed, thread = kill_rank_after(experiment, "epoch_0001_step_", victim, time.time())
+    out = train_student(
+        cfg, StudentRequest(teachers=(teacher,), client=OPTIONS), storage=root, echo=print
+    )
+    thread.join(5)
+    assert killed, "no training worker was found to kill"
+    assert out.epochs_done == EPOCHS and out.attempts >= 1
+    status = json.loads((experiment / "workers" / f"rank-{victim}.json").read_text())
+    assert status["resumed_after_epoch"] == 0 and status["resumed_at_step"] > 0
+    assert_same_weights(last_weights(experiment), last_weights(calm_student))
+    # the resumed epoch asked for the rest of each rank's sequence only, and got it once
+    for rank in range(2):
+        rec = json.loads((experiment / "labels" / "epoch_0001" / f"rank_{rank}.json").read_text())
+        assert rec["start_window"] == status["resumed_at_step"] * cfg.data.batch_size
+        for t in rec["teachers"]:
+            assert t["requested"] == t["delivered"] == rec["plan_windows"]
+    calm = {h["epoch"]: h for h in read_history(calm_student)}
+    for h in read_history(experiment):
+        assert h["train_loss"] == calm[h["epoch"]]["train_loss"]

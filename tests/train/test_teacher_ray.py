@@ -6,9 +6,6 @@ One Ray cluster serves the module. Data and models are tiny so each run takes se
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +14,15 @@ import pytest
 import ray
 import torch
 
-from stkd_dist.checkpoint import list_checkpoints, load_forecaster, read_best
+from stkd_dist.checkpoint import (
+    list_checkpoints,
+    load_forecaster,
+    read_best,
+)
 from stkd_dist.config import Config, load_config, read_config
 from stkd_dist.train.ray_session import read_history
 from stkd_dist.train.teacher import train_teacher
+from tests.train.kills import kill_rank_after, last_weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -111,56 +113,45 @@ def test_ddp_ranks_stay_identical_and_rerun_resumes(
     assert any("resuming run 'ddp' (teacher) after epoch 2/4" in line for line in lines)
 
 
-def _worker_pids(experiment: Path, since: float) -> list[int]:
-    """PIDs of the live training workers of the current worker group, from their status files."""
-    pids = []
-    for f in sorted((experiment / "workers").glob("rank-*.json")):
-        try:
-            status = json.loads(f.read_text())
-            cmdline = Path(f"/proc/{status['pid']}/cmdline").read_bytes()
-        except (OSError, ValueError, KeyError):
-            continue
-        if status["started"] >= since and b"RayTrainWorker" in cmdline:
-            pids.append(int(status["pid"]))
-    return pids
+STEPS = ("checkpoint.every_steps=4",)  # 9 steps an epoch: checkpoints after steps 4 and 8
 
 
-def test_killed_worker_resumes_from_latest_checkpoint(
-    ray_local: None, store: Path, tmp_path: Path
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local: None, store: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("straight")
+    out = train_teacher(config(store, "straight", 2, *STEPS), storage=root, echo=lambda s: None)
+    assert out.attempts == 0
+    return last_weights(out.experiment), read_history(out.experiment)
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["rank1", "rank0"])
+def test_a_worker_killed_mid_epoch_resumes_at_its_step_bitwise(
+    uninterrupted, store: Path, tmp_path: Path, victim: int
 ) -> None:
     root = tmp_path / "storage"
-    epochs = 8
-    cfg = config(store, "kill", epochs, "cluster.max_failures=2")
+    cfg = config(store, "kill", 2, *STEPS)
+    assert cfg.cluster.max_failures == 3  # the default: a lost worker is recovered from
     experiment = root / "runs" / "kill" / "teacher"
-    killed: list[int] = []
-
-    started = time.time()
-
-    def killer() -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            # a history record means every rank reported epoch 0 and Ray registered its
-            # checkpoint; the workers are inside epoch 1 now
-            if read_history(experiment):
-                pids = _worker_pids(experiment, started)
-                if len(pids) == 2:
-                    killed.append(pids[-1])  # rank 1
-                    os.kill(pids[-1], signal.SIGKILL)
-                    return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    # the first mid-epoch checkpoint of epoch 1 (after its 4th step): the worker dies inside
+    # the last epoch, with its other steps still to run
+    killed, thread = kill_rank_after(experiment, "epoch_0001_step_", victim, time.time())
     out = train_teacher(cfg, storage=root, echo=lambda s: None)
     thread.join(timeout=5)
 
     assert killed, "no training worker was found to kill"
-    assert out.epochs_done == epochs
-    history = read_history(experiment)
-    epochs_seen = [h["epoch"] for h in history]
-    assert sorted(set(epochs_seen)) == list(range(epochs))
-    assert history[-1]["attempt"] >= 1 and out.attempts >= 1  # restarted from a checkpoint
-    first_resumed = next(h for h in history if h["attempt"] >= 1)
-    assert first_resumed["epoch"] >= 1  # continued after a checkpointed epoch, not from scratch
-    assert all(h["ranks_in_sync"] for h in history)
-    assert read_best(experiment)["epochs_done"] == epochs
+    assert out.epochs_done == 2 and out.attempts >= 1
+    status = json.loads((experiment / "workers" / f"rank-{victim}.json").read_text())
+    # the new worker group continued epoch 1 at a step, not from the start of an epoch
+    assert status["attempt"] >= 1 and status["resumed_after_epoch"] == 0
+    assert status["resumed_at_step"] > 0
+    weights, history = uninterrupted
+    final = last_weights(experiment)
+    assert final.keys() == weights.keys()
+    for name in weights:
+        assert torch.equal(final[name], weights[name]), name  # bit for bit
+    # the reported epochs match too: the resumed epoch's loss sums carried over every rank's
+    resumed = {h["epoch"]: h for h in read_history(experiment)}
+    for h in history:
+        assert resumed[h["epoch"]]["train_loss"] == h["train_loss"]
+        assert resumed[h["epoch"]]["val_mae"] == h["val_mae"]
+        assert resumed[h["epoch"]]["samples"] == h["samples"]

@@ -1,0 +1,272 @@
+"""The body of every Ray Train worker: one DDP rank training one model, epoch after epoch.
+
+:func:`run_worker` (through :func:`worker_entry`, ``TorchTrainer``'s ``train_loop_per_worker``)
+restores the latest checkpoint Ray hands it, builds the DDP model, optimiser and scheduler and
+runs the epochs of :mod:`.loop` (:func:`~stkd_dist.train.loop.train_epoch`, then
+:func:`~stkd_dist.train.loop.validate`), reporting to Ray Train after each epoch and after
+every mid-epoch checkpoint (:mod:`.steps`).
+
+Comments marked ``SYNC`` are collective calls that every rank must make, in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from stkd_dist.checkpoint import (
+    TrainState,
+    load_checkpoint_state,
+    read_checkpoint,
+    save_checkpoint,
+    weights_digest,
+)
+from stkd_dist.location import location, write_json_atomic
+from stkd_dist.storage import open_store
+from stkd_dist.train.loop import (
+    EpochHooks,
+    TrainJob,
+    WorkerContext,
+    build_model,
+    build_reader,
+    sum_all,
+    train_epoch,
+    validate,
+)
+from stkd_dist.train.schedule import build_scheduler
+from stkd_dist.train.steps import EpochProgress, StepCheckpoints, gather_progress, seed_step
+
+
+def write_worker_status(job: TrainJob, rank: int, world_size: int, state: TrainState) -> None:
+    """Record which process serves ``rank`` in ``<experiment>/workers/rank-<r>.json``.
+
+    Operators (and the fault-tolerance and multi-node tests) use it to find a rank's process,
+    host and Ray node; it is rewritten whenever a worker group (re)starts.
+    """
+    import ray
+
+    folder = location(job.experiment_dir) / "workers"
+    write_json_atomic(
+        folder / f"rank-{rank}.json",
+        {
+            "rank": rank,
+            "world_size": world_size,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "attempt": state.attempt,
+            "resumed_after_epoch": state.epoch,
+            "resumed_at_step": state.step,
+            "started": time.time(),
+        },
+    )
+
+
+def _report(
+    job: TrainJob,
+    rank: int,
+    metrics: dict[str, Any],
+    checkpoint: dict[str, Any] | None,
+    dir_name: str,
+) -> None:
+    """SYNC: every rank calls this at the same point (``ray.train.report`` is a barrier).
+
+    Rank 0 (``checkpoint`` given) writes the checkpoint into a fresh temp dir that Ray copies
+    to the run storage and registers only once the copy is complete; the others report the
+    metrics alone.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank != 0 or checkpoint is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="stkd-ckpt-") as tmp:
+        info = save_checkpoint(tmp, **checkpoint)
+        metrics["version"] = info.version
+        ray.train.report(
+            metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name
+        )
+
+
+def run_worker(job: TrainJob) -> None:
+    """The body of each Ray Train worker (``train_loop_per_worker``)."""
+    import ray.train
+    import ray.train.torch
+
+    from stkd_dist.data.loader import make_loader
+
+    cfg, section = job.config, job.section
+    torch.set_num_threads(cfg.cluster.torch_threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    store = open_store(job.dataset)
+    reader = build_reader(cfg, store)
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts)
+    model = build_model(section, reader, store)
+    state = TrainState()
+    resume = ray.train.get_checkpoint()
+    saved: dict[str, Any] = {}
+    if resume is not None:
+        # every rank loads the same (latest registered) checkpoint, so they restart in step
+        with resume.as_directory() as d:
+            info = read_checkpoint(d)  # refuses a checkpoint without its final meta.json
+            saved = load_checkpoint_state(d)
+        model.load_state_dict(saved["model"])
+        state = info.state
+        state.attempt += 1
+    write_worker_status(job, rank, world, state)
+    # a mid-epoch checkpoint: every rank's sums of the epoch so far, entry r = rank r's
+    partial: list[dict[str, Any]] | None = saved.get("partial") if state.step else None
+    if partial is not None and len(partial) != world:
+        raise ValueError(
+            f"the checkpoint was taken inside an epoch by {len(partial)} workers and cannot "
+            f"continue that epoch on {world}; use cluster.num_workers={len(partial)}"
+        )
+
+    # prepare_model moves the model to the device and wraps it in DDP when world_size > 1; DDP
+    # broadcasts rank 0's parameters, and registers the gradient all-reduce hooks.
+    ddp = ray.train.torch.prepare_model(model)
+    # the optimiser is built (and its state loaded) after the move, so its state lives on the
+    # parameters' device
+    optim = section.optim
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+    )
+    scheduler = build_scheduler(optimizer, section.schedule)
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    plain = model  # the unwrapped Forecaster (what checkpoints hold)
+    loss_fn = job.make_loss(WorkerContext(cfg, reader, store, rank, world, device))
+    hooks = loss_fn if isinstance(loss_fn, EpochHooks) else None
+    sched = section.schedule
+    steps = StepCheckpoints(cfg.checkpoint, world, device)
+
+    def checkpoint_of(metrics: dict[str, Any], at: TrainState, **more: Any) -> dict[str, Any]:
+        """``save_checkpoint``'s arguments for the model and optimiser as they are now."""
+        return dict(
+            model_state=plain.state_dict(),
+            spec=plain.spec(),
+            config=cfg,
+            fingerprint=store.fingerprint,
+            stats=reader.stats,
+            metrics=metrics,
+            state=at,
+            role=job.experiment,
+            dataset=store.name,
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(),
+            **more,
+        )
+
+    for epoch in range(state.epoch + 1, sched.epochs):
+        if state.stopped_early:
+            break
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        lr = optimizer.param_groups[0]["lr"]
+        ddp.train()
+        start = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
+        loader = make_loader(
+            reader,
+            "train",
+            world,
+            rank,
+            epoch=epoch,
+            seed=cfg.run.seed,
+            batch_size=cfg.data.batch_size,
+            shuffle=True,
+            start_batch=start,
+        )
+        progress = EpochProgress.from_json(partial[rank]) if partial else EpochProgress()
+        partial = None
+        if hooks is not None:
+            hooks.begin_epoch(epoch, loader)  # e.g. start streaming this rank's soft labels
+            if start:
+                hooks.restore(progress.hooks)
+
+        batches = loader.plan.num_batches
+
+        def after_step(
+            done: int, progress: EpochProgress, epoch: int = epoch, batches: int = batches
+        ) -> None:
+            # SYNC: every rank runs this after every step; `due` and the gather and report
+            # below are collectives, reached by all ranks at the same step or by none
+            if not steps.due(done, batches):
+                return
+            if hooks is not None:
+                progress.hooks = hooks.partial()
+            everyone = gather_progress(progress, world)  # SYNC
+            at = dataclasses.replace(state, step=done)
+            metrics = {"epoch_in_progress": epoch, "step": done, "val_mae": float("inf")}
+            ckpt = checkpoint_of({"step": done}, at, partial=everyone) if rank == 0 else None
+            _report(job, rank, metrics, ckpt, f"epoch_{epoch:04d}_step_{done:06d}")  # SYNC
+            steps.mark()
+
+        loss_sum, weight_sum, samples = train_epoch(
+            ddp,
+            loader,
+            loss_fn,
+            optimizer,
+            optim.grad_clip,
+            device,
+            world,
+            start_step=start,
+            progress=progress,
+            before_step=lambda step, epoch=epoch: seed_step(cfg.run.seed, rank, epoch, step),
+            after_step=after_step if cfg.checkpoint.enabled else None,
+        )
+        extra = hooks.end_epoch(epoch) if hooks is not None else {}
+        train_time = time.perf_counter() - t0
+        # CPU seconds of all ranks' processes (every thread) in the training phase: a rate per
+        # CPU-second that contention on a shared machine disturbs less than wall time
+        cpu = time.process_time() - cpu0
+        loss_sum, weight_sum, samples_all, cpu_all = sum_all(
+            [loss_sum, weight_sum, samples, cpu], world, device
+        )
+
+        val = validate(ddp, reader, "val", rank, world, cfg.data.eval_batch_size, device)
+        scheduler.step()
+
+        # Early stopping from the all-reduced validation MAE: every rank computes the same
+        # decision, so all ranks leave the loop in the same epoch and keep calling report() in step.
+        state.end_epoch(epoch, val.mae, int(samples_all), sched.patience_at(epoch))
+
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(weight_sum, 1.0),
+            "val_mae": val.mae,
+            "val_rmse": val.rmse,
+            "val_mape": val.mape,
+            "lr": lr,
+            "samples": int(samples_all),
+            "samples_per_s": samples_all / max(train_time, 1e-9),
+            "samples_per_cpu_s": samples_all / max(cpu_all, 1e-9),
+            "epoch_time_s": time.perf_counter() - t0,
+            "best_val_mae": state.best_val_mae,
+            "best_epoch": state.best_epoch,
+            "bad_epochs": state.bad_epochs,
+            "stopped_early": state.stopped_early,
+            "attempt": state.attempt,
+            "world_size": world,
+            "rank": rank,
+            "param_digest": weights_digest(plain.state_dict())[:16],
+            **extra,
+        }
+        saved_metrics = {k: v for k, v in metrics.items() if k != "param_digest"}
+        ckpt = checkpoint_of(saved_metrics, state) if rank == 0 else None
+        _report(job, rank, metrics, ckpt, f"epoch_{epoch:04d}")  # SYNC: once per epoch
+        steps.mark()
+
+
+def worker_entry(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` for ``TorchTrainer``: ``train_loop_config={"job": TrainJob}``."""
+    run_worker(config["job"])

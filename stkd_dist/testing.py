@@ -4,6 +4,11 @@ an S3-compatible HTTP server.
 * :func:`random_store`: a small Zarr store of smooth random series (and a random adjacency);
 * :func:`untrained_teacher`: a checkpoint of an untrained LSTM teacher of a store (its labels
   are as deterministic as a trained one's; its width sets how slow it is);
+* :func:`worker_pids`, :func:`kill_rank_after`: find a training rank's process from its status
+  file and SIGKILL it once Ray registered a given checkpoint (as when its node dies);
+  :func:`last_weights`: an experiment's final weights, to compare runs with ``torch.equal``;
+* :func:`wait_until`: wait for an observable event (a condition polled until a deadline), where
+  a test would otherwise sleep and hope;
 * :class:`S3Server` runs runs moto's server mode in a child process on a free port of 127.0.0.1 (as s3fs
 and zarr do in their own test suites), with IAM authentication on: the first requests
 (unauthenticated, counted by ``INITIAL_NO_AUTH_ACTION_COUNT``) create a user with an access key,
@@ -16,18 +21,28 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
 
-from stkd_dist.checkpoint import CheckpointInfo, TrainState, save_checkpoint
+from stkd_dist.checkpoint import (
+    CheckpointInfo,
+    TrainState,
+    list_checkpoints,
+    load_checkpoint_state,
+    save_checkpoint,
+)
 from stkd_dist.config import Config, DataSection, RunSection
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.models import build_forecaster
@@ -102,6 +117,88 @@ def untrained_teacher(
         metrics={"val_mae": val_mae},
         state=TrainState(epoch=0),
     )
+
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Raises:
+        TimeoutError: naming ``what`` (the awaited event), when ``timeout`` seconds pass first.
+            An exception from ``predicate`` propagates at once (e.g. an assertion that a
+            process the test waits on is still running).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def worker_pids(experiment: Path, since: float) -> list[int]:
+    """PIDs of the live training workers of the current worker group, from their status files."""
+    pids = []
+    for f in sorted((experiment / "workers").glob("rank-*.json")):
+        try:
+            status = json.loads(f.read_text())
+            cmdline = Path(f"/proc/{status['pid']}/cmdline").read_bytes()
+        except (OSError, ValueError, KeyError):
+            continue
+        if status["started"] >= since and b"RayTrainWorker" in cmdline:
+            pids.append(int(status["pid"]))
+    return pids
+
+
+def registered(experiment: str | os.PathLike[str], marker: str) -> bool:
+    """Whether Ray Train registered a checkpoint of ``experiment`` whose folder name contains
+    ``marker`` (it is in Ray's checkpoint manager snapshot, so a restart resumes from it)."""
+    try:
+        return marker in (Path(experiment) / "checkpoint_manager_snapshot.json").read_text()
+    except OSError:
+        return False
+
+
+def kill_rank_when(
+    experiment: Path, rank: int, since: float, when: Callable[[], bool], timeout: float = 180
+) -> tuple[list[int], threading.Thread]:
+    """In a background thread: once ``when()`` holds, SIGKILL training rank ``rank`` of the
+    worker group started after ``since`` (epoch seconds). Returns the list the killed PID lands
+    in, and the thread."""
+    killed: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if when():
+                pids = worker_pids(experiment, since)
+                if len(pids) > rank:
+                    killed.append(pids[rank])
+                    os.kill(pids[rank], signal.SIGKILL)
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return killed, thread
+
+
+def kill_rank_after(
+    experiment: Path, marker: str, rank: int, since: float
+) -> tuple[list[int], threading.Thread]:
+    """:func:`kill_rank_when` Ray registered a checkpoint named with ``marker``."""
+    return kill_rank_when(experiment, rank, since, lambda: registered(experiment, marker))
+
+
+def last_weights(experiment: Path) -> dict[str, torch.Tensor]:
+    """The weights of an experiment's newest checkpoint (an epoch's, never a mid-epoch one)."""
+    latest = list_checkpoints(experiment)[-1]
+    assert not latest.mid_epoch
+    return load_checkpoint_state(latest.path)["model"]
 
 
 _SERVER = """

@@ -33,6 +33,7 @@ from stkd_dist.paths import resolve_dataset, run_dir
 from stkd_dist.storage import DatasetStore, open_store
 from stkd_dist.train.loop import TrainJob, build_reader
 from stkd_dist.train.ray_session import EpochReporter, read_history
+from stkd_dist.train.steps import SCORE
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def fit(job: TrainJob, run: Location, epochs: int) -> None:
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.run.keep_best,  # plus the latest, which Ray always keeps
-                checkpoint_score_attribute="val_mae",
+                checkpoint_score_attribute=SCORE,
                 checkpoint_score_order="min",
             ),
             callbacks=[EpochReporter(job.experiment_dir, epochs)],

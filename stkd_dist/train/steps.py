@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -23,6 +24,20 @@ import torch
 import torch.distributed as dist
 
 from stkd_dist.config import CheckpointSection
+
+#: the metric Ray Train ranks checkpoints by (lowest first) when it prunes them (run.keep_best)
+SCORE = "checkpoint_score"
+#: the score of a mid-epoch checkpoint, or of an epoch whose validation MAE is not finite: worse
+#: than any epoch's, so Ray keeps it only while it is the latest. Finite, because Ray's snapshot
+#: of its checkpoints is JSON and would bring an infinity back as null.
+WORST_SCORE = 1e300
+
+
+def checkpoint_score(val_mae: float | None) -> float:
+    """What a report gives Ray as :data:`SCORE`: the validation MAE, or :data:`WORST_SCORE`."""
+    if val_mae is None or not math.isfinite(val_mae):
+        return WORST_SCORE
+    return float(val_mae)
 
 
 def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:

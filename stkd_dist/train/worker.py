@@ -27,6 +27,7 @@ from stkd_dist.checkpoint import (
     save_checkpoint,
     weights_digest,
 )
+from stkd_dist.errors import ConfigError
 from stkd_dist.location import location, write_json_atomic
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import (
@@ -40,7 +41,14 @@ from stkd_dist.train.loop import (
     validate,
 )
 from stkd_dist.train.schedule import build_scheduler
-from stkd_dist.train.steps import EpochProgress, StepCheckpoints, gather_progress, seed_step
+from stkd_dist.train.steps import (
+    SCORE,
+    EpochProgress,
+    StepCheckpoints,
+    checkpoint_score,
+    gather_progress,
+    seed_step,
+)
 
 
 def write_worker_status(job: TrainJob, rank: int, world_size: int, state: TrainState) -> None:
@@ -127,9 +135,11 @@ def run_worker(job: TrainJob) -> None:
     # a mid-epoch checkpoint: every rank's sums of the epoch so far, entry r = rank r's
     partial: list[dict[str, Any]] | None = saved.get("partial") if state.step else None
     if partial is not None and len(partial) != world:
-        raise ValueError(
-            f"the checkpoint was taken inside an epoch by {len(partial)} workers and cannot "
-            f"continue that epoch on {world}; use cluster.num_workers={len(partial)}"
+        raise ConfigError(
+            f"the latest checkpoint was taken inside epoch {state.epoch + 2} by {len(partial)} "
+            f"workers and continues that epoch only on as many (this run has {world}); set "
+            f"cluster.num_workers: {len(partial)} until the epoch ends",
+            where="cluster.num_workers",
         )
 
     # prepare_model moves the model to the device and wraps it in DDP when world_size > 1; DDP
@@ -206,7 +216,7 @@ def run_worker(job: TrainJob) -> None:
                 progress.hooks = hooks.partial()
             everyone = gather_progress(progress, world)  # SYNC
             at = dataclasses.replace(state, step=done)
-            metrics = {"epoch_in_progress": epoch, "step": done, "val_mae": float("inf")}
+            metrics = {"epoch_in_progress": epoch, "step": done, SCORE: checkpoint_score(None)}
             ckpt = checkpoint_of({"step": done}, at, partial=everyone) if rank == 0 else None
             _report(job, rank, metrics, ckpt, f"epoch_{epoch:04d}_step_{done:06d}")  # SYNC
             steps.mark()
@@ -259,9 +269,10 @@ def run_worker(job: TrainJob) -> None:
             "world_size": world,
             "rank": rank,
             "param_digest": weights_digest(plain.state_dict())[:16],
+            SCORE: checkpoint_score(val.mae),
             **extra,
         }
-        saved_metrics = {k: v for k, v in metrics.items() if k != "param_digest"}
+        saved_metrics = {k: v for k, v in metrics.items() if k not in ("param_digest", SCORE)}
         ckpt = checkpoint_of(saved_metrics, state) if rank == 0 else None
         _report(job, rank, metrics, ckpt, f"epoch_{epoch:04d}")  # SYNC: once per epoch
         steps.mark()

@@ -72,7 +72,9 @@ def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_one(
             reads: list[tuple[int, int]] = []
             real = reader.store.read
             monkeypatch.setattr(
-                reader.store, "read", lambda lo, hi: reads.append((lo, hi)) or real(lo, hi)
+                reader.store,
+                "read",
+                lambda lo, hi, reads=reads, real=real: reads.append((lo, hi)) or real(lo, hi),
             )
             rest = list(loader)
             monkeypatch.undo()

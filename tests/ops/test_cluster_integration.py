@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from grpc import StatusCode
 
 from stkd_dist.cli import main
 from stkd_dist.storage import open_store
 from tests.conftest import random_store
+from tests.serving.tls_refusals import CLOSED_BY_SERVER, assert_rpc_refused
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -245,15 +247,16 @@ while time.monotonic() < deadline:
             continue
         with grpc.insecure_channel(endpoint.address) as channel:
             stub = channel.unary_unary("/stkd.v1.TeacherService/Describe")
+            refusal = details = None
             try:
                 stub(b"", timeout=3)
                 plaintext = True
             except grpc.RpcError as e:
                 plaintext = False
-                refusal = e.code().name
+                refusal, details = e.code().name, e.details()
         os.kill(info.pid, signal.SIGKILL)  # mid-epoch: it is streaming
         record = {"name": info.name, "pid": info.pid, "address": endpoint.address,
-                  "plaintext": plaintext, "refusal": refusal}
+                  "plaintext": plaintext, "refusal": refusal, "details": details}
         with open(sys.argv[2], "w") as f:
             json.dump(record, f)
         sys.exit(0)
@@ -314,7 +317,9 @@ def test_stream_distill_on_two_nodes_survives_a_killed_replica_bitwise(
     assert all(r["secured"] for r in replicas)
     assert victim_file.exists(), "no replica was streaming: nothing was killed"
     victim = json.loads(victim_file.read_text())
-    assert not victim["plaintext"] and victim["refusal"] == "UNAVAILABLE"  # TLS only
+    # TLS only: the replica, alive and streaming, ended the plaintext probe in the handshake
+    assert not victim["plaintext"]
+    assert_rpc_refused(StatusCode[victim["refusal"]], victim["details"], CLOSED_BY_SERVER)
     assert not victim["address"].startswith("127.")  # the node's address
     again = next(r for r in replicas if r["name"] == victim["name"])
     assert again["pid"] != victim["pid"]  # Ray started it again

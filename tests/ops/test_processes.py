@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -22,10 +21,18 @@ from stkd_dist.ops.processes import (
     processes_naming,
     terminate,
 )
+from stkd_dist.testing import wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
 
 SLEEPER = "import sys, time; time.sleep(60)"
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """Whether ``pid`` has set SIGTERM to ignored (its ``SigIgn`` mask in ``/proc``)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line.split()[1] for line in f if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
 
 
 def sleeper(marker: str, *, new_session: bool = True) -> subprocess.Popen[bytes]:
@@ -51,9 +58,12 @@ def test_identity_needs_the_marker() -> None:
 def test_a_zombie_is_not_alive() -> None:
     proc = sleeper("zombie-test")
     proc.kill()
-    time.sleep(0.3)  # dead but not reaped yet: a zombie
     try:
-        assert not pid_alive(proc.pid)
+        # until it has exited, leaving it unreaped (WNOWAIT): a zombie
+        exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        assert exited is not None and exited.si_status == signal.SIGKILL
+        os.kill(proc.pid, 0)  # the pid still answers signals...
+        assert not pid_alive(proc.pid)  # ...but the process is gone
     finally:
         proc.wait()
 
@@ -70,7 +80,7 @@ def test_terminate_sigterms_then_kills_stubborn_groups_and_stragglers() -> None:
     straggler = sleeper(marker)  # not in the list, but names the marker
     bystander = sleeper("unrelated")
     try:
-        time.sleep(0.5)  # let the stubborn one install its handler
+        wait_until(lambda: ignores_sigterm(stubborn.pid), 10, "the stubborn one to ignore SIGTERM")
         terminate([polite.pid, stubborn.pid], marker, grace_s=1.0)
         assert polite.wait(timeout=5) == -signal.SIGTERM
         assert stubborn.wait(timeout=5) == -signal.SIGKILL

@@ -4,12 +4,17 @@ One module-scoped run trains a tiny teacher with 2 DDP workers on a local Ray cl
 the command itself), streams soft labels from 2 teacher replicas (Ray actors) to 2 student
 workers, trains the baseline student, evaluates and writes the report. The tests then read its run
 directory and re-run the command to check that completed stages are skipped.
+
+Some tests change what the run left (they delete outputs, rewrite the store, run the command
+again): each test therefore gets the storage and the store exactly as the first run left them,
+restored from a copy made right after it, and no test depends on which ran before it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,10 +47,18 @@ class Run:
     store: Path
     first: subprocess.CompletedProcess[str]
     seconds: float
+    saved: Path  # copies of ``storage`` and ``store`` as the first run left them
 
     @property
     def run_dir(self) -> Path:
         return self.storage / "runs" / RUN
+
+    def restore(self) -> None:
+        """Put back the storage and the store as the first run left them (same paths: stage
+        keys digest the config, which names the store's path)."""
+        for live in (self.storage, self.store):
+            shutil.rmtree(live, ignore_errors=True)
+            shutil.copytree(self.saved / live.name, live, symlinks=True)
 
 
 def stkd(storage: Path, *args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
@@ -94,7 +107,9 @@ def write_config(path: Path, store: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The expensive artefact, made once for the module: the first ``stkd distill`` run, and a
+    copy of what it left."""
     from tests.conftest import random_store
 
     root = tmp_path_factory.mktemp("distill")
@@ -105,7 +120,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     first = stkd(storage, "distill", "--config", str(config), "--run-name", RUN)
     seconds = time.perf_counter() - t0
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    return Run(root, storage, config, store, first, seconds)
+    saved = root / "saved"
+    for path in (storage, store):
+        shutil.copytree(path, saved / path.name, symlinks=True)
+    return Run(root, storage, config, store, first, seconds, saved)
+
+
+@pytest.fixture
+def run(first_run: Run) -> Run:
+    """The first run, its storage and store as it left them, whatever earlier tests did."""
+    first_run.restore()
+    return first_run
 
 
 def test_metrics_json_has_every_model_and_baseline(run: Run) -> None:
@@ -261,9 +286,9 @@ def test_stage_with_missing_outputs_is_redone_alone(run: Run) -> None:
 
 
 def test_locations_added_later_redo_evaluation_and_report(run: Run) -> None:
-    # Runs last: it rewrites the module's store. Locations are not part of the data fingerprint,
-    # so the trained models stay valid; only the evaluation (which writes locations.npz for the
-    # per-sensor error map) and the report run again.
+    # It rewrites the store (the next test gets the first run's back). Locations are not part of
+    # the data fingerprint, so the trained models stay valid; only the evaluation (which writes
+    # locations.npz for the per-sensor error map) and the report run again.
     from tests.conftest import random_store
 
     d = run.run_dir

@@ -90,7 +90,12 @@ def test_leaderboard_has_every_trial_evaluated_on_test(
 def test_each_trial_keeps_its_best_checkpoints(swept: dict[str, Any], env: SweepEnv) -> None:
     outcome: SweepOutcome = swept["outcome"]
     keep = env.config.sweep.keep_best
-    for trial_dir in sorted(outcome.layout.tune.glob("trial_*")):
+    trial_dirs = sorted(outcome.layout.tune.glob("trial_*"))
+    # one Tune folder for each trial of the leaderboard: the checks below cover every trial
+    board = pd.read_csv(outcome.layout.leaderboard, dtype={"trial": str})
+    assert len(trial_dirs) == env.config.sweep.samples == 4
+    assert {d.name.removeprefix("trial_") for d in trial_dirs} == set(board["trial"])
+    for trial_dir in trial_dirs:
         kept = {read_checkpoint(d).epoch for d in trial_dir.glob("checkpoint_*")}
         progress = pd.read_csv(trial_dir / "progress.csv")
         # the best `keep` epochs by validation MAE, plus the latest (what a restore resumes from)

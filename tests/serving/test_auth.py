@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,15 @@ from stkd_dist.serving.client import (
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
 from stkd_dist.serving.server import SERVICE_NAME
+from tests.serving.tls_refusals import (
+    CLOSED_BY_SERVER,
+    REASONS,
+    UNTRUSTED,
+    assert_client_refused,
+    assert_streams_refused,
+    capture_client_log,
+    is_handshake_refusal,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +169,19 @@ def test_token_comes_from_the_environment(server_factory, teacher_env, monkeypat
         assert _labels(c).size == 40
 
 
-def test_tls_with_a_generated_certificate(server_factory, teacher_env, pki: Pki) -> None:
+def _refused(client: SoftLabelClient, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Every call of ``client`` fails in the TLS handshake for ``reason``, streams included."""
+    with pytest.raises(TeacherUnavailableError) as info:
+        client.describe()
+    assert_client_refused(info.value, reason)
+    caplog.clear()
+    with pytest.raises(TeacherUnavailableError, match="after 2 attempts"):
+        _labels(client)
+    assert_streams_refused(caplog, FAST_FAIL.max_attempts, reason)
+    assert client.stats.chunks == 0
+
+
+def test_tls_with_a_generated_certificate(server_factory, teacher_env, pki: Pki, caplog) -> None:
     server = server_factory(tls=ServerTls(pki.server_cert, pki.server_key), token="t")
     for host in ("127.0.0.1", "localhost"):
         address = f"{host}:{server.port}"
@@ -167,22 +189,23 @@ def test_tls_with_a_generated_certificate(server_factory, teacher_env, pki: Pki)
             [address], expected_fingerprint=teacher_env.fingerprint, tls_ca=pki.ca, token="t"
         ) as c:
             assert _labels(c).tolist() == list(range(40))
-    # a client trusting another CA cannot connect; nor can a plaintext one
-    for kwargs in ({"tls_ca": pki.other_ca}, {}):
-        with (
-            SoftLabelClient(
-                [server.address],
-                expected_fingerprint=teacher_env.fingerprint,
-                token="t",
-                backoff=FAST_FAIL,
-                **kwargs,
-            ) as c,
-            pytest.raises(TeacherUnavailableError),
-        ):
-            _labels(c)
+    # a client trusting another CA cannot connect: it rejects the server's certificate; nor can
+    # a plaintext one: the server ends the connection in the handshake. Both have the token.
+    capture_client_log(caplog)
+    for kwargs, reason in (({"tls_ca": pki.other_ca}, UNTRUSTED), ({}, CLOSED_BY_SERVER)):
+        with SoftLabelClient(
+            [server.address],
+            expected_fingerprint=teacher_env.fingerprint,
+            token="t",
+            backoff=FAST_FAIL,
+            **kwargs,
+        ) as c:
+            _refused(c, reason, caplog)
 
 
-def test_mutual_tls_requires_a_client_certificate(server_factory, teacher_env, pki: Pki) -> None:
+def test_mutual_tls_requires_a_client_certificate(
+    server_factory, teacher_env, pki: Pki, caplog
+) -> None:
     server = server_factory(tls=ServerTls(pki.server_cert, pki.server_key, client_ca=pki.ca))
     with SoftLabelClient(
         [server.address],
@@ -192,16 +215,37 @@ def test_mutual_tls_requires_a_client_certificate(server_factory, teacher_env, p
         tls_key=pki.client_key,
     ) as c:
         assert _labels(c).tolist() == list(range(40))
-    with (
-        SoftLabelClient(
-            [server.address],
-            expected_fingerprint=teacher_env.fingerprint,
-            tls_ca=pki.ca,
-            backoff=FAST_FAIL,
-        ) as c,
-        pytest.raises(TeacherUnavailableError),
-    ):
-        _labels(c)
+    # trusting the server is not enough: without a client certificate the server ends the
+    # handshake
+    capture_client_log(caplog)
+    with SoftLabelClient(
+        [server.address],
+        expected_fingerprint=teacher_env.fingerprint,
+        tls_ca=pki.ca,
+        backoff=FAST_FAIL,
+    ) as c:
+        _refused(c, CLOSED_BY_SERVER, caplog)
+
+
+def test_a_closed_port_is_no_handshake_refusal(teacher_env, pki: Pki) -> None:
+    """The handshake assertions tell a refused handshake from a server that is not there."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for kwargs in ({"tls_ca": pki.ca}, {}):
+        with (
+            SoftLabelClient(
+                [f"127.0.0.1:{port}"],
+                expected_fingerprint=teacher_env.fingerprint,
+                backoff=FAST_FAIL,
+                **kwargs,
+            ) as c,
+            pytest.raises(TeacherUnavailableError) as info,
+        ):
+            c.describe()
+        name, _, details = info.value.message.partition(": ")
+        assert name == "UNAVAILABLE" and details.endswith("Connection refused"), details
+        assert not any(is_handshake_refusal(details, reason) for reason in REASONS)
 
 
 def test_unsecured_server_binds_loopback_only(server_factory, caplog) -> None:

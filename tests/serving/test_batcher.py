@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stkd_dist.serving.batcher import Batcher
+from stkd_dist.testing import wait_until
 
 
 class FakeModel:
@@ -132,13 +133,6 @@ class GatedModel(FakeModel):
         return super().__call__(idx)
 
 
-def _wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_windows_in_flight_are_not_computed_again() -> None:
     # no recent LRU: only the in-flight dedup can spare the second and third forward pass
     model = GatedModel()
@@ -147,7 +141,8 @@ def test_windows_in_flight_are_not_computed_again() -> None:
     first = batcher.submit(idx)
     assert model.entered.wait(10)  # the batch is computing
     again = [batcher.submit(idx[::-1]), batcher.submit(idx[:10])]
-    _wait_until(lambda: batcher.stats().shared == 74)  # both attached to the batch in flight
+    # both attached to the batch in flight
+    wait_until(lambda: batcher.stats().shared == 74, 10, "74 windows shared with the batch")
     model.release.set()
     check(idx, first.result(timeout=10))
     check(idx[::-1], again[0].result(timeout=10))
@@ -216,7 +211,7 @@ def test_a_failed_batch_fails_the_requests_attached_to_it() -> None:
     first = batcher.submit(np.arange(8))
     assert model.entered.wait(10)
     attached = batcher.submit(np.array([3, 4, 50]))  # two windows of the failing batch
-    _wait_until(lambda: batcher.stats().shared == 2)
+    wait_until(lambda: batcher.stats().shared == 2, 10, "2 windows shared with the failing batch")
     model.release.set()
     for f in (first, attached):
         with pytest.raises(RuntimeError, match="boom"):

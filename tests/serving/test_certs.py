@@ -39,6 +39,15 @@ from stkd_dist.serving.client import (
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
 from stkd_dist.serving.server import TeacherServer
+from tests.serving.tls_refusals import (
+    CLOSED_BY_SERVER,
+    UNTRUSTED,
+    WRONG_NAME,
+    assert_client_refused,
+    assert_rpc_refused,
+    assert_streams_refused,
+    capture_client_log,
+)
 
 DNS_NAME = "stkd-teacher-x-0"
 FAST_FAIL = Backoff(max_attempts=2, initial_s=0.01, max_s=0.05)
@@ -283,21 +292,26 @@ def test_generated_tls_serves_the_plaintext_labels(
 @pytest.mark.integration
 @pytest.mark.parametrize("trust", ["plaintext", "other CA"])
 def test_clients_without_the_run_ca_fail_the_handshake(
-    server_factory, teacher_env, run_pki: RunPki, trust: str
+    server_factory, teacher_env, run_pki: RunPki, trust: str, caplog
 ) -> None:
     secure = server_factory(tls=run_pki.ip_cert.server_tls(), token=run_pki.security.token)
     ca_pem = None if trust == "plaintext" else run_pki.other_ca_pem
+    # the client rejects a certificate of another CA; the server ends a plaintext client's
+    # connection in the handshake
+    reason = CLOSED_BY_SERVER if trust == "plaintext" else UNTRUSTED
     # a wrong token on purpose: a call that got past TLS would be answered UNAUTHENTICATED, so
     # UNAVAILABLE proves the connection was refused before any call reached the server
     options = ClientOptions(tls_ca_pem=ca_pem, token="not-the-token", backoff=FAST_FAIL)
     fp = teacher_env.fingerprint
+    capture_client_log(caplog)
     with SoftLabelClient([secure.address], expected_fingerprint=fp, options=options) as c:
-        with pytest.raises(TeacherUnavailableError, match="UNAVAILABLE") as info:
+        with pytest.raises(TeacherUnavailableError) as info:
             c.describe()
-        if trust == "other CA":
-            assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+        assert_client_refused(info.value, reason)
+        caplog.clear()
         with pytest.raises(TeacherUnavailableError, match="after 2 attempts"):
             list(c.stream("train", WINDOWS))
+        assert_streams_refused(caplog, FAST_FAIL.max_attempts, reason)
         assert c.stats.chunks == 0
     _served_nothing(secure)
 
@@ -343,7 +357,8 @@ def test_a_certificate_for_a_dns_name_reached_by_ip(
             pb_grpc.TeacherServiceStub(ch).Describe(
                 pb.DescribeRequest(), timeout=10, metadata=bearer(sec.token)
             )
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        code, details = err.value.code(), err.value.details()  # type: ignore[attr-defined]
+        assert_rpc_refused(code, details, WRONG_NAME)
 
 
 @pytest.mark.integration

@@ -137,12 +137,19 @@ def test_version_is_pinned_across_replicas(teacher_env, direct) -> None:
             backoff=FAST,
         )
         client.placement._next = 0  # ties go to replica a first
-        with client, pytest.raises(LabelMismatchError, match="another-teacher"):
+        with client:
             stream = client.stream("train", range(0, 397))
-            next(stream)
+            first, _, _ = next(stream)
+            assert first[0] == 0 and client.stats.endpoints == {a.address}
             assert client.version == teacher_env.version
             a.stop()  # failover can only reach b, which serves another version
-            list(stream)
+            with pytest.raises(LabelMismatchError) as refused:
+                list(stream)
+        # b refused (or the client caught) the switch: the error names b and both versions
+        assert refused.value.where == b.address
+        assert other.version in refused.value.message
+        assert teacher_env.version in refused.value.message
+        assert client.stats.endpoints == {a.address}  # nothing was taken from b
     finally:
         a.stop()
         b.stop()

@@ -174,10 +174,10 @@ def config(env: Env, run: str) -> Config:
 
 
 def signal_first_sender(
-    servers: tuple[Server, ...], sig: int, delay_s: float = 0.0
+    servers: tuple[Server, ...], sig: int
 ) -> tuple[list[Server], threading.Thread]:
     """Send ``sig`` to the first of ``servers`` whose label bytes counter moves (observed over
-    its metrics endpoint), ``delay_s`` after it does; returns the list it lands in and the
+    its metrics endpoint), as soon as it does; returns the list it lands in and the
     watching thread."""
     hit: list[Server] = []
 
@@ -186,7 +186,6 @@ def signal_first_sender(
         while time.monotonic() < deadline:
             for server in servers:
                 if server.bytes_sent() > 0:
-                    time.sleep(delay_s)
                     server.proc.send_signal(sig)
                     hit.append(server)
                     return

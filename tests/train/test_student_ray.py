@@ -29,10 +29,10 @@ from stkd_dist.labels.teachers import TeacherSpec, parse_labels
 from stkd_dist.serving.precompute import precompute_labels
 from stkd_dist.serving.teacher import load_teacher, safe_version
 from stkd_dist.storage import open_store
+from stkd_dist.testing import kill_rank_after, last_weights
 from stkd_dist.train.loop import build_reader
 from stkd_dist.train.ray_session import read_history
 from stkd_dist.train.student import StudentRequest, train_student
-from tests.train.kills import kill_rank_after, last_weights
 from tests.train.student_env import (
     EPOCHS,
     OPTIONS,
@@ -54,11 +54,10 @@ def test_killed_replica_cache_and_stream_give_identical_students(
     root = tmp_path / "storage"
     # a batch of 512 never fills, so every teacher batch waits 150 ms: a rank's stream of an
     # epoch (about 10 chunks) takes over a second; the first replica to send labels is killed
-    # right after its first chunk, mid-stream
+    # as soon as its byte counter shows a sent chunk, mid-stream
     slow = ("--batch-size", "512", "--batch-wait-ms", "150", "--metrics-port", "0")
     a1, a2 = spawn(env.ckpt["a"], *slow), spawn(env.ckpt["a"], *slow)
-    # the chunk reaches its client first; the next one is 150 ms away
-    killed, thread = signal_first_sender((a1, a2), signal.SIGKILL, delay_s=0.1)
+    killed, thread = signal_first_sender((a1, a2), signal.SIGKILL)
     cfg = config(env, "killed")
     request = StudentRequest(
         teachers=(TeacherSpec("stream", f"{a1.address},{a2.address}"),), client=OPTIONS

@@ -20,9 +20,9 @@ from stkd_dist.checkpoint import (
     read_best,
 )
 from stkd_dist.config import Config, load_config, read_config
+from stkd_dist.testing import kill_rank_after, last_weights
 from stkd_dist.train.ray_session import read_history
 from stkd_dist.train.teacher import train_teacher
-from tests.train.kills import kill_rank_after, last_weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

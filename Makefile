@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-long test-all lint format bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/stkd demo
 
+# `make test` keeps under 30 minutes on 2 cores: the few end-to-end tests of several minutes each
+# (marked `long`: killed and resumed pipelines, distills on a 2-node cluster or an S3 root) run
+# with `make test-long`, or everything with `make test-all`.
 test: install lint
+	$(BIN)/pytest -m "not long"
+
+test-long: install
+	$(BIN)/pytest -m long
+
+test-all: install lint
 	$(BIN)/pytest
 
 lint: install

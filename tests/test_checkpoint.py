@@ -308,3 +308,37 @@ def test_a_torn_last_epoch_is_resumed_not_reported_complete(
     assert outcome is None  # trained on (Ray resumes from epoch_0000), not "complete"
     assert lines == ["resuming run 'torn' (teacher) after epoch 1/2"]
     assert any(url(experiment / "epoch_0001") in r.getMessage() for r in caplog.records)
+
+
+def test_mid_epoch_checkpoints_order_after_their_epoch_and_never_count_as_best(
+    store: Path, storage_root: Path
+) -> None:
+    cfg = tiny_config(store, "r1", "teacher.schedule.epochs=3", "data.horizon=3")
+    experiment = storage_root / "runs" / "r1" / "teacher"
+    write_checkpoint(experiment / "epoch_0000", cfg, epoch=0, val_mae=3.0)
+    # inside epoch 1 (state.epoch 0 = the last finished one), after its 4th step: no val_mae
+    write_checkpoint(experiment / "epoch_0001_step_000004", cfg, epoch=0, val_mae=3.0, step=4)
+    meta = experiment / "epoch_0001_step_000004" / "meta.json"
+    data = json.loads(meta.read_text())
+    data["metrics"] = {"step": 4}
+    meta.write_text(json.dumps(data))
+    # meta.json's own sizes and hashes cover the other files only: still verifies
+    latest = latest_checkpoint(experiment)
+    assert latest is not None and latest.mid_epoch and latest.state.order == (0, 4)
+    assert "-e0s4-" in latest.version and latest.val_mae is None
+    assert [i.path.name for i in list_checkpoints(experiment)] == [
+        "epoch_0000",
+        "epoch_0001_step_000004",
+    ]
+    # resuming says where, and the run's best is an epoch's checkpoint
+    lines: list[str] = []
+    exp = open_experiment(cfg, "teacher", storage_root)
+    assert existing_outcome(exp, cfg, "teacher", lines.append) is None
+    assert lines == [
+        f"resuming run 'r1' (teacher) at step 4 of epoch 2/{cfg.teacher.schedule.epochs}"
+    ]
+    best = checkpoint_module.resolve_checkpoint(experiment)
+    assert best.name == "epoch_0000"
+    # the epoch's own checkpoint, once written, is newer than any of its steps
+    write_checkpoint(experiment / "epoch_0001", cfg, epoch=1, val_mae=2.0)
+    assert latest_checkpoint(experiment).path.name == "epoch_0001"

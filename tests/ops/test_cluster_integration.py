@@ -176,6 +176,7 @@ def test_submitted_distill_trains_the_teacher_on_two_nodes(
     assert cluster.head_node_id not in nodes
 
 
+@pytest.mark.long
 def test_submitted_distill_with_an_s3_root_on_two_nodes(
     local_ray_cluster: Any, s3_server: Any, shared_data: Path, tmp_path: Path
 ) -> None:
@@ -265,6 +266,7 @@ sys.exit(1)
 """
 
 
+@pytest.mark.long
 def test_stream_distill_on_two_nodes_survives_a_killed_replica_bitwise(
     local_ray_cluster: Any, tmp_path: Path
 ) -> None:

@@ -24,7 +24,7 @@ import yaml
 from stkd_dist.testing import registered
 from tests.pipeline.test_distill import stkd, write_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]
 
 RUN = "kd"
 MARKER = "epoch_0001_step_"  # a mid-epoch checkpoint of the stage's second epoch

@@ -85,6 +85,7 @@ def local_files(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_ingest_info_xarray_and_distill_with_an_s3_root(
     s3_server: Any, shared_data: Path, tmp_path: Path
 ) -> None:

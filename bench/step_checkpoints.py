@@ -8,8 +8,9 @@ Ray cluster) trains the ``demo`` preset's teacher on a random store four times:
 3. epoch checkpoints only, rank 1 SIGKILLed halfway through epoch 2;
 4. with ``checkpoint.every_steps``, rank 1 SIGKILLed at the same point.
 
-samples/s is the median over epochs 2..N of training windows / wall time of the training phase
-(which includes the step checkpoints' writes and uploads). The time lost per failure is the
+samples/s is the median over epochs 2..N (a killed run: its epochs but the killed one) of
+training windows / wall time of the training phase (which includes the step checkpoints' writes
+and uploads). The time lost per failure is the
 killed run's wall time minus the uninterrupted run's with the same settings: Ray's restart of the
 worker group plus the training redone since the checkpoint it resumed from. The table goes to
 ``bench/RESULTS.md`` under ``## Step checkpoints`` (only that section is replaced).
@@ -85,7 +86,8 @@ def measure(
         assert killed, "no worker was killed"
     history = read_history(experiment)
     last = {h["epoch"]: h for h in history}  # a redone epoch: its last record
-    rates = [last[e]["samples_per_s"] for e in sorted(last)]
+    # a resumed epoch's rate counts the windows before the kill but not their time: left out
+    rates = [last[e]["samples_per_s"] for e in sorted(last) if not (kill and e == 1)]
     status = json.loads((experiment / "workers" / "rank-1.json").read_text())
     return {
         "name": name,

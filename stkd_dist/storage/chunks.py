@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 
 from stkd_dist.errors import StoreError
-from stkd_dist.location import is_transient, retrying, storage_error
+from stkd_dist.location import is_transient, retrying, storage_error, storage_errors
 
 REINGEST = "re-ingest the dataset"
 
@@ -51,13 +51,11 @@ def chunk_errors(
     chunk of the selection reproduces becomes a :class:`StoreError` naming the chunk; storage
     errors become theirs; anything else (transient, or not a chunk's fault) propagates."""
     try:
-        yield
+        with storage_errors(where):  # a missing bucket, denied access: one StoreError
+            yield
     except StoreError:
         raise
     except Exception as e:
-        known = storage_error(e, where)
-        if known is not None:
-            raise known from e
         if is_transient(e):
             raise
         bad = corrupt_chunk(arr, selection)

@@ -292,7 +292,7 @@ def settings_line(cfg: Any) -> str:
     return (
         f"Settings (preset `{d.dataset}` as resolved for these runs): data L={d.input_steps}, "
         f"H={d.horizon}, batch {d.batch_size} per worker, per-node statistics "
-        f"{'on' if d.per_node_stats else 'off'}, {cfg.cluster.num_workers} workers; teacher "
+        f"{'on' if d.per_node_stats else 'off'}, {cfg.cluster.describe_workers()} workers; teacher "
         f"`{t.model}` ({kw(t.kwargs)}; {sched(t)}); student `{s.model}` ({kw(s.kwargs)}; "
         f"{sched(s)}); distillation `{k.loss}` ({loss})."
     )

@@ -90,7 +90,10 @@ class TrainState:
         attempt: how many times the run (re)started from a checkpoint (0 = never).
         samples: training windows seen so far (all ranks).
         step: optimiser steps done in the epoch after ``epoch`` (0 = a checkpoint at an epoch's
-            end; > 0 = a mid-epoch checkpoint, whose epoch resumes at this batch).
+            end; > 0 = a mid-epoch checkpoint, whose epoch resumes at this batch), counted in
+            the epoch's latest deal.
+        regroups: ``(world_size, steps)`` of the epoch's earlier deals when elastic training
+            re-dealt it to another world size (:mod:`stkd_dist.data.regroup`); empty otherwise.
     """
 
     epoch: int = -1
@@ -101,6 +104,7 @@ class TrainState:
     attempt: int = 0
     samples: int = 0
     step: int = 0
+    regroups: tuple[tuple[int, int], ...] = ()
 
     def end_epoch(self, epoch: int, val_mae: float, samples: int, patience: int) -> float:
         """Record a finished epoch; returns its validation MAE (inf when it was not finite).
@@ -118,16 +122,28 @@ class TrainState:
         self.epoch = epoch
         self.samples += samples
         self.step = 0
+        self.regroups = ()
         return val_mae
 
     @property
+    def steps_before(self) -> int:
+        """Steps the epoch's earlier deals ran (0 unless it was re-dealt)."""
+        return sum(steps for _, steps in self.regroups)
+
+    @property
+    def epoch_step(self) -> int:
+        """Steps done in the epoch in progress, over all its deals."""
+        return self.steps_before + self.step
+
+    @property
     def order(self) -> tuple[int, int]:
-        """``(epoch, step)``: sorts checkpoints in the order they were taken."""
-        return (self.epoch, self.step)
+        """``(epoch, steps into the next)``: sorts checkpoints in the order they were taken."""
+        return (self.epoch, self.epoch_step)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["best_val_mae"] = None if d["best_val_mae"] == float("inf") else d["best_val_mae"]
+        d["regroups"] = [list(g) for g in self.regroups]
         return d
 
     @classmethod
@@ -135,6 +151,7 @@ class TrainState:
         d = dict(d)
         if d.get("best_val_mae") is None:
             d["best_val_mae"] = float("inf")
+        d["regroups"] = tuple((int(w), int(s)) for w, s in d.get("regroups", ()))
         return cls(**d)
 
 
@@ -177,7 +194,7 @@ class CheckpointInfo:
     @property
     def mid_epoch(self) -> bool:
         """Taken inside an epoch (``checkpoint.every_steps`` / ``every_minutes``)."""
-        return self.state.step > 0
+        return self.state.epoch_step > 0
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -246,7 +263,7 @@ def save_checkpoint(
         d / TRAIN_STATE,
     )
     digest = weights_digest(model_state)
-    version = make_version(config.run_name, state.epoch, digest, state.step)
+    version = make_version(config.run_name, state.epoch, digest, state.epoch_step)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "role": role,

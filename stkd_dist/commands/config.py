@@ -71,6 +71,6 @@ def run_validate(args: argparse.Namespace) -> int:
     print(
         f"ok: {source} (run {cfg.run_name!r}, data {cfg.data.dataset!r}, "
         f"teacher {cfg.teacher.model!r}, student {cfg.student.model!r}, "
-        f"{cfg.cluster.num_workers} worker(s))"
+        f"{cfg.cluster.describe_workers()} worker(s))"
     )
     return 0

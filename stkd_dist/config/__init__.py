@@ -33,6 +33,7 @@ from stkd_dist.config.sections import (
     DataSection,
     RunSection,
     SplitSection,
+    WorkerRange,
 )
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "SplitSection",
     "StudentSection",
     "TeacherSection",
+    "WorkerRange",
     "apply_overrides",
     "config_from_text",
     "dump_config",

@@ -133,33 +133,89 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class WorkerRange:
+    """``cluster.num_workers: {min: 2, max: 4}``: elastic training between two world sizes.
+
+    Attributes:
+        min: the fewest workers training continues on (fewer: it waits for resources).
+        max: the most workers it starts, and grows back to, when the cluster has room.
+    """
+
+    min: int = 0
+    max: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("min", "max"):
+            value = getattr(self, name)
+            require(
+                value > 0,
+                name,
+                f"must be > 0 (e.g. num_workers: {{min: 2, max: 4}}), got {value!r}",
+            )
+        require(self.min <= self.max, "min", f"must be <= max ({self.max}), got {self.min!r}")
+
+
+@dataclass(frozen=True)
 class ClusterSection:
     """``cluster``: where and how wide training runs.
 
     Attributes:
-        num_workers: data-parallel training workers (DDP ranks).
+        num_workers: data-parallel training workers (DDP ranks): a number, or ``{min, max}`` for
+            elastic training (Ray Train's elastic scaling: the worker group restarts on fewer
+            workers when one is lost for good and grows back when resources return; the epoch
+            in progress is re-dealt to the new world size from the latest checkpoint, so every
+            window is still seen once per epoch).
         use_gpu: one GPU per worker and NCCL; otherwise CPU and gloo.
         cpus_per_worker: CPUs Ray reserves for each worker.
         torch_threads: intra-op threads of each worker (``torch.set_num_threads``).
         address: Ray cluster to connect to; null = ``$RAY_ADDRESS`` if set, else start a local one.
         max_failures: how many worker-group failures a run recovers from, each time from its
             latest (step or epoch) checkpoint; -1 = unlimited, 0 = none.
+        resize_interval_s: elastic training: how often a running worker group checks whether
+            the cluster has room for more workers (each resize restarts the group from the
+            latest checkpoint, so checkpoint often: ``checkpoint.every_steps``).
     """
 
-    num_workers: int = 2
+    num_workers: int | WorkerRange = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
     torch_threads: int = 1
     address: str | None = None
     max_failures: int = 3
+    resize_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
-        positive(self, "num_workers", "cpus_per_worker", "torch_threads")
+        if isinstance(self.num_workers, int):
+            positive(self, "num_workers")
+        positive(self, "cpus_per_worker", "torch_threads", "resize_interval_s")
         require(
             self.max_failures >= -1,
             "max_failures",
             f"must be >= 0, or -1 for unlimited, got {self.max_failures!r}",
         )
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the world size may change during a run (``num_workers: {min, max}``)."""
+        return isinstance(self.num_workers, WorkerRange)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run uses (the number it starts with)."""
+        n = self.num_workers
+        return n.max if isinstance(n, WorkerRange) else n
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains on."""
+        n = self.num_workers
+        return n.min if isinstance(n, WorkerRange) else n
+
+    def describe_workers(self) -> str:
+        """``2`` or ``2-4 (elastic)``, for status lines."""
+        if self.elastic:
+            return f"{self.min_workers}-{self.max_workers} (elastic)"
+        return str(self.max_workers)
 
 
 @dataclass(frozen=True)
@@ -170,7 +226,8 @@ class CheckpointSection:
     stopped (model, optimiser, scheduler, early-stopping state, the step reached in the shard
     plan, every rank's partial epoch sums); the random state of a step is derived from
     ``(run.seed, rank, epoch, step)``, so it needs no saving. Resuming from it gives the same
-    weights, bit for bit, as never having stopped (for the same ``cluster.num_workers``).
+    weights, bit for bit, as never having stopped (for the same world size; elastic training
+    re-deals the rest of the epoch to a new one).
     Mid-epoch checkpoints rank below every epoch checkpoint when ``run.keep_best`` prunes, so
     the latest one is kept (to resume from) and older ones are deleted.
 

@@ -3,6 +3,8 @@
 A :class:`Block` is a contiguous run of windows inside one storage time chunk; a
 :class:`RankWindows` is the sequence of windows a rank visits, derived block by block from its
 blocks and the shuffle key ``(seed, epoch, rank)`` without ever materialising the whole sequence.
+A :class:`ResumedWindows` is a rank's sequence in an epoch re-dealt to another world size
+(:mod:`.regroup`): consecutive pieces of the original ranks' sequences, just as lazy.
 """
 
 from __future__ import annotations
@@ -96,6 +98,21 @@ class RankWindows(Sequence[int]):
             # seeded per block, so this block is derived without any other (resumable suffix)
             order = np.random.default_rng([*self.key, i]).permutation(len(b))
         return b.start + order * b.step
+
+    def spans(self) -> Iterator[tuple[Block, int, int]]:
+        """``(block, first, stop)``: the sequence positions ``[first, stop)`` block by block."""
+        for i, b in enumerate(self.blocks):
+            yield b, int(self._offsets[i]), int(self._offsets[i + 1])
+
+    def block_spans(self, start: int, stop: int) -> Iterator[tuple[Block, int, int]]:
+        """Like :meth:`spans`, only the parts of blocks inside positions ``[start, stop)``."""
+        first = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        for i in range(max(first, 0), len(self.blocks)):
+            lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
+            if lo >= stop:
+                break
+            if hi > start:
+                yield self.blocks[i], max(lo, start), min(hi, stop)
 
     def iter_blocks(self) -> Iterator[tuple[Block, np.ndarray]]:
         """``(block, its windows in rank order)`` one block at a time."""
@@ -191,3 +208,110 @@ class RankWindows(Sequence[int]):
     def __repr__(self) -> str:
         order = "time order" if self.key is None else f"shuffled by {self.key}"
         return f"RankWindows({len(self)} windows in {len(self.blocks)} blocks, {order})"
+
+
+#: positions ``[a, b)`` of one original rank's sequence (a piece of a re-dealt rank's sequence)
+Piece = tuple[RankWindows, int, int]
+
+
+class ResumedWindows(Sequence[int]):
+    """A rank's window sequence in an epoch re-dealt to another world size (see :mod:`.regroup`).
+
+    The sequence is the concatenation of ``pieces``, each a run of positions of one original
+    rank's :class:`RankWindows`; it holds O(pieces) state (a few per rank and re-deal) and
+    derives windows only for the blocks an access touches, like :class:`RankWindows`.
+    """
+
+    __slots__ = ("_offsets", "pieces")
+
+    def __init__(self, pieces: Sequence[Piece]) -> None:
+        merged: list[Piece] = []
+        for w, a, b in pieces:
+            if b <= a:
+                continue
+            if merged and merged[-1][0] is w and merged[-1][2] == a:
+                # two runs of one sequence that meet again (after two re-deals): one piece
+                merged[-1] = (w, merged[-1][1], int(b))
+            else:
+                merged.append((w, int(a), int(b)))
+        self.pieces: tuple[Piece, ...] = tuple(merged)
+        sizes = np.fromiter((b - a for _, a, b in self.pieces), np.int64, len(self.pieces))
+        self._offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes)])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def sub(self, start: int, stop: int) -> list[Piece]:
+        """Positions ``[start, stop)`` of this sequence as pieces of the original ranks'."""
+        out = []
+        for (w, a, b), lo in zip(self.pieces, self._offsets[:-1].tolist(), strict=True):
+            hi = lo + b - a
+            if hi > start and lo < stop:
+                out.append((w, a + max(start - lo, 0), a + min(stop, hi) - lo))
+        return out
+
+    def spans(self) -> Iterator[tuple[Block, int, int]]:
+        """``(block, first, stop)``: the positions ``[first, stop)`` of this sequence whose
+        windows all lie in ``block`` (a block cut by a re-deal appears in part)."""
+        for (w, a, b), lo in zip(self.pieces, self._offsets[:-1].tolist(), strict=True):
+            for block, x, y in w.block_spans(a, b):
+                yield block, lo + x - a, lo + y - a
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """The blocks the sequence reads, in order (those of :meth:`spans`)."""
+        return tuple(b for b, _, _ in self.spans())
+
+    def array(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``[k]`` int64: positions ``[start, stop)`` (clamped like a slice)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        parts = [w.array(a, b) for w, a, b in self.sub(start, stop)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def take(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
+        """``[k]`` int64: the windows at sequence ``positions``."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if pos.size and (pos.min() < 0 or pos.max() >= n):
+            raise IndexError(f"positions outside 0..{n - 1}")
+        out = np.empty(pos.size, dtype=np.int64)
+        which = np.searchsorted(self._offsets, pos, side="right") - 1
+        for i in np.unique(which):
+            w, a, _ = self.pieces[int(i)]
+            sel = which == i
+            out[sel] = w.take(a + pos[sel] - self._offsets[i])
+        return out
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return self.array(start, stop).tolist()
+            return self.take(np.arange(start, stop, step)).tolist()
+        n = len(self)
+        i = int(index) + n if int(index) < 0 else int(index)
+        if not 0 <= i < n:
+            raise IndexError(f"window position {index} outside a sequence of {n}")
+        return int(self.take([i])[0])
+
+    def __iter__(self) -> Iterator[int]:
+        for w, a, b in self.pieces:
+            for _, x, y in w.block_spans(a, b):
+                yield from w.array(x, y).tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        if len(other) != len(self):
+            return False
+        theirs = other.array() if isinstance(other, RankWindows | ResumedWindows) else other
+        return bool(np.array_equal(self.array(), np.asarray(theirs, dtype=np.int64)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ResumedWindows({len(self)} windows in {len(self.pieces)} pieces)"

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from stkd_dist.data.batch import WindowBatch
-from stkd_dist.data.plan import ShardPlan, make_plan
+from stkd_dist.data.plan import ShardPlan
 from stkd_dist.data.reader import WindowReader
+from stkd_dist.data.regroup import Regroup, resume_plan
 from stkd_dist.errors import InputError
 
 _Block = tuple[np.ndarray, np.ndarray]  # values float32, mask bool: [t, node, channel]
@@ -127,14 +128,15 @@ class RankLoader:
         length = self.reader.window.length
         out: list[Segment] = []
         pos = 0
-        for block in self.shard.blocks:
+        # one span per block (a re-dealt epoch's rank may hold part of a block: its span)
+        for block, first, stop in self.shard.spans():
+            assert first == pos
             lo, hi = block.read_range(length)
-            out.append(Segment(lo, hi, pos, pos + len(block)))
-            pos += len(block)
+            out.append(Segment(lo, hi, first, stop))
+            pos = stop
         assert pos == self.shard.count
         if self.shard.padding:
-            last = self.shard.blocks[-1]
-            if self.shard.padding <= len(last):
+            if self.shard.padding <= out[-1].stop - out[-1].first:
                 # padding repeats the last block's windows: serve it from the block still held
                 tail = out.pop()
                 out.append(Segment(tail.lo, tail.hi, tail.first, pos + self.shard.padding))
@@ -220,16 +222,20 @@ def make_loader(
     shuffle: bool | None = None,
     prefetch: bool = True,
     start_batch: int = 0,
+    regroups: tuple[Regroup, ...] = (),
 ) -> RankLoader:
     """The loader of ``rank`` for ``split`` and ``epoch`` (from batch ``start_batch`` on).
 
     Every rank calls this with the same arguments except ``rank`` and gets its part of the same
-    plan. ``shuffle`` defaults to True for the training split and False otherwise.
+    plan. ``shuffle`` defaults to True for the training split and False otherwise. An epoch that
+    was re-dealt to another world size (elastic training) names its earlier deals in
+    ``regroups`` (:mod:`.regroup`); ``start_batch`` then counts in the last deal.
     """
-    plan = make_plan(
+    plan = resume_plan(
         reader.windows(split),
         reader.store.chunks[0],
         world_size,
+        regroups,
         epoch=epoch,
         seed=seed,
         batch_size=batch_size,

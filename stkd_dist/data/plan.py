@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from stkd_dist.data.blocks import Block, RankWindows, ShuffleKey
+from stkd_dist.data.blocks import Block, RankWindows, ResumedWindows, ShuffleKey
 from stkd_dist.errors import InputError
 
 # 2: exact balance, lazily derived windows (format 1 listed every rank's windows)
@@ -79,7 +79,7 @@ class RankShard:
     padding: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.windows, RankWindows):
+        if isinstance(self.windows, RankWindows | ResumedWindows):
             # derived from these very blocks, so the lengths agree by construction
             if self.windows.blocks != self.blocks:
                 raise InputError("a rank's windows are derived from other blocks", where="plan")
@@ -104,12 +104,12 @@ class RankShard:
 
         Only the blocks the range overlaps are derived (e.g. a resumed epoch's suffix).
         """
-        if isinstance(self.windows, RankWindows):
+        if isinstance(self.windows, RankWindows | ResumedWindows):
             return self.windows.array(start, stop)
         return np.asarray(self.windows[start:stop], dtype=np.int64)
 
     def _take(self, positions: np.ndarray) -> np.ndarray:
-        if isinstance(self.windows, RankWindows):
+        if isinstance(self.windows, RankWindows | ResumedWindows):
             return self.windows.take(positions)
         return np.asarray(self.windows, dtype=np.int64)[positions]
 
@@ -126,7 +126,7 @@ class RankShard:
         # padding entry j repeats the window at position n-1-(j mod n): the last ones first
         pad = pos >= n
         pos[pad] = n - 1 - (pos[pad] - n) % max(n, 1)
-        if isinstance(self.windows, RankWindows) and not pad.any():
+        if isinstance(self.windows, RankWindows | ResumedWindows) and not pad.any():
             idx = self.windows.array(start, stop)  # the common case: one contiguous run
         else:
             idx = self._take(pos)
@@ -139,6 +139,18 @@ class RankShard:
         """
         n = self.count
         return tuple(self.entries(n, n + self.padding)[0].tolist())
+
+    def spans(self) -> list[tuple[Block, int, int]]:
+        """``(block, first, stop)``: the sequence positions ``[first, stop)`` whose windows lie
+        in ``block``, in sequence order (one per block, or per part of a block a re-dealt epoch
+        kept: :mod:`.regroup`)."""
+        if isinstance(self.windows, RankWindows | ResumedWindows):
+            return list(self.windows.spans())
+        out, pos = [], 0
+        for b in self.blocks:
+            out.append((b, pos, pos + len(b)))
+            pos += len(b)
+        return out
 
     @property
     def last_window(self) -> int:
@@ -197,6 +209,8 @@ class ShardPlan:
     chunk_steps: int
     ranks: tuple[RankShard, ...]
     num_batches: int
+    # the epoch's earlier deals ``(world_size, steps)`` when it was re-dealt (:mod:`.regroup`)
+    regroups: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.ranks) != self.world_size:
@@ -267,6 +281,7 @@ class ShardPlan:
             "samples_per_rank": self.samples_per_rank,
             "total_padding": self.total_padding,
             "ranks": [r.to_json(windows=windows) for r in self.ranks],
+            "regroups": [list(g) for g in self.regroups],
         }
 
     @classmethod
@@ -275,6 +290,12 @@ class ShardPlan:
         if d.get("format") != PLAN_FORMAT:
             raise InputError(
                 f"plan format {d.get('format')!r} is not {PLAN_FORMAT}", where="plan.format"
+            )
+        if d.get("regroups"):
+            raise InputError(
+                "a re-dealt plan is rebuilt from its first deal and its regroups "
+                "(stkd_dist.data.regroup.resume_plan), not from its blocks",
+                where="plan.regroups",
             )
         try:
             seed, epoch, shuffle = int(d["seed"]), int(d["epoch"]), bool(d["shuffle"])

@@ -342,7 +342,7 @@ class RaySession:
             replicas = s.replicas if s.mode == "stream" and s.endpoints is None else 0
             # every worker and replica gets its reservation even on a machine with fewer cores
             # (they then share cores instead of waiting forever for resources)
-            need = c.num_workers * c.cpus_per_worker + math.ceil(replicas * s.cpus_per_replica)
+            need = c.max_workers * c.cpus_per_worker + math.ceil(replicas * s.cpus_per_replica)
             cpus = max(need, os.cpu_count() or 1)
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=self.worker_logs)
             self.where = f"a local Ray cluster ({cpus} CPUs)"

@@ -239,6 +239,7 @@ class SoftLabelClient:
             batch_size=plan.batch_size,
             shuffle=plan.shuffle,
             chunk_steps=plan.chunk_steps,
+            regroups=[pb.PlanRegroup(world_size=w, steps=s) for w, s in plan.regroups],
         )
         request = self._request(split, spread, plan=spec)
         # a resumed epoch starts where its last checkpoint was: the cursor of a stream resumed

@@ -204,6 +204,8 @@ class PlanRequest:
     shuffle: bool = True
     chunk_steps: int = 0  # 0: the server's store's time-chunk length
     start: int = 0  # the position in the rank's sequence to start at (a resumed epoch)
+    # (world_size, steps) of the epoch's earlier deals, when it was re-dealt (data.regroup)
+    regroups: tuple[tuple[int, int], ...] = ()
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ClientOptions))

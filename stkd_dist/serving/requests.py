@@ -23,6 +23,8 @@ from stkd_dist.serving.teacher import TeacherMeta
 
 # most windows one request may name (protects the server's memory from a malformed request)
 MAX_SEQUENCE = 50_000_000
+# an epoch is re-dealt once per change of world size: a few times, not thousands
+MAX_REGROUPS = 1000
 
 
 class RequestError(Exception):
@@ -164,18 +166,24 @@ def _ranges(ranges: list[pb.WindowRange], windows: range, split: str) -> np.ndar
 def _plan_windows(
     spec: pb.ShardPlanSpec, windows: range, split: str, chunk_steps: int
 ) -> np.ndarray:
-    from stkd_dist.data.plan import make_plan
+    from stkd_dist.data.regroup import resume_plan
 
     if spec.world_size < 1 or not 0 <= spec.rank < spec.world_size:
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"plan rank {spec.rank} is outside 0..{spec.world_size - 1}",
         )
+    if len(spec.regroups) > MAX_REGROUPS:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the plan names {len(spec.regroups)} regroups, more than {MAX_REGROUPS}",
+        )
     try:
-        plan = make_plan(
+        plan = resume_plan(
             windows,
             spec.chunk_steps or chunk_steps,
             spec.world_size,
+            [(g.world_size, g.steps) for g in spec.regroups],
             epoch=spec.epoch,
             seed=spec.seed,
             batch_size=spec.batch_size or 1,

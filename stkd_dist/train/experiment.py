@@ -62,9 +62,9 @@ def open_experiment(cfg: Config, name: str, storage: str | os.PathLike[str] | No
     reader = build_reader(cfg, store)  # checks channels and windows, computes + caches statistics
     for split in ("val", "train"):
         n = len(reader.windows(split))
-        if n < cfg.cluster.num_workers:
+        if n < cfg.cluster.max_workers:
             raise ConfigError(
-                f"the {split} split has {n} windows, fewer than {cfg.cluster.num_workers} "
+                f"the {split} split has {n} windows, fewer than {cfg.cluster.max_workers} "
                 "workers; use fewer workers or a larger split",
                 where="cluster.num_workers",
             )
@@ -153,6 +153,10 @@ def finish(experiment: Location, cfg: Config, role: str = "teacher") -> Checkpoi
 def fit(job: TrainJob, run: Location, epochs: int) -> None:
     """Run ``job`` on Ray Train: ``cluster.num_workers`` DDP workers executing :func:`~stkd_dist.train.worker.run_worker`.
 
+    With ``cluster.num_workers: {min, max}`` the run is elastic: Ray Train starts as many
+    workers as the cluster has room for (at most ``max``), restarts the group on fewer when a
+    worker's node is gone (at least ``min``) and on more when room returns.
+
     The Ray experiment ``<run>/<job.experiment>`` keeps the best ``run.keep_best`` checkpoints by
     validation MAE plus the latest; a failed worker group restarts from the latest checkpoint up
     to ``cluster.max_failures`` times. Call it inside :func:`ray_cluster`; ``epochs`` is for the
@@ -172,9 +176,11 @@ def fit(job: TrainJob, run: Location, epochs: int) -> None:
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=c.num_workers,
+            # elastic: Ray Train restarts the group on as many workers as fit, in [min, max]
+            num_workers=(c.min_workers, c.max_workers) if c.elastic else c.max_workers,
             use_gpu=c.use_gpu,
             resources_per_worker={"CPU": c.cpus_per_worker},
+            elastic_resize_monitor_interval_s=c.resize_interval_s,
         ),
         run_config=RunConfig(
             name=job.experiment,
@@ -206,7 +212,7 @@ def existing_outcome(
     epochs = cfg.model(role).schedule.epochs
     if not is_complete(latest, epochs):
         if latest.mid_epoch:
-            at = f"at step {latest.state.step} of epoch {latest.epoch + 2}/{epochs}"
+            at = f"at step {latest.state.epoch_step} of epoch {latest.epoch + 2}/{epochs}"
         else:
             at = f"after epoch {latest.epoch + 1}/{epochs}"
         echo(f"resuming {label} {at}")

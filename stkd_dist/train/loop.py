@@ -78,11 +78,16 @@ class EpochHooks(Protocol):
     def end_epoch(self, epoch: int) -> dict[str, Any]: ...
 
     def partial(self) -> dict[str, Any]:
-        """What the hooks summed over the epoch so far (JSON; kept in mid-epoch checkpoints)."""
+        """What the hooks summed over the epoch so far (JSON; kept in mid-epoch checkpoints).
+
+        Sums only (numbers, or dicts of them): an epoch re-dealt to another world size adds
+        the old ranks' sums key by key and hands them to rank 0.
+        """
         ...
 
     def restore(self, partial: dict[str, Any]) -> None:
-        """Continue an epoch resumed mid-way (after :meth:`begin_epoch`) from :meth:`partial`."""
+        """Continue an epoch resumed mid-way (after :meth:`begin_epoch`) from :meth:`partial`
+        (``{}``: nothing summed yet, a rank that joins a re-dealt epoch)."""
         ...
 
 

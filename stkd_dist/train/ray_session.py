@@ -55,7 +55,7 @@ def ray_cluster(cluster: ClusterSection) -> Iterator[str]:
     else:
         # A local cluster gets at least every core, and enough CPUs for all workers even on a
         # smaller machine (the workers then share cores instead of waiting forever for resources).
-        need = cluster.num_workers * cluster.cpus_per_worker
+        need = cluster.max_workers * cluster.cpus_per_worker
         ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False)
         where = f"a local Ray cluster ({max(need, os.cpu_count() or 1)} CPUs)"
     try:

@@ -107,6 +107,29 @@ def gather_progress(progress: EpochProgress, world_size: int) -> list[dict[str, 
     return out
 
 
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in a | b}
+    return a + b
+
+
+def regroup_progress(partial: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """The progress of an epoch re-dealt to ``world_size`` ranks (elastic training).
+
+    The old ranks' sums (loss, weights, samples and the hooks' sums, nested dicts of numbers
+    added key by key: :meth:`EpochHooks.partial` returns sums for this reason) go to the new
+    rank 0 and the other ranks start from zero, so the epoch's totals stay the same.
+    """
+    total = EpochProgress()
+    for p in partial:
+        old = EpochProgress.from_json(p)
+        total.loss_sum += old.loss_sum
+        total.weight_sum += old.weight_sum
+        total.samples += old.samples
+        total.hooks = _add(total.hooks, old.hooks) if total.hooks else dict(old.hooks)
+    return [total.to_json()] + [EpochProgress().to_json() for _ in range(world_size - 1)]
+
+
 class StepCheckpoints:
     """After which optimiser steps of an epoch a mid-epoch checkpoint is taken.
 

@@ -131,6 +131,7 @@ class DistillLoss:
             shuffle=plan.shuffle,
             chunk_steps=plan.chunk_steps,
             start=self._start,
+            regroups=plan.regroups,
         )
         self.source.begin_epoch(windows, request)
         # the first step's wait counts from here: with labels late, it is most of the wait
@@ -187,8 +188,10 @@ class DistillLoss:
 
     def restore(self, partial: dict[str, Any]) -> None:
         """Continue the sums of :meth:`partial` (after :meth:`begin_epoch` of a resumed epoch)."""
-        self._parts = defaultdict(float, {k: float(v) for k, v in partial["parts"].items()})
-        self._weight = float(partial["weight"])
+        # {} on a rank that starts an epoch re-dealt to a new world size (rank 0 got the sums)
+        parts = partial.get("parts", {})
+        self._parts = defaultdict(float, {k: float(v) for k, v in parts.items()})
+        self._weight = float(partial.get("weight", 0.0))
 
     def close(self) -> None:
         self.source.close()
@@ -400,7 +403,7 @@ def train_student(
         kind = "distilled" if request.distill else "baseline (no teacher)"
         echo(
             f"training {kind} student {cfg.student.model!r} on {store.name} with "
-            f"{c.num_workers} worker(s) ({'GPU, nccl' if c.use_gpu else 'CPU, gloo'}) on {where}"
+            f"{c.describe_workers()} worker(s) ({'GPU, nccl' if c.use_gpu else 'CPU, gloo'}) on {where}"
         )
         try:
             fit(job, exp.run, cfg.student.schedule.epochs)

@@ -77,7 +77,7 @@ def train_teacher(
     c = cfg.cluster
     with ray_cluster(c) as where:
         echo(
-            f"training teacher {cfg.teacher.model!r} on {exp.store.name} with {c.num_workers} "
+            f"training teacher {cfg.teacher.model!r} on {exp.store.name} with {c.describe_workers()} "
             f"worker(s) ({'GPU, nccl' if c.use_gpu else 'CPU, gloo'}) on {where}"
         )
         fit(job, exp.run, cfg.teacher.schedule.epochs)

@@ -27,7 +27,6 @@ from stkd_dist.checkpoint import (
     save_checkpoint,
     weights_digest,
 )
-from stkd_dist.errors import ConfigError
 from stkd_dist.location import location, write_json_atomic
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import (
@@ -47,6 +46,7 @@ from stkd_dist.train.steps import (
     StepCheckpoints,
     checkpoint_score,
     gather_progress,
+    regroup_progress,
     seed_step,
 )
 
@@ -70,7 +70,8 @@ def write_worker_status(job: TrainJob, rank: int, world_size: int, state: TrainS
             "node_id": ray.get_runtime_context().get_node_id(),
             "attempt": state.attempt,
             "resumed_after_epoch": state.epoch,
-            "resumed_at_step": state.step,
+            "resumed_at_step": state.epoch_step,
+            "regroups": [list(g) for g in state.regroups],
             "started": time.time(),
         },
     )
@@ -131,16 +132,23 @@ def run_worker(job: TrainJob) -> None:
         model.load_state_dict(saved["model"])
         state = info.state
         state.attempt += 1
-    write_worker_status(job, rank, world, state)
     # a mid-epoch checkpoint: every rank's sums of the epoch so far, entry r = rank r's
     partial: list[dict[str, Any]] | None = saved.get("partial") if state.step else None
     if partial is not None and len(partial) != world:
-        raise ConfigError(
-            f"the latest checkpoint was taken inside epoch {state.epoch + 2} by {len(partial)} "
-            f"workers and continues that epoch only on as many (this run has {world}); set "
-            f"cluster.num_workers: {len(partial)} until the epoch ends",
-            where="cluster.num_workers",
-        )
+        # Another world size than the checkpoint's (elastic training lost or regained a
+        # worker, or the run was restarted with other cluster.num_workers): every rank derives
+        # the same re-deal of the windows the epoch has left (data.regroup) from the
+        # checkpoint alone, so no rank needs to talk to another about it.
+        if rank == 0:
+            print(
+                f"continuing epoch {state.epoch + 2} after step {state.epoch_step} on {world} "
+                f"worker(s): the windows the {len(partial)} worker(s) had left are dealt anew",
+                flush=True,
+            )
+        state.regroups = (*state.regroups, (len(partial), state.step))
+        state.step = 0
+        partial = regroup_progress(partial, world)
+    write_worker_status(job, rank, world, state)
 
     # prepare_model moves the model to the device and wraps it in DDP when world_size > 1; DDP
     # broadcasts rank 0's parameters, and registers the gradient all-reduce hooks.
@@ -185,6 +193,7 @@ def run_worker(job: TrainJob) -> None:
         lr = optimizer.param_groups[0]["lr"]
         ddp.train()
         start = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
+        before = state.steps_before  # > 0 only in an epoch re-dealt to this world size
         loader = make_loader(
             reader,
             "train",
@@ -195,18 +204,24 @@ def run_worker(job: TrainJob) -> None:
             batch_size=cfg.data.batch_size,
             shuffle=True,
             start_batch=start,
+            regroups=state.regroups,
         )
+        resumed = partial is not None
         progress = EpochProgress.from_json(partial[rank]) if partial else EpochProgress()
         partial = None
         if hooks is not None:
             hooks.begin_epoch(epoch, loader)  # e.g. start streaming this rank's soft labels
-            if start:
+            if resumed:
                 hooks.restore(progress.hooks)
 
         batches = loader.plan.num_batches
 
         def after_step(
-            done: int, progress: EpochProgress, epoch: int = epoch, batches: int = batches
+            done: int,
+            progress: EpochProgress,
+            epoch: int = epoch,
+            batches: int = batches,
+            before: int = before,
         ) -> None:
             # SYNC: every rank runs this after every step; `due` and the gather and report
             # below are collectives, reached by all ranks at the same step or by none
@@ -216,9 +231,10 @@ def run_worker(job: TrainJob) -> None:
                 progress.hooks = hooks.partial()
             everyone = gather_progress(progress, world)  # SYNC
             at = dataclasses.replace(state, step=done)
-            metrics = {"epoch_in_progress": epoch, "step": done, SCORE: checkpoint_score(None)}
-            ckpt = checkpoint_of({"step": done}, at, partial=everyone) if rank == 0 else None
-            _report(job, rank, metrics, ckpt, f"epoch_{epoch:04d}_step_{done:06d}")  # SYNC
+            step = before + done  # into the epoch, over all its deals
+            metrics = {"epoch_in_progress": epoch, "step": step, SCORE: checkpoint_score(None)}
+            ckpt = checkpoint_of({"step": step}, at, partial=everyone) if rank == 0 else None
+            _report(job, rank, metrics, ckpt, f"epoch_{epoch:04d}_step_{step:06d}")  # SYNC
             steps.mark()
 
         loss_sum, weight_sum, samples = train_epoch(
@@ -231,7 +247,10 @@ def run_worker(job: TrainJob) -> None:
             world,
             start_step=start,
             progress=progress,
-            before_step=lambda step, epoch=epoch: seed_step(cfg.run.seed, rank, epoch, step),
+            # seeded by the step into the epoch, so a re-dealt epoch's steps draw new masks
+            before_step=lambda step, epoch=epoch, before=before: seed_step(
+                cfg.run.seed, rank, epoch, before + step
+            ),
             after_step=after_step if cfg.checkpoint.enabled else None,
         )
         extra = hooks.end_epoch(epoch) if hooks is not None else {}

@@ -249,6 +249,31 @@ def test_plan_requests_stream_the_ranks_windows(server_factory, teacher_env, dir
     assert sorted(seen) == list(windows)  # the ranks' streams partition the split
 
 
+def test_a_re_dealt_plan_streams_the_rest_of_the_epoch(server_factory, teacher_env, direct) -> None:
+    from stkd_dist.data.plan import make_plan
+
+    server = server_factory()
+    windows = direct.meta.splits["train"]
+    chunk_steps = direct.reader.store.chunks[0]
+    first = make_plan(windows, chunk_steps, 3, epoch=1, seed=5, batch_size=16)
+    done = [w for r in range(3) for w in first.rank_windows(r)[: 2 * 16]]  # 2 steps on 3 ranks
+    with SoftLabelClient([server.address], expected_fingerprint=teacher_env.fingerprint) as c:
+        rest = []
+        for rank in range(2):  # then the rest on 2 (elastic training lost a worker)
+            spec = PlanRequest(
+                world_size=2, rank=rank, epoch=1, seed=5, batch_size=16, regroups=((3, 2),)
+            )
+            rest.append(np.concatenate([i for i, _, _ in c.stream_plan("train", spec)]))
+        bad = PlanRequest(world_size=2, rank=0, epoch=1, seed=5, batch_size=16, regroups=((3, 99),))
+        with pytest.raises(TeacherRequestError, match="INVALID_ARGUMENT: steps: a plan of") as e:
+            list(c.stream_plan("train", bad))
+    # the server streamed the windows the 3 ranks had not reached, cut in two runs in order
+    tails = np.concatenate([first.rank(r).window_array(2 * 16) for r in range(3)])
+    assert [r.tolist() for r in rest] == [p.tolist() for p in np.array_split(tails, 2)]
+    assert sorted(done + np.concatenate(rest).tolist()) == list(windows)
+    assert f"re-dealt after step 1..{first.num_batches - 1}, not 99" in str(e.value)
+
+
 def test_metrics_endpoint_counts_windows_and_bytes(server_factory, teacher_env) -> None:
     server = server_factory(metrics_port=0)
     with SoftLabelClient([server.address], expected_fingerprint=teacher_env.fingerprint) as c:

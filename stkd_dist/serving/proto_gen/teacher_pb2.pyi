@@ -104,7 +104,7 @@ class WindowRanges(_message.Message):
     def __init__(self, ranges: _Optional[_Iterable[_Union[WindowRange, _Mapping]]] = ...) -> None: ...
 
 class ShardPlanSpec(_message.Message):
-    __slots__ = ("world_size", "rank", "epoch", "seed", "batch_size", "shuffle", "chunk_steps")
+    __slots__ = ("world_size", "rank", "epoch", "seed", "batch_size", "shuffle", "chunk_steps", "regroups")
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class ShardPlanSpec(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REGROUPS_FIELD_NUMBER: _ClassVar[int]
     world_size: int
     rank: int
     epoch: int
@@ -119,7 +120,16 @@ class ShardPlanSpec(_message.Message):
     batch_size: int
     shuffle: bool
     chunk_steps: int
-    def __init__(self, world_size: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., chunk_steps: _Optional[int] = ...) -> None: ...
+    regroups: _containers.RepeatedCompositeFieldContainer[PlanRegroup]
+    def __init__(self, world_size: _Optional[int] = ..., rank: _Optional[int] = ..., epoch: _Optional[int] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., chunk_steps: _Optional[int] = ..., regroups: _Optional[_Iterable[_Union[PlanRegroup, _Mapping]]] = ...) -> None: ...
+
+class PlanRegroup(_message.Message):
+    __slots__ = ("world_size", "steps")
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    world_size: int
+    steps: int
+    def __init__(self, world_size: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class LabelRequest(_message.Message):
     __slots__ = ("dataset_fingerprint", "teacher_version", "split", "ranges", "plan", "resume_cursor", "wire_dtype", "outputs", "max_message_bytes")

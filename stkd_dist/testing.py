@@ -7,6 +7,8 @@ an S3-compatible HTTP server.
 * :func:`worker_pids`, :func:`kill_rank_after`: find a training rank's process from its status
   file and SIGKILL it once Ray registered a given checkpoint (as when its node dies);
   :func:`last_weights`: an experiment's final weights, to compare runs with ``torch.equal``;
+* :class:`WindowLog`, :func:`trained_windows`: log the windows every step trains on, to count
+  them on the data side;
 * :func:`wait_until`: wait for an observable event (a condition polled until a deadline), where
   a test would otherwise sleep and hope;
 * :class:`S3Server` runs runs moto's server mode in a child process on a free port of 127.0.0.1 (as s3fs
@@ -199,6 +201,86 @@ def last_weights(experiment: Path) -> dict[str, torch.Tensor]:
     latest = list_checkpoints(experiment)[-1]
     assert not latest.mid_epoch
     return load_checkpoint_state(latest.path)["model"]
+
+
+class WindowLog:
+    """A loss factory (``TrainJob.make_loss``) that logs what every training step trained on.
+
+    It wraps ``make_loss`` and, on every call of the loss (one per optimiser step of a rank),
+    appends one JSON line to ``<folder>/<pid>.jsonl``: the epoch, the step into the epoch (over
+    every deal of a re-dealt epoch), the world size and the valid window indices of the batch.
+    Tests count windows from it on the data side: what the loss really received, not what the
+    training code says it planned. ``folder`` must be reachable from every worker (a local
+    folder on a one-machine cluster).
+    """
+
+    def __init__(self, make_loss: Callable[[Any], Any], folder: str | os.PathLike[str]) -> None:
+        self.make_loss = make_loss
+        self.folder = str(folder)
+
+    def __call__(self, ctx: Any) -> _LoggedLoss:
+        return _LoggedLoss(self.make_loss(ctx), Path(self.folder), ctx.world_size)
+
+
+class _LoggedLoss:
+    def __init__(self, inner: Any, folder: Path, world_size: int) -> None:
+        self.inner = inner
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{os.getpid()}.jsonl"
+        self.world_size = world_size
+        self.epoch, self.step = -1, 0
+
+    def begin_epoch(self, epoch: int, loader: Any) -> None:
+        self.epoch = epoch
+        self.step = sum(s for _, s in loader.plan.regroups) + loader.start_batch
+
+    def __call__(self, batch: Any, pred: torch.Tensor) -> Any:
+        line = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "world_size": self.world_size,
+            "time": time.time(),
+            "windows": batch.index[batch.valid].tolist(),
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        self.step += 1
+        return self.inner(batch, pred)
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        return {}
+
+    def partial(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, partial: dict[str, Any]) -> None:
+        pass
+
+
+def trained_windows(folder: Path) -> dict[int, list[int]]:
+    """Per epoch, the windows whose steps the finished run kept, from :class:`WindowLog` files.
+
+    Workers are grouped into worker groups by where they started (epoch and step) in the
+    order they started; a group that resumed at a position discards what earlier groups
+    trained from that position on (Ray restarted them from the checkpoint taken there).
+    """
+    runs = []
+    for f in sorted(folder.glob("*.jsonl")):
+        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if lines:
+            runs.append(lines)
+    runs.sort(key=lambda lines: lines[0]["time"])
+    kept: list[dict[str, Any]] = []
+    starts = [(r[0]["epoch"], r[0]["step"], r[0]["world_size"]) for r in runs]
+    for i, lines in enumerate(runs):
+        start = starts[i]
+        if i == 0 or start != starts[i - 1]:  # a new worker group: drop what it redoes
+            kept = [x for x in kept if (x["epoch"], x["step"]) < start[:2]]
+        kept.extend(lines)
+    out: dict[int, list[int]] = {}
+    for x in kept:
+        out.setdefault(x["epoch"], []).extend(x["windows"])
+    return out
 
 
 _SERVER = """

@@ -130,6 +130,16 @@ def test_end_epoch_tracks_the_best_and_stops_after_patience() -> None:
     assert (state.epoch, state.samples) == (3, 40)
 
 
+def test_a_re_dealt_state_round_trips_and_orders_by_steps_into_the_epoch() -> None:
+    state = TrainState(epoch=1, step=3, regroups=((3, 4), (2, 2)))
+    assert (state.steps_before, state.epoch_step, state.order) == (6, 9, (1, 9))
+    again = TrainState.from_json(json.loads(json.dumps(state.to_json())))
+    assert again == state and again.regroups == ((3, 4), (2, 2))
+    assert TrainState(epoch=1, step=8).order < state.order  # 8 steps in, before 9
+    state.end_epoch(2, 1.0, 10, patience=0)
+    assert state.regroups == () and state.order == (2, 0)
+
+
 def test_end_epoch_without_patience_never_stops() -> None:
     state = TrainState()
     for epoch in range(6):

@@ -109,6 +109,9 @@ def test_type_errors_say_the_expected_type(
         ("data.batch_size=0", "data.batch_size: must be > 0"),
         ("data.split.train=0.6", "data.split: train + val + test must sum to 1"),
         ("cluster.num_workers=-1", "cluster.num_workers: must be > 0"),
+        ("cluster.num_workers={min: 3, max: 2}", "cluster.num_workers.min: must be <= max (2)"),
+        ("cluster.num_workers={max: 2}", "cluster.num_workers.min: must be > 0"),
+        ("cluster.num_workers={min: 1, max: 2, step: 1}", "unknown key 'step'"),
         ("run.name=a/b", "run.name:"),
         ("teacher.optim.betas=[0.9, 1.5]", "teacher.optim.betas"),
         ("data.input_channels=[a, a]", "lists channel(s) twice: a"),
@@ -235,3 +238,15 @@ def test_distill_settings_are_checked_by_building_the_loss() -> None:
     with pytest.raises(ConfigError, match=r"distill.alpha: must be in \[0, 1\]"):
         load_config("demo", ["distill.alpha=1.5"])
     validate_config(load_config("demo", ["distill.loss=hinton"]), roles=())
+
+
+def test_elastic_num_workers_round_trips_and_reaches_ray_train() -> None:
+    from stkd_dist.config import WorkerRange, config_from_text, dump_config
+
+    cfg = load_config("demo", ["cluster.num_workers={min: 2, max: 4}"])
+    c = cfg.cluster
+    assert c.num_workers == WorkerRange(2, 4) and c.elastic
+    assert (c.min_workers, c.max_workers, c.describe_workers()) == (2, 4, "2-4 (elastic)")
+    assert config_from_text(dump_config(cfg), "dumped").cluster == c
+    fixed = load_config("demo", ["cluster.num_workers=3"]).cluster
+    assert not fixed.elastic and (fixed.min_workers, fixed.max_workers) == (3, 3)

@@ -219,7 +219,7 @@ def test_run_config_is_valid_and_matches_the_cluster(overlay: Rendered) -> None:
     for obj in by_kind(objects, "RayJob"):
         spec = obj["spec"]["rayClusterSpec"]
         workers = spec["workerGroupSpecs"][0]
-        assert workers["replicas"] == cfg.cluster.num_workers, obj["metadata"]["name"]
+        assert workers["replicas"] == cfg.cluster.max_workers, obj["metadata"]["name"]
         gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"].get(
             "nvidia.com/gpu", 0
         )

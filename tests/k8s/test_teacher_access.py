@@ -413,9 +413,9 @@ def test_started_replicas_are_reachable_and_fit_the_job_clusters(overlay: Render
         limit = group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
         cpus = group["rayStartParams"].get("num-cpus", ray_cpus(limit))
         worker_cpus += group["replicas"] * int(cpus)
-    needed = cluster.num_workers * cluster.cpus_per_worker + serve.replicas * serve.cpus_per_replica
+    needed = cluster.max_workers * cluster.cpus_per_worker + serve.replicas * serve.cpus_per_replica
     assert needed <= worker_cpus, (
-        f"{name}: {cluster.num_workers} Train workers x {cluster.cpus_per_worker} CPU + "
+        f"{name}: {cluster.max_workers} Train workers x {cluster.cpus_per_worker} CPU + "
         f"{serve.replicas} replicas x {serve.cpus_per_replica} CPU > the workers' {worker_cpus}: "
         "the replicas start first and the Train workers would wait forever"
     )

@@ -122,18 +122,27 @@ class Server:
     def output(self) -> str:
         return self.log.read_text()
 
-    def bytes_sent(self) -> float:
-        """Label bytes the server has sent so far (its Prometheus counter)."""
+    def _counter(self, name: str) -> float:
+        """The sum of a Prometheus counter's series on the server's metrics endpoint."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 text = r.read().decode()
         except OSError:
             return 0.0
-        for line in text.splitlines():
-            if line.startswith("stkd_serve_bytes_total"):
-                return float(line.split()[-1])
-        return 0.0
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith(name + " ") or line.startswith(name + "{")
+        )
+
+    def bytes_sent(self) -> float:
+        """Label bytes the server has sent so far (its Prometheus counter)."""
+        return self._counter("stkd_serve_bytes_total")
+
+    def windows_sent(self) -> int:
+        """Windows the server has streamed so far, from any source (its Prometheus counter)."""
+        return int(self._counter("stkd_serve_windows_total"))
 
 
 @pytest.fixture

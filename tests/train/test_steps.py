@@ -10,7 +10,13 @@ import torch
 
 from stkd_dist.config import CheckpointSection
 from stkd_dist.errors import ConfigError
-from stkd_dist.train.steps import EpochProgress, StepCheckpoints, seed_step, step_seed
+from stkd_dist.train.steps import (
+    EpochProgress,
+    StepCheckpoints,
+    regroup_progress,
+    seed_step,
+    step_seed,
+)
 
 
 def _draws() -> tuple[torch.Tensor, float, float]:
@@ -68,3 +74,16 @@ def test_epoch_progress_round_trips_through_json() -> None:
     p.hooks = {"parts": {"kd": 1.5}, "weight": 8.0}
     q = EpochProgress.from_json(p.to_json())
     assert q == p and q.loss_sum == 0.1 * 3.0 + 0.7 * 5.0
+
+
+def test_a_re_dealt_epoch_keeps_its_sums_on_the_new_rank_0() -> None:
+    old = []
+    for r in range(3):
+        p = EpochProgress(loss_sum=1.0 + r, weight_sum=10.0 * r, samples=5 + r)
+        p.hooks = {"parts": {"kd": 0.5 * r, "task": 1.0}, "weight": 2.0 + r}
+        old.append(p.to_json())
+    new = [EpochProgress.from_json(d) for d in regroup_progress(old, 2)]
+    assert len(new) == 2
+    assert (new[0].loss_sum, new[0].weight_sum, new[0].samples) == (6.0, 30.0, 18)
+    assert new[0].hooks == {"parts": {"kd": 1.5, "task": 3.0}, "weight": 9.0}
+    assert new[1] == EpochProgress()  # the others start from nothing

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -343,3 +344,49 @@ def test_a_student_worker_killed_mid_epoch_resumes_at_its_step_bitwise(
     calm = {h["epoch"]: h for h in read_history(calm_student)}
     for h in read_history(experiment):
         assert h["train_loss"] == calm[h["epoch"]]["train_loss"]
+
+
+@pytest.mark.long  # about a minute: a failed run (health checks notice the dead worker), a resumed one
+def test_a_student_resumed_mid_epoch_on_fewer_workers_streams_the_rest_once(
+    ray_local: None, env: Env, spawn: Callable[..., Server], tmp_path: Path
+) -> None:
+    # the first run: two workers and no recovery; rank 1 dies after epoch 1's first mid-epoch
+    # checkpoint, so the run fails with the rest of epoch 1 to do
+    root = tmp_path / "storage"
+    experiment = root / "runs" / "shrunk" / "student_kd"
+    first = spawn(env.ckpt["a"], "--metrics-port", "0")
+    request = StudentRequest(teachers=(TeacherSpec("stream", first.address),), client=OPTIONS)
+    two = load_config(
+        env.config, ["run.name=shrunk", "checkpoint.every_steps=4", "cluster.max_failures=0"]
+    )
+    killed, thread = kill_rank_after(experiment, "epoch_0001_step_", 1, time.time())
+    with pytest.raises(Exception, match=r"(?i)worker|actor|died"):
+        train_student(two, request, storage=root, echo=lambda s: None)
+    thread.join(5)
+    assert killed
+    # the steps of epoch 1 the two workers had done: the latest checkpoint Ray registered (a
+    # later one may lie on disk, written while rank 1 died and never registered)
+    snapshot = (experiment / "checkpoint_manager_snapshot.json").read_text()
+    step = max(int(m) for m in re.findall(r"epoch_0001_step_(\d+)", snapshot))
+
+    # the same run on one worker: it continues epoch 1 from that step, re-dealt to one rank
+    server = spawn(env.ckpt["a"], "--metrics-port", "0")
+    request = StudentRequest(teachers=(TeacherSpec("stream", server.address),), client=OPTIONS)
+    one = load_config(
+        env.config, ["run.name=shrunk", "checkpoint.every_steps=4", "cluster.num_workers=1"]
+    )
+    out = train_student(one, request, storage=root, echo=lambda s: None)
+    assert out.epochs_done == EPOCHS and out.trained
+    status = json.loads((experiment / "workers" / "rank-0.json").read_text())
+    assert status["world_size"] == 1 and status["regroups"] == [[2, step]]
+
+    # the server side: the new server streamed the windows the two ranks had not reached in
+    # epoch 1, each once, and all of every later epoch (counted by the server, not the client)
+    store = open_store(env.store)
+    n = len(build_reader(two, store).windows("train"))
+    batch = two.data.batch_size
+    per_rank = [n // 2 + (r < n % 2) for r in range(2)]
+    rest = sum(c - min(step * batch, c) for c in per_rank)
+    assert server.windows_sent() == rest + n * (EPOCHS - 2)
+    history = {h["epoch"]: h for h in read_history(experiment)}
+    assert history[1]["samples"] == n and history[1]["world_size"] == 1

@@ -14,6 +14,7 @@ A training command (``train-teacher``, ``train-student``) does the same around i
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +29,15 @@ from stkd_dist.checkpoint import (
 from stkd_dist.config import Config
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import ConfigError, StoreError
-from stkd_dist.location import Location, absolute, exists, pyarrow_filesystem, url
+from stkd_dist.location import Location, absolute, exists, pyarrow_filesystem, read_text, url
 from stkd_dist.paths import resolve_dataset, run_dir
 from stkd_dist.storage import DatasetStore, open_store
 from stkd_dist.train.loop import TrainJob, build_reader
 from stkd_dist.train.ray_session import EpochReporter, read_history
 from stkd_dist.train.steps import SCORE
+
+#: Ray Train's record of the checkpoints it registered, in the experiment folder
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,23 @@ def fit(job: TrainJob, run: Location, epochs: int) -> None:
     trainer.fit()
 
 
+def registered_latest(experiment: Location) -> str | None:
+    """The folder name of the checkpoint Ray Train resumes ``experiment`` from, if it says.
+
+    Read from Ray Train's checkpoint-manager snapshot (``latest_checkpoint_result``); None when
+    there is none or its layout is not the one this Ray version writes.
+    """
+    path = experiment / RAY_SNAPSHOT
+    try:
+        if not exists(path):
+            return None
+        latest = json.loads(read_text(path)).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 def existing_outcome(
     exp: Experiment, cfg: Config, role: str, echo: Callable[[str], None]
 ) -> TrainOutcome | None:
@@ -211,6 +232,11 @@ def existing_outcome(
     label = f"run {cfg.run_name!r} ({exp.path.name})"
     epochs = cfg.model(role).schedule.epochs
     if not is_complete(latest, epochs):
+        # Ray resumes from the latest checkpoint it registered: a newer one may lie complete on
+        # disk, written while the group failed and never registered (the report barrier broke)
+        name = registered_latest(exp.path)
+        if name is not None and name != latest.path.name:
+            latest = next((c for c in list_checkpoints(exp.path) if c.path.name == name), latest)
         if latest.mid_epoch:
             at = f"at step {latest.state.epoch_step} of epoch {latest.epoch + 2}/{epochs}"
         else:

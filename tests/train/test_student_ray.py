@@ -375,8 +375,11 @@ def test_a_student_resumed_mid_epoch_on_fewer_workers_streams_the_rest_once(
     one = load_config(
         env.config, ["run.name=shrunk", "checkpoint.every_steps=4", "cluster.num_workers=1"]
     )
-    out = train_student(one, request, storage=root, echo=lambda s: None)
+    lines: list[str] = []
+    out = train_student(one, request, storage=root, echo=lines.append)
     assert out.epochs_done == EPOCHS and out.trained
+    # what it says is where Ray resumed, not a newer checkpoint Ray never registered
+    assert any(f"at step {step} of epoch 2/{EPOCHS}" in line for line in lines), lines
     status = json.loads((experiment / "workers" / "rank-0.json").read_text())
     assert status["world_size"] == 1 and status["regroups"] == [[2, step]]
 

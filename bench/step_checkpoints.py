@@ -1,12 +1,14 @@
 """What mid-epoch checkpoints cost, and what they save when a worker dies, one run.
 
 The real code path of ``stkd train-teacher`` (``train_teacher``, 2 gloo DDP workers on one local
-Ray cluster) trains the ``demo`` preset's teacher on a random store four times:
+Ray cluster) trains the ``demo`` preset's teacher on a random store five times:
 
 1. epoch checkpoints only, uninterrupted;
-2. with ``checkpoint.every_steps``, uninterrupted: the throughput cost of step checkpoints;
-3. epoch checkpoints only, rank 1 SIGKILLed halfway through epoch 2;
-4. with ``checkpoint.every_steps``, rank 1 SIGKILLed at the same point.
+2. with ``checkpoint.every_steps``, uninterrupted: the throughput cost of step checkpoints
+   (uploaded in the background, ``checkpoint.upload: async``, the default);
+3. the same with ``checkpoint.upload: sync`` (every rank waits for each upload);
+4. epoch checkpoints only, rank 1 SIGKILLed halfway through epoch 2;
+5. with ``checkpoint.every_steps``, rank 1 SIGKILLed at the same point.
 
 samples/s is the median over epochs 2..N (a killed run: its epochs but the killed one) of
 training windows / wall time of the training phase (which includes the step checkpoints' writes
@@ -17,7 +19,7 @@ worker group plus the training redone since the checkpoint it resumed from. The 
 
 Usage::
 
-    .venv/bin/python -m bench.step_checkpoints            # defaults, ~5 minutes on 2 cores
+    .venv/bin/python -m bench.step_checkpoints            # defaults, ~6 minutes on 2 cores
     .venv/bin/python -m bench.step_checkpoints --steps 1500 --no-write   # quick look
 """
 
@@ -42,7 +44,13 @@ HEADING = "## Step checkpoints"
 
 
 def measure(
-    store: Path, storage: Path, name: str, epochs: int, every_steps: int, kill: bool
+    store: Path,
+    storage: Path,
+    name: str,
+    epochs: int,
+    every_steps: int,
+    kill: bool,
+    upload: str = "async",
 ) -> dict[str, Any]:
     """One training run; with ``kill``, rank 1 dies halfway through the second epoch."""
     from stkd_dist.config import load_config
@@ -60,6 +68,7 @@ def measure(
             "cluster.torch_threads=1",
             "cluster.max_failures=3",
             f"checkpoint.every_steps={every_steps}",
+            f"checkpoint.upload={upload}",
         ],
     )
     experiment = storage / "runs" / name / "teacher"
@@ -92,6 +101,7 @@ def measure(
     return {
         "name": name,
         "every_steps": every_steps,
+        "upload": upload,
         "kill": kill,
         "wall_s": wall,
         "rate": statistics.median(rates[1:] or rates),
@@ -105,7 +115,7 @@ def measure(
 def render(runs: list[dict[str, Any]], args: argparse.Namespace, load: tuple) -> str:
     import torch
 
-    plain, stepped, plain_kill, step_kill = runs
+    plain, stepped, stepped_sync, plain_kill, step_kill = runs
     same = all(
         torch.equal(a, b)
         for a, b in zip(stepped["weights"].values(), step_kill["weights"].values(), strict=True)
@@ -131,8 +141,11 @@ def render(runs: list[dict[str, Any]], args: argparse.Namespace, load: tuple) ->
         "| resumed at |",
         "|:---|:---|---:|---:|---:|:---|",
     ]
-    for r, base in ((plain, None), (stepped, None), (plain_kill, plain), (step_kill, stepped)):
+    rows = ((plain, None), (stepped, None), (stepped_sync, None), (plain_kill, plain))
+    for r, base in (*rows, (step_kill, stepped)):
         every = f"every {r['every_steps']} steps" if r["every_steps"] else "none (epoch ends)"
+        if r["every_steps"]:
+            every += f", {r['upload']} upload"
         lost = f"{r['wall_s'] - base['wall_s']:.1f}" if base else ""
         at = ""
         if r["kill"]:
@@ -140,10 +153,15 @@ def render(runs: list[dict[str, Any]], args: argparse.Namespace, load: tuple) ->
         label = "killed" if r["kill"] else "uninterrupted"
         lines.append(f"| {label} | {every} | {r['rate']:.0f} | {r['wall_s']:.1f} | {lost} | {at} |")
     cost = stepped["rate"] / plain["rate"]
+    cost_sync = stepped_sync["rate"] / plain["rate"]
     lines += [
         "",
-        f"Throughput with step checkpoints / without: **{cost:.2f}** (each one is a barrier of "
-        "both ranks while rank 0 writes and uploads the checkpoint). Time lost per failure: "
+        f"Throughput with step checkpoints / without: **{cost:.2f}** with the default "
+        "asynchronous upload (training waits while rank 0 writes the checkpoint to a local "
+        f"temp folder; Ray uploads it in the background), **{cost_sync:.2f}** with "
+        "`checkpoint.upload: sync` (every rank waits for the upload too; to a local root the "
+        "upload is a local copy, so the two differ little here: an object store widens the "
+        "gap). Time lost per failure: "
         f"**{plain_kill['wall_s'] - plain['wall_s']:.1f} s** with epoch checkpoints only, "
         f"**{step_kill['wall_s'] - stepped['wall_s']:.1f} s** with step checkpoints. The "
         "killed run with step checkpoints ended with the uninterrupted one's weights "
@@ -173,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             runs = [
-                measure(store, storage, name, args.epochs, every, kill)
-                for name, every, kill in (
-                    ("plain", 0, False),
-                    ("stepped", args.every_steps, False),
-                    ("plain-killed", 0, True),
-                    ("stepped-killed", args.every_steps, True),
+                measure(store, storage, name, args.epochs, every, kill, upload)
+                for name, every, kill, upload in (
+                    ("plain", 0, False, "async"),
+                    ("stepped", args.every_steps, False, "async"),
+                    ("stepped-sync", args.every_steps, False, "sync"),
+                    ("plain-killed", 0, True, "async"),
+                    ("stepped-killed", args.every_steps, True, "async"),
                 )
             ]
         finally:

@@ -8,7 +8,7 @@ name (the loader prefixes the section and the file).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from stkd_dist.data.windows import SplitSpec, WindowSpec
 from stkd_dist.errors import ConfigError, StkdError
@@ -236,10 +236,15 @@ class CheckpointSection:
             (0 = never).
         every_minutes: also checkpoint when this many minutes passed since the last checkpoint
             (rank 0's clock decides for all ranks; 0 = never).
+        upload: ``async`` (default): rank 0 writes the checkpoint to a local temporary folder
+            and training goes on while Ray Train uploads it to the run's storage in the
+            background (it registers the checkpoint, and a resume can use it, only once the
+            upload is complete); ``sync``: every rank waits for the upload.
     """
 
     every_steps: int = 0
     every_minutes: float = 0.0
+    upload: Literal["async", "sync"] = "async"
 
     def __post_init__(self) -> None:
         non_negative(self, "every_steps", "every_minutes")

@@ -57,7 +57,54 @@ class Block:
         return cls(chunk, start, stop, step)
 
 
-class RankWindows(Sequence[int]):
+class _LazyWindows(Sequence[int]):
+    """What both lazy window sequences share: indexing and slicing by :meth:`array` and
+    :meth:`take`, which a subclass implements (deriving only the blocks they touch)."""
+
+    __slots__ = ()
+
+    def array(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])  # type: ignore[attr-defined]
+
+    def _take_part(self, i: int, local: np.ndarray) -> np.ndarray:
+        """The windows at positions ``local`` of part ``i`` (a block, or a piece)."""
+        raise NotImplementedError
+
+    def take(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
+        """``[k]`` int64: the windows at sequence ``positions`` (each part derived once)."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if pos.size and (pos.min() < 0 or pos.max() >= n):
+            raise IndexError(f"positions outside 0..{n - 1}")
+        offsets = self._offsets  # type: ignore[attr-defined]  # [parts + 1] first positions
+        out = np.empty(pos.size, dtype=np.int64)
+        which = np.searchsorted(offsets, pos, side="right") - 1
+        for i in np.unique(which):
+            sel = which == i
+            out[sel] = self._take_part(int(i), pos[sel] - offsets[i])
+        return out
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return self.array(start, stop).tolist()
+            return self.take(np.arange(start, stop, step)).tolist()
+        n = len(self)
+        i = int(index) + n if int(index) < 0 else int(index)
+        if not 0 <= i < n:
+            raise IndexError(f"window position {index} outside a sequence of {n}")
+        return int(self.take([i])[0])
+
+
+class RankWindows(_LazyWindows):
     """A rank's window sequence, derived lazily from its blocks (rules 3 and 4).
 
     Holds only the blocks and one offset per block, O(blocks). Every access derives just the
@@ -86,9 +133,6 @@ class RankWindows(Sequence[int]):
         assert len(sizes) == len(self.blocks)
         # _offsets[i] = position of block i's first window in the sequence; [-1] = len
         self._offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes)])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
 
     def block_windows(self, i: int) -> np.ndarray:
         """``[len(block)]`` int64: the windows of block ``i`` in the order the rank sees them."""
@@ -137,34 +181,8 @@ class RankWindows(Sequence[int]):
             parts.append(ws[max(start - lo, 0) : stop - lo])
         return np.concatenate(parts)
 
-    def take(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
-        """``[k]`` int64: the windows at sequence ``positions`` (each block derived once)."""
-        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if pos.size and (pos.min() < 0 or pos.max() >= n):
-            raise IndexError(f"positions outside 0..{n - 1}")
-        out = np.empty(pos.size, dtype=np.int64)
-        which = np.searchsorted(self._offsets, pos, side="right") - 1
-        for i in np.unique(which):
-            sel = which == i
-            out[sel] = self.block_windows(int(i))[pos[sel] - self._offsets[i]]
-        return out
-
-    @overload
-    def __getitem__(self, index: int) -> int: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[int]: ...
-    def __getitem__(self, index: int | slice) -> int | list[int]:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step == 1:
-                return self.array(start, stop).tolist()
-            return self.take(np.arange(start, stop, step)).tolist()
-        n = len(self)
-        i = int(index) + n if int(index) < 0 else int(index)
-        if not 0 <= i < n:
-            raise IndexError(f"window position {index} outside a sequence of {n}")
-        return int(self.take([i])[0])
+    def _take_part(self, i: int, local: np.ndarray) -> np.ndarray:
+        return self.block_windows(i)[local]
 
     def __iter__(self) -> Iterator[int]:
         for i in range(len(self.blocks)):
@@ -214,7 +232,7 @@ class RankWindows(Sequence[int]):
 Piece = tuple[RankWindows, int, int]
 
 
-class ResumedWindows(Sequence[int]):
+class ResumedWindows(_LazyWindows):
     """A rank's window sequence in an epoch re-dealt to another world size (see :mod:`.regroup`).
 
     The sequence is the concatenation of ``pieces``, each a run of positions of one original
@@ -237,9 +255,6 @@ class ResumedWindows(Sequence[int]):
         self.pieces: tuple[Piece, ...] = tuple(merged)
         sizes = np.fromiter((b - a for _, a, b in self.pieces), np.int64, len(self.pieces))
         self._offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(sizes)])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
 
     def sub(self, start: int, stop: int) -> list[Piece]:
         """Positions ``[start, stop)`` of this sequence as pieces of the original ranks'."""
@@ -268,35 +283,9 @@ class ResumedWindows(Sequence[int]):
         parts = [w.array(a, b) for w, a, b in self.sub(start, stop)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def take(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
-        """``[k]`` int64: the windows at sequence ``positions``."""
-        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if pos.size and (pos.min() < 0 or pos.max() >= n):
-            raise IndexError(f"positions outside 0..{n - 1}")
-        out = np.empty(pos.size, dtype=np.int64)
-        which = np.searchsorted(self._offsets, pos, side="right") - 1
-        for i in np.unique(which):
-            w, a, _ = self.pieces[int(i)]
-            sel = which == i
-            out[sel] = w.take(a + pos[sel] - self._offsets[i])
-        return out
-
-    @overload
-    def __getitem__(self, index: int) -> int: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[int]: ...
-    def __getitem__(self, index: int | slice) -> int | list[int]:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step == 1:
-                return self.array(start, stop).tolist()
-            return self.take(np.arange(start, stop, step)).tolist()
-        n = len(self)
-        i = int(index) + n if int(index) < 0 else int(index)
-        if not 0 <= i < n:
-            raise IndexError(f"window position {index} outside a sequence of {n}")
-        return int(self.take([i])[0])
+    def _take_part(self, i: int, local: np.ndarray) -> np.ndarray:
+        w, a, _ = self.pieces[i]
+        return w.take(a + local)
 
     def __iter__(self) -> Iterator[int]:
         for w, a, b in self.pieces:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -86,22 +87,37 @@ def _report(
 ) -> None:
     """SYNC: every rank calls this at the same point (``ray.train.report`` is a barrier).
 
-    Rank 0 (``checkpoint`` given) writes the checkpoint into a fresh temp dir that Ray copies
-    to the run storage and registers only once the copy is complete; the others report the
-    metrics alone.
+    Rank 0 (``checkpoint`` given) writes the checkpoint into a fresh local temp dir; Ray copies
+    it to the run storage (in a background thread with ``checkpoint.upload: async``, while
+    training goes on), deletes the temp dir, and registers the checkpoint only once the copy is
+    complete. The others report the metrics alone.
     """
     import ray.train
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     if rank != 0 or checkpoint is None:
         ray.train.report(metrics, checkpoint=None)
         return
-    with tempfile.TemporaryDirectory(prefix="stkd-ckpt-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="stkd-ckpt-")  # Ray deletes it once uploaded
+    try:
         info = save_checkpoint(tmp, **checkpoint)
-        metrics["version"] = info.version
-        ray.train.report(
-            metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name
-        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    metrics["version"] = info.version
+    asynchronous = job.config.checkpoint.upload == "async"
+    ray.train.report(
+        metrics,
+        checkpoint=Checkpoint.from_directory(tmp),
+        checkpoint_dir_name=dir_name,
+        checkpoint_upload_mode=(
+            CheckpointUploadMode.ASYNC if asynchronous else CheckpointUploadMode.SYNC
+        ),
+        delete_local_checkpoint_after_upload=True,
+    )
+    if not asynchronous:
+        # normally gone already; left when Ray skipped the report (a worker failed meanwhile)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_worker(job: TrainJob) -> None:

@@ -112,6 +112,7 @@ def test_type_errors_say_the_expected_type(
         ("cluster.num_workers={min: 3, max: 2}", "cluster.num_workers.min: must be <= max (2)"),
         ("cluster.num_workers={max: 2}", "cluster.num_workers.min: must be > 0"),
         ("cluster.num_workers={min: 1, max: 2, step: 1}", "unknown key 'step'"),
+        ("checkpoint.upload=later", "checkpoint.upload: expected one of 'async', 'sync'"),
         ("run.name=a/b", "run.name:"),
         ("teacher.optim.betas=[0.9, 1.5]", "teacher.optim.betas"),
         ("data.input_channels=[a, a]", "lists channel(s) twice: a"),

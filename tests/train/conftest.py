@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from stkd_dist.checkpoint import TrainState, save_checkpoint
@@ -21,6 +22,43 @@ TINY_STGNN = {
     "end_channels": 8,
     "blocks": 1,
 }
+
+
+TINY_GWNET = {
+    "residual_channels": 8,
+    "dilation_channels": 8,
+    "skip_channels": 16,
+    "end_channels": 16,
+    "blocks": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def gwnet_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 400-step, 6-node random store chunked by 64 steps (one per test module)."""
+    from tests.conftest import random_store
+
+    return random_store(
+        tmp_path_factory.mktemp("data") / "tiny.zarr", steps=400, nodes=6, chunk_steps=64
+    )
+
+
+def gwnet_config(store: Path, run: str, epochs: int, *extra: str) -> Config:
+    """The demo preset on ``store`` with a tiny Graph WaveNet teacher on 2 workers, batch 16."""
+    return load_config(
+        "demo",
+        [
+            f"data.dataset={json.dumps(str(store))}",
+            "data.batch_size=16",
+            "data.eval_batch_size=64",
+            f"teacher.kwargs={json.dumps(TINY_GWNET)}",
+            f"teacher.schedule.epochs={epochs}",
+            "teacher.schedule.warmup_epochs=1",
+            f"run.name={run}",
+            "cluster.num_workers=2",
+            *extra,
+        ],
+    )
 
 
 def tiny_config(store: Path, run: str = "r1", *extra: str) -> Config:

@@ -23,36 +23,20 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from stkd_dist.config import load_config, write_config
+from stkd_dist.config import write_config
 from stkd_dist.config.validate import validate_config
 from stkd_dist.testing import WindowLog, registered, trained_windows, wait_until
 from stkd_dist.train.experiment import fit, open_experiment
 from stkd_dist.train.loop import TrainJob
 from stkd_dist.train.ray_session import read_history
 from stkd_dist.train.teacher import EXPERIMENT, masked_mae_loss
+from tests.train.conftest import gwnet_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]
 
-TINY = {
-    "residual_channels": 8,
-    "dilation_channels": 8,
-    "skip_channels": 16,
-    "end_channels": 16,
-    "blocks": 1,
-}
-
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.conftest import random_store
-
-    return random_store(
-        tmp_path_factory.mktemp("data") / "tiny.zarr", steps=400, nodes=6, chunk_steps=64
-    )
-
-
-@pytest.fixture(scope="module")
-def cluster(store: Path) -> Iterator[Cluster]:
+def cluster(gwnet_store: Path) -> Iterator[Cluster]:
     torch.set_num_threads(1)
     # Ray Train first retries on the resources it last saw; a worker group that cannot start
     # (its node is gone) times out after this long (Ray's default: 60 s), then it shrinks
@@ -70,22 +54,15 @@ def cluster(store: Path) -> Iterator[Cluster]:
 
 
 def test_a_node_lost_for_good_training_finishes_on_the_rest(
-    cluster: Cluster, store: Path, tmp_path: Path
+    cluster: Cluster, gwnet_store: Path, tmp_path: Path
 ) -> None:
-    cfg = load_config(
-        "demo",
-        [
-            f"data.dataset={json.dumps(str(store))}",
-            "data.batch_size=16",
-            "data.eval_batch_size=64",
-            f"teacher.kwargs={json.dumps(TINY)}",
-            "teacher.schedule.epochs=5",
-            "teacher.schedule.warmup_epochs=1",
-            "run.name=elastic",
-            "cluster.num_workers={min: 2, max: 3}",
-            "checkpoint.every_steps=2",  # 6 steps an epoch on 3 workers
-            "cluster.resize_interval_s=3",  # look for a returned node every 3 s
-        ],
+    cfg = gwnet_config(
+        gwnet_store,
+        "elastic",
+        5,
+        "cluster.num_workers={min: 2, max: 3}",
+        "checkpoint.every_steps=2",  # 6 steps an epoch on 3 workers
+        "cluster.resize_interval_s=3",  # look for a returned node every 3 s
     )
     validate_config(cfg, roles=("teacher",), distill=False)
     exp = open_experiment(cfg, EXPERIMENT, tmp_path / "storage")

@@ -19,29 +19,13 @@ from stkd_dist.checkpoint import (
     load_forecaster,
     read_best,
 )
-from stkd_dist.config import Config, load_config, read_config
+from stkd_dist.config import read_config
 from stkd_dist.testing import kill_rank_after, last_weights
 from stkd_dist.train.ray_session import read_history
 from stkd_dist.train.teacher import train_teacher
+from tests.train.conftest import gwnet_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-TINY = {
-    "residual_channels": 8,
-    "dilation_channels": 8,
-    "skip_channels": 16,
-    "end_channels": 16,
-    "blocks": 1,
-}
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.conftest import random_store
-
-    return random_store(
-        tmp_path_factory.mktemp("data") / "tiny.zarr", steps=400, nodes=6, chunk_steps=64
-    )
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +37,12 @@ def ray_local(store: Path) -> Iterator[None]:
     ray.shutdown()
 
 
-def config(store: Path, run: str, epochs: int, *extra: str) -> Config:
-    return load_config(
-        "demo",
-        [
-            f"data.dataset={json.dumps(str(store))}",
-            "data.batch_size=16",
-            "data.eval_batch_size=64",
-            f"teacher.kwargs={json.dumps(TINY)}",
-            f"teacher.schedule.epochs={epochs}",
-            "teacher.schedule.warmup_epochs=1",
-            f"run.name={run}",
-            "cluster.num_workers=2",
-            *extra,
-        ],
-    )
+@pytest.fixture(scope="module")
+def store(gwnet_store: Path) -> Path:
+    return gwnet_store
+
+
+config = gwnet_config
 
 
 def test_ddp_ranks_stay_identical_and_rerun_resumes(

@@ -17,6 +17,19 @@ from stkd_dist.location import set_storage_options
 CONFIG_HELP = "a preset name (`stkd config list`) or a YAML file (default: %(default)s)"
 
 
+def workers_arg(text: str) -> int | dict[str, int]:
+    """``--workers``: ``N`` or ``MIN-MAX`` (``cluster.num_workers: {min, max}``)."""
+    lo, sep, hi = text.partition("-")
+    try:
+        if not sep:
+            return int(text)
+        return {"min": int(lo), "max": int(hi)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of workers or a range MIN-MAX (e.g. 2-4), got {text!r}"
+        ) from None
+
+
 def add_config_args(parser: argparse.ArgumentParser, default_config: str = "demo") -> None:
     """Add ``--config`` and the common overrides to a training command's parser."""
     group = parser.add_argument_group("configuration (override the config file)")
@@ -28,7 +41,11 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str = "demo
         "--epochs", type=int, metavar="N", help="epochs of the model(s) trained (schedule.epochs)"
     )
     group.add_argument(
-        "--workers", type=int, metavar="N", help="data-parallel workers (cluster.num_workers)"
+        "--workers",
+        type=workers_arg,
+        metavar="N|MIN-MAX",
+        help="data-parallel workers (cluster.num_workers); MIN-MAX, e.g. 2-4, trains elastically "
+        "on as many as the cluster has room for",
     )
     group.add_argument(
         "--run-name", metavar="NAME", help="run name under <storage>/runs (run.name)"

@@ -223,6 +223,12 @@ def test_common_flags_override_config_and_set() -> None:
     assert (cfg.run_name, cfg.cluster.address) == ("r1", "ray://head:10001")
     with pytest.raises(ConfigError, match=r"cluster\.num_workers: must be > 0"):
         config_from_args(parser.parse_args(["--workers", "0"]))
+    elastic = config_from_args(parser.parse_args(["--workers", "2-4"])).cluster
+    assert (elastic.elastic, elastic.min_workers, elastic.max_workers) == (True, 2, 4)
+    with pytest.raises(ConfigError, match=r"cluster\.num_workers\.min: must be <= max \(2\)"):
+        config_from_args(parser.parse_args(["--workers", "3-2"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--workers", "2-x"])
 
 
 def test_config_defaults_are_a_valid_config() -> None:

@@ -24,11 +24,18 @@ demo: install
 test: install lint
 	$(BIN)/pytest -m "not long"
 
+# The elastic-training test builds its own multi-node Ray cluster (ray.cluster_utils) and runs
+# in a pytest process of its own: after the `stkd cluster local` tests in the same process its
+# Ray Train controller is cancelled before it starts (process-wide Ray state, not yet understood).
+ELASTIC := tests/train/test_elastic_ray.py
+
 test-long: install
-	$(BIN)/pytest -m long
+	$(BIN)/pytest -m long --deselect $(ELASTIC)
+	$(BIN)/pytest -m long $(ELASTIC)
 
 test-all: install lint
-	$(BIN)/pytest
+	$(BIN)/pytest --deselect $(ELASTIC)
+	$(BIN)/pytest -m long $(ELASTIC)
 
 lint: install
 	$(BIN)/ruff check .

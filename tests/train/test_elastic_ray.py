@@ -15,7 +15,7 @@ import json
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -88,15 +88,26 @@ def test_a_node_lost_for_good_training_finishes_on_the_rest(
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
+
     # inside epoch 1, after its first mid-epoch checkpoint: the node of rank 2 goes away
-    wait_until(lambda: registered(exp.path, "epoch_0001_step_"), 300, "a checkpoint")
+    def training_or(event: Callable[[], bool]) -> Callable[[], bool]:
+        def check() -> bool:
+            if failed:  # training ended with an error: show it, not a timeout
+                raise failed[0]
+            return event()
+
+        return check
+
+    wait_until(training_or(lambda: registered(exp.path, "epoch_0001_step_")), 300, "a checkpoint")
     status = json.loads((exp.path / "workers" / "rank-2.json").read_text())
     node = next(n for n in cluster.list_all_nodes() if n.node_id == status["node_id"])
     removed = node.node_id
     cluster.remove_node(node, allow_graceful=False)
     # once two workers finished an epoch, a new node joins: training must grow back to three
     wait_until(
-        lambda: any(h["world_size"] == 2 for h in read_history(exp.path)), 300, "an epoch on two"
+        training_or(lambda: any(h["world_size"] == 2 for h in read_history(exp.path))),
+        300,
+        "an epoch on two",
     )
     added = cluster.add_node(num_cpus=1).node_id
     thread.join(timeout=600)

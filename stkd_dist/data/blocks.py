@@ -9,6 +9,7 @@ A :class:`ResumedWindows` is a rank's sequence in an epoch re-dealt to another w
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -62,16 +63,19 @@ class _LazyWindows(Sequence[int]):
     :meth:`take`, which a subclass implements (deriving only the blocks they touch)."""
 
     __slots__ = ()
+    # [parts + 1] the sequence position of each part's first window; [-1] = the length
+    _offsets: np.ndarray
 
+    @abstractmethod
     def array(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        raise NotImplementedError
+        """``[k]`` int64: positions ``[start, stop)`` of the sequence (clamped like a slice)."""
 
-    def __len__(self) -> int:
-        return int(self._offsets[-1])  # type: ignore[attr-defined]
-
+    @abstractmethod
     def _take_part(self, i: int, local: np.ndarray) -> np.ndarray:
         """The windows at positions ``local`` of part ``i`` (a block, or a piece)."""
-        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
 
     def take(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
         """``[k]`` int64: the windows at sequence ``positions`` (each part derived once)."""
@@ -79,7 +83,7 @@ class _LazyWindows(Sequence[int]):
         n = len(self)
         if pos.size and (pos.min() < 0 or pos.max() >= n):
             raise IndexError(f"positions outside 0..{n - 1}")
-        offsets = self._offsets  # type: ignore[attr-defined]  # [parts + 1] first positions
+        offsets = self._offsets
         out = np.empty(pos.size, dtype=np.int64)
         which = np.searchsorted(offsets, pos, side="right") - 1
         for i in np.unique(which):

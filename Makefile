@@ -37,9 +37,11 @@ test-all: install lint
 	$(BIN)/pytest --deselect $(ELASTIC)
 	$(BIN)/pytest -m long $(ELASTIC)
 
+# ruff (lint and format) on everything, mypy on the package (settings in pyproject.toml)
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .

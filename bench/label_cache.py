@@ -177,9 +177,10 @@ def make_inputs(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def write_forms(root: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     """Every stored form of the reference labels (plus the size-chunked comparison cache)."""
     from stkd_dist.serving.cache import LabelCache
+    from stkd_dist.serving.label_arrays import LabelArrays
 
     teacher, ref = inputs["teacher"], inputs["reference"]
-    pred, _ = ref.read_split("train")
+    pred = ref.read_split("train").prediction
     first = inputs["windows"].start
     caches: dict[str, Any] = {"fp32-none": ref}
     chunk_steps = int(inputs["store_chunks"][0])
@@ -189,12 +190,12 @@ def write_forms(root: Path, inputs: dict[str, Any]) -> dict[str, Any]:
             chunk_steps=chunk_steps,
         )  # fmt: skip
         for c, w in enumerate(cache.chunk_windows("train")):
-            cache.write_chunk("train", c, pred[w - first], None)
+            cache.write_chunk("train", c, LabelArrays(pred[w - first]))
         caches[name] = LabelCache(cache.path)
     # the comparison: chunks by size alone (no chunk_steps), as schema 1 chunked them
     flat = LabelCache.create(root / "by-size.zarr", teacher.meta, ["train"], codec="zstd")
     for c, w in enumerate(flat.chunk_windows("train")):
-        flat.write_chunk("train", c, pred[w - first], None)
+        flat.write_chunk("train", c, LabelArrays(pred[w - first]))
     caches["by-size"] = LabelCache(flat.path)
     return caches
 
@@ -338,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"writing a {args.steps} x {args.nodes} store, a teacher and its labels")
         inputs = make_inputs(root, args)
         caches = write_forms(root, inputs)
-        pred, _ = inputs["reference"].read_split("train")
+        pred = inputs["reference"].read_split("train").prediction
         for name, _, dtype in FORMS:
             if dtype == "float32":  # the fp32 forms are the teacher's bits
-                assert np.array_equal(caches[name].read_split("train")[0], pred), name
+                assert np.array_equal(caches[name].read_split("train").prediction, pred), name
         out: dict[str, Any] = {
             "caches": caches,
             "bytes": {name: caches[name].stored_bytes() for name, _, _ in FORMS},

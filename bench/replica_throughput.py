@@ -174,7 +174,7 @@ def served(
         busy0 = forward_seconds(metrics_port)
         cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         got = 0
-        for idx, _pred, _spread in client.stream("train", windows, spread=True):
+        for idx, _labels in client.stream("train", windows, spread=True):
             got += len(idx)
         wall = time.perf_counter() - t0
         server_cpu = cpu_seconds(pid) - cpu0

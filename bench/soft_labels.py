@@ -197,7 +197,7 @@ def stkd_client(
         prefetch=4,
     ) as client:
         n = 0
-        for idx, _pred, _spread in client.stream("train", windows):
+        for idx, _labels in client.stream("train", windows):
             n += len(idx)
         return n, client.stats.bytes
 

@@ -66,9 +66,9 @@ class LastValue:
             return values, batch.x_mask[..., pos]
         idx = batch.index.numpy()
         lo, hi = self.reader.span(idx)
-        values, mask = self.reader.store.read(lo, hi)  # [t, node, channel]
+        stored, mask = self.reader.store.read(lo, hi)  # [t, node, channel]
         steps = idx[:, None] - lo + np.arange(self.reader.window.input_steps)  # [batch, L]
-        v = values[steps][..., self.reader.target_idx]
+        v = stored[steps][..., self.reader.target_idx]
         m = mask[steps][..., self.reader.target_idx] & np.isfinite(v)
         return torch.from_numpy(np.where(m, v, 0.0).astype(np.float32)), torch.from_numpy(m)
 
@@ -182,7 +182,10 @@ def evaluate_baselines(
     """
     from stkd_dist.data.loader import make_loader
 
-    models = {"last_value": LastValue(reader), "historical_average": HistoricalAverage.fit(reader)}
+    models: dict[str, LastValue | HistoricalAverage] = {
+        "last_value": LastValue(reader),
+        "historical_average": HistoricalAverage.fit(reader),
+    }
     accs = {name: MetricAccumulator(reader.window.horizon, mape_eps) for name in models}
     total, done = len(reader.windows(split)), 0
     for batch in make_loader(reader, split, batch_size=batch_size, shuffle=False):

@@ -30,9 +30,7 @@ import hashlib
 import io
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +40,8 @@ from stkd_dist.data.stats import Stats
 from stkd_dist.errors import StoreError
 from stkd_dist.location import (
     Location,
+    PathInput,
+    as_path,
     exists,
     listdir,
     location,
@@ -209,7 +209,7 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike[str] | Location) -> str:
+def file_sha256(path: PathInput | Location) -> str:
     return hashlib.sha256(read_bytes(location(path))).hexdigest()
 
 
@@ -221,7 +221,7 @@ def make_version(run: str, epoch: int, digest: str, step: int = 0) -> str:
 
 
 def save_checkpoint(
-    directory: str | os.PathLike[str],
+    directory: PathInput,
     *,
     model_state: dict[str, torch.Tensor],
     spec: dict[str, Any],
@@ -235,6 +235,7 @@ def save_checkpoint(
     optimizer_state: dict[str, Any] | None = None,
     scheduler_state: dict[str, Any] | None = None,
     partial: list[dict[str, Any]] | None = None,
+    loss_state: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Write a checkpoint into local ``directory`` (created if needed); ``meta.json`` comes last.
 
@@ -254,12 +255,19 @@ def save_checkpoint(
         optimizer_state, scheduler_state: to resume training (omitted for an export).
         partial: a mid-epoch checkpoint's per-rank sums of the epoch so far (entry ``r`` is
             rank ``r``'s), so the resumed epoch reports the same metrics.
+        loss_state: parameters the loss trains with the model (the hint projection), kept with
+            the optimiser's state for resuming; never part of the model (``model.pt``).
     """
-    d = Path(directory)
+    d = as_path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(model_state, d / MODEL)
     torch.save(
-        {"optimizer": optimizer_state, "scheduler": scheduler_state, "partial": partial},
+        {
+            "optimizer": optimizer_state,
+            "scheduler": scheduler_state,
+            "partial": partial,
+            "loss_state": loss_state,
+        },
         d / TRAIN_STATE,
     )
     digest = weights_digest(model_state)
@@ -355,7 +363,7 @@ def _verify_files(d: Location, meta: dict[str, Any]) -> None:
             raise DamagedCheckpointError(f"{name} is missing: {damaged}", where=url(d))
         recorded = sizes.get(name)
         if recorded is not None:
-            size = retrying(lambda f=f: f.stat().st_size, url(f))
+            size = retrying(f.stat, url(f)).st_size
             if size != recorded:
                 raise DamagedCheckpointError(
                     f"{name} has {size} bytes, {recorded} were recorded: {damaged}",
@@ -367,7 +375,7 @@ def _verify_files(d: Location, meta: dict[str, Any]) -> None:
             )
 
 
-def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> CheckpointInfo:
+def read_checkpoint(path: PathInput, verify: bool = True) -> CheckpointInfo:
     """Read and check a checkpoint directory's ``meta.json``.
 
     Raises :class:`DamagedCheckpointError` when ``meta.json`` is missing (an incomplete
@@ -382,7 +390,7 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
     return _info(d, meta)
 
 
-def list_checkpoints(experiment: str | os.PathLike[str]) -> list[CheckpointInfo]:
+def list_checkpoints(experiment: PathInput) -> list[CheckpointInfo]:
     """Checkpoints of an experiment directory with a readable ``meta.json``, by epoch.
 
     Those without one (incomplete) are skipped; the files are not verified (see
@@ -400,7 +408,7 @@ def list_checkpoints(experiment: str | os.PathLike[str]) -> list[CheckpointInfo]
 
 
 def latest_checkpoint(
-    experiment: str | os.PathLike[str] | Location,
+    experiment: PathInput | Location,
 ) -> CheckpointInfo | None:
     """The newest checkpoint of an experiment directory that verifies: the one to resume from.
 
@@ -459,9 +467,7 @@ def latest_checkpoint(
     return chosen
 
 
-def write_best(
-    experiment: str | os.PathLike[str] | Location, info: CheckpointInfo, **extra: Any
-) -> Location:
+def write_best(experiment: PathInput | Location, info: CheckpointInfo, **extra: Any) -> Location:
     """Write ``<experiment>/best.json`` pointing at ``info`` (path relative to the experiment)."""
     experiment = location(experiment)
     data = {
@@ -476,7 +482,7 @@ def write_best(
     return experiment / BEST
 
 
-def read_best(experiment: str | os.PathLike[str]) -> dict[str, Any] | None:
+def read_best(experiment: PathInput) -> dict[str, Any] | None:
     """``best.json`` of an experiment directory, or None when there is none."""
     p = location(experiment) / BEST
     if not exists(p):
@@ -499,9 +505,9 @@ def _best_of_experiment(experiment: Location) -> Location | None:
 
 
 def resolve_checkpoint(
-    ref: str | os.PathLike[str],
+    ref: PathInput,
     role: str = "teacher",
-    storage: str | os.PathLike[str] | None = None,
+    storage: PathInput | None = None,
 ) -> Location:
     """The checkpoint directory ``ref`` means.
 
@@ -544,17 +550,19 @@ def _torch_load(loc: Location, map_location: str | torch.device = "cpu") -> Any:
     return torch.load(io.BytesIO(read_bytes(loc)), map_location=map_location, weights_only=True)
 
 
-def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{"model": state_dict, "optimizer": ..., "scheduler": ..., "partial": ...}`` of a
-    checkpoint, on CPU (``partial``: None unless it was taken mid-epoch)."""
+def load_checkpoint_state(path: PathInput) -> dict[str, Any]:
+    """``{"model": state_dict, "optimizer": ..., "scheduler": ..., "partial": ...,
+    "loss_state": ...}`` of a checkpoint, on CPU (``partial``: None unless it was taken
+    mid-epoch; ``loss_state``: None unless the loss trains parameters of its own, and absent
+    from checkpoints written before it existed)."""
     d = location(path)
     return {"model": _torch_load(d / MODEL), **_torch_load(d / TRAIN_STATE)}
 
 
 def load_forecaster(
-    ref: str | os.PathLike[str],
+    ref: PathInput,
     role: str = "teacher",
-    storage: str | os.PathLike[str] | None = None,
+    storage: PathInput | None = None,
     *,
     device: str | torch.device = "cpu",
 ) -> tuple[Forecaster, CheckpointInfo]:

@@ -12,14 +12,14 @@ import os
 import re
 
 from stkd_dist.errors import StoreError
-from stkd_dist.location import Location, exists, location, url
+from stkd_dist.location import Location, PathInput, exists, location, url
 
 STORAGE_ENV = "STKD_STORAGE"
 DEFAULT_STORAGE = "storage"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def storage_root(override: str | os.PathLike[str] | None = None) -> Location:
+def storage_root(override: PathInput | None = None) -> Location:
     """Return the storage root: ``override``, else ``$STKD_STORAGE``, else ``./storage``."""
     if override:
         return location(override)
@@ -37,14 +37,12 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
-def dataset_path(name: str, storage: str | os.PathLike[str] | None = None) -> Location:
+def dataset_path(name: str, storage: PathInput | None = None) -> Location:
     """Path of the store of dataset ``name`` under the storage root."""
     return storage_root(storage) / "datasets" / f"{check_name(name)}.zarr"
 
 
-def resolve_dataset(
-    ref: str | os.PathLike[str] | Location, storage: str | os.PathLike[str] | None = None
-) -> Location:
+def resolve_dataset(ref: PathInput | Location, storage: PathInput | None = None) -> Location:
     """Resolve a dataset given as a store path or as a name under ``<storage>/datasets``.
 
     A reference that exists as a path wins; otherwise a plain name is looked up in the storage
@@ -70,6 +68,6 @@ def resolve_dataset(
     raise StoreError("no such store (give a store path or a dataset name)", where=str(ref))
 
 
-def run_dir(run_name: str, storage: str | os.PathLike[str] | None = None) -> Location:
+def run_dir(run_name: str, storage: PathInput | None = None) -> Location:
     """Directory of run ``run_name``: ``<storage>/runs/<run_name>``."""
     return storage_root(storage) / "runs" / check_name(run_name, "run-name")

@@ -47,6 +47,7 @@ from stkd_dist.checkpoint import (
 )
 from stkd_dist.config import Config, DataSection, RunSection
 from stkd_dist.data.reader import WindowReader
+from stkd_dist.location import Location, PathInput, as_path
 from stkd_dist.models import build_forecaster
 from stkd_dist.storage import StoreMeta, open_store, write_store
 
@@ -61,7 +62,7 @@ def random_store(
     seed: int = 0,
     locations: bool = False,
     overwrite: bool = False,
-) -> Path:
+) -> Location:
     """Write a store of smooth random series with ``missing`` fraction masked.
 
     ``locations`` adds sensor coordinates (they do not change the data's fingerprint);
@@ -156,11 +157,11 @@ def worker_pids(experiment: Path, since: float) -> list[int]:
     return pids
 
 
-def registered(experiment: str | os.PathLike[str], marker: str) -> bool:
+def registered(experiment: PathInput, marker: str) -> bool:
     """Whether Ray Train registered a checkpoint of ``experiment`` whose folder name contains
     ``marker`` (it is in Ray's checkpoint manager snapshot, so a restart resumes from it)."""
     try:
-        return marker in (Path(experiment) / "checkpoint_manager_snapshot.json").read_text()
+        return marker in (as_path(experiment) / "checkpoint_manager_snapshot.json").read_text()
     except OSError:
         return False
 
@@ -214,7 +215,7 @@ class WindowLog:
     folder on a one-machine cluster).
     """
 
-    def __init__(self, make_loss: Callable[[Any], Any], folder: str | os.PathLike[str]) -> None:
+    def __init__(self, make_loss: Callable[[Any], Any], folder: PathInput) -> None:
         self.make_loss = make_loss
         self.folder = str(folder)
 

@@ -18,13 +18,13 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rich.console import Console
 
 from stkd_dist.commands import SUMMARIES
 from stkd_dist.commands.synth import block_progress
 from stkd_dist.info import dataset_info, render_info
+from stkd_dist.location import Location, PathInput
 from stkd_dist.pipeline.stages import (
     DEMO_DATASET,
     DEMO_NODES,
@@ -75,7 +75,7 @@ class DemoContext:
     run_name: str = DEMO_RUN
     storage: str | None = None
     debug: bool = False
-    dataset: Path | None = None
+    dataset: Location | None = None
     created: bool = False
     outcome: object | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -89,7 +89,7 @@ class Stage:
     run: Callable[[DemoContext], None]
 
 
-def ensure_demo_dataset(spec: SynthSpec, storage: str | Path | None = None) -> tuple[Path, bool]:
+def ensure_demo_dataset(spec: SynthSpec, storage: PathInput | None = None) -> tuple[Location, bool]:
     """The embedded default dataset ``demo`` under the storage root: ``(path, created)``.
 
     Generated from ``spec`` when absent, damaged or made with other parameters; reused otherwise.

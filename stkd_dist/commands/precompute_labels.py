@@ -110,6 +110,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="windows per model call (default %(default)s; a server writing through to the "
         "cache must use the same)",
     )
+    p.add_argument(
+        "--hidden",
+        action="store_true",
+        help="also store the teacher's hidden states [N, F] per window (students trained with "
+        "distill.loss: hint read them)",
+    )
     p.set_defaults(func=run)
 
 
@@ -200,12 +206,15 @@ def _fill(args: argparse.Namespace, teacher: Teacher, out: UPath, splits: list[s
             source=TeacherSource(str(args.checkpoint), str(args.data), loc_.url(storage_root())),
             device=args.device,
             precision=args.precision,
+            hidden=args.hidden,
         )
     seconds = time.perf_counter() - started
     print(f"wrote label cache {loc_.url(cache.path)}")
     print(f"  teacher        {meta.version} ({meta.model_key})")
     print(f"  dataset        {meta.fingerprint}")
     print(f"  label shape    {list(meta.window_shape)} per window, spread: {meta.has_spread}")
+    if cache.hidden_dim:
+        print(f"  hidden states  [{meta.window_shape[1]}, {cache.hidden_dim}] per window")
     print(
         f"  stored         {cache.label_dtype}, {cache.codec}, {cache.stored_bytes():,} bytes "
         f"(labels computed on {cache.label_device}, {cache.computed_with['precision']}, "

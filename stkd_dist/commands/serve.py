@@ -126,6 +126,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--write-through", action="store_true", help="store every computed label in the cache"
     )
     cache.add_argument(
+        "--cache-hidden",
+        action="store_true",
+        help="a cache created by --write-through also stores the teacher's hidden states "
+        "(for students trained with distill.loss: hint)",
+    )
+    cache.add_argument(
         "--cache-memory-mb",
         type=int,
         default=SERVE_MEMORY_BYTES // 2**20,
@@ -157,6 +163,8 @@ def _check_cache_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"must be >= 0, got {args.cache_memory_mb}", where="--cache-memory-mb")
     if args.write_through and args.cache is None:
         raise ConfigError("needs --cache PATH or --cache auto", where="--write-through")
+    if args.cache_hidden and not args.write_through:
+        raise ConfigError("applies to a cache --write-through creates", where="--cache-hidden")
 
 
 def _cache(args: argparse.Namespace, teacher: Teacher) -> LabelCache | None:
@@ -179,6 +187,7 @@ def _cache(args: argparse.Namespace, teacher: Teacher) -> LabelCache | None:
         compute=teacher.compute,
         # a cache created here is chunked like the shard plan's blocks of this store
         chunk_steps=teacher.reader.store.chunks[0],
+        hidden=args.cache_hidden,
     )
 
 

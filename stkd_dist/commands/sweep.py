@@ -19,7 +19,10 @@ from stkd_dist.commands._common import add_config_args, flag_overrides
 
 EPILOG = """\
 examples:
-  # sweep the demo config's students over the run's own teacher (trained first if missing)
+  # a preset's own sweep (every preset ships one: space, samples, max_epochs)
+  stkd sweep --config los-loop
+
+  # sweep a config's students over the run's own teacher (trained first if missing)
   stkd sweep --config my-sweep.yaml --samples 16
 
   # reuse a trained teacher (checkpoint directory or run name) and a Ray cluster
@@ -29,6 +32,8 @@ examples:
   #   sweep:
   #     samples: 12
   #     max_epochs: 8
+  #     scheduler: asha          # or pbt (perturbation_interval: epochs between perturbations)
+  #     max_failures: 2          # restarts of a crashed trial from its latest checkpoint
   #     space:
   #       distill.alpha: {uniform: [0.2, 0.9]}
   #       student.optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
@@ -36,9 +41,13 @@ examples:
   #       student.kwargs.embed_dim: {choice: [16, 32, 64]}
   stkd sweep --config demo --set 'sweep.space={distill.alpha: {uniform: [0.2, 0.9]}}'
 
-Results go to <storage>/runs/<run>/sweep/: leaderboard.csv, pareto.csv, summary.json (with the
-teacher forward passes the sweep cost) and best/ (the best student's checkpoint, config.yaml and
-metrics.json); report.md/report.html of the run are rendered again. Interrupted (Ctrl-C, killed)?
+  # Population Based Training instead of ASHA
+  stkd sweep --config demo --set sweep.scheduler=pbt
+
+Results go to <storage>/runs/<run>/sweep/: leaderboard.csv, pareto.csv, summary.json (the
+teacher forward passes the sweep cost, why each trial stopped, its worker processes, the PBT
+exploits) and best/ (the best student's checkpoint, config.yaml and metrics.json); report.md and
+report.html of the run are rendered again. Interrupted (Ctrl-C, killed)?
 Run the same command again: the Tune experiment in sweep/tune is restored and finished trials are
 kept.
 """
@@ -51,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=SUMMARIES["sweep"],
         description=(
             "Sample student and distillation settings from the config's sweep.space, train a "
-            "student per sample with Ray Tune (ASHA stops unpromising trials early), all "
+            "student per sample with Ray Tune (ASHA stops unpromising trials early, or PBT "
+            "continues the worst from the best ones' checkpoints with mutated settings), all "
             "distilling from ONE teacher whose soft labels are computed once into a label "
             "cache. Each trial keeps its best checkpoints by validation MAE; at the end every "
             "trial's best checkpoint is evaluated on the test split, the leaderboard and the "

@@ -7,7 +7,6 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -20,6 +19,7 @@ from rich.progress import (
 )
 
 from stkd_dist.commands import SUMMARIES
+from stkd_dist.location import PathInput
 from stkd_dist.paths import dataset_path
 from stkd_dist.storage import open_store
 from stkd_dist.synth import SynthSpec, synthesize
@@ -113,7 +113,7 @@ def spec_from_args(args: argparse.Namespace) -> SynthSpec:
     )
 
 
-def summary(path: Path, seconds: float) -> str:
+def summary(path: PathInput, seconds: float) -> str:
     """A few lines describing a freshly written synthetic store."""
     store = open_store(path)
     steps, nodes, channels = store.shape

@@ -216,7 +216,7 @@ def resolve_key(cls: type, dotted: str, source: str | None = None) -> Any:
     for i, part in enumerate(parts):
         tp = _strip_optional(tp)
         if dataclasses.is_dataclass(tp):
-            types_ = field_types(tp)
+            types_ = field_types(tp if isinstance(tp, type) else type(tp))
             if part not in types_:
                 section = ".".join(parts[:i])
                 section_text = f"section {section!r}" if section else "the top level"

@@ -11,7 +11,6 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -19,7 +18,15 @@ import yaml
 from stkd_dist.config.base import convert_value, from_mapping, resolve_key, suggestion, to_mapping
 from stkd_dist.config.schema import Config
 from stkd_dist.errors import ConfigError
-from stkd_dist.location import Location, location, read_text, url, write_text_atomic
+from stkd_dist.location import (
+    Location,
+    PathInput,
+    as_path,
+    location,
+    read_text,
+    url,
+    write_text_atomic,
+)
 
 PRESET_SUFFIX = ".yaml"
 
@@ -48,13 +55,13 @@ def preset_text(name: str) -> str:
     return (_presets_dir() / f"{name}{PRESET_SUFFIX}").read_text(encoding="utf-8")
 
 
-def read_source(ref: str | os.PathLike[str]) -> tuple[str, str, str]:
+def read_source(ref: PathInput) -> tuple[str, str, str]:
     """``(text, source, stem)`` of a config given as a file path or a preset name.
 
     ``source`` names it in error messages (the path, or ``preset <name>``); ``stem`` is the default
     run name.
     """
-    path = Path(ref).expanduser()
+    path = as_path(ref).expanduser()
     if path.is_file():
         try:
             return path.read_text(encoding="utf-8"), str(path), path.stem
@@ -136,7 +143,7 @@ def config_from_text(
     return cfg
 
 
-def load_config(ref: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Config:
+def load_config(ref: PathInput, overrides: Iterable[str] = ()) -> Config:
     """Load a preset name or a YAML file, apply ``key=value`` overrides, and validate.
 
     Raises :class:`ConfigError` naming the file and the dotted key for unknown keys (with a
@@ -151,14 +158,14 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_mapping(cfg), sort_keys=False, default_flow_style=False)
 
 
-def write_config(cfg: Config, path: str | os.PathLike[str] | Location) -> Location:
+def write_config(cfg: Config, path: PathInput | Location) -> Location:
     """Write ``cfg`` as YAML to ``path`` (a local path or an object-store URL) atomically."""
     loc = location(path)
     write_text_atomic(loc, dump_config(cfg))
     return loc
 
 
-def read_config(path: str | os.PathLike[str] | Location) -> Config:
+def read_config(path: PathInput | Location) -> Config:
     """Read a resolved config written by :func:`write_config` (a run's ``config.yaml``)."""
     loc = location(path)
     try:

@@ -21,6 +21,14 @@ Only the student's and the distillation settings can be swept (``student.*``, ``
 the data window, the splits or the teacher would invalidate. This module checks the space's
 structure and each value against the key's type; :func:`stkd_dist.pipeline.tune_space.check_space`
 then checks every bound and choice against the whole config (value ranges, model arguments).
+
+Schedulers (``sweep.scheduler``): ``asha`` stops unpromising trials at its rungs
+(``grace_period``, ``reduction_factor``); ``pbt`` (Population Based Training) lets the worst
+trials continue from the best ones' checkpoints every ``perturbation_interval`` epochs, with the
+swept settings mutated. Each scheduler's keys are errors with the other one; left out (null) they
+take the defaults of :data:`SCHEDULER_KEYS`. PBT never mutates the student's architecture
+(``student.model``, ``student.kwargs.*``): a trial continuing from another's weights keeps that
+trial's architecture, which those weights belong to.
 """
 
 from __future__ import annotations
@@ -36,6 +44,15 @@ from typing import Any, Literal
 from stkd_dist.config.base import convert_value, resolve_key, suggestion, type_name
 from stkd_dist.config.sections import non_negative, positive, require
 from stkd_dist.errors import ConfigError
+
+Scheduler = Literal["asha", "pbt"]
+#: the keys only one scheduler takes, with their defaults (used when a key is null)
+SCHEDULER_KEYS: dict[str, dict[str, int]] = {
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "pbt": {"perturbation_interval": 2},
+}
+MODEL_KEY = "student.model"
+KWARGS_PREFIX = "student.kwargs."
 
 Distribution = Literal[
     "uniform", "quniform", "loguniform", "randint", "lograndint", "choice", "grid"
@@ -92,6 +109,11 @@ class ParamSpec:
     def describe(self) -> str:
         """``loguniform(0.0001, 0.01)``: for messages and the summary."""
         return f"{self.distribution}({', '.join(repr(a) for a in self.args)})"
+
+
+def is_architecture_key(key: str) -> bool:
+    """Whether swept key ``key`` shapes the student's weights (PBT never mutates such keys)."""
+    return key == MODEL_KEY or key.startswith(KWARGS_PREFIX) or key == KWARGS_PREFIX[:-1]
 
 
 def _is_number(v: Any) -> bool:
@@ -237,48 +259,110 @@ class SweepSection:
         space: dotted config key -> ``{distribution: arguments}`` (see the module docstring).
         samples: trials drawn from the space (with ``grid`` keys: repetitions of the grid).
         max_epochs: epochs of a trial that is never stopped early (its ``student.schedule.epochs``).
-        grace_period: epochs every trial runs before ASHA may stop it.
-        reduction_factor: ASHA's reduction factor: about ``1/reduction_factor`` of the trials
-            reaching a rung continue to the next one.
-        keep_best: checkpoints each trial keeps, the best by validation MAE.
+        scheduler: ``asha`` (stops unpromising trials) or ``pbt`` (the worst trials continue
+            from the best ones' checkpoints with mutated settings).
+        grace_period: ASHA: epochs every trial runs before it may be stopped (null = 1).
+        reduction_factor: ASHA: about ``1/reduction_factor`` of the trials reaching a rung
+            continue to the next one (null = 2).
+        perturbation_interval: PBT: epochs between a trial's perturbations (null = 2).
+        keep_best: checkpoints each trial keeps, the best by validation MAE (ASHA; PBT keeps
+            every checkpoint, since a trial may still continue from any other trial's latest).
+        max_failures: times a crashed trial is restarted from its latest checkpoint (-1:
+            without limit); a trial that fails more often is recorded as failed, the others go on.
         cpus_per_trial: CPUs reserved for each trial (and its torch threads).
         gpus_per_trial: GPUs per trial (fractions share a GPU); 0 trains on CPU.
-        max_concurrent: trials running at once; null = the cluster's CPUs // ``cpus_per_trial``.
+        max_concurrent: trials running at once; null = as many as the cluster's resources
+            admit at each moment (Tune starts a pending trial when its CPUs and GPUs are free,
+            so an autoscaling cluster that adds nodes runs more).
+        ensemble_size: the best trials averaged into the sweep's ``ensemble`` (``k``).
         top: trials shown in the final table.
     """
 
     space: dict[str, Any] = field(default_factory=dict)
     samples: int = 8
     max_epochs: int = 10
-    grace_period: int = 1
-    reduction_factor: int = 2
+    scheduler: Scheduler = "asha"
+    grace_period: int | None = None
+    reduction_factor: int | None = None
+    perturbation_interval: int | None = None
     keep_best: int = 2
+    max_failures: int = 2
     cpus_per_trial: int = 1
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
+    ensemble_size: int = 3
     top: int = 10
 
     def __post_init__(self) -> None:
-        positive(self, "samples", "max_epochs", "grace_period", "keep_best", "cpus_per_trial")
-        positive(self, "top")
+        positive(self, "samples", "max_epochs", "keep_best", "cpus_per_trial")
+        positive(self, "top", "ensemble_size")
         non_negative(self, "gpus_per_trial")
         require(
-            self.grace_period <= self.max_epochs,
-            "grace_period",
-            f"must be <= max_epochs ({self.max_epochs}), got {self.grace_period}",
-        )
-        require(
-            self.reduction_factor >= 2,
-            "reduction_factor",
-            f"must be >= 2, got {self.reduction_factor}",
+            self.max_failures >= -1,
+            "max_failures",
+            f"must be >= 0, or -1 for unlimited, got {self.max_failures!r}",
         )
         require(
             self.max_concurrent is None or self.max_concurrent > 0,
             "max_concurrent",
             f"must be > 0 or null, got {self.max_concurrent!r}",
         )
+        for owner, keys in SCHEDULER_KEYS.items():
+            for name in keys:
+                require(
+                    owner == self.scheduler or getattr(self, name) is None,
+                    name,
+                    f"is a setting of sweep.scheduler {owner!r}, but sweep.scheduler is "
+                    f"{self.scheduler!r}; remove it (or set sweep.scheduler: {owner})",
+                )
         # the distributions; keys and types are checked by the whole ``Config``, which knows them
-        parse_space(self.space)
+        specs = parse_space(self.space)
+        settings = self.scheduler_settings
+        if self.scheduler == "asha":
+            self._check_asha(settings)
+        else:
+            self._check_pbt(settings, specs)
+
+    def _check_asha(self, settings: dict[str, int]) -> None:
+        grace, factor = settings["grace_period"], settings["reduction_factor"]
+        require(grace > 0, "grace_period", f"must be > 0, got {grace!r}")
+        require(
+            grace <= self.max_epochs,
+            "grace_period",
+            f"must be <= max_epochs ({self.max_epochs}), got {grace}",
+        )
+        require(factor >= 2, "reduction_factor", f"must be >= 2, got {factor}")
+
+    def _check_pbt(self, settings: dict[str, int], specs: tuple[ParamSpec, ...]) -> None:
+        interval = settings["perturbation_interval"]
+        require(interval > 0, "perturbation_interval", f"must be > 0, got {interval!r}")
+        require(
+            interval < self.max_epochs,
+            "perturbation_interval",
+            f"must be < max_epochs ({self.max_epochs}) for any trial to be perturbed, "
+            f"got {interval}",
+        )
+        require(
+            self.samples >= 2,
+            "samples",
+            f"PBT needs a population: at least 2 trials, got {self.samples}",
+        )
+        require(
+            not specs or any(not is_architecture_key(s.key) for s in specs),
+            "space",
+            "PBT mutates the swept settings of running trials, but every key here shapes the "
+            f"student's weights ({MODEL_KEY}, {KWARGS_PREFIX}*), which PBT never mutates; "
+            "also sweep e.g. distill.alpha or student.optim.lr",
+        )
+
+    @property
+    def scheduler_settings(self) -> dict[str, int]:
+        """The settings of ``scheduler``, defaults filled in (``{"grace_period": 1, ...}``)."""
+        defaults = SCHEDULER_KEYS[self.scheduler]
+        return {
+            k: default if getattr(self, k) is None else getattr(self, k)
+            for k, default in defaults.items()
+        }
 
     def params(self) -> tuple[ParamSpec, ...]:
         """The parsed search space (keys and types checked when the ``Config`` was built)."""

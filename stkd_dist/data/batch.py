@@ -27,7 +27,8 @@ class WindowBatch(NamedTuple):
         valid: ``[batch]`` bool, False for padding samples (see the shard plan).
     """
 
-    index: torch.Tensor
+    # a field named like tuple.index on purpose (a NamedTuple: torch collates and pins it)
+    index: torch.Tensor  # type: ignore[assignment]
     x: torch.Tensor
     y: torch.Tensor
     mask: torch.Tensor

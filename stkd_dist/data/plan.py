@@ -446,8 +446,8 @@ def make_plan(
     for r in range(world_size):
         a, b = int(split_at[r]), int(split_at[r + 1])
         blocks = pieces[a:b]
-        windows = RankWindows(blocks, (seed, epoch, r) if shuffle else None, sizes=(hi - lo)[a:b])
-        shards.append(RankShard(blocks, windows, longest - int(bounds[r + 1] - bounds[r])))
+        dealt = RankWindows(blocks, (seed, epoch, r) if shuffle else None, sizes=(hi - lo)[a:b])
+        shards.append(RankShard(blocks, dealt, longest - int(bounds[r + 1] - bounds[r])))
     return ShardPlan(
         split=split,
         world_size=world_size,

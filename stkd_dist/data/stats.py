@@ -8,13 +8,13 @@ worker, server and trial normalises with the very same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
 
 from stkd_dist.compute import compute
 from stkd_dist.data.windows import SplitSpec
+from stkd_dist.location import PathInput
 from stkd_dist.storage.store import DatasetStore
 
 _EPS = 1e-6
@@ -118,6 +118,6 @@ def load_stats(store: DatasetStore, splits: SplitSpec = SplitSpec()) -> Stats:
     return stats
 
 
-def compute_and_store_stats(path: str | Path, splits: SplitSpec = SplitSpec()) -> Stats:
+def compute_and_store_stats(path: PathInput, splits: SplitSpec = SplitSpec()) -> Stats:
     """Compute and cache the statistics of the default training split (called at ingest)."""
     return load_stats(DatasetStore(path, mode="r+"), splits)

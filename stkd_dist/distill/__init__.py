@@ -1,7 +1,7 @@
 """Distillation: masked criteria, distillation losses and multi-teacher ensembles.
 
-Losses (``LOSSES``): ``regression``, ``teacher_bounded``, ``hint`` (forecasts) and ``hinton``
-(congestion classes).
+Losses (``LOSSES``): ``regression``, ``teacher_bounded`` (forecasts), ``hint`` (forecasts and the
+teacher's hidden states) and ``hinton`` (congestion classes).
 """
 
 from stkd_dist.distill.criteria import CRITERIA, Criterion, GaussianNLL, build_criterion
@@ -17,13 +17,16 @@ from stkd_dist.distill.losses import (
 )
 from stkd_dist.distill.regression_kd import HintKD, TeacherBoundedKD
 
-#: losses a student can be trained with from what teachers serve (forecasts in original units);
-#: ``hint`` also needs the teacher's hidden states, which the service does not stream yet
+#: losses a student can be trained with from the teachers' forecasts alone (original units)
 FORECAST_LOSSES = ("regression", "teacher_bounded")
+#: losses that also distil the teacher's hidden states (streamed as the HIDDEN output, or read
+#: from a label cache made with them); they train a projection with the student
+HIDDEN_LOSSES = ("hint",)
 
 __all__ = [
     "CRITERIA",
     "FORECAST_LOSSES",
+    "HIDDEN_LOSSES",
     "LOSSES",
     "SPEED_THRESHOLDS",
     "Criterion",

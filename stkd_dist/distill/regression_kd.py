@@ -9,9 +9,12 @@ teacher, *, valid=None, **extras) -> (loss, parts)``), and both are registered i
   teacher's mistakes are never copied;
 * ``hint`` (:class:`HintKD`): output matching plus a hint term, the MSE between the student's
   hidden representation, mapped by a learned projection to the teacher's width, and the
-  teacher's hidden representation (FitNets, Romero et al., ICLR 2015). The loss is complete and
-  tested; training with it is refused for now, because teacher services and label caches do not
-  yet deliver the teacher's hidden states (``Forecaster(..., output="features")`` computes them).
+  teacher's hidden representation (FitNets, Romero et al., ICLR 2015). Students train with it:
+  the teacher's hidden states (``Forecaster(..., output="features")``) are streamed by the
+  teacher service as its ``HIDDEN`` output or read from a label cache made with them, and the
+  projection ``nn.Linear(F_s, F_t)`` is trained with the student, inside the module DDP wraps,
+  kept in checkpoints for resuming only (:mod:`stkd_dist.train.hint`). This loss takes the
+  projected features as they come (``student_feat``): it has no parameters of its own.
 """
 
 from __future__ import annotations
@@ -109,9 +112,10 @@ class HintKD(nn.Module):
     ``L = α · task(ŷ_s, y) + (1 − α) · match(ŷ_s, ŷ_t) + β · MSE(P h_s, h_t)``
 
     ``P h_s`` (``student_feat``) is the student's hidden representation through its learned
-    projection, ``h_t`` (``teacher_feat``) the teacher's, both ``[batch, node, F_t]``; the MSE runs over the valid samples. The
-    match term runs over every entry of the valid samples (teacher forecasts are dense), the task
-    term over the observed targets.
+    projection (:class:`~stkd_dist.train.hint.HintStudent`), ``h_t`` (``teacher_feat``) the
+    teacher's, both ``[batch, node, F_t]``; the MSE runs over the valid samples. The match term
+    runs over every entry of the valid samples (teacher forecasts are dense), the task term over
+    the observed targets.
 
     Args:
         alpha: weight of the task term, in [0, 1].

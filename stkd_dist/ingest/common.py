@@ -9,7 +9,6 @@ atomic write) happens once in :mod:`stkd_dist.ingest.pipeline`.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
 from stkd_dist.errors import ConfigError, InputError
-from stkd_dist.location import Location, location
+from stkd_dist.location import Location, PathInput, location
 from stkd_dist.paths import check_name, dataset_path
 
 FORMATS = ("csv", "npy", "npz", "hdf5", "zarr")
@@ -54,7 +53,7 @@ class IngestOptions:
     """
 
     source: Path
-    out: str | os.PathLike[str] | None = None
+    out: PathInput | None = None
     name: str | None = None
     format: str | None = None
     overwrite: bool = False

@@ -35,7 +35,7 @@ from stkd_dist.ingest.locations import load_locations
 from stkd_dist.ingest.time_axis import build_time_axis
 from stkd_dist.ingest.wide_csv import read_wide_csv
 from stkd_dist.ingest.xarray_source import read_zarr
-from stkd_dist.location import exists, is_remote, storage_errors, url
+from stkd_dist.location import Location, as_path, exists, is_remote, storage_errors, url
 from stkd_dist.storage import SourceFile, StoreMeta, choose_chunks, open_store, write_store
 
 Reader = Callable[[Path, IngestOptions, IngestProgress], SourceData]
@@ -69,7 +69,7 @@ class IngestResult:
         skipped_edges: edge-list rows naming nodes not in the data.
     """
 
-    path: Path
+    path: Location
     name: str
     format: str
     shape: tuple[int, int, int]
@@ -178,7 +178,7 @@ def _ingest(options: IngestOptions, progress: IngestProgress | None) -> IngestRe
         dest_exists = exists(dest)
     if dest_exists and not options.overwrite:
         raise StoreError("destination exists (pass --overwrite to replace it)", where=url(dest))
-    if dest_exists and not is_remote(dest) and Path(dest).resolve() == source.resolve():
+    if dest_exists and not is_remote(dest) and as_path(dest).resolve() == source.resolve():
         raise StoreError("the destination is the source itself; choose another --out", url(dest))
     fmt = detect_format(source, options.format)
     options.check_format_options(fmt)

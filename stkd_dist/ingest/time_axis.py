@@ -58,13 +58,13 @@ def build_time_axis(
             "timestamps must be increasing and evenly spaced",
             where=where,
         )
-    f = parse_freq(freq) if freq is not None else infer_freq(time)
-    if f is not None:
-        expected = pd.date_range(time[0], periods=steps, freq=f)
+    step = parse_freq(freq) if freq is not None else infer_freq(time)
+    if step is not None:
+        expected = pd.date_range(time[0], periods=steps, freq=step)
         if expected.equals(time):
-            return time, f
+            return time, step
         k = int(np.flatnonzero(expected != time)[0])
-        rule = f"expected {expected[k]} for steps of {f}"
+        rule = f"expected {expected[k]} for steps of {step}"
     else:
         # no single step fits: report the first gap that differs from the first one
         gaps = np.diff(time.asi8)

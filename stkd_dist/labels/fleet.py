@@ -67,6 +67,8 @@ class FleetSpec:
         compute: device, precision and micro-batch.
         num_cpus: CPUs Ray reserves per replica.
         max_restarts: how often Ray starts a dead replica again.
+        cache_hidden: a ``cache`` the replicas create also stores the teacher's hidden states
+            (a student trained with ``distill.loss: hint`` reads them).
     """
 
     checkpoint: str
@@ -78,6 +80,7 @@ class FleetSpec:
     compute: ReplicaCompute = field(default_factory=ReplicaCompute)
     num_cpus: float = 1.0
     max_restarts: int = 3
+    cache_hidden: bool = False
 
     @property
     def num_gpus(self) -> float:
@@ -186,6 +189,7 @@ class ReplicaFleet:
                 spec.compute,
                 tls_name if self.security is not None else None,
                 name,
+                cache_hidden=spec.cache_hidden,
             )
         )
         with self._lock:

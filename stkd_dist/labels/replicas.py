@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from stkd_dist.checkpoint import read_checkpoint, resolve_checkpoint
 from stkd_dist.config.pipeline import ServeSection
-from stkd_dist.location import Location, exists, location
+from stkd_dist.location import Location, PathInput, exists, location
 from stkd_dist.paths import run_dir
 from stkd_dist.serving.cache import SERVE_MEMORY_BYTES, open_cache
 from stkd_dist.serving.discovery import Endpoint
@@ -89,6 +88,7 @@ class TeacherReplica:
         tls_name: the name ``config.tls``'s certificate is issued for; clients check the
             certificate against it (they connect by IP).
         name: the actor's name (in counters).
+        cache_hidden: a ``cache`` created here also stores the teacher's hidden states.
     """
 
     def __init__(
@@ -102,6 +102,7 @@ class TeacherReplica:
         compute: ReplicaCompute = ReplicaCompute(),
         tls_name: str | None = None,
         name: str = "",
+        cache_hidden: bool = False,
     ) -> None:
         import ray
 
@@ -132,6 +133,7 @@ class TeacherReplica:
                 memory_bytes=SERVE_MEMORY_BYTES,
                 chunk_steps=teacher.reader.store.chunks[0],  # chunks follow the plan's blocks
                 compute=teacher.compute,
+                hidden=cache_hidden,
             )
         self.server = TeacherServer(
             teacher, dataclasses.replace(config, host=host), label_cache, write_through
@@ -191,7 +193,7 @@ def replica_compute(serve: ServeSection) -> ReplicaCompute:
     return ReplicaCompute(serve.device, serve.precision, serve.micro_batch, serve.threads)
 
 
-def replica_cache(run: str, checkpoint: str | Path, storage: str | Path | None) -> Location:
+def replica_cache(run: str, checkpoint: PathInput, storage: PathInput | None) -> Location:
     """The label cache started replicas of teacher ``checkpoint`` write through to in run
     ``run``: ``<run>/labels/<teacher version>.zarr`` (the cache ``serve.mode: cache`` fills)."""
     info = read_checkpoint(resolve_checkpoint(checkpoint, "teacher", storage), verify=False)

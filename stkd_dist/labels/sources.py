@@ -17,6 +17,10 @@ Teachers (:class:`TeacherSpec`):
 * ``replicas``: ``--teacher ray:N``: the driver starts N replicas as Ray actors and turns the spec
   into a ``stream`` teacher (``ray:<prefix>`` endpoints) before the workers start.
 
+Labels travel as a :class:`~stkd_dist.serving.label_arrays.LabelArrays` of torch tensors: the
+prediction ``[batch, H, N, C]``, the spread when ``LabelSpec.spread`` and the teacher's hidden
+states ``[batch, N, F_t]`` when ``LabelSpec.hidden`` (``distill.loss: hint``; one teacher only).
+
 Several teachers form an ensemble; their labels are combined per batch with
 :func:`~stkd_dist.distill.ensemble.combine_teachers` (``mean`` or ``inverse_error`` by each
 teacher's validation MAE, as ``Describe`` or the cache reports it).
@@ -39,11 +43,13 @@ import torch
 
 from stkd_dist.distill.ensemble import combine_teachers
 from stkd_dist.errors import ConfigError, InputError, StoreError
-from stkd_dist.labels.teachers import LabelSpec, TeacherSpec, label_client
+from stkd_dist.labels.teachers import LabelSpec, TeacherSpec, hint_cache_message, label_client
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.client import ClientStats, PlanRequest
+from stkd_dist.serving.label_arrays import LabelArrays, NumpyLabels, take_rows
 
-Labels = tuple[torch.Tensor, torch.Tensor | None]
+# the labels of a batch, as the loss takes them
+Labels = LabelArrays[torch.Tensor]
 
 
 class LabelSource(Protocol):
@@ -58,7 +64,7 @@ class LabelSource(Protocol):
         """
 
     def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
-        """``(prediction, spread)`` ``[batch, H, N, C]`` of a batch (zeros for padding)."""
+        """The labels of a batch, in its order (zeros for padding samples)."""
 
     def end_epoch(self) -> list[dict[str, Any]]:
         """Finish the epoch; one delivery record per teacher."""
@@ -94,15 +100,19 @@ class StreamedTeacher:
         self.client.stats = ClientStats()  # per-epoch counters (no stream is running now)
         self._requested, self._wait = len(windows), 0.0
         if plan is not None:
-            self._stream = self.client.stream_plan(self.spec.split, plan, spread=self.spec.spread)
+            self._stream = self.client.stream_plan(
+                self.spec.split, plan, spread=self.spec.spread, hidden=self.spec.hidden
+            )
         else:
-            self._stream = self.client.stream(self.spec.split, windows, spread=self.spec.spread)
+            self._stream = self.client.stream(
+                self.spec.split, windows, spread=self.spec.spread, hidden=self.spec.hidden
+            )
 
     def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
         t0 = time.perf_counter()
-        pred, spread = self._stream.labels_for(index, valid)  # blocks until they have arrived
+        labels: Labels = self._stream.labels_for(index, valid)  # blocks until they have arrived
         self._wait += time.perf_counter() - t0
-        return pred, spread
+        return labels
 
     def end_epoch(self) -> list[dict[str, Any]]:
         stream, self._stream = self._stream, None
@@ -139,8 +149,12 @@ class CachedTeacher:
 
     Args:
         teacher: a ``cache`` teacher.
-        spec: the label spec (split, spread).
+        spec: the label spec (split, spread, hidden).
         in_memory: read the whole split into memory once, instead of reading each batch's rows.
+
+    Raises:
+        StoreError: the cache holds another teacher than the one checked, or no hidden states
+            while ``spec.hidden`` (``distill.loss: hint``).
     """
 
     def __init__(self, teacher: TeacherSpec, spec: LabelSpec, in_memory: bool = False) -> None:
@@ -153,20 +167,23 @@ class CachedTeacher:
                 f"the cache now holds teacher {self.cache.version}, expected {teacher.version}",
                 where=teacher.name,
             )
+        if spec.hidden and not self.cache.hidden_dim:
+            raise StoreError(hint_cache_message(), where=teacher.name)
         self.range = self.cache.ranges[spec.split]
         self.shape = self.cache.window_shape
-        self._memory: tuple[np.ndarray, np.ndarray | None] | None = None
+        self._memory: NumpyLabels | None = None
         if in_memory:
             # [windows of split, H, N, C] float32, decoded from the cache's stored label type
-            pred, sp = self.cache.read_split(spec.split, with_spread=spec.spread)
-            self._memory = (pred, sp if spec.spread else None)
+            self._memory = self.cache.read_split(
+                spec.split, with_spread=spec.spread, with_hidden=spec.hidden
+            ).keep(spread=spec.spread, hidden=spec.hidden)
         self._requested = self._delivered = 0
         self._wait = 0.0
 
     def begin_epoch(self, windows: np.ndarray, plan: PlanRequest | None = None) -> None:
         self._requested, self._delivered, self._wait = len(windows), 0, 0.0
 
-    def _rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _rows(self, idx: np.ndarray) -> NumpyLabels:
         if self._memory is not None:
             r = self.range
             pos = (idx - r.start) // r.step
@@ -175,28 +192,34 @@ class CachedTeacher:
                 raise InputError(
                     f"window {int(idx[~ok][0])} is not in the cache", where=self.teacher.name
                 )
-            pred, spread = self._memory
-            return pred[pos], (spread[pos] if spread is not None else None)
-        hit, labels = self.cache.lookup(self.spec.split, idx, with_spread=self.spec.spread)
+            return take_rows(self._memory, pos)
+        spec = self.spec
+        hit, labels = self.cache.lookup(
+            spec.split, idx, with_spread=spec.spread, with_hidden=spec.hidden
+        )
         if labels is None or not hit.all():
             raise InputError(
                 f"window {int(idx[~hit][0])} is not in the cache", where=self.teacher.name
             )
-        return labels
+        return labels.keep(spread=spec.spread, hidden=spec.hidden)
 
     def labels_for(self, index: torch.Tensor, valid: torch.Tensor) -> Labels:
         t0 = time.perf_counter()
         idx, ok = _as_numpy(index, np.int64), _as_numpy(valid, bool)
         pred = np.zeros((len(idx), *self.shape), dtype=np.float32)  # padding rows stay 0
-        spread = np.zeros_like(pred) if self.spec.spread else None
+        hidden_shape = (len(idx), self.shape[1], self.cache.hidden_dim)  # [batch, N, F]
+        out = LabelArrays(
+            pred,
+            np.zeros_like(pred) if self.spec.spread else None,
+            np.zeros(hidden_shape, dtype=np.float32) if self.spec.hidden else None,
+        )
         if ok.any():
-            p, s = self._rows(idx[ok])
-            pred[ok] = p
-            if spread is not None and s is not None:
-                spread[ok] = s
+            rows = self._rows(idx[ok]).named()
+            for name, a in out.named().items():
+                a[ok] = rows[name]
         self._delivered += int(ok.sum())
         self._wait += time.perf_counter() - t0
-        return torch.from_numpy(pred), None if spread is None else torch.from_numpy(spread)
+        return out.map(torch.from_numpy)
 
     def end_epoch(self) -> list[dict[str, Any]]:
         return [
@@ -234,18 +257,16 @@ class TeacherEnsemble:
         got = [s.labels_for(index, valid) for s in self.sources]
         if len(got) == 1:
             return got[0]
-        preds = [p for p, _ in got]  # each [batch, H, N, C]
+        # hidden states of several teachers live in different spaces: LabelSpec refuses them
+        preds = [g.prediction for g in got]  # each [batch, H, N, C]
         if self.spec.spread:
-            spreads = [sp for _, sp in got]
-            assert all(sp is not None for sp in spreads), "spread was requested from every teacher"
+            spreads = [g.spread for g in got if g.spread is not None]
+            assert len(spreads) == len(got), "spread was requested from every teacher"
             mean, log_var = combine_teachers(
-                preds,
-                self.spec.ensemble,
-                self.val_errors,
-                log_vars=spreads,  # type: ignore[arg-type]
+                preds, self.spec.ensemble, self.val_errors, log_vars=spreads
             )
-            return mean, log_var
-        return combine_teachers(preds, self.spec.ensemble, self.val_errors), None
+            return LabelArrays(mean, log_var)
+        return LabelArrays(combine_teachers(preds, self.spec.ensemble, self.val_errors))
 
     def end_epoch(self) -> list[dict[str, Any]]:
         return [r for s in self.sources for r in s.end_epoch()]

@@ -15,7 +15,6 @@ import dataclasses
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from stkd_dist.checkpoint import resolve_checkpoint
@@ -30,7 +29,7 @@ from stkd_dist.labels.replicas import (
     replica_server_config,
 )
 from stkd_dist.labels.teachers import TeacherSpec
-from stkd_dist.location import url
+from stkd_dist.location import PathInput, url
 from stkd_dist.serving.client import ClientOptions
 from stkd_dist.serving.server import ServerConfig
 
@@ -47,6 +46,8 @@ class ReplicaPlan:
         per_node: replicas on every node instead of the teacher's ``replicas`` (None).
         autoscale: grow and shrink the fleet with the students' label wait (None: fixed).
         cache: the label cache the replicas share and write through to (URL; None = none).
+        cache_hidden: a ``cache`` the replicas create stores the teacher's hidden states too
+            (the student distils them: ``distill.loss: hint``).
     """
 
     config: ServerConfig = field(default_factory=ServerConfig)
@@ -56,6 +57,7 @@ class ReplicaPlan:
     per_node: int | None = None
     autoscale: AutoscaleSection | None = None
     cache: str | None = None
+    cache_hidden: bool = False
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0:
@@ -97,12 +99,12 @@ class StartedTeachers:
 def started_replicas(
     teachers: Sequence[TeacherSpec],
     *,
-    checkpoint: str | Path,
-    dataset: str | Path,
+    checkpoint: PathInput,
+    dataset: PathInput,
     run_name: str,
     client: ClientOptions,
     plan: ReplicaPlan = ReplicaPlan(),
-    storage: str | Path | None = None,
+    storage: PathInput | None = None,
 ) -> Iterator[StartedTeachers]:
     """Start the ``replicas`` teachers as Ray actors for the block (Ray initialised).
 
@@ -150,6 +152,7 @@ def started_replicas(
                 storage=None if storage is None else url(storage),
                 compute=plan.compute,
                 num_cpus=plan.num_cpus,
+                cache_hidden=plan.cache_hidden,
             )
             fleet = ReplicaFleet(spec, prefix, security)
             fleets.append(fleet)

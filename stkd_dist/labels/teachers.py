@@ -8,7 +8,9 @@
 * :func:`resolve_teachers`: the driver's one check of every teacher before training: the dataset
   fingerprint, the label shape and the training windows must be the student's; each teacher's
   version is pinned (so every worker and every failover uses the teacher that was checked) and its
-  validation MAE read (``Describe`` or the cache) for ``inverse_error`` weights;
+  validation MAE read (``Describe`` or the cache) for ``inverse_error`` weights; a student
+  distilling hidden states (``distill.loss: hint``) also needs a teacher that delivers them (a
+  server reporting ``hidden_dim``, a cache made with them), whose width F is pinned too;
 * started replicas (``ray:N`` teachers as Ray actors for the length of a run) are
   :mod:`stkd_dist.labels.started`.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from stkd_dist.distill.ensemble import RULES, teacher_weights
 from stkd_dist.errors import ConfigError, StoreError
@@ -47,6 +49,8 @@ class TeacherSpec:
         val_mae: the teacher's validation MAE, when known.
         client: this teacher's client options when they are its own (started replicas: the
             run's generated token and CA); None = the student's (:attr:`LabelSpec.client`).
+        hidden_dim: F of the teacher's hidden states ``[N, F]``, pinned once checked for a
+            student that distils them (0: not checked, or not delivered).
     """
 
     kind: TeacherKind
@@ -55,6 +59,7 @@ class TeacherSpec:
     version: str = ""
     val_mae: float | None = None
     client: ClientOptions | None = field(default=None, repr=False)  # carries a token
+    hidden_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("stream", "cache", "replicas"):
@@ -123,6 +128,7 @@ class LabelSpec:
         fingerprint: the dataset fingerprint every teacher must serve.
         ensemble: ``mean`` or ``inverse_error`` (needs every teacher's ``val_mae``).
         spread: also fetch the teachers' spread (log-variance; for confidence weighting).
+        hidden: also fetch the teacher's hidden states (``distill.loss: hint``; one teacher).
         split: the split whose windows are distilled.
         client: options of the teacher-service clients.
         in_memory: read each ``cache`` teacher's split whole into memory once per worker
@@ -137,6 +143,7 @@ class LabelSpec:
     spread: bool = False
     split: str = "train"
     client: ClientOptions = field(default_factory=ClientOptions)
+    hidden: bool = False
     in_memory: bool = False
     wait_meter: str | None = None
 
@@ -147,6 +154,18 @@ class LabelSpec:
             )
         if self.ensemble not in RULES:
             raise ConfigError(f"must be one of {', '.join(RULES)}", where="distill.ensemble")
+        if self.hidden and len(self.teachers) > 1:
+            # each teacher's hidden states live in a space of their own: there is no mean of them
+            raise ConfigError(
+                f"the hint loss distils one teacher's hidden states, {len(self.teachers)} "
+                "teachers are named; name one, or use another loss",
+                where="distill.loss",
+            )
+
+    @property
+    def hidden_dim(self) -> int:
+        """F of the (one) teacher's hidden states, as pinned by :func:`resolve_teachers`."""
+        return self.teachers[0].hidden_dim if self.hidden else 0
 
     @property
     def val_errors(self) -> list[float] | None:
@@ -165,6 +184,26 @@ class LabelSpec:
     def weights(self) -> list[float]:
         """The normalised weight of each teacher in the ensemble."""
         return teacher_weights(len(self.teachers), self.ensemble, self.val_errors)
+
+
+def hint_cache_message() -> str:
+    """Why a label cache without hidden states cannot teach a ``hint`` student, and what to do."""
+    return (
+        "distill.loss: hint needs the teacher's hidden states, and this label cache holds none "
+        "(it was made without them): recompute it with `stkd precompute-labels --hidden "
+        "--overwrite`, or stream the labels from the teacher (serve.mode: stream, or --teacher)"
+    )
+
+
+def check_cache_hidden(teachers: Sequence[TeacherSpec]) -> None:
+    """Refuse label caches without hidden states for a ``hint`` student (cheap: opens them).
+
+    Raises:
+        StoreError: a ``cache`` teacher made without hidden states (:func:`hint_cache_message`).
+    """
+    for t in teachers:
+        if t.kind == "cache" and not LabelCache(t.location).hidden_dim:
+            raise StoreError(hint_cache_message(), where=t.name)
 
 
 # -- driver side: check the teachers once --------------------------------------------------------
@@ -209,6 +248,7 @@ def resolve_teachers(
     spread: bool = False,
     split: str = "train",
     client: ClientOptions | None = None,
+    hidden: bool = False,
 ) -> tuple[TeacherSpec, ...]:
     """Check each ``stream``/``cache`` teacher against the student; pin versions, read MAEs.
 
@@ -221,6 +261,8 @@ def resolve_teachers(
         window_shape: ``(H, N, C_out)`` the student predicts.
         windows: the student's windows of ``split``.
         spread: the student needs the teachers' spread.
+        hidden: the student needs the teachers' hidden states (``distill.loss: hint``): a
+            teacher service must report ``hidden_dim``, a cache must hold them; F is pinned.
 
     Raises:
         ConfigError / StoreError / LabelMismatchError / TeacherUnavailableError: a teacher that
@@ -229,7 +271,12 @@ def resolve_teachers(
     client = client or ClientOptions()
     out = []
     for t in teachers:
-        common = {"window_shape": window_shape, "train": windows, "spread": spread, "split": split}
+        common: dict[str, Any] = {
+            "window_shape": window_shape,
+            "train": windows,
+            "spread": spread,
+            "split": split,
+        }
         if t.kind == "stream":
             with label_client(t.client or client, t.location, fingerprint, t.version) as c:
                 info = c.describe()
@@ -238,7 +285,21 @@ def resolve_teachers(
                 t.name, tuple(info.window_shape), found.get(split), info.has_spread, **common
             )
             val_mae = float(info.val_mae) if info.val_mae > 0 else t.val_mae
-            out.append(replace(t, version=info.teacher_version, val_mae=val_mae))
+            if hidden and not info.hidden_dim:
+                raise ConfigError(
+                    "distill.loss: hint needs the teacher's hidden states, and this teacher "
+                    "service does not stream them (a server older than the HIDDEN output): "
+                    "serve the teacher with this version of stkd",
+                    where=t.name,
+                )
+            out.append(
+                replace(
+                    t,
+                    version=info.teacher_version,
+                    val_mae=val_mae,
+                    hidden_dim=int(info.hidden_dim) if hidden else 0,
+                )
+            )
         elif t.kind == "cache":
             cache = LabelCache(t.location)
             if cache.fingerprint != fingerprint:
@@ -250,13 +311,22 @@ def resolve_teachers(
             _check_labels(
                 t.name, cache.window_shape, cache.ranges.get(split), cache.has_spread, **common
             )
+            if hidden and not cache.hidden_dim:
+                raise StoreError(hint_cache_message(), where=t.name)
             if not cache.is_complete(split):
                 raise StoreError(
                     f"the cache holds {cache.filled_windows(split)} of the {len(windows)} {split} "
                     "windows; complete it with `stkd precompute-labels`",
                     where=t.name,
                 )
-            out.append(replace(t, version=cache.version, val_mae=cache.val_mae or t.val_mae))
+            out.append(
+                replace(
+                    t,
+                    version=cache.version,
+                    val_mae=cache.val_mae or t.val_mae,
+                    hidden_dim=cache.hidden_dim if hidden else 0,
+                )
+            )
         else:
             raise ConfigError("start the replicas before resolving the teachers", where=t.name)
     return tuple(out)

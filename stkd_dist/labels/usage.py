@@ -7,12 +7,11 @@ Written by the driver after a student trained with started replicas (``ray:N``),
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from stkd_dist.labels.replicas import ReplicaCounters
-from stkd_dist.location import Location, exists, location, read_json, write_json_atomic
+from stkd_dist.location import Location, PathInput, exists, location, read_json, write_json_atomic
 
 LABEL_USE_FILE = "label_use.json"
 
@@ -40,12 +39,12 @@ class LabelUse:
     replicas_timeline: tuple[dict[str, Any], ...] = ()
 
 
-def write_label_use(experiment: str | os.PathLike[str] | Location, use: LabelUse) -> None:
+def write_label_use(experiment: PathInput | Location, use: LabelUse) -> None:
     """Write ``label_use.json`` into ``experiment`` (atomically)."""
     write_json_atomic(location(experiment) / LABEL_USE_FILE, dataclasses.asdict(use))
 
 
-def label_use(experiment: str | os.PathLike[str] | Location) -> LabelUse | None:
+def label_use(experiment: PathInput | Location) -> LabelUse | None:
     """``label_use.json`` of a distilled student's experiment (None when absent)."""
     path = location(experiment) / LABEL_USE_FILE
     if not exists(path):

@@ -9,14 +9,14 @@ from typing import Any
 
 from upath import UPath
 
-from stkd_dist.location.urls import SCRATCH_ENV, is_remote, location, storage_options
+from stkd_dist.location.urls import SCRATCH_ENV, as_path, is_remote, location, storage_options
 
 
 def zarr_store(loc: UPath, read_only: bool = True) -> Any:
     """A zarr store for ``loc``: a ``LocalStore`` path or zarr's own ``FsspecStore``."""
     loc = location(loc)
     if not is_remote(loc):
-        return str(Path(loc))
+        return str(as_path(loc))
     from zarr.storage import FsspecStore
 
     return FsspecStore.from_url(
@@ -33,7 +33,7 @@ def pyarrow_filesystem(loc: UPath) -> tuple[Any, str]:
     """
     loc = location(loc)
     if not is_remote(loc):
-        return None, str(Path(loc).absolute())
+        return None, str(as_path(loc).absolute())
     import pyarrow.fs as pafs
 
     if storage_options(loc.protocol):

@@ -4,16 +4,13 @@ transient (timeouts, 5xx, throttling: retried with backoff), and neither (bad by
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from upath import UPath
-
 from stkd_dist.errors import StoreError
-from stkd_dist.location.urls import url
+from stkd_dist.location.urls import PathInput, url
 
 T = TypeVar("T")
 
@@ -110,7 +107,7 @@ def retrying(fn: Callable[[], T], where: str, attempts: int = 5, base_delay: flo
 
 
 @contextlib.contextmanager
-def storage_errors(where: str | os.PathLike[str] | UPath) -> Iterator[None]:
+def storage_errors(where: PathInput) -> Iterator[None]:
     """Context turning missing-bucket / credential / permission errors into a :class:`StoreError`."""
     text = where if isinstance(where, str) else url(where)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -14,10 +15,10 @@ from upath import UPath
 
 from stkd_dist.errors import StoreError
 from stkd_dist.location.errors import retrying, storage_error
-from stkd_dist.location.urls import is_remote, location, url
+from stkd_dist.location.urls import PathInput, as_path, is_remote, location, url
 
 
-def exists(loc: UPath) -> bool:
+def exists(loc: PathInput) -> bool:
     """Whether ``loc`` exists (a file, or a folder holding anything).
 
     On an object store a missing bucket or a denied request is an error, not ``False`` (fsspec's
@@ -50,35 +51,35 @@ def exists(loc: UPath) -> bool:
     return retrying(probe, where)
 
 
-def makedirs(loc: UPath) -> None:
+def makedirs(loc: PathInput) -> None:
     """Create folder ``loc`` and its parents (a no-op on object stores: prefixes need none)."""
     loc = location(loc)
     if not is_remote(loc):
-        Path(loc).mkdir(parents=True, exist_ok=True)
+        as_path(loc).mkdir(parents=True, exist_ok=True)
 
 
-def read_bytes(loc: UPath) -> bytes:
+def read_bytes(loc: PathInput) -> bytes:
     """The whole content of file ``loc``."""
     return retrying(lambda: location(loc).read_bytes(), url(loc))
 
 
-def read_text(loc: UPath) -> str:
+def read_text(loc: PathInput) -> str:
     return read_bytes(loc).decode("utf-8")
 
 
-def read_json(loc: UPath) -> Any:
+def read_json(loc: PathInput) -> Any:
     """Parse file ``loc`` as JSON (``ValueError`` when it is not)."""
     return json.loads(read_text(loc))
 
 
-def write_bytes_atomic(loc: UPath, data: bytes) -> None:
+def write_bytes_atomic(loc: PathInput, data: bytes) -> None:
     """Write ``data`` to ``loc`` so that readers see the old content or the new, never a part."""
     loc = location(loc)
     if is_remote(loc):
         # a single PUT is atomic on object stores: the object appears only when complete
         retrying(lambda: loc.write_bytes(data), url(loc))
         return
-    path = Path(loc)
+    path = as_path(loc)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -92,28 +93,28 @@ def write_bytes_atomic(loc: UPath, data: bytes) -> None:
         raise
 
 
-def write_text_atomic(loc: UPath, text: str) -> None:
+def write_text_atomic(loc: PathInput, text: str) -> None:
     write_bytes_atomic(loc, text.encode("utf-8"))
 
 
-def write_json_atomic(loc: UPath, data: Any) -> None:
+def write_json_atomic(loc: PathInput, data: Any) -> None:
     """Write ``data`` as indented JSON (NaN and infinity refused), atomically."""
     write_text_atomic(loc, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def append_text(loc: UPath, text: str) -> None:
+def append_text(loc: PathInput, text: str) -> None:
     """Append to a local file; on an object store rewrite the object (logs are small)."""
     loc = location(loc)
     if not is_remote(loc):
-        Path(loc).parent.mkdir(parents=True, exist_ok=True)
-        with Path(loc).open("a", encoding="utf-8") as f:
+        as_path(loc).parent.mkdir(parents=True, exist_ok=True)
+        with as_path(loc).open("a", encoding="utf-8") as f:
             f.write(text)
         return
     old = read_text(loc) if exists(loc) else ""
     write_text_atomic(loc, old + text)
 
 
-def listdir(loc: UPath) -> list[UPath]:
+def listdir(loc: PathInput) -> list[UPath]:
     """The entries directly inside folder ``loc`` (empty when it does not exist), sorted."""
     loc = location(loc)
     if is_remote(loc):
@@ -124,7 +125,7 @@ def listdir(loc: UPath) -> list[UPath]:
         return []
 
 
-def remove(loc: UPath) -> None:
+def remove(loc: PathInput) -> None:
     """Delete file or folder ``loc`` with everything in it; a no-op when absent."""
     loc = location(loc)
     if is_remote(loc):
@@ -132,7 +133,7 @@ def remove(loc: UPath) -> None:
         with contextlib.suppress(FileNotFoundError):
             retrying(lambda: fs.rm(loc.path, recursive=True), url(loc))
         return
-    path = Path(loc)
+    path = as_path(loc)
     if path.is_dir() and not path.is_symlink():
         import shutil
 
@@ -141,13 +142,13 @@ def remove(loc: UPath) -> None:
         path.unlink(missing_ok=True)
 
 
-def copy_tree(src: UPath, dst: UPath, last: tuple[str, ...] = ()) -> None:
+def copy_tree(src: PathInput, dst: PathInput, last: tuple[str, ...] = ()) -> None:
     """Copy every file under folder ``src`` to ``dst`` (between any two locations), the names in
     ``last`` (relative paths, e.g. a commit marker) after all the others."""
     src, dst = location(src), location(dst)
     if not is_remote(src) and not is_remote(dst):
-        files = sorted(p for p in Path(src).rglob("*") if p.is_file())
-        rels = [p.relative_to(Path(src)).as_posix() for p in files]
+        files = sorted(p for p in as_path(src).rglob("*") if p.is_file())
+        rels = [p.relative_to(as_path(src)).as_posix() for p in files]
     else:
         fs = src.fs
         prefix = src.path.rstrip("/") + "/"
@@ -157,26 +158,24 @@ def copy_tree(src: UPath, dst: UPath, last: tuple[str, ...] = ()) -> None:
         if same_store:
             # a server-side copy: the bytes do not travel through this process
             target = f"{dst.path.rstrip('/')}/{rel}"
-            retrying(
-                lambda rel=rel, target=target: src.fs.copy(f"{src.path}/{rel}", target), url(dst)
-            )
+            retrying(functools.partial(src.fs.copy, f"{src.path}/{rel}", target), url(dst))
         else:
             write_bytes_atomic(dst / rel, read_bytes(src / rel))
 
 
-def rename_or_copy(src: UPath, dst: UPath, last: tuple[str, ...] = ()) -> None:
+def rename_or_copy(src: PathInput, dst: PathInput, last: tuple[str, ...] = ()) -> None:
     """Move folder ``src`` to ``dst``: a rename on a local disk; on an object store a server-side
     copy of every object (the names in ``last``, e.g. a commit marker, copied after all others),
     then deletion of ``src``. ``dst`` must not exist."""
     src, dst = location(src), location(dst)
     if not is_remote(src):
-        Path(src).rename(Path(dst))
+        as_path(src).rename(as_path(dst))
         return
     copy_tree(src, dst, last)
     remove(src)
 
 
-def temporary_sibling(dest: UPath, tag: str = "tmp") -> UPath:
+def temporary_sibling(dest: PathInput, tag: str = "tmp") -> UPath:
     """A hidden, unique location next to ``dest`` (same filesystem/bucket)."""
     dest = location(dest)
     return dest.parent / f".{dest.name}.{tag}-{uuid.uuid4().hex[:8]}"

@@ -13,6 +13,8 @@ from upath import UPath
 from stkd_dist.errors import StoreError
 
 Location = UPath
+#: what functions taking a place to read or write accept: a path, a path string or URL, a location
+PathInput = str | os.PathLike[str] | UPath
 OPTIONS_ENV = "STKD_STORAGE_OPTIONS"
 SCRATCH_ENV = "STKD_SCRATCH"
 # the variables object-store clients read for endpoints and credentials; passed to Ray workers
@@ -65,7 +67,7 @@ def set_storage_options(options: Mapping[str, Any]) -> None:
         os.environ[OPTIONS_ENV] = json.dumps(dict(options), sort_keys=True)
 
 
-def location(ref: str | os.PathLike[str] | UPath) -> UPath:
+def location(ref: PathInput) -> UPath:
     """The location ``ref`` names: a URL (``s3://b/p``, ``file:///p``) or a local path."""
     if isinstance(ref, UPath):
         return ref
@@ -77,20 +79,29 @@ def location(ref: str | os.PathLike[str] | UPath) -> UPath:
     return UPath(text, **storage_options(protocol))
 
 
-def is_remote(loc: str | os.PathLike[str] | UPath) -> bool:
+def is_remote(loc: PathInput) -> bool:
     """True for an object-store (non-local) location."""
     return location(loc).protocol not in _LOCAL_PROTOCOLS
 
 
-def url(loc: str | os.PathLike[str] | UPath) -> str:
+def url(loc: PathInput) -> str:
     """The string form users see: ``s3://bucket/key`` or an absolute local path."""
     loc = location(loc)
-    return str(loc) if is_remote(loc) else str(Path(loc).absolute())
+    return str(loc) if is_remote(loc) else str(as_path(loc).absolute())
 
 
-def absolute(loc: str | os.PathLike[str] | UPath) -> UPath:
+def absolute(loc: PathInput) -> UPath:
     """``loc`` with a local path made absolute (what another process or node can open)."""
     return location(url(loc))
+
+
+def as_path(loc: PathInput) -> Path:
+    """A local place as a :class:`pathlib.Path` (the caller knows it is not remote)."""
+    if isinstance(loc, Path):  # also a local UPath (PosixUPath is a Path)
+        return loc
+    if isinstance(loc, UPath):
+        return Path(loc.path)
+    return Path(loc)
 
 
 def relative(loc: UPath, root: UPath) -> str:
@@ -98,9 +109,9 @@ def relative(loc: UPath, root: UPath) -> str:
     return str(location(loc).relative_to(location(root))).replace(os.sep, "/")
 
 
-def local_path(loc: str | os.PathLike[str] | UPath, what: str) -> Path:
+def local_path(loc: PathInput, what: str) -> Path:
     """The local path of ``loc``; a remote URL is refused naming ``what`` needs a local file."""
     loc = location(loc)
     if is_remote(loc):
         raise StoreError(f"{what} must be a local path, not an object-store URL", where=url(loc))
-    return Path(loc)
+    return as_path(loc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 import torch
@@ -19,7 +19,9 @@ from stkd_dist.data.batch import DataDims, WindowBatch
 from stkd_dist.errors import ConfigError
 from stkd_dist.models.registry import MODELS, build_network
 
-OUTPUTS = ("mean", "spread", "features", "all")
+#: what :meth:`Forecaster.forward` returns, chosen by its ``output`` argument
+Output = Literal["mean", "spread", "features", "all"]
+OUTPUTS: tuple[Output, ...] = ("mean", "spread", "features", "all")
 
 
 class NetOutput(NamedTuple):
@@ -120,20 +122,47 @@ class Forecaster(nn.Module):
         std = _as_scale(target_std, dims.nodes, dims.out_channels, "target_std")
         if (std <= 0).any():
             raise ConfigError("must be positive", where="target_std")
+        self.target_mean: torch.Tensor
+        self.target_std: torch.Tensor
         self.register_buffer("target_mean", mean)  # [node, C_out]
         self.register_buffer("target_std", std)  # [node, C_out]
+        self._hidden_dim: int | None = None  # found by hidden_dim() on first use
 
     @property
     def has_spread(self) -> bool:
         return bool(getattr(self.network, "spread", False))
 
+    @overload
     def forward(
         self,
         x: torch.Tensor,
         time_of_day: torch.Tensor,
         day_of_week: torch.Tensor,
-        output: str = "mean",
-    ) -> Any:
+        output: Literal["mean"] = "mean",
+    ) -> torch.Tensor: ...
+    @overload
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_of_day: torch.Tensor,
+        day_of_week: torch.Tensor,
+        output: Literal["spread", "features"],
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @overload
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_of_day: torch.Tensor,
+        day_of_week: torch.Tensor,
+        output: Literal["all"],
+    ) -> Forecast: ...
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_of_day: torch.Tensor,
+        day_of_week: torch.Tensor,
+        output: Output = "mean",
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Forecast:
         """Forecast in original units.
 
         Args:
@@ -167,11 +196,35 @@ class Forecaster(nn.Module):
         self, x: torch.Tensor, time_of_day: torch.Tensor, day_of_week: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, log_var)`` in original units (log-variance in units²)."""
-        return self(x, time_of_day, day_of_week, output="spread")
+        out: tuple[torch.Tensor, torch.Tensor] = self(x, time_of_day, day_of_week, output="spread")
+        return out
 
-    def forward_batch(self, batch: WindowBatch, output: str = "mean") -> Any:
-        """:meth:`forward` on a :class:`WindowBatch`."""
-        return self(batch.x, batch.time_of_day, batch.day_of_week, output=output)
+    def hidden_dim(self) -> int:
+        """F, the width of the hidden representation ``[batch, node, F]`` of ``output="features"``.
+
+        Networks do not declare it, so it is measured once: one all-zero window through the
+        model in eval mode (dropout off, so no random numbers are drawn and the training's random
+        state is untouched), on the model's device; the training mode is restored after.
+        """
+        if self._hidden_dim is None:
+            d, device = self.dims, self.target_mean.device
+            x = torch.zeros(1, d.input_steps, d.nodes, d.in_channels, device=device)
+            tod = torch.zeros(1, d.input_steps, device=device)
+            dow = torch.zeros(1, d.input_steps, dtype=torch.long, device=device)
+            training = self.training
+            self.eval()
+            try:
+                with torch.no_grad():
+                    _, hidden = self(x, tod, dow, output="features")  # [1, node, F]
+            finally:
+                self.train(training)
+            self._hidden_dim = int(hidden.shape[-1])
+        return self._hidden_dim
+
+    def forward_batch(self, batch: WindowBatch) -> torch.Tensor:
+        """The mean forecast ``[batch, H, node, C_out]`` of a :class:`WindowBatch`."""
+        mean: torch.Tensor = self(batch.x, batch.time_of_day, batch.day_of_week)
+        return mean
 
     def num_params(self) -> int:
         """Number of trainable parameters of the network."""

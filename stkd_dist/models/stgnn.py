@@ -116,6 +116,7 @@ class GraphWaveNet(Network):
                 raise ConfigError(f"shape {adj.shape} is not [{n}, {n}] (node, node)", "adjacency")
             if not np.isfinite(adj).all() or (adj < 0).any():
                 raise ConfigError("weights must be finite and non-negative", "adjacency")
+        self.adjacency: torch.Tensor
         self.register_buffer("adjacency", torch.from_numpy(adj.copy()))  # [node, node]
         self.adaptive = bool(adaptive)
         if self.adaptive:
@@ -133,9 +134,15 @@ class GraphWaveNet(Network):
         for _ in range(blocks):
             dilation = 1
             for _ in range(layers_per_block):
-                conv = {"kernel_size": (1, kernel_size), "dilation": (1, dilation)}
-                self.filters.append(nn.Conv2d(residual_channels, dilation_channels, **conv))
-                self.gates.append(nn.Conv2d(residual_channels, dilation_channels, **conv))
+                for convs in (self.filters, self.gates):
+                    convs.append(
+                        nn.Conv2d(
+                            residual_channels,
+                            dilation_channels,
+                            kernel_size=(1, kernel_size),
+                            dilation=(1, dilation),
+                        )
+                    )
                 self.skips.append(nn.Conv2d(dilation_channels, skip_channels, kernel_size=1))
                 # Only the skip path of the last layer reaches the output: a graph convolution
                 # there would hold parameters without gradients, which DDP rejects.

@@ -22,6 +22,7 @@ work lands on the workers. Token authentication is on (see :mod:`stkd_dist.ops.r
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -265,7 +266,7 @@ def start(spec: LocalClusterSpec, progress: Progress | None = None) -> ClusterSt
             state = _save(state, nodes)
             want = len(nodes)
             _wait_for(
-                lambda want=want: _alive_node_count(dashboard_url) >= want,
+                functools.partial(_has_alive_nodes, dashboard_url, want),
                 nodes[-1],
                 spec.timeout_s,
                 f"worker node {i}",
@@ -416,6 +417,10 @@ def _jobs_api_up(dashboard_url: str) -> bool:
 
     JobsClient(dashboard_url)
     return True
+
+
+def _has_alive_nodes(dashboard_url: str, want: int) -> bool:
+    return _alive_node_count(dashboard_url) >= want
 
 
 def _alive_node_count(dashboard_url: str) -> int:

@@ -7,6 +7,7 @@ e.g. that DDP workers of a training run landed on different nodes.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -62,7 +63,7 @@ def probe_nodes(address: str | None = None, timeout_s: float = 120.0) -> list[Pr
         )
     connected_here = not ray.is_initialized()
     if connected_here:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     try:
 
         @ray.remote(num_cpus=0)

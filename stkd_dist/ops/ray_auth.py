@@ -32,7 +32,8 @@ def auth_token() -> str | None:
     Raises:
         ConfigError: ``RAY_AUTH_TOKEN_PATH`` names a file that cannot be read or is empty.
     """
-    from ray._raylet import AuthenticationTokenLoader
+    # a Cython class: Ray's type stub of the extension module does not list it
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
     from ray.exceptions import AuthenticationError
 
     loader = AuthenticationTokenLoader.instance()

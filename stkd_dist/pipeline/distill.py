@@ -35,7 +35,6 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from stkd_dist.config import Config, write_config
@@ -43,6 +42,8 @@ from stkd_dist.labels.replicas import replica_compute
 from stkd_dist.labels.usage import label_use
 from stkd_dist.location import (
     Location,
+    PathInput,
+    as_path,
     is_remote,
     makedirs,
     scratch_dir,
@@ -110,7 +111,7 @@ class _Pipeline:
     def __init__(
         self,
         cfg: Config,
-        storage: str | os.PathLike[str] | None,
+        storage: PathInput | None,
         ui: PipelineUI,
         worker_logs: bool,
     ) -> None:
@@ -206,7 +207,12 @@ class _Pipeline:
 
     def labels(self) -> StageRecord:
         teacher = self.info("teacher")
-        key = config_digest(self.cfg, [], teacher=teacher["version"], splits=list(LABEL_SPLITS))
+        # a hint student needs the hidden states in the cache: part of the key only then, so
+        # the labels of runs with other losses keep their key
+        hidden = {"hidden": True} if self.cfg.distill.loss == "hint" else {}
+        key = config_digest(
+            self.cfg, [], teacher=teacher["version"], splits=list(LABEL_SPLITS), **hidden
+        )
 
         def work() -> tuple[list[Location], dict[str, Any], str]:
             assert self.store is not None
@@ -220,6 +226,8 @@ class _Pipeline:
                     compute=replica_compute(self.cfg.serve),
                     progress=bar.advance,
                     on_start=bar.start,
+                    # a hint student reads the teacher's hidden states from the cache too
+                    hidden=self.cfg.distill.loss == "hint",
                 )
             detail = (
                 f"{sum(cache.windows.values())} windows of teacher {cache.version}; "
@@ -445,7 +453,7 @@ class _Pipeline:
 def run_distill(
     cfg: Config,
     *,
-    storage: str | os.PathLike[str] | None = None,
+    storage: PathInput | None = None,
     ui: PipelineUI | None = None,
     worker_logs: bool = False,
 ) -> DistillOutcome:
@@ -464,14 +472,6 @@ def run_distill(
     from stkd_dist.config.validate import validate_config
 
     validate_config(cfg)  # models, kwargs and the distillation loss, before any work
-    if cfg.distill.loss == "hint":
-        from stkd_dist.errors import ConfigError
-
-        raise ConfigError(
-            "the hint loss needs the teacher's hidden states, which teacher services and label "
-            "caches do not provide yet; use regression or teacher_bounded",
-            where="distill.loss",
-        )
     if cfg.serve.endpoints:
         from stkd_dist.errors import ConfigError
         from stkd_dist.labels.teachers import parse_teacher
@@ -525,7 +525,7 @@ def _log_file(layout: RunLayout) -> Iterator[Location]:
     dest = layout.logs / name
     scratch = scratch_dir("log") if is_remote(dest) else None
     makedirs(layout.logs)
-    path = Path(dest) if scratch is None else scratch / name
+    path = as_path(dest) if scratch is None else scratch / name
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)

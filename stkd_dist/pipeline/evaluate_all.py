@@ -74,6 +74,16 @@ class Evaluation:
         return out
 
 
+def _predictor(model: torch.nn.Module) -> Predictor:
+    """A model's mean forecast of a batch (any network taking ``x, time_of_day, day_of_week``)."""
+
+    def predict(batch: WindowBatch) -> torch.Tensor:
+        mean: torch.Tensor = model(batch.x, batch.time_of_day, batch.day_of_week)
+        return mean
+
+    return predict
+
+
 def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
@@ -160,10 +170,7 @@ def evaluate_all(
         )
     for model in models.values():
         model.eval()
-    predictors: dict[str, Predictor] = {
-        name: (lambda b, m=model: m(b.x, b.time_of_day, b.day_of_week))
-        for name, model in models.items()
-    }
+    predictors: dict[str, Predictor] = {name: _predictor(model) for name, model in models.items()}
     predictors["last_value"] = LastValue(reader).predict
     predictors["historical_average"] = HistoricalAverage.fit(reader).predict
 

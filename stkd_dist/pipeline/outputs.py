@@ -111,7 +111,7 @@ def training_history(
     return out
 
 
-def save_npz_atomic(path: Location, arrays: dict[str, np.ndarray]) -> None:
+def save_npz_atomic(path: Location, arrays: dict[str, Any]) -> None:
     """``np.savez`` into memory, then one atomic write to ``path`` (local or object store)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -27,6 +27,7 @@ from stkd_dist.config import Config, to_mapping
 from stkd_dist.errors import StoreError
 from stkd_dist.location import (
     Location,
+    PathInput,
     absolute,
     exists,
     location,
@@ -53,7 +54,7 @@ class RunLayout:
     root: Location
 
     @classmethod
-    def of(cls, run_name: str, storage: str | os.PathLike[str] | None = None) -> RunLayout:
+    def of(cls, run_name: str, storage: PathInput | None = None) -> RunLayout:
         """The layout of run ``run_name`` under the storage root (absolute paths)."""
         return cls(absolute(run_dir(run_name, storage)))
 
@@ -104,7 +105,7 @@ class RunLayout:
         """A Ray experiment of the run (``teacher``, ``student_kd``, ``student_scratch``)."""
         return self.root / name
 
-    def relative(self, path: str | os.PathLike[str] | Location) -> str:
+    def relative(self, path: PathInput | Location) -> str:
         """``path`` relative to the run directory (as recorded in ``stages.json``)."""
         return relative(absolute(path), self.root)
 
@@ -220,7 +221,7 @@ class StageBook:
         self,
         name: str,
         key: str,
-        outputs: Iterable[str | os.PathLike[str]],
+        outputs: Iterable[PathInput],
         seconds: float,
         info: Mapping[str, Any] | None = None,
     ) -> StageRecord:

@@ -25,7 +25,7 @@ from typing import Any
 from stkd_dist.config import Config
 from stkd_dist.errors import ConfigError, StoreError
 from stkd_dist.labels.replicas import ReplicaCompute
-from stkd_dist.location import Location, exists, location, read_bytes, url
+from stkd_dist.location import Location, PathInput, exists, location, read_bytes, url
 from stkd_dist.paths import dataset_path, resolve_dataset
 from stkd_dist.pipeline.run import RunLayout
 from stkd_dist.storage import DatasetStore, open_store
@@ -46,7 +46,7 @@ BlockCallback = Callable[[int, int], None]
 #: flow 10 min earlier, and demand swings (std 0.35, correlated over 3 h) that a time-of-week mean
 #: cannot know. With the generator's defaults (50 %, 0.12 over 30 min) the series are so periodic
 #: that the historical average beats a briefly trained teacher, and the demo would show nothing.
-DEMO_DYNAMICS = {"diffusion": 0.8, "noise_std": 0.35, "noise_tau_minutes": 180.0}
+DEMO_DYNAMICS: dict[str, Any] = {"diffusion": 0.8, "noise_std": 0.35, "noise_tau_minutes": 180.0}
 
 
 def demo_spec(nodes: int = DEMO_NODES, steps: int = DEMO_STEPS, seed: int = 0) -> SynthSpec:
@@ -56,7 +56,7 @@ def demo_spec(nodes: int = DEMO_NODES, steps: int = DEMO_STEPS, seed: int = 0) -
 
 def synthesize_demo(
     spec: SynthSpec,
-    storage: str | os.PathLike[str] | None = None,
+    storage: PathInput | None = None,
     on_block: BlockCallback | None = None,
 ) -> tuple[Location, bool]:
     """The ``demo`` dataset under the storage root: ``(path, created)``.
@@ -70,7 +70,7 @@ def synthesize_demo(
 
 def ensure_dataset(
     cfg: Config,
-    storage: str | os.PathLike[str] | None = None,
+    storage: PathInput | None = None,
     on_block: BlockCallback | None = None,
 ) -> tuple[DatasetStore, bool]:
     """Open ``cfg.data.dataset``: ``(store, synthesised)``.
@@ -119,7 +119,7 @@ def _result(outcome: Any) -> TrainResult:
 
 
 def train_teacher_stage(
-    cfg: Config, storage: str | os.PathLike[str] | None = None, echo: Echo = print
+    cfg: Config, storage: PathInput | None = None, echo: Echo = print
 ) -> TrainResult:
     """Train (or resume, or just report) the run's teacher (``stkd train-teacher``'s code path).
 
@@ -134,9 +134,9 @@ def train_student_stage(
     cfg: Config,
     *,
     distill: bool,
-    teacher: str | os.PathLike[str] | None = None,
-    labels: str | os.PathLike[str] | None = None,
-    storage: str | os.PathLike[str] | None = None,
+    teacher: PathInput | None = None,
+    labels: PathInput | None = None,
+    storage: PathInput | None = None,
     echo: Echo = print,
     experiment: str | None = None,
 ) -> TrainResult:
@@ -230,21 +230,23 @@ class CacheResult:
 
 
 def ensure_label_cache(
-    checkpoint: str | os.PathLike[str],
-    dataset: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
+    checkpoint: PathInput,
+    dataset: PathInput,
+    dest: PathInput,
     splits: Sequence[str] = ("train",),
     *,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     compute: ReplicaCompute | None = None,
+    hidden: bool = False,
 ) -> CacheResult:
     """The labels of teacher ``checkpoint`` for every window of ``splits``, cached at ``dest``.
 
     An existing cache at ``dest`` of the same teacher and dataset holding every window of
-    ``splits`` is reused as it is (no teacher forward pass); anything else there is replaced by a
-    freshly computed cache (written under a temporary name, then renamed).
+    ``splits`` (and the hidden states, with ``hidden``) is reused as it is (no teacher forward
+    pass); anything else there is replaced by a freshly computed cache (written under a temporary
+    name, then renamed).
 
     Args:
         checkpoint: the teacher checkpoint (directory, run directory or run name).
@@ -256,6 +258,7 @@ def ensure_label_cache(
         on_start: called once with the total number of windows when computing starts.
         compute: the ``serve`` section's device, precision and micro-batch: the cache records
             them, and replicas writing through to it must compute alike.
+        hidden: the cache also holds the teacher's hidden states (``distill.loss: hint``).
     """
     from stkd_dist.serving.cache import LabelCache
     from stkd_dist.serving.precompute import TeacherSource, precompute_labels
@@ -268,8 +271,11 @@ def ensure_label_cache(
         try:
             cache = LabelCache(dest)
             cache.check_matches(teacher.meta)
-            if all(cache.is_complete(s) for s in splits if len(teacher.meta.splits[s])):
+            complete = all(cache.is_complete(s) for s in splits if len(teacher.meta.splits[s]))
+            if complete and (cache.hidden_dim or not hidden):
                 return _cache_result(cache, splits, computed=False)
+            if complete:
+                log.info("recomputing the label cache %s with the hidden states", url(dest))
         except StoreError as e:
             log.info("recomputing the label cache %s: %s", url(dest), e.message)
     if on_start is not None:
@@ -286,6 +292,7 @@ def ensure_label_cache(
         # a fill names a device kind; cuda:<i> is for one server process
         device=compute.device.split(":", 1)[0],
         precision=compute.precision,
+        hidden=hidden,
     )
     return _cache_result(cache, splits, computed=True)
 

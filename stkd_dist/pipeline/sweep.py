@@ -9,12 +9,15 @@ Stages (each reuses what an earlier call left, see :mod:`stkd_dist.pipeline.stag
    read it, so the sweep costs as many teacher forward passes as there are distinct windows,
    however many trials and epochs read them.
 3. **Trials.** Ray Tune draws ``sweep.samples`` settings from ``sweep.space`` and trains a student
-   for each (:mod:`.tune_trial`); ASHA stops the unpromising ones at its rungs; each trial keeps
-   its best ``sweep.keep_best`` checkpoints by validation MAE. The experiment lives in
-   ``<run>/sweep/tune``: running the same run name again after an interruption restores it
-   (finished trials are kept, unfinished ones continue from their latest checkpoint).
+   for each (:mod:`.tune_trial`); ASHA stops the unpromising ones at its rungs, or PBT lets the
+   worst continue from the best ones' checkpoints with mutated settings (:mod:`.sweep_tuner`); a
+   crashed trial restarts from its latest checkpoint up to ``sweep.max_failures`` times. The
+   experiment lives in ``<run>/sweep/tune``: running the same run name again after an
+   interruption restores it (finished trials are kept, unfinished ones continue from their latest
+   checkpoint).
 4. **Aggregation.** Each trial's best checkpoint is evaluated on the test split; the leaderboard,
-   the Pareto front of parameters vs test MAE and ``summary.json`` are written to
+   the Pareto front of parameters vs test MAE and ``summary.json`` (with each trial's stop reason
+   and worker processes, from the trials' own records, and the PBT exploits) are written to
    ``<run>/sweep/``, the overall best student (lowest validation MAE) is exported to
    ``<run>/sweep/best/`` (checkpoint + ``config.yaml`` + ``metrics.json``), and the run report is
    rendered again with the sweep's plot and leaderboard.
@@ -40,15 +43,14 @@ from stkd_dist.location import (
     absolute,
     exists,
     makedirs,
-    pyarrow_filesystem,
     read_json,
     relative,
     url,
     write_json_atomic,
 )
 from stkd_dist.pipeline.run import RunLayout, config_digest
+from stkd_dist.pipeline.sweep_aggregate import aggregate
 from stkd_dist.pipeline.sweep_results import (
-    METRIC,
     SweepLayout,
     TrialRow,
     collect_rows,
@@ -59,7 +61,7 @@ from stkd_dist.pipeline.sweep_results import (
     write_csv,
 )
 from stkd_dist.pipeline.tune_space import check_space
-from stkd_dist.pipeline.tune_trial import TIME_ATTR, TrialJob, run_trial
+from stkd_dist.pipeline.tune_trial import TrialJob
 
 log = logging.getLogger(__name__)
 
@@ -184,84 +186,6 @@ def _check_settings(layout: SweepLayout, settings: dict[str, Any]) -> None:
         )
 
 
-def max_concurrent(cfg: Config) -> int:
-    """Trials at once: ``sweep.max_concurrent``, else the cluster's CPUs // ``cpus_per_trial``."""
-    import ray
-
-    if cfg.sweep.max_concurrent is not None:
-        return cfg.sweep.max_concurrent
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(1, int(cpus // cfg.sweep.cpus_per_trial))
-
-
-def trial_dirname(trial: Any) -> str:
-    """Short trial folder names (``trial_<id>``) instead of Tune's long ones."""
-    return f"trial_{trial.trial_id}"
-
-
-def build_tuner(
-    cfg: Config, job: TrialJob, layout: SweepLayout, specs: tuple[ParamSpec, ...]
-) -> tuple[Any, bool]:
-    """A new Tuner, or the restored one of an interrupted sweep: ``(tuner, restored)``."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from stkd_dist.pipeline.tune_space import to_tune
-
-    s = cfg.sweep
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job=job),
-        {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
-    )
-    # Tune keeps its experiment through pyarrow.fs: the run's storage root, local or remote
-    tune_filesystem, tune_path = pyarrow_filesystem(layout.tune)
-    tune_storage = tune_path.rsplit("/", 1)[0]
-    if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_filesystem):
-        # finished trials are kept as they are; unfinished and errored ones continue from their
-        # latest checkpoint
-        restored = tune.Tuner.restore(
-            tune_path, trainable, resume_errored=True, storage_filesystem=tune_filesystem
-        )
-        return restored, True
-    tuner = tune.Tuner(
-        trainable,
-        param_space=to_tune(specs),
-        tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode="min",
-            num_samples=s.samples,
-            scheduler=ASHAScheduler(
-                time_attr=TIME_ATTR,
-                max_t=s.max_epochs,
-                grace_period=s.grace_period,
-                reduction_factor=s.reduction_factor,
-            ),
-            # random search seeded by run.seed; the generator limits the trials at once itself
-            # (Tune ignores max_concurrent_trials when it is handed a generator)
-            search_alg=BasicVariantGenerator(
-                max_concurrent=max_concurrent(cfg), random_state=cfg.run.seed
-            ),
-            trial_dirname_creator=trial_dirname,
-            trial_name_creator=trial_dirname,
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=layout.tune.name,
-            storage_path=tune_storage,
-            storage_filesystem=tune_filesystem,
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=s.keep_best,
-                checkpoint_score_attribute=METRIC,
-                checkpoint_score_order="min",
-            ),
-            # a failed trial restarts from its latest checkpoint (-1: without limit)
-            failure_config=tune.FailureConfig(max_failures=cfg.cluster.max_failures),
-        ),
-    )
-    return tuner, False
-
-
 def _resolve_teacher(
     cfg: Config, checkpoint: str | None, storage: str | os.PathLike[str] | None, echo: Echo
 ) -> Location:
@@ -302,6 +226,7 @@ def run_sweep(
         ensure_label_cache,
         label_cache_path,
     )
+    from stkd_dist.pipeline.sweep_tuner import build_tuner, max_concurrent, trial_outcomes
     from stkd_dist.report import write_report
     from stkd_dist.train.loop import build_reader
 
@@ -371,7 +296,7 @@ def run_sweep(
         echo(
             f"{'resuming' if resumed else 'starting'} sweep {cfg.run_name!r}: "
             f"{cfg.sweep.samples} trial(s), up to {cfg.sweep.max_epochs} epochs each, "
-            f"{concurrent} at a time on {where}"
+            f"{concurrent} at a time on {where} ({cfg.sweep.scheduler.upper()})"
         )
         results = tuner.fit()
         finished = results.num_terminated + results.num_errors
@@ -392,10 +317,14 @@ def run_sweep(
     best = rows[0]
     front = pareto_rows(rows)
     makedirs(layout.root)
-    write_csv(pd.DataFrame([r.record(layout.root) for r in rows]), layout.leaderboard)
-    write_csv(pd.DataFrame([r.record(layout.root) for r in front]), layout.pareto)
     test = {"mae": best.test_mae, "rmse": best.test_rmse, "mape": best.test_mape}
     export_best(best, layout, test)
+    # beyond selection: the greedy weight soup and the top-k ensemble, on the leaderboard as
+    # rows `soup` and `ensemble`, exported next to the best trial
+    agg = aggregate(rows, reader, cfg.data.eval_batch_size, layout, cfg.sweep.ensemble_size, echo)
+    board = [*(r.record(layout.root) for r in rows), *agg.rows(layout.root)]
+    write_csv(pd.DataFrame(board), layout.leaderboard)
+    write_csv(pd.DataFrame([r.record(layout.root) for r in front]), layout.pareto)
     update_run_metrics(run, reader, cfg, layout.best, teacher)
 
     summary = {
@@ -403,17 +332,12 @@ def run_sweep(
         "trials": counts["trials"],
         "evaluated": len(rows),
         "errored": counts["errored"],
-        "stopped_by_asha": sum(r.epochs < cfg.sweep.max_epochs for r in rows),
+        **trial_outcomes(cfg, specs, results, layout),
         "space": {s.key: s.describe() for s in specs},
         "samples": cfg.sweep.samples,
         "max_epochs": cfg.sweep.max_epochs,
         "max_concurrent": concurrent,
-        "scheduler": {
-            "name": "asha",
-            "time_attr": TIME_ATTR,
-            "grace_period": cfg.sweep.grace_period,
-            "reduction_factor": cfg.sweep.reduction_factor,
-        },
+        "max_failures": cfg.sweep.max_failures,
         "teacher": {"checkpoint": url(teacher), "version": tinfo.version},
         "labels": {
             "cache": url(cache.path),
@@ -427,6 +351,7 @@ def run_sweep(
         },
         "best": {**best.record(layout.root), "exported": relative(layout.best, run.root)},
         "pareto": [r.trial for r in front],
+        "aggregates": agg.summary(layout.root),
         "resumed": resumed,
         "seconds": time.time() - started,
     }

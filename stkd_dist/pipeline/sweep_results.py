@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,8 +34,13 @@ from stkd_dist.location import (
     write_text_atomic,
 )
 from stkd_dist.pipeline.run import RunLayout
+from stkd_dist.pipeline.trial_records import TRIAL_DIR_PREFIX
 from stkd_dist.pipeline.tune_space import applied
 from stkd_dist.pipeline.tune_trial import ROLE, TIME_ATTR
+
+if TYPE_CHECKING:
+    from stkd_dist.checkpoint import CheckpointInfo
+    from stkd_dist.models import Forecaster
 
 #: the name of the sweep's best student in the run's metrics.json
 ENTRY = "student_sweep"
@@ -68,6 +73,16 @@ class SweepLayout:
         return self.root / "best"
 
     @property
+    def soup(self) -> Location:
+        """The greedy weight soup (a student checkpoint, see :mod:`.sweep_aggregate`)."""
+        return self.root / "soup"
+
+    @property
+    def ensemble(self) -> Location:
+        """The top-k ensemble's manifest folder (see :mod:`.sweep_aggregate`)."""
+        return self.root / "ensemble"
+
+    @property
     def leaderboard(self) -> Location:
         return self.root / "leaderboard.csv"
 
@@ -94,7 +109,8 @@ class TrialRow:
         params: trainable parameters of the student.
         val_mae: validation MAE of the trial's best checkpoint.
         test_mae, test_rmse, test_mape: test metrics of that checkpoint.
-        epochs: epochs the trial ran (fewer than ``sweep.max_epochs`` when ASHA stopped it).
+        epochs: epochs the trial ran (fewer than ``sweep.max_epochs`` when ASHA or its own early
+            stopping ended it; ``summary.json`` says which).
         best_epoch: the epoch of the best checkpoint (1-based).
         model: the student model key.
         checkpoint: the best checkpoint's directory.
@@ -113,10 +129,17 @@ class TrialRow:
     checkpoint: Location
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def load(self) -> tuple[Forecaster, CheckpointInfo]:
+        """The trial's best checkpoint as ``(model on the CPU in eval mode, its info)``."""
+        from stkd_dist.checkpoint import load_forecaster
+
+        return load_forecaster(self.checkpoint, role=ROLE)
+
     def record(self, root: Location) -> dict[str, Any]:
         """The leaderboard row (checkpoint relative to ``root``)."""
         return {
             "trial": self.trial,
+            "kind": "trial",
             "params": self.params,
             "val_mae": self.val_mae,
             "test_mae": self.test_mae,
@@ -142,6 +165,16 @@ def _best_checkpoint(result: Any, root: Location) -> tuple[Location, dict[str, A
     return min(kept, key=lambda cm: (float(cm[1][METRIC]), int(cm[1].get("epoch", 0))))
 
 
+def trial_id_of(result: Any) -> str:
+    """Tune's id of the trial of ``result``: from its folder (``trial_<id>``), which a trial that
+    failed before reporting has too. Not from its metrics: a trial that PBT let continue from
+    another's last checkpoint, with nothing left to train, ends with that trial's last result."""
+    name = str(result.path).rstrip("/").rsplit("/", 1)[-1]
+    if name.startswith(TRIAL_DIR_PREFIX):
+        return name.removeprefix(TRIAL_DIR_PREFIX)
+    return str((result.metrics or {}).get("trial_id", name))
+
+
 def collect_rows(
     results: Any,
     specs: tuple[ParamSpec, ...],
@@ -165,7 +198,7 @@ def collect_rows(
     for result in results:
         if result.error is not None:
             counts["errored"] += 1
-            echo(f"trial {result.metrics.get('trial_id', '?')} failed: {result.error}")
+            echo(f"trial {trial_id_of(result)} failed: {result.error}")
         frame = result.metrics_dataframe
         if frame is not None and "samples" in frame:
             counts["label_reads"] += int(frame["samples"].fillna(0).sum())
@@ -178,7 +211,7 @@ def collect_rows(
         test = predict_metrics(model, reader, "test", batch_size)
         rows.append(
             TrialRow(
-                trial=str(result.metrics.get("trial_id", path.parent.name)),
+                trial=trial_id_of(result),
                 params=model.num_params(),
                 val_mae=float(metrics[METRIC]),
                 test_mae=float(test.mae),

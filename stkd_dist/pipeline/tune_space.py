@@ -20,11 +20,8 @@ from typing import Any
 
 from stkd_dist.config import Config, from_mapping, to_mapping
 from stkd_dist.config.base import convert_value, resolve_key
-from stkd_dist.config.sweep import ParamSpec
+from stkd_dist.config.sweep import KWARGS_PREFIX, MODEL_KEY, ParamSpec
 from stkd_dist.errors import ConfigError, StkdError
-
-MODEL_KEY = "student.model"
-KWARGS_PREFIX = "student.kwargs."
 
 
 def to_tune(specs: Iterable[ParamSpec]) -> dict[str, Any]:

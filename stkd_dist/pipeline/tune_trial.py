@@ -6,18 +6,20 @@ from the same pieces as a Ray Train worker (:mod:`stkd_dist.train.loop`): the re
 the config, the rank loader's plan (with one rank), the distillation loss of the student trainer
 (:func:`stkd_dist.train.student.make_distill_loss`, with its epoch hooks), the validation routine
 and the checkpoint format. Only the reporting differs: each epoch ends with
-``tune.report(metrics, checkpoint=...)``, which lets ASHA stop the trial at a rung and Tune keep the
-trial's best ``sweep.keep_best`` checkpoints by validation MAE.
+``tune.report(metrics, checkpoint=...)``, which lets ASHA stop the trial at a rung (or PBT pause
+it and hand it another trial's checkpoint) and Tune keep the trial's checkpoints.
 
 Every trial reads its teacher's soft labels from the sweep's label cache, so no trial runs the
-teacher. A restored trial (after a failure or a resumed sweep) continues from its latest checkpoint
-(``tune.get_checkpoint()``); each start is appended to the trial's ``starts.jsonl``.
+teacher. A restored trial (after a crash, a resumed sweep, a PBT pause or exploit) continues from
+the checkpoint Tune gives it (``tune.get_checkpoint()``). The trial keeps records of itself
+(:mod:`.trial_records`): each start (the checkpoint it loaded, its worker processes) and, when
+it ends itself, why.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import os
 import tempfile
@@ -31,11 +33,20 @@ import torch
 from stkd_dist.config import Config
 from stkd_dist.config.sweep import ParamSpec
 from stkd_dist.labels.teachers import TeacherSpec
-from stkd_dist.location import Location, append_text, exists, location, makedirs, read_text
+from stkd_dist.location import Location, location, makedirs
+from stkd_dist.pipeline.trial_records import (
+    TRIAL_DIR_PREFIX,
+    log_start,
+    read_starts,
+    state_digest,
+    worker_record,
+    write_stop,
+)
 from stkd_dist.pipeline.tune_space import apply_params, sampled
 
 if TYPE_CHECKING:
     from stkd_dist.checkpoint import TrainState
+    from stkd_dist.config.models import OptimSection
     from stkd_dist.data.reader import WindowReader
     from stkd_dist.models import Forecaster
     from stkd_dist.storage import DatasetStore
@@ -43,7 +54,6 @@ if TYPE_CHECKING:
 
 #: experiment name stored in the trials' checkpoints
 ROLE = "student_sweep"
-STARTS = "starts.jsonl"
 #: the metric ASHA counts its rungs in (1-based epochs, stable across restores)
 TIME_ATTR = "epochs_done"
 
@@ -84,24 +94,60 @@ def trial_config(job: TrialJob, params: Mapping[str, Any]) -> Config:
     return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, schedule=schedule))
 
 
-def _log_start(trial_dir: Location, epoch: int, attempt: int) -> None:
-    record = {"time": time.time(), "pid": os.getpid(), "after_epoch": epoch, "attempt": attempt}
-    append_text(trial_dir / STARTS, json.dumps(record) + "\n")
+def apply_optim_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    optim: OptimSection,
+) -> None:
+    """Give a restored optimizer and schedule the trial's own ``lr``, weight decay and betas.
 
-
-def read_starts(trial_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The starts of a trial (``after_epoch`` -1 = from scratch), oldest first.
-
-    ``trial_dir`` is ``<records>/<trial id>`` (see :class:`TrialJob`).
+    A loaded optimizer state carries the settings of the trial that saved it: after a PBT
+    exploit that is the donor, whose settings the trial's mutated ones replace. The schedule
+    keeps its position (``last_epoch``). For a trial restored from its own checkpoint nothing
+    changes: the learning rate is computed as the schedule computes it, bit for bit.
     """
-    path = location(trial_dir) / STARTS
-    if not exists(path):
-        return []
-    return [json.loads(line) for line in read_text(path).splitlines() if line]
+    scheduler.base_lrs = [optim.lr for _ in optimizer.param_groups]
+    factors = [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, factor in zip(optimizer.param_groups, factors, strict=True):
+        group["initial_lr"] = optim.lr
+        group["lr"] = optim.lr * factor
+        group["weight_decay"] = optim.weight_decay
+        group["betas"] = optim.betas
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _checkpoint_trial(path: str, info_trial: Any) -> str:
+    """The trial that wrote checkpoint ``path``: as its metadata says, else its folder's name."""
+    if info_trial:
+        return str(info_trial)
+    return os.path.basename(os.path.dirname(path.rstrip("/"))).removeprefix(TRIAL_DIR_PREFIX)
+
+
+@dataclass
+class _Run:
+    """What one start of a trial trains (mutable: the model and its optimiser state)."""
+
+    cfg: Config
+    reader: WindowReader
+    store: DatasetStore
+    model: Forecaster
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: TrainState
+    loss_fn: LossFn
+    hooks: EpochHooks | None
+    device: torch.device
+    trial_id: str
+    trial_dir: Location
 
 
 def run_trial(params: dict[str, Any], job: TrialJob) -> None:
-    """The Tune function trainable: train one student, reporting every epoch with a checkpoint."""
+    """The Tune function trainable: train one student, reporting every epoch with a checkpoint.
+
+    A start with a checkpoint (``tune.get_checkpoint()``: a restart after a crash, a resumed
+    sweep, a PBT pause or exploit) continues from it; one taken from another trial (a PBT
+    exploit) also starts a new early-stopping count, since the settings changed.
+    """
     from ray import tune
 
     from stkd_dist.checkpoint import TrainState, load_checkpoint_state, read_checkpoint
@@ -126,7 +172,11 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
     )
     scheduler = build_scheduler(optimizer, section.schedule)
     state = TrainState()
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = location(job.records) / trial_id
+    makedirs(trial_dir)
 
+    restored_from: dict[str, Any] | None = None
     resume = tune.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
@@ -135,11 +185,30 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        apply_optim_settings(optimizer, scheduler, optim)
         state = info.state
         state.attempt += 1
-    trial_dir = location(job.records) / tune.get_context().get_trial_id()
-    makedirs(trial_dir)
-    _log_start(trial_dir, state.epoch, state.attempt)
+        donor = _checkpoint_trial(resume.path, info.metrics.get("trial"))
+        if donor != trial_id:
+            state.bad_epochs, state.stopped_early = 0, False
+        restored_from = {
+            "checkpoint": resume.path,
+            "trial": donor,
+            "epochs_done": info.epoch + 1,
+            # of the weights now in the model: what the trial continues from
+            "weights_sha256": state_digest(model.state_dict()),
+        }
+    log_start(
+        trial_dir,
+        {
+            "pid": os.getpid(),
+            "after_epoch": state.epoch,
+            "attempt": state.attempt,
+            "restored_from": restored_from,
+            "params": sampled(params, job.specs),
+            "workers": [worker_record(0)],
+        },
+    )
 
     labels = LabelSpec(
         (job.teacher,),
@@ -153,27 +222,34 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
         labels, str(trial_dir), WorkerContext(cfg, reader, store, 0, 1, device)
     )
     hooks = loss_fn if isinstance(loss_fn, EpochHooks) else None
+    run = _Run(
+        cfg=cfg,
+        reader=reader,
+        store=store,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        loss_fn=loss_fn,
+        hooks=hooks,
+        device=device,
+        trial_id=trial_id,
+        trial_dir=trial_dir,
+    )
     try:
-        _train(cfg, reader, store, model, optimizer, scheduler, state, loss_fn, hooks, device)
+        _train(run)
     finally:
         close = getattr(loss_fn, "close", None)
         if close is not None:
             close()
 
 
-def _train(
-    cfg: Config,
-    reader: WindowReader,
-    store: DatasetStore,
-    model: Forecaster,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: TrainState,
-    loss_fn: LossFn,
-    hooks: EpochHooks | None,
-    device: torch.device,
-) -> None:
-    """The epochs of a trial, from ``state.epoch + 1``; each ends with ``tune.report``."""
+def _train(run: _Run) -> None:
+    """The epochs of a trial, from ``state.epoch + 1``; each ends with ``tune.report``.
+
+    The trial records its own end (``stop.json``) before the report of its last epoch: a
+    scheduler may stop it at that report, and the trial would not get to say so afterwards.
+    """
     from ray import tune
 
     from stkd_dist.checkpoint import save_checkpoint
@@ -181,9 +257,12 @@ def _train(
     from stkd_dist.train.loop import train_epoch, validate
     from stkd_dist.train.steps import seed_step
 
+    cfg, state, model, optimizer, hooks = run.cfg, run.state, run.model, run.optimizer, run.hooks
+    reader, device = run.reader, run.device
     section = cfg.student
-    optim = section.optim
-    for epoch in range(state.epoch + 1, section.schedule.epochs):
+    epochs = section.schedule.epochs
+    ended = False
+    for epoch in range(state.epoch + 1, epochs):
         if state.stopped_early:
             break
         t0 = time.perf_counter()
@@ -198,18 +277,18 @@ def _train(
         loss_sum, weight_sum, samples = train_epoch(
             model,
             loader,
-            loss_fn,
+            run.loss_fn,
             optimizer,
-            optim.grad_clip,
+            section.optim.grad_clip,
             device,
             1,
-            before_step=lambda step, epoch=epoch: seed_step(cfg.run.seed, 0, epoch, step),
+            before_step=functools.partial(seed_step, cfg.run.seed, 0, epoch),
         )
         extra = hooks.end_epoch(epoch) if hooks is not None else {}
         train_time = time.perf_counter() - t0
 
         val = validate(model, reader, "val", 0, 1, cfg.data.eval_batch_size, device)
-        scheduler.step()
+        run.scheduler.step()
         val_mae = state.end_epoch(epoch, val.mae, samples, section.schedule.patience_at(epoch))
 
         metrics = {
@@ -229,24 +308,36 @@ def _train(
             "params": model.num_params(),
             **extra,
         }
+        if epoch == epochs - 1 or state.stopped_early:
+            write_stop(
+                run.trial_dir, "completed" if epoch == epochs - 1 else "early_stopping", epoch + 1
+            )
+            ended = True
         with tempfile.TemporaryDirectory(prefix="stkd-trial-") as tmp:
             save_checkpoint(
                 tmp,
                 model_state=model.state_dict(),
                 spec=model.spec(),
                 config=cfg,
-                fingerprint=store.fingerprint,
+                fingerprint=run.store.fingerprint,
                 stats=reader.stats,
-                metrics=_finite(metrics),
+                # the trial id: a PBT exploit records whose checkpoint it continued from
+                metrics=_finite({**metrics, "trial": run.trial_id}),
                 state=state,
                 role=ROLE,
-                dataset=store.name,
+                dataset=run.store.name,
                 optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict(),
+                scheduler_state=run.scheduler.state_dict(),
             )
             # Tune copies the directory into the trial's storage before report() returns and
-            # keeps the best sweep.keep_best checkpoints of the trial by val_mae
+            # keeps the best sweep.keep_best checkpoints of the trial by val_mae (every one
+            # with PBT)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    if not ended:
+        # nothing left to train in this start (restored at the end, or after early stopping)
+        done = state.epoch + 1
+        run_out = state.stopped_early and done < epochs
+        write_stop(run.trial_dir, "early_stopping" if run_out else "completed", done)
 
 
 def _finite(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -255,3 +346,6 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, Any]:
         k: (None if isinstance(v, float) and not math.isfinite(v) else v)
         for k, v in metrics.items()
     }
+
+
+__all__ = ["ROLE", "TIME_ATTR", "TrialJob", "apply_optim_settings", "read_starts", "run_trial"]

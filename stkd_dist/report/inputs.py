@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from stkd_dist.errors import InputError
-from stkd_dist.location import Location, exists, location, read_bytes, read_text, url
+from stkd_dist.location import Location, PathInput, exists, location, read_bytes, read_text, url
 
 MODEL_ORDER = ("teacher", "student_kd", "student_scratch", "last_value", "historical_average")
 LABELS = {
@@ -48,6 +47,23 @@ class ReportInputs:
     forecasts: dict[str, np.ndarray] | None = None
     locations: dict[str, np.ndarray] | None = None
     leaderboard: pd.DataFrame | None = None
+    sweep: dict[str, Any] | None = None
+
+    @property
+    def trials(self) -> pd.DataFrame | None:
+        """The leaderboard's trial rows (without the ``soup`` and ``ensemble`` aggregates)."""
+        board = self.leaderboard
+        if board is None or "kind" not in board.columns:
+            return board
+        return board[board["kind"] == "trial"]
+
+    @property
+    def aggregates(self) -> pd.DataFrame | None:
+        """The leaderboard's ``soup`` and ``ensemble`` rows (None without a sweep)."""
+        board = self.leaderboard
+        if board is None or "kind" not in board.columns:
+            return None
+        return board[board["kind"] != "trial"]
 
     @property
     def models(self) -> list[str]:
@@ -60,7 +76,7 @@ def label(name: str) -> str:
     return LABELS.get(name, name.replace("_", " "))
 
 
-def load_inputs(run_dir: str | os.PathLike[str] | Location) -> ReportInputs:
+def load_inputs(run_dir: PathInput | Location) -> ReportInputs:
     """Read a run directory; raises :class:`InputError` when ``metrics.json`` is missing or bad."""
     run_dir = location(run_dir)
     path = run_dir / "metrics.json"
@@ -81,9 +97,19 @@ def load_inputs(run_dir: str | os.PathLike[str] | Location) -> ReportInputs:
         history = json.loads(read_text(run_dir / "history.json"))
     forecasts = _npz(run_dir / "forecasts.npz")
     locations = _npz(run_dir / "locations.npz")
+    leaderboard, sweep = read_sweep(run_dir)
+    return ReportInputs(run_dir, raw, dataset, history, forecasts, locations, leaderboard, sweep)
+
+
+def read_sweep(run_dir: Location) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
+    """``sweep/leaderboard.csv`` and ``sweep/summary.json`` of a run (None when absent)."""
     board = run_dir / "sweep" / "leaderboard.csv"
-    leaderboard = pd.read_csv(io.BytesIO(read_bytes(board))) if exists(board) else None
-    return ReportInputs(run_dir, raw, dataset, history, forecasts, locations, leaderboard)
+    leaderboard = (
+        pd.read_csv(io.BytesIO(read_bytes(board)), dtype={"trial": str}) if exists(board) else None
+    )
+    path = run_dir / "sweep" / "summary.json"
+    summary = json.loads(read_text(path)) if exists(path) else None
+    return leaderboard, summary
 
 
 def _npz(path: Location) -> dict[str, np.ndarray] | None:

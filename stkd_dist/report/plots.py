@@ -25,8 +25,9 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def horizon_curves(inp: ReportInputs, out: Path) -> Path | None:
     """MAE per horizon step for every model and baseline."""
-    series = {m: inp.metrics[m].get("mae_per_horizon") for m in inp.models}
-    series = {m: s for m, s in series.items() if s}
+    series: dict[str, list[float]] = {
+        m: s for m in inp.models if (s := inp.metrics[m].get("mae_per_horizon"))
+    }
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -118,8 +119,9 @@ def error_map(inp: ReportInputs, out: Path, model: str = "student_kd") -> Path |
 
 
 def pareto(inp: ReportInputs, out: Path) -> Path | None:
-    """Sweep trials: parameters vs test MAE, with the Pareto front."""
-    board = inp.leaderboard
+    """Sweep trials: parameters vs test MAE, with the Pareto front of the trials and the
+    ``soup`` and ``ensemble`` aggregates marked."""
+    board = inp.trials
     if board is None or board.empty or not {"params", "test_mae"} <= set(board.columns):
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -134,6 +136,10 @@ def pareto(inp: ReportInputs, out: Path) -> Path | None:
         drawstyle="steps-post",
         label="Pareto front",
     )
+    aggregates = inp.aggregates
+    for _, row in (aggregates if aggregates is not None else board.iloc[:0]).iterrows():
+        marker = "*" if row["kind"] == "soup" else "D"
+        ax.scatter([row["params"]], [row["test_mae"]], marker=marker, s=120, label=row["kind"])
     if "teacher" in inp.metrics and inp.metrics["teacher"].get("params"):
         ax.axhline(inp.metrics["teacher"]["mae"], color="gray", linestyle="--", label="teacher MAE")
     ax.set_xscale("log")

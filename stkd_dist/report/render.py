@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import itertools
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,16 +19,17 @@ import pandas as pd
 
 from stkd_dist.location import (
     Location,
+    PathInput,
     exists,
     location,
-    read_bytes,
     read_json,
     scratch_dir,
     write_bytes_atomic,
     write_text_atomic,
 )
 from stkd_dist.report import plots
-from stkd_dist.report.inputs import ReportInputs, _npz, label, load_inputs
+from stkd_dist.report.inputs import ReportInputs, _npz, label, load_inputs, read_sweep
+from stkd_dist.report.sweep_section import sweep_board, sweep_notes
 
 #: ``metrics.json`` entries that are findings of the run, not models (see
 #: :mod:`stkd_dist.pipeline.findings`)
@@ -39,7 +38,7 @@ LEARNED = ("teacher", "student_kd", "student_scratch")
 BASELINES = ("last_value", "historical_average")
 
 
-def load_report(run_dir: str | os.PathLike[str] | Location) -> tuple[ReportInputs, dict[str, Any]]:
+def load_report(run_dir: PathInput | Location) -> tuple[ReportInputs, dict[str, Any]]:
     """The run's report inputs and its findings (``kd_vs_scratch``, ``teacher_check``)."""
     run_dir = location(run_dir)
     path = run_dir / "metrics.json"
@@ -55,8 +54,7 @@ def load_report(run_dir: str | os.PathLike[str] | Location) -> tuple[ReportInput
 
             raise InputError(f"entry {name!r} must be an object with at least 'mae'", str(path))
     history = read_json(run_dir / "history.json") if exists(run_dir / "history.json") else {}
-    board = run_dir / "sweep" / "leaderboard.csv"
-    leaderboard = pd.read_csv(io.BytesIO(read_bytes(board))) if exists(board) else None
+    leaderboard, sweep = read_sweep(run_dir)
     inp = ReportInputs(
         run_dir,
         raw,
@@ -65,6 +63,7 @@ def load_report(run_dir: str | os.PathLike[str] | Location) -> tuple[ReportInput
         _npz(run_dir / "forecasts.npz"),
         _npz(run_dir / "locations.npz"),
         leaderboard,
+        sweep,
     )
     return inp, findings
 
@@ -223,7 +222,7 @@ def _figures(inp: ReportInputs, out: Path) -> list[tuple[str, Path]]:
     return [(title, path) for title, path in candidates if path is not None]
 
 
-def write_report(run_dir: str | os.PathLike[str] | Location) -> tuple[Location, Location]:
+def write_report(run_dir: PathInput | Location) -> tuple[Location, Location]:
     """Write ``report.md``, ``report.html`` and ``report/*.png`` into ``run_dir``; return both paths.
 
     Figures are drawn in a local scratch folder (matplotlib writes local files) and uploaded;
@@ -267,8 +266,10 @@ def _write_report(
         md += [markdown_table(seeds_table(findings["kd_vs_scratch"])), ""]
     for caption, path in figures:
         md += [f"## {caption}", "", f"![{caption}](report/{path.name})", ""]
-    if inp.leaderboard is not None:
-        md += ["## Sweep leaderboard", "", markdown_table(inp.leaderboard.head(20)), ""]
+    board = sweep_board(inp)
+    if board is not None:
+        md += ["## Sweep leaderboard", "", markdown_table(board), ""]
+        md += [*(f"- {line}" for line in sweep_notes(inp)), ""]
 
     body = [
         f"<h1>{html.escape(title)}</h1>",
@@ -293,10 +294,13 @@ def _write_report(
             f"<h2>{html.escape(caption)}</h2>",
             f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">',
         ]
-    if inp.leaderboard is not None:
+    if board is not None:
         body += [
             "<h2>Sweep leaderboard</h2>",
-            inp.leaderboard.head(20).to_html(index=False, border=0),
+            board.to_html(index=False, border=0),
+            "<ul>",
+            *(f"<li>{html.escape(line)}</li>" for line in sweep_notes(inp)),
+            "</ul>",
         ]
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"

@@ -1,6 +1,9 @@
 """Teacher soft-label service: a gRPC server streaming a teacher's outputs, its client and cache.
 
-* :mod:`~stkd_dist.serving.codec`: tensors to bytes and back, checksums, chunking under a size limit.
+* :mod:`~stkd_dist.serving.label_arrays`: :class:`LabelArrays`, the one record labels travel in
+  (prediction, and the optional spread and hidden states).
+* :mod:`~stkd_dist.serving.codec`: tensors to bytes and back, checksums, chunking under a size limit
+  (:mod:`.codec_tensors` below it, node slices in :mod:`.codec_slices`).
 * :mod:`~stkd_dist.serving.teacher`: the teacher loaded from its checkpoint, batched inference.
 * :mod:`~stkd_dist.serving.forward`: compute settings (device, precision, micro-batch) and the one
   micro-batched forward pass every caller shares.

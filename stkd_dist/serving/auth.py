@@ -24,6 +24,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from stkd_dist.errors import ConfigError
+from stkd_dist.location import PathInput, as_path
 
 TOKEN_ENV = "STKD_TOKEN"
 # methods of these packages need the token; everything else (grpc.health.v1) stays open
@@ -40,11 +41,11 @@ PemSource: TypeAlias = Path | bytes
 """A PEM file, or the PEM bytes themselves."""
 
 
-def _read(path: str | os.PathLike[str] | bytes | None, what: str) -> bytes | None:
+def _read(path: PathInput | bytes | None, what: str) -> bytes | None:
     """The PEM bytes of ``path`` (bytes are already PEM and pass through)."""
     if path is None or isinstance(path, bytes):
         return path
-    p = Path(path)
+    p = as_path(path)
     try:
         return p.read_bytes()
     except OSError as e:

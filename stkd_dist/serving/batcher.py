@@ -24,6 +24,12 @@ meanwhile join the next batch instead of waiting behind a row of half-empty ones
 Invariant (write-through relies on it): ``on_batch`` is called with the freshly computed windows
 of a batch BEFORE any future those windows serve resolves; labels served from the recent LRU
 come from batches whose ``on_batch`` has returned.
+
+Hidden states: a request submitted with ``hidden=True`` gets the teacher's hidden
+representation too. A batch computes them when such a request waits on it (or always, with the
+batcher's ``hidden``: a write-through cache that stores them); a window in flight or recent in a
+batch without them is computed again for such a request. Requests without them get exactly the
+labels they got before hidden states existed (the network call is the same either way).
 """
 
 from __future__ import annotations
@@ -41,14 +47,14 @@ from typing import Any
 import numpy as np
 
 from stkd_dist.serving.inflight import InflightBatch, RecentBatches, Request
+from stkd_dist.serving.label_arrays import NumpyLabels, empty_labels
 
 log = logging.getLogger(__name__)
 
-# labels of windows: prediction [n, H, N, C] and spread [n, H, N, C] or None, float32
-Labels = tuple[np.ndarray, np.ndarray | None]
-InferFn = Callable[[Any], Labels]
+# infer(prepared inputs, hidden) -> the labels of the batch's windows, float32
+InferFn = Callable[[Any, bool], NumpyLabels]
 PrepareFn = Callable[[np.ndarray], Any]
-BatchHook = Callable[[np.ndarray, Labels, int], None]
+BatchHook = Callable[[np.ndarray, NumpyLabels, int], None]
 
 #: default budget of the LRU of recently computed batches
 RECENT_BYTES = 32 * 2**20
@@ -73,7 +79,8 @@ class Batcher:
 
     Args:
         infer: runs the model: on window indices ``[b]`` (sorted, distinct), or, with
-            ``prepare``, on what ``prepare`` returned for them; returns ``(prediction, spread)``.
+            ``prepare``, on what ``prepare`` returned for them, and whether to compute the hidden
+            states too; returns their labels.
         batch_size: most windows per model call.
         max_wait_s: how long the oldest queued window may wait for a batch to fill.
         on_batch: called after each model call with ``(indices, labels, n_requests)`` (metrics,
@@ -83,6 +90,7 @@ class Batcher:
         recent_bytes: label bytes of recently computed batches kept to serve repeats (0: none).
         forward_init: called once in the forward thread before its first batch (e.g. to set
             the intra-op thread count the labels are computed with).
+        hidden: compute the hidden states in every batch (``on_batch`` then always gets them).
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class Batcher:
         prepare: PrepareFn | None = None,
         recent_bytes: int = RECENT_BYTES,
         forward_init: Callable[[], None] | None = None,
+        hidden: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -106,6 +115,7 @@ class Batcher:
         self._prepare = prepare
         self._on_batch = on_batch
         self._forward_init = forward_init
+        self._always_hidden = bool(hidden)
         # _cond guards the queue, the in-flight map, the recent LRU, every request's state and
         # the stats; futures are resolved outside it (their callbacks may submit again)
         self._cond = threading.Condition()
@@ -127,11 +137,13 @@ class Batcher:
             t.daemon = True
             t.start()
 
-    def submit(self, indices: np.ndarray) -> Future[Labels]:
-        """Queue windows ``indices`` ``[n]``; the future resolves to their ``(prediction, spread)``."""
-        req = Request(np.asarray(indices, dtype=np.int64).reshape(-1), Future())
+    def submit(self, indices: np.ndarray, *, hidden: bool = False) -> Future[NumpyLabels]:
+        """Queue windows ``indices`` ``[n]``; the future resolves to their labels (with the
+        hidden states when ``hidden``)."""
+        req = Request(np.asarray(indices, dtype=np.int64).reshape(-1), Future(), hidden=hidden)
         if req.size == 0:
-            req.future.set_result((np.empty((0,)), None))
+            # no shapes are known here: an empty prediction stands for "no windows"
+            req.future.set_result(empty_labels((0, 0, 0), False))
             return req.future
         with self._cond:
             if self._closed:
@@ -193,7 +205,7 @@ class Batcher:
         with self._cond:
             if not self._wait_for_work():
                 return None
-            batch = InflightBatch(self._seq)
+            batch = InflightBatch(self._seq, hidden=self._always_hidden)
             self._seq += 1
             done: list[Request] = []
             room = self.batch_size
@@ -205,9 +217,12 @@ class Batcher:
                     req.taken += 1
                     self._queued_windows -= 1
                     owner = self._pending.get(w)
+                    if owner is not None and owner is not batch and not owner.serves(req):
+                        # in flight without the hidden states this request wants: compute anew
+                        owner = None
                     if owner is None:
                         recent = self._recent.get(w)
-                        if recent is not None:
+                        if recent is not None and recent.serves(req):
                             self._stats.recent_hits += 1
                             if recent.fill(req, [pos], [w]):
                                 done.append(req)
@@ -218,6 +233,8 @@ class Batcher:
                         room -= 1
                     else:  # queued twice in this batch, or in flight in an earlier one
                         self._stats.shared += 1
+                    if owner is batch and req.hidden:
+                        batch.hidden = True  # still being collected: it computes them for all
                     owner.wait(req, pos, w)
                 if req.taken == req.size:
                     self._queue.popleft()
@@ -259,7 +276,8 @@ class Batcher:
                 return
             batch, prepared = item
             try:
-                labels = self._infer(prepared)  # [u, H, N, C]
+                # [u, H, N, C] (hidden [u, N, F]); `hidden` was fixed when the batch was sealed
+                labels = self._infer(prepared, batch.hidden)
                 del prepared  # the inputs are not needed past the model call
                 if self._on_batch is not None:
                     # before any future resolves (write-through stores labels before sending)
@@ -271,7 +289,7 @@ class Batcher:
             self._complete(batch, labels, None)
 
     def _complete(
-        self, batch: InflightBatch, labels: Labels | None, error: Exception | None
+        self, batch: InflightBatch, labels: NumpyLabels | None, error: Exception | None
     ) -> None:
         """Copy a finished batch's labels into its waiting requests (or fail them)."""
         with self._cond:

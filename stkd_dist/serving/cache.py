@@ -10,15 +10,21 @@ only those below it:
   writers (write-through replicas, precompute workers) fill one cache;
 * :mod:`~stkd_dist.serving.cache_reader`: lookups, from the resident copy or whole chunks
   through an LRU;
-* this module: opening, creating and checking a cache, its splits and its counts.
+* :mod:`~stkd_dist.serving.cache_state`: its counts, and the checks against a teacher;
+* this module: opening and creating a cache, and its splits.
 
 Changing the cache's splits (:meth:`LabelCache.add_split`) is the only operation that rewrites
 shared metadata: do it from one process.
+
+Hidden states: a cache created with ``hidden=True`` also stores the teacher's hidden
+representation ``[windows, N, F]`` of every window (its ``hidden_dim`` attribute is F), for
+students trained with ``distill.loss: hint``; every write to it must then bring them. Caches made
+without them (and those made before hidden states existed) have ``hidden_dim`` 0, and a read of
+hidden states from them is an error naming what to do.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +37,7 @@ from upath import UPath
 
 from stkd_dist import location as loc_
 from stkd_dist.errors import StoreError
-from stkd_dist.location import location
+from stkd_dist.location import PathInput, location, url
 from stkd_dist.serving.cache_layout import (
     CACHE_SCHEMA_ATTR,
     CACHE_SCHEMA_VERSION,
@@ -46,25 +52,28 @@ from stkd_dist.serving.cache_layout import (
     MIN_CHUNK_BYTES,
     PLAN_WORLD_SIZES,
     TARGET_CHUNK_BYTES,
-    Labels,
     _check_setting,
     _create_split,
     _stored_dtype,
-    check_compute,
     chunk_amplification,
     compute_attrs,
     decode_labels,
     default_cache_path,
     encode_labels,
+    output_names,
+    output_shape,
     plan_chunk_rows,
     rows_per_chunk,
     stored_compute,
 )
 from stkd_dist.serving.cache_layout import _block_rows as _block_rows  # tests of the chunk plan
-from stkd_dist.serving.cache_markers import REFRESH_S, _exists, _listdir, _Split, _writer_id
-from stkd_dist.serving.cache_reader import CHUNK_CACHE_BYTES, SERVE_MEMORY_BYTES, _ChunkReader
+from stkd_dist.serving.cache_markers import REFRESH_S, _exists, _Split, _writer_id
+from stkd_dist.serving.cache_reader import CHUNK_CACHE_BYTES, SERVE_MEMORY_BYTES
+from stkd_dist.serving.cache_state import _CacheState
 from stkd_dist.serving.forward import DEFAULT_MICRO_BATCH, ComputeSettings
+from stkd_dist.serving.label_arrays import NumpyLabels
 from stkd_dist.serving.teacher import TeacherMeta
+from stkd_dist.storage.chunks import ZarrMode, member_array, member_group
 
 __all__ = [
     "CACHE_SCHEMA_ATTR",
@@ -84,8 +93,6 @@ __all__ = [
     "SERVE_MEMORY_BYTES",
     "TARGET_CHUNK_BYTES",
     "LabelCache",
-    "Labels",
-    "PathLike",
     "chunk_amplification",
     "decode_labels",
     "default_cache_path",
@@ -95,10 +102,8 @@ __all__ = [
     "rows_per_chunk",
 ]
 
-PathLike = str | os.PathLike[str] | UPath
 
-
-class LabelCache(_ChunkReader):
+class LabelCache(_CacheState):
     """An opened soft-label cache (a local path or an object-store URL).
 
     A split whose labels fit in ``memory_bytes`` (with the splits already held) is read into
@@ -123,8 +128,8 @@ class LabelCache(_ChunkReader):
 
     def __init__(
         self,
-        path: PathLike,
-        mode: str = "r",
+        path: PathInput,
+        mode: ZarrMode = "r",
         memory_bytes: int = 0,
         *,
         chunk_cache_bytes: int | None = None,
@@ -146,7 +151,7 @@ class LabelCache(_ChunkReader):
                 self.group = zarr.open_group(store, mode=mode, zarr_format=3)
             except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as e:
                 raise StoreError(f"not a Zarr v3 group ({e})", where=where) from e
-            attrs = dict(self.group.attrs)
+            attrs: dict[str, Any] = dict(self.group.attrs)
             if attrs.get(CACHE_SCHEMA_ATTR) != CACHE_SCHEMA_VERSION:
                 raise StoreError(
                     f"not a label cache of schema version {CACHE_SCHEMA_VERSION} "
@@ -164,6 +169,8 @@ class LabelCache(_ChunkReader):
         self.version = str(attrs["teacher_version"])
         self.window_shape = tuple(int(s) for s in attrs["window_shape"])
         self.has_spread = bool(attrs["has_spread"])
+        # F of the stored hidden states; 0 (or absent: caches older than hidden states): none
+        self.hidden_dim = int(attrs.get("hidden_dim") or 0)
         self.codec = str(attrs.get("codec", "none"))
         self.label_dtype = str(attrs.get("label_dtype", DEFAULT_LABEL_DTYPE))
         # how the labels were computed: micro_batch, precision, label_device (device type)
@@ -175,14 +182,14 @@ class LabelCache(_ChunkReader):
         # writers share the work: a miss is looked up in the store again at once (a marker and
         # a listing per missed chunk), readers of a cache being filled look every REFRESH_S
         self.refresh_s = 0.0 if self.writable else REFRESH_S
-        self._names = ("prediction", "spread") if self.has_spread else ("prediction",)
+        self._names = output_names(self.has_spread, self.hidden_dim)
         # _lock guards the in-memory state (present rows, partial chunks, resident copies, LRU)
         # and is never held across storage I/O, so lookups from the serving threads go on while
         # a write is uploading. _write_lock orders this instance's writes (one at a time).
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._splits: dict[str, _Split] = {}
-        self._memory: dict[str, Labels] = {}  # split -> (prediction, spread) float32 in RAM
+        self._memory: dict[str, NumpyLabels] = {}  # split -> every array of it, float32, in RAM
         self._on_disk: set[str] = set()  # splits too large to hold
         self._lru: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
         self._lru_bytes = 0
@@ -190,23 +197,22 @@ class LabelCache(_ChunkReader):
         self._fragment_seq = 0
         for split, r in attrs["splits"].items():
             self._open_split(split, r)
-        row = int(np.prod(self.window_shape)) * _stored_dtype(self.label_dtype).itemsize
+        # one window's row of every array, as stored
+        row = _stored_dtype(self.label_dtype).itemsize * sum(
+            int(np.prod(output_shape(n, self.window_shape, self.hidden_dim))) for n in self._names
+        )
         largest = max((s.block_rows + 2 * s.chunk_rows for s in self._splits.values()), default=0)
         self.chunk_cache_bytes = (
             int(chunk_cache_bytes)
             if chunk_cache_bytes is not None
-            else max(CHUNK_CACHE_BYTES, 2 * largest * row * len(self._names))
+            else max(CHUNK_CACHE_BYTES, 2 * largest * row)
         )
-
-    @property
-    def ranges(self) -> dict[str, range]:
-        """Window range of each split the cache holds."""
-        return {name: s.windows for name, s in self._splits.items()}
 
     def _open_split(self, split: str, r: dict[str, int]) -> None:
         windows = range(int(r["start"]), int(r["stop"]), int(r["step"]))
-        group = self.group[split]
-        arrays = {name: group[name] for name in self._names}
+        group = member_group(self.group, split, url(self.path))
+        assert group is not None, split  # listed in the attributes, created with them
+        arrays = {name: member_array(group, name, url(self.path)) for name in self._names}
         chunk_rows = int(r.get("chunk_rows") or arrays["prediction"].chunks[0])
         n_chunks = -(-len(windows) // chunk_rows)
         s = _Split(
@@ -214,7 +220,7 @@ class LabelCache(_ChunkReader):
             windows=windows,
             chunk_rows=chunk_rows,
             block_rows=int(r.get("block_rows", chunk_rows)),
-            arrays=arrays,  # type: ignore[arg-type]
+            arrays=arrays,
             done=np.zeros(n_chunks, dtype=bool),
             filled=np.zeros(len(windows), dtype=bool),
             checked=np.full(n_chunks, time.monotonic()),
@@ -226,7 +232,7 @@ class LabelCache(_ChunkReader):
     @classmethod
     def create(
         cls,
-        path: PathLike,
+        path: PathInput,
         meta: TeacherMeta,
         splits: Sequence[str],
         *,
@@ -236,6 +242,7 @@ class LabelCache(_ChunkReader):
         label_device: str = "cpu",
         micro_batch: int = DEFAULT_MICRO_BATCH,
         precision: str = "fp32",
+        hidden: bool = False,
     ) -> LabelCache:
         """Create an empty cache for teacher ``meta`` holding ``splits`` (replaces ``path``).
 
@@ -247,11 +254,23 @@ class LabelCache(_ChunkReader):
             label_device, micro_batch, precision: how the labels are computed (the device type,
                 windows per model call, precision), recorded: labels of other settings differ in
                 their last bits (see :meth:`check_compute`).
+            hidden: also store the teacher's hidden states ``[windows, N, F]`` (F is
+                ``meta.hidden_dim``), for hint distillation.
 
         The commit marker is written last: until then no reader opens the folder.
+
+        Raises:
+            StoreError: an unknown codec or label dtype, or ``hidden`` for a teacher whose hidden
+                width is unknown.
         """
         _check_setting(codec, CODECS, "codec")
         _check_setting(label_dtype, LABEL_DTYPES, "label_dtype")
+        if hidden and not meta.hidden_dim:
+            raise StoreError(
+                f"teacher {meta.version}'s hidden width is unknown: cannot store its hidden states",
+                where="hidden",
+            )
+        hidden_dim = int(meta.hidden_dim) if hidden else 0
         loc = location(path)
         with loc_.storage_errors(loc):
             loc_.remove(loc)
@@ -265,6 +284,7 @@ class LabelCache(_ChunkReader):
                     "model_key": meta.model_key,
                     "window_shape": list(meta.window_shape),
                     "has_spread": meta.has_spread,
+                    "hidden_dim": hidden_dim,
                     "codec": codec,
                     "label_dtype": label_dtype,
                     **compute_attrs(micro_batch, precision, label_device),
@@ -276,7 +296,7 @@ class LabelCache(_ChunkReader):
             for split in splits:
                 _create_split(
                     group, tuple(meta.window_shape), meta.has_spread, split, meta.splits[split],
-                    codec, label_dtype, chunk_steps,
+                    codec, label_dtype, chunk_steps, hidden_dim,
                 )  # fmt: skip
             # last: from now on the folder is a label cache (empty until chunks are written)
             loc_.write_json_atomic(loc / COMMIT_MARKER, {"schema": CACHE_SCHEMA_VERSION})
@@ -291,122 +311,23 @@ class LabelCache(_ChunkReader):
             return
         _create_split(
             self.group, self.window_shape, self.has_spread, split, windows, self.codec,
-            self.label_dtype, dict(self.group.attrs).get("chunk_steps"),
+            self.label_dtype, self._attrs().get("chunk_steps"), self.hidden_dim,
         )  # fmt: skip
-        self._open_split(split, dict(self.group.attrs)["splits"][split])
+        self._open_split(split, self._attrs()["splits"][split])
 
-    def check_matches(self, meta: TeacherMeta) -> None:
-        """Raise :class:`StoreError` unless this cache holds labels of teacher ``meta``."""
-        where = str(self.path)
-        if self.fingerprint != meta.fingerprint:
-            raise StoreError(
-                f"the cache holds labels for dataset {self.fingerprint}, the server's dataset is "
-                f"{meta.fingerprint}",
-                where=where,
-            )
-        if self.version != meta.version:
-            raise StoreError(
-                f"the cache holds labels of teacher {self.version}, the server's teacher is "
-                f"{meta.version}",
-                where=where,
-            )
-        if self.window_shape != tuple(meta.window_shape) or self.has_spread != meta.has_spread:
-            raise StoreError(
-                f"the cache's labels are {list(self.window_shape)} (spread: {self.has_spread}), "
-                f"the teacher's are {list(meta.window_shape)} (spread: {meta.has_spread})",
-                where=where,
-            )
-        for split, windows in self.ranges.items():
-            if meta.splits.get(split) != windows:
-                raise StoreError(
-                    f"split {split!r} covers windows {windows} in the cache but "
-                    f"{meta.splits.get(split)} for the teacher (other window or split settings)",
-                    where=where,
-                )
-
-    def check_compute(self, compute: ComputeSettings) -> None:
-        """Check that a teacher computing with ``compute`` makes this cache's labels.
-
-        Raises :class:`StoreError` naming both settings when the cache is writable
-        (write-through would mix labels of different bits); logs a warning when read-only.
-        """
-        theirs = compute_attrs(compute.micro_batch, compute.precision, compute.device_type)
-        check_compute(self.computed_with, theirs, self.writable, str(self.path))
-
-    # -- counts --------------------------------------------------------------------------------
-    @property
-    def forward_windows(self) -> int:
-        """Windows the teacher was run on to fill this cache (every writer's count, summed)."""
-        total = 0
-        for entry in _listdir(self.path / META_DIR / "forward"):
-            if entry.name.endswith(".json"):
-                try:
-                    total += int(loc_.read_json(entry)["windows"])
-                except (FileNotFoundError, ValueError, KeyError):
-                    continue
-        return total
-
-    def add_forward_windows(self, n: int) -> None:
-        """Add ``n`` to this writer's recorded count of teacher forward windows.
-
-        Each writer keeps its own object (rewritten whole), so counts of concurrent writers
-        never overwrite each other.
-        """
-        with self._write_lock:
-            self._forward += int(n)
-            loc_.write_json_atomic(
-                self.path / META_DIR / "forward" / f"{self.writer_id}.json",
-                {"windows": self._forward},
-            )
-
-    def filled_windows(self, split: str | None = None) -> int:
-        """How many windows (of ``split``, or of all splits) the cache holds."""
-        with self._lock:
-            if split is not None:
-                s = self._splits.get(split)
-                return int(s.filled.sum()) if s is not None else 0
-            return int(sum(s.filled.sum() for s in self._splits.values()))
-
-    def is_complete(self, split: str) -> bool:
-        """Whether every window of ``split`` is present (in chunks marked done or fragments)."""
-        with self._lock:
-            s = self._splits.get(split)
-            return s is not None and bool(s.filled.all())
-
-    def chunk_rows(self, split: str) -> int:
-        """Windows per chunk of ``split``."""
-        return self._splits[split].chunk_rows
-
-    def chunk_windows(self, split: str) -> list[np.ndarray]:
-        """The window indices of each chunk of ``split``, in order."""
-        s = self._splits[split]
-        index = np.asarray(s.windows, dtype=np.int64)
-        return [index[s.chunk_slice(c)] for c in range(s.n_chunks)]
-
-    def missing_chunks(self, split: str) -> list[int]:
-        """Chunks of ``split`` whose marker does not exist."""
-        with self._lock:
-            return [int(c) for c in np.flatnonzero(~self._splits[split].done)]
-
-    def stored_bytes(self, split: str | None = None) -> int:
-        """Bytes of the label arrays in the store (chunks and array metadata)."""
-        splits = [split] if split is not None else list(self._splits)
-        return int(sum(a.nbytes_stored() for s in splits for a in self._splits[s].arrays.values()))
-
-    @property
-    def resident_splits(self) -> list[str]:
-        """Splits whose labels are held in memory (see ``memory_bytes``)."""
-        return sorted(self._memory)
+    def _attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
 
 
 def open_cache(
-    path: PathLike,
+    path: PathInput,
     meta: TeacherMeta,
     writable: bool = False,
     memory_bytes: int = 0,
     *,
     chunk_steps: int | None = None,
     compute: ComputeSettings | None = None,
+    hidden: bool = False,
 ) -> LabelCache:
     """Open the cache at ``path`` for teacher ``meta`` (checked to match).
 
@@ -418,7 +339,8 @@ def open_cache(
     ``memory_bytes``: see :class:`LabelCache`. ``compute``: how the teacher computes labels,
     recorded in a cache created here (None = the defaults: CPU, fp32, 32 windows per call); the
     server checks an existing cache's settings against its teacher's
-    (:meth:`LabelCache.check_compute`).
+    (:meth:`LabelCache.check_compute`). ``hidden``: a cache created here also stores the
+    teacher's hidden states (an existing cache keeps what it stores).
     """
     loc = location(path)
     compute = compute if compute is not None else ComputeSettings()
@@ -429,7 +351,7 @@ def open_cache(
                 "--write-through",
                 where=str(loc),
             )
-        _create_shared(loc, meta, chunk_steps, compute)
+        _create_shared(loc, meta, chunk_steps, compute, hidden)
     cache = LabelCache(loc, mode="r+" if writable else "r", memory_bytes=memory_bytes)
     cache.check_matches(meta)
     if writable:
@@ -440,7 +362,11 @@ def open_cache(
 
 
 def _create_shared(
-    loc: UPath, meta: TeacherMeta, chunk_steps: int | None, compute: ComputeSettings
+    loc: UPath,
+    meta: TeacherMeta,
+    chunk_steps: int | None,
+    compute: ComputeSettings,
+    hidden: bool = False,
 ) -> None:
     """Create an empty cache at ``loc`` unless another process does so first."""
     tmp = loc_.temporary_sibling(loc)
@@ -453,6 +379,7 @@ def _create_shared(
             label_device=compute.device_type,
             micro_batch=compute.micro_batch,
             precision=compute.precision,
+            hidden=hidden,
         )
         if _exists(loc):
             return  # another replica was first: use its cache

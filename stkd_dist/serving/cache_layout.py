@@ -6,6 +6,8 @@ such as ``s3://bucket/labels/…``)::
     <cache>/                              group attributes: schema, teacher, dataset, settings
       <split>/prediction                  [windows of split, H, N, C_out], ``chunk_rows`` windows
       <split>/spread                      per chunk, compressed (teachers with spread only)
+      <split>/hidden                      [windows of split, N, F], chunked like prediction
+                                          (caches created with hidden states only)
       _stkd/commit.json                   written last when the cache is created
       _stkd/done/<split>/<chunk>          one per chunk whose rows are all written
       _stkd/rows/<split>/<chunk>/<id>.npz rows of a chunk not yet complete (write-through)
@@ -18,7 +20,9 @@ Row ``i`` of a split holds window ``split_start + i * stride``. Root attributes 
 version, the dataset fingerprint, the teacher version and its validation MAE (``val_mae``), the
 label shape, the codec and ``label_dtype`` (``float32``, the default, keeps labels bitwise equal to
 a live forward pass; ``float16`` and ``bfloat16`` halve the bytes; reads always return float32),
-each split's window range and chunk rows, and the compute settings the labels were made with
+``hidden_dim`` (F of the stored hidden states; 0 or absent, as in caches made before hidden states
+existed: none), each split's window range and chunk rows, and the compute settings the labels
+were made with
 (``micro_batch``, ``precision``, ``label_device``: the device type; see
 :mod:`stkd_dist.serving.forward`): labels of other settings differ in their last bits, so a server
 writing through to a cache must compute with the cache's settings. Caches written before these
@@ -36,9 +40,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -46,7 +49,7 @@ from upath import UPath
 
 from stkd_dist.data.plan import make_blocks
 from stkd_dist.errors import StoreError
-from stkd_dist.location import location
+from stkd_dist.location import PathInput, location
 from stkd_dist.paths import storage_root
 from stkd_dist.serving.teacher import safe_version
 
@@ -68,7 +71,7 @@ DESIGN_AMPLIFICATION = 1.25
 
 # compute settings of caches that predate recording them: every fill then ran fp32 CPU
 # micro-batches of 32 windows
-LEGACY_COMPUTE = {"micro_batch": 32, "precision": "fp32", "label_device": "cpu"}
+LEGACY_COMPUTE: dict[str, Any] = {"micro_batch": 32, "precision": "fp32", "label_device": "cpu"}
 
 LABEL_DTYPES = ("float32", "float16", "bfloat16")
 CODECS = ("blosc-zstd", "zstd", "none")
@@ -76,12 +79,22 @@ DEFAULT_CODEC = "blosc-zstd"
 DEFAULT_LABEL_DTYPE = "float32"
 _BF16_NAN = np.uint16(0x7FC0)
 
-Labels = tuple[np.ndarray, np.ndarray | None]
+
+def output_names(has_spread: bool, hidden_dim: int) -> tuple[str, ...]:
+    """The arrays of each split of a cache, in :data:`~.label_arrays.OUTPUT_NAMES` order."""
+    return (
+        "prediction",
+        *(("spread",) if has_spread else ()),
+        *(("hidden",) if hidden_dim else ()),
+    )
 
 
-def default_cache_path(
-    fingerprint: str, version: str, storage: str | os.PathLike[str] | None = None
-) -> UPath:
+def output_shape(name: str, window_shape: tuple[int, ...], hidden_dim: int) -> tuple[int, ...]:
+    """The shape of one window's row of array ``name``: ``[H, N, C]``, or ``[N, F]`` (hidden)."""
+    return (int(window_shape[1]), int(hidden_dim)) if name == "hidden" else tuple(window_shape)
+
+
+def default_cache_path(fingerprint: str, version: str, storage: PathInput | None = None) -> UPath:
     """``<storage>/labels/<fingerprint>/<teacher version>.zarr``."""
     root = location(storage_root(storage))
     return root / "labels" / fingerprint / f"{safe_version(version)}.zarr"
@@ -235,8 +248,13 @@ def _create_split(
     codec: str,
     label_dtype: str,
     chunk_steps: int | None,
+    hidden_dim: int = 0,
 ) -> None:
-    """The empty arrays of ``split`` and its entry in the group's attributes."""
+    """The empty arrays of ``split`` and its entry in the group's attributes.
+
+    Every array has the same chunk rows, chosen by the prediction's row size alone: a cache with
+    hidden states is chunked like one without.
+    """
     n = len(windows)
     if n == 0:
         return
@@ -247,21 +265,25 @@ def _create_split(
     else:
         rows = rows_per_chunk(window_shape, n)
         block = rows
-    names = ("prediction", "spread") if has_spread else ("prediction",)
     sub = group.require_group(split)
-    for name in names:
+    for name in output_names(has_spread, hidden_dim):
+        row = output_shape(name, window_shape, hidden_dim)
         sub.create_array(
             name,
-            shape=(n, *window_shape),
-            chunks=(rows, *window_shape),
+            shape=(n, *row),
+            chunks=(rows, *row),
             dtype=_stored_dtype(label_dtype),
             fill_value=_fill_value(label_dtype),
             compressors=_compressors(codec),
-            dimension_names=("window", "horizon", "node", "channel"),
+            dimension_names=(
+                ("window", "node", "feature")
+                if name == "hidden"
+                else ("window", "horizon", "node", "channel")
+            ),
             # a chunk equal to the fill value must still be stored: its marker vouches for it
             config={"write_empty_chunks": True},
         )
-    splits = dict(group.attrs.get("splits", {}))
+    splits: dict[str, Any] = dict(cast(Mapping[str, Any], group.attrs.get("splits", {})))
     splits[split] = _range_attr(windows, rows, block)
     group.attrs["splits"] = splits
 

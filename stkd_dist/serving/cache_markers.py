@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import zarr
@@ -37,12 +38,13 @@ from stkd_dist import location as loc_
 from stkd_dist.errors import StoreError
 from stkd_dist.serving.cache_layout import (
     META_DIR,
-    Labels,
     _fill_value,
     _stored_dtype,
     decode_labels,
     encode_labels,
+    output_shape,
 )
+from stkd_dist.serving.label_arrays import LabelArrays, NumpyLabels
 
 # how often a read-only reader looks again for what others stored of a chunk it misses; a
 # writable cache (write-through replicas) looks on every miss, so that no replica computes a
@@ -82,19 +84,22 @@ def _writer_id() -> str:
 
 
 # -- per-split state ---------------------------------------------------------------------------
+# a chunk's rows of each array of the cache, by output name, in the stored dtype
+_Rows = dict[str, np.ndarray]
+
+
 @dataclass
 class _Partial:
     """Rows of one incomplete chunk known to this process (own writes and others' fragments)."""
 
     mask: np.ndarray  # [chunk rows] bool
-    prediction: np.ndarray  # [chunk rows, H, N, C] stored dtype
-    spread: np.ndarray | None
+    # every array of the cache: prediction, spread [chunk rows, H, N, C], hidden [chunk rows, N, F]
+    arrays: _Rows
     seen: set[str] = field(default_factory=set)  # fragment names already merged
 
-    def put(self, local: np.ndarray, pred: np.ndarray, spread: np.ndarray | None) -> None:
-        self.prediction[local] = pred
-        if self.spread is not None and spread is not None:
-            self.spread[local] = spread
+    def put(self, local: np.ndarray, rows: _Rows) -> None:
+        for name, out in self.arrays.items():
+            out[local] = rows[name]
         self.mask[local] = True
 
 
@@ -150,6 +155,7 @@ class _ChunkPresence:
     writable: bool
     window_shape: tuple[int, ...]
     has_spread: bool
+    hidden_dim: int
     label_dtype: str
     writer_id: str
     # _lock guards the in-memory state and is never held across storage I/O; _write_lock orders
@@ -157,7 +163,8 @@ class _ChunkPresence:
     _lock: threading.Lock
     _write_lock: threading.RLock
     _splits: dict[str, _Split]
-    _memory: dict[str, Labels]  # split -> (prediction, spread) float32 in RAM
+    _names: tuple[str, ...]  # the arrays of each split (cache_layout.output_names)
+    _memory: dict[str, NumpyLabels]  # split -> every array of it, float32, in RAM
     _fragment_seq: int
     refresh_s: float  # how long a missed chunk is not looked at again
 
@@ -168,8 +175,8 @@ class _ChunkPresence:
         for entry in _listdir(self.path / META_DIR / "done" / s.name):
             if entry.name.isdigit() and int(entry.name) < s.n_chunks:
                 done[int(entry.name)] = True
-        for c in np.flatnonzero(done & ~s.done):
-            self._adopt_done(s, int(c))
+        for adopted in np.flatnonzero(done & ~s.done):
+            self._adopt_done(s, int(adopted))
         for entry in _listdir(self.path / META_DIR / "rows" / s.name):
             if not entry.name.isdigit() or int(entry.name) >= s.n_chunks:
                 continue
@@ -246,24 +253,25 @@ class _ChunkPresence:
                 continue
             with np.load(io.BytesIO(blob)) as f:
                 local = f["rows"].astype(np.int64)
-                pred = f["prediction"]
-                spread = f["spread"] if "spread" in f.files else None
+                # every array of the cache: each fragment holds the rows of all of them
+                got = {name: f[name] for name in self._names}
             with self._lock:
                 new = ~part.mask[local]
-                part.put(local[new], pred[new], None if spread is None else spread[new])
+                fresh = {name: a[new] for name, a in got.items()}
+                part.put(local[new], fresh)
                 part.seen.add(entry.name)
                 if new.any():
                     rows = local[new] + s.chunk_slice(c).start
                     s.filled[rows] = True
                     s.partial[c] = part
-                    self._put_memory(s, rows, self._decode_pair(pred[new], spread, new))
+                    self._put_memory(s, rows, self._decode(fresh))
                 full = bool(part.mask.all())
         if full and self.writable:
             # writers that wrote the last rows at the same moment each saw the chunk incomplete
             # and left a fragment: whoever sees them all first writes the whole chunk
             with self._write_lock:
                 if not s.done[c]:
-                    self._complete_chunk(s, c, part.prediction, part.spread)
+                    self._complete_chunk(s, c, part.arrays)
             return None
         return part
 
@@ -273,47 +281,65 @@ class _ChunkPresence:
         fill = _fill_value(self.label_dtype)
         return _Partial(
             mask=np.zeros(n, dtype=bool),
-            prediction=np.full((n, *self.window_shape), fill, dtype=dtype),
-            spread=np.full((n, *self.window_shape), fill, dtype=dtype) if self.has_spread else None,
+            arrays={
+                name: np.full(
+                    (n, *output_shape(name, self.window_shape, self.hidden_dim)), fill, dtype=dtype
+                )
+                for name in self._names
+            },
         )
 
-    # -- the resident copy ---------------------------------------------------------------------
-    def _decode_pair(
-        self, pred: np.ndarray, spread: np.ndarray | None, sel: np.ndarray | None = None
-    ) -> Labels:
-        p = decode_labels(pred, self.label_dtype)
-        if spread is None:
-            return p, None
-        sp = spread if sel is None else spread[sel]
-        return p, decode_labels(sp, self.label_dtype)
+    def _stored(self, labels: NumpyLabels, where: str) -> _Rows:
+        """The arrays of the cache from float32 ``labels``, in the stored dtype.
 
-    def _read_chunk_for_memory(self, s: _Split, c: int) -> Labels | None:
+        Raises:
+            StoreError: ``labels`` lack an output the cache stores (``where`` names the caller).
+        """
+        given = labels.named()
+        missing = [name for name in self._names if name not in given]
+        if missing:
+            raise StoreError(
+                f"the cache stores {', '.join(self._names)}; {where} got no {', '.join(missing)}",
+                where=str(self.path),
+            )
+        return {name: encode_labels(given[name], self.label_dtype) for name in self._names}
+
+    # -- the resident copy ---------------------------------------------------------------------
+    def _decode(self, rows: _Rows) -> NumpyLabels:
+        """Stored rows back to float32 labels."""
+        return LabelArrays.from_named(
+            {name: decode_labels(a, self.label_dtype) for name, a in rows.items()}
+        )
+
+    def _read_chunk_for_memory(self, s: _Split, c: int) -> NumpyLabels | None:
         """Chunk ``c`` decoded, when the split is held in memory (to copy it in), else None."""
         if s.name not in self._memory:
             return None
-        data = {n: np.asarray(a[s.chunk_slice(c)]) for n, a in s.arrays.items()}
-        return self._decode_pair(data["prediction"], data.get("spread"))
+        return self._decode({n: np.asarray(a[s.chunk_slice(c)]) for n, a in s.arrays.items()})
 
-    def _put_memory(self, s: _Split, rows: np.ndarray | slice, labels: Labels | None) -> None:
+    def _put_memory(self, s: _Split, rows: np.ndarray | slice, labels: NumpyLabels | None) -> None:
         """Copy present rows into the resident arrays (call with ``_lock`` held)."""
         held = self._memory.get(s.name)
         if held is None or labels is None:
             return
-        held[0][rows] = labels[0]
-        if held[1] is not None and labels[1] is not None:
-            held[1][rows] = labels[1]
+        given = labels.named()
+        for name, out in held.named().items():
+            out[rows] = given[name]
 
     # -- writes --------------------------------------------------------------------------------
-    def write(self, indices: np.ndarray, prediction: np.ndarray, spread: np.ndarray | None) -> int:
+    def write(self, indices: np.ndarray, labels: NumpyLabels) -> int:
         """Store the labels of windows ``indices`` (any split); returns the rows newly stored.
 
-        Windows of splits the cache does not hold, and windows already present, are skipped.
-        A chunk that these rows complete (with the rows of earlier writes and of other writers'
-        fragments) is written whole, then marked done; other rows go to a new fragment object.
+        ``labels`` must hold every output the cache stores (the hidden states of a cache created
+        with them); outputs it does not store are dropped. Windows of splits the cache does not
+        hold, and windows already present, are skipped. A chunk that these rows complete (with
+        the rows of earlier writes and of other writers' fragments) is written whole, then
+        marked done; other rows go to a new fragment object.
         """
         if not self.writable:
             raise StoreError("the label cache is opened read-only", where=str(self.path))
         idx = np.asarray(indices, dtype=np.int64)
+        stored = self._stored(labels, "a write")
         written = 0
         with self._write_lock, loc_.storage_errors(self.path):
             for s in self._splits.values():
@@ -323,24 +349,16 @@ class _ChunkPresence:
                     continue
                 rows, first = np.unique(pos[sel], return_index=True)
                 sel = sel[first]
-                pred = encode_labels(prediction[sel], self.label_dtype)
-                if self.has_spread:
-                    assert spread is not None, "a teacher with spread returns it"
-                    sp: np.ndarray | None = encode_labels(spread[sel], self.label_dtype)
-                else:
-                    sp = None
                 chunk_of = rows // s.chunk_rows
                 for c in np.unique(chunk_of):
-                    m = chunk_of == c
+                    m = sel[chunk_of == c]
+                    local = rows[chunk_of == c] - int(c) * s.chunk_rows
                     written += self._write_rows(
-                        s, int(c), rows[m] - int(c) * s.chunk_rows, pred[m],
-                        None if sp is None else sp[m],
-                    )  # fmt: skip
+                        s, int(c), local, {name: a[m] for name, a in stored.items()}
+                    )
         return written
 
-    def _write_rows(
-        self, s: _Split, c: int, local: np.ndarray, pred: np.ndarray, spread: np.ndarray | None
-    ) -> int:
+    def _write_rows(self, s: _Split, c: int, local: np.ndarray, rows: _Rows) -> int:
         """Add rows ``local`` (stored dtype) of chunk ``c``; returns how many were new."""
         if self._check_marker(s, c):
             return 0
@@ -353,86 +371,72 @@ class _ChunkPresence:
             complete = int(part.mask.sum()) + int(new.sum()) == s.chunk_len(c)
         if not new.any():
             return 0
-        local, pred = local[new], pred[new]
-        spread = None if spread is None else spread[new]
+        local = local[new]
+        rows = {name: a[new] for name, a in rows.items()}
         if complete:
-            full_pred = part.prediction.copy()
-            full_pred[local] = pred
-            full_spread = None
-            if part.spread is not None and spread is not None:
-                full_spread = part.spread.copy()
-                full_spread[local] = spread
-            self._complete_chunk(s, c, full_pred, full_spread)
+            full = {name: part.arrays[name].copy() for name in rows}
+            for name, a in rows.items():
+                full[name][local] = a
+            self._complete_chunk(s, c, full)
         else:
-            name = self._write_fragment(s, c, local, pred, spread)
+            name = self._write_fragment(s, c, local, rows)
             with self._lock:
-                part.put(local, pred, spread)
+                part.put(local, rows)
                 part.seen.add(name)
-                rows = local + s.chunk_slice(c).start
-                s.filled[rows] = True
+                present = local + s.chunk_slice(c).start
+                s.filled[present] = True
                 s.partial[c] = part
-                self._put_memory(s, rows, self._decode_pair(pred, spread))
+                self._put_memory(s, present, self._decode(rows))
         return int(local.size)
 
-    def _complete_chunk(
-        self, s: _Split, c: int, pred: np.ndarray, spread: np.ndarray | None
-    ) -> None:
+    def _complete_chunk(self, s: _Split, c: int, rows: _Rows) -> None:
         """Write chunk ``c`` whole and its marker, then drop its fragments."""
-        self._store_chunk(s, c, pred, spread)
+        self._store_chunk(s, c, rows)
         # the marker exists now: the fragments are redundant (readers that listed them and find
         # them gone look for the marker)
         loc_.remove(self._fragments(s, c))
         with self._lock:
             self._mark_done(s, c)
-            self._put_memory(s, s.chunk_slice(c), self._decode_pair(pred, spread))
+            self._put_memory(s, s.chunk_slice(c), self._decode(rows))
 
-    def _write_fragment(
-        self, s: _Split, c: int, local: np.ndarray, pred: np.ndarray, spread: np.ndarray | None
-    ) -> str:
-        """One new object holding rows ``local`` of chunk ``c``; returns its name."""
+    def _write_fragment(self, s: _Split, c: int, local: np.ndarray, rows: _Rows) -> str:
+        """One new object holding rows ``local`` of chunk ``c`` (every array); returns its name."""
         self._fragment_seq += 1
         name = f"{self.writer_id}-{self._fragment_seq:08d}.npz"
         buf = io.BytesIO()
-        arrays = {"rows": local.astype(np.int32), "prediction": pred}
-        if spread is not None:
-            arrays["spread"] = spread
+        arrays: dict[str, Any] = {"rows": local.astype(np.int32), **rows}
         np.savez(buf, **arrays)
         loc_.write_bytes_atomic(self._fragments(s, c) / name, buf.getvalue())
         return name
 
-    def write_chunk(
-        self, split: str, chunk: int, prediction: np.ndarray, spread: np.ndarray | None
-    ) -> None:
-        """Store every row of chunk ``chunk`` of ``split`` (float32 labels) and mark it done.
+    def write_chunk(self, split: str, chunk: int, labels: NumpyLabels) -> None:
+        """Store every row of chunk ``chunk`` of ``split`` (float32 labels, every output the
+        cache stores) and mark it done.
 
         The fill (:func:`~stkd_dist.serving.precompute.precompute_labels`) gives each chunk to
         exactly one worker, which writes it with this.
         """
         s = self._splits[split]
         n = s.chunk_len(chunk)
-        if len(prediction) != n or (spread is not None and len(spread) != n):
-            raise ValueError(f"chunk {chunk} of {split} has {n} rows, got {len(prediction)}")
-        pred = encode_labels(prediction, self.label_dtype)
-        sp = encode_labels(spread, self.label_dtype) if spread is not None else None
-        if self.has_spread and sp is None:
-            raise ValueError("a teacher with spread returns it")
+        sizes = {len(a) for a in labels.named().values()}
+        if sizes != {n}:
+            raise ValueError(f"chunk {chunk} of {split} has {n} rows, got {sorted(sizes)}")
+        rows = self._stored(labels, f"chunk {chunk} of {split}")
         with self._write_lock, loc_.storage_errors(self.path):
-            self._store_chunk(s, chunk, pred, sp)
+            self._store_chunk(s, chunk, rows)
             with self._lock:
                 self._mark_done(s, chunk)
-                self._put_memory(s, s.chunk_slice(chunk), self._decode_pair(pred, sp))
+                self._put_memory(s, s.chunk_slice(chunk), self._decode(rows))
 
-    def _store_chunk(self, s: _Split, c: int, pred: np.ndarray, spread: np.ndarray | None) -> None:
-        """Write chunk ``c`` whole (stored dtype), then its marker.
+    def _store_chunk(self, s: _Split, c: int, rows: _Rows) -> None:
+        """Write chunk ``c`` whole (stored dtype, every array), then its marker.
 
         Each array write covers exactly one whole chunk, so Zarr encodes it and stores it as
         one object without reading the old one (one PUT, or a rename on a local disk): a reader
         sees the old object or the new, and two writers of the same chunk never mix.
         """
         sl = s.chunk_slice(c)
-        s.arrays["prediction"][sl] = pred
-        if self.has_spread:
-            assert spread is not None
-            s.arrays["spread"][sl] = spread
+        for name in self._names:
+            s.arrays[name][sl] = rows[name]
         # the marker after the data: a crash in between leaves a chunk nobody counts
         loc_.write_json_atomic(self._marker(s, c), {"rows": sl.stop - sl.start})

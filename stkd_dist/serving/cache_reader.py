@@ -14,8 +14,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from stkd_dist.serving.cache_layout import Labels, decode_labels
+from stkd_dist.errors import StoreError
+from stkd_dist.serving.cache_layout import decode_labels, output_shape
 from stkd_dist.serving.cache_markers import _ChunkPresence, _Split
+from stkd_dist.serving.label_arrays import LabelArrays, NumpyLabels, label_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,24 @@ class _ChunkReader(_ChunkPresence):
     _lru_bytes: int
 
     def lookup(
-        self, split: str, indices: np.ndarray, *, with_spread: bool = True
-    ) -> tuple[np.ndarray, Labels | None]:
+        self,
+        split: str,
+        indices: np.ndarray,
+        *,
+        with_spread: bool = True,
+        with_hidden: bool = False,
+    ) -> tuple[np.ndarray, NumpyLabels | None]:
         """Labels of the cached windows among ``indices``.
 
         Returns ``(hit, labels)``: ``hit`` ``[n]`` bool marks the windows found, ``labels`` holds
-        ``(prediction, spread)`` float32 of those windows in order (None when there is no hit;
-        spread None unless the teacher has one and ``with_spread``, which skips reading it).
+        the labels float32 of those windows in order (None when there is no hit): spread unless
+        the teacher has none or ``with_spread`` is False (which skips reading it), hidden states
+        ``[n, N, F]`` with ``with_hidden``.
+
+        Raises:
+            StoreError: ``with_hidden`` on a cache made without hidden states.
         """
+        names = self._wanted(with_spread, with_hidden)
         idx = np.asarray(indices, dtype=np.int64)
         s = self._splits.get(split)
         if s is None:
@@ -54,7 +66,6 @@ class _ChunkReader(_ChunkPresence):
             return hit, None
         self._refresh_missing(s, pos[hit])
         resident = self._resident(s)
-        spread_wanted = with_spread and self.has_spread
         with self._lock:
             hit[hit] = s.filled[pos[hit]]
             if not hit.any():
@@ -63,48 +74,66 @@ class _ChunkReader(_ChunkPresence):
             if resident is not None:
                 # present rows are never rewritten (writers only add missing rows), so a view
                 # into the resident arrays stays valid while it is being sent
-                sp = _take(resident[1], rows) if spread_wanted and resident[1] is not None else None
-                return hit, (_take(resident[0], rows), sp)
+                held = resident.named()
+                return hit, LabelArrays.from_named({n: _take(held[n], rows) for n in names})
             chunk_of = rows // s.chunk_rows
             chunks = np.unique(chunk_of)
             # partial chunks' buffers only ever gain rows: reading them after the lock is safe
             sources = {int(c): (bool(s.done[c]), s.partial.get(int(c))) for c in chunks}
-        pred = np.empty((len(rows), *self.window_shape), dtype=np.float32)
-        spread = np.empty_like(pred) if spread_wanted else None
+        out = {
+            n: np.empty(
+                (len(rows), *output_shape(n, self.window_shape, self.hidden_dim)), np.float32
+            )
+            for n in names
+        }
         for c in chunks:
             m = chunk_of == c
             local = rows[m] - int(c) * s.chunk_rows
             done, part = sources[int(c)]
-            for name, out in (("prediction", pred), ("spread", spread)):
-                if out is None:
-                    continue
+            for name, dest in out.items():
                 if done:
                     data = self._chunk(s, name, int(c))
                 else:
                     assert part is not None, "a present row is in a done chunk or a partial one"
-                    data = part.prediction if name == "prediction" else part.spread
-                    assert data is not None
-                out[m] = decode_labels(data[local], self.label_dtype)
-        return hit, (pred, spread)
+                    data = part.arrays[name]
+                dest[m] = decode_labels(data[local], self.label_dtype)
+        return hit, LabelArrays.from_named(out)
 
-    def read_split(self, split: str, *, with_spread: bool = True) -> Labels:
-        """All labels of ``split`` as float32 ``[windows, H, N, C]`` (NaN where not present)."""
+    def _wanted(self, with_spread: bool, with_hidden: bool) -> list[str]:
+        """The arrays a read returns; hidden states from a cache without them are an error."""
+        if with_hidden and not self.hidden_dim:
+            raise StoreError(
+                "this label cache holds no hidden states of the teacher (it was made without "
+                "them); recompute it with `stkd precompute-labels --hidden`",
+                where=str(self.path),
+            )
+        return [
+            n
+            for n in self._names
+            if n == "prediction"
+            or (n == "spread" and with_spread)
+            or (n == "hidden" and with_hidden)
+        ]
+
+    def read_split(
+        self, split: str, *, with_spread: bool = True, with_hidden: bool = False
+    ) -> NumpyLabels:
+        """All labels of ``split`` as float32 ``[windows, H, N, C]`` (hidden ``[windows, N, F]``
+        with ``with_hidden``; NaN where not present)."""
         s = self._splits[split]
-        names = [n for n in self._names if n == "prediction" or with_spread]
+        names = self._wanted(with_spread, with_hidden)
         out = {n: decode_labels(np.asarray(s.arrays[n][...]), self.label_dtype) for n in names}
         with self._lock:
             parts = list(s.partial.items())
             missing = ~s.filled
         for c, part in parts:
             sl = s.chunk_slice(c)
+            rows = np.flatnonzero(part.mask)
             for n, arr in out.items():
-                data = part.prediction if n == "prediction" else part.spread
-                assert data is not None
-                rows = np.flatnonzero(part.mask)
-                arr[sl][rows] = decode_labels(data[rows], self.label_dtype)
+                arr[sl][rows] = decode_labels(part.arrays[n][rows], self.label_dtype)
         for arr in out.values():
             arr[missing] = np.nan  # rows of unfinished chunks are not labels yet
-        return out["prediction"], out.get("spread")
+        return LabelArrays.from_named(out)
 
     def _chunk(self, s: _Split, name: str, c: int) -> np.ndarray:
         """Chunk ``c`` of array ``name`` as stored, from the LRU or fetched whole."""
@@ -126,21 +155,23 @@ class _ChunkReader(_ChunkPresence):
                 self._lru_bytes -= old.nbytes
         return data
 
-    def _resident(self, s: _Split) -> Labels | None:
-        """The labels of ``s`` in memory (read on first use), or None when too large."""
+    def _resident(self, s: _Split) -> NumpyLabels | None:
+        """The labels of ``s`` in memory (every array, read on first use), or None when too
+        large."""
         held = self._memory.get(s.name)
         if held is not None or s.name in self._on_disk:
             return held
-        size = s.n * int(np.prod(self.window_shape)) * 4 * len(self._names)
+        size = s.n * sum(
+            int(np.prod(output_shape(n, self.window_shape, self.hidden_dim))) * 4
+            for n in self._names
+        )
         # the write lock keeps this process's writes and marker discoveries out while the split
         # is read and published, so no row becomes present in between and is missed
         with self._write_lock:
             with self._lock:
                 if s.name in self._memory or s.name in self._on_disk:
                     return self._memory.get(s.name)
-                used = sum(
-                    p.nbytes + (0 if sp is None else sp.nbytes) for p, sp in self._memory.values()
-                )
+                used = sum(label_bytes(labels) for labels in self._memory.values())
                 if used + size > self.memory_bytes:
                     self._on_disk.add(s.name)
                     log.info(
@@ -148,7 +179,7 @@ class _ChunkReader(_ChunkPresence):
                         self.path, s.name, size,
                     )  # fmt: skip
                     return None
-            labels = self.read_split(s.name)
+            labels = self.read_split(s.name, with_hidden=bool(self.hidden_dim))
             with self._lock:
                 self._memory[s.name] = labels
         return labels

@@ -7,13 +7,13 @@ life; :meth:`Channels.probe` asks a replica for its load (what stream placement 
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from stkd_dist.location import PathInput, as_path
 from stkd_dist.serving.auth import ClientTls, bearer, resolve_token
 from stkd_dist.serving.client_options import ClientOptions, keepalive_options
 from stkd_dist.serving.discovery import Endpoint
@@ -22,8 +22,8 @@ from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
 
 
-def _path(p: str | os.PathLike[str] | None) -> Path | None:
-    return None if p is None else Path(p)
+def _path(p: PathInput | None) -> Path | None:
+    return None if p is None else as_path(p)
 
 
 class Channels:

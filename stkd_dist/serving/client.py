@@ -1,7 +1,9 @@
 """The soft-label client student workers use: resume, failover and prefetch.
 
 :meth:`SoftLabelClient.stream` returns a :class:`LabelStream`: an iterator of
-``(indices [n], prediction [n, H, N, C], spread | None)`` over the requested windows, in order. A
+``(indices [n], labels)`` over the requested windows, in order (``labels`` a
+:class:`~stkd_dist.serving.label_arrays.LabelArrays`: prediction ``[n, H, N, C]``, the spread
+and the hidden states ``[n, N, F]`` when asked for). A
 background thread reads the gRPC stream into a bounded queue of ``prefetch`` chunks, so the
 consumer does not wait while the teacher keeps up and memory stays bounded when it does not.
 
@@ -182,10 +184,10 @@ class SoftLabelClient:
                     pb.DescribeRequest(), timeout=self.deadline, metadata=self._metadata
                 )
             except grpc.RpcError as e:
-                code = e.code()  # type: ignore[attr-defined]
+                code = e.code()
                 attempt += 1
                 if code not in RETRYABLE or attempt >= self.backoff.max_attempts:
-                    raise _request_error(code, e.details(), ep) from None  # type: ignore[attr-defined]
+                    raise _request_error(code, e.details(), ep) from None
                 exclude = (ep,)
                 time.sleep(self.backoff.delay(attempt))
                 continue
@@ -210,9 +212,15 @@ class SoftLabelClient:
 
     # -- streams -------------------------------------------------------------------------------
     def stream(
-        self, split: str, windows: Sequence[int] | np.ndarray, *, spread: bool = False
+        self,
+        split: str,
+        windows: Sequence[int] | np.ndarray,
+        *,
+        spread: bool = False,
+        hidden: bool = False,
     ) -> LabelStream:
-        """Labels of ``windows`` of ``split``, in this order (see :class:`LabelStream`)."""
+        """Labels of ``windows`` of ``split``, in this order (see :class:`LabelStream`); with
+        ``spread`` / ``hidden`` also the teacher's spread / hidden states."""
         ranges = to_ranges(windows)
         if not ranges:
             raise InputError("no windows requested", where="windows")
@@ -222,10 +230,12 @@ class SoftLabelClient:
             sel = pb.WindowRanges(
                 ranges=[pb.WindowRange(start=a, stop=b, step=s) for a, b, s in part]
             )
-            requests.append(self._request(split, spread, ranges=sel))
+            requests.append(self._request(split, spread, hidden, ranges=sel))
         return self._open(requests, total=len(np.asarray(windows).reshape(-1)))
 
-    def stream_plan(self, split: str, plan: PlanRequest, *, spread: bool = False) -> LabelStream:
+    def stream_plan(
+        self, split: str, plan: PlanRequest, *, spread: bool = False, hidden: bool = False
+    ) -> LabelStream:
         """Labels of the windows rank ``plan.rank`` reads in ``plan.epoch``, in that order.
 
         The server recomputes the plan; padding entries are not streamed (see
@@ -241,14 +251,19 @@ class SoftLabelClient:
             chunk_steps=plan.chunk_steps,
             regroups=[pb.PlanRegroup(world_size=w, steps=s) for w, s in plan.regroups],
         )
-        request = self._request(split, spread, plan=spec)
+        request = self._request(split, spread, hidden, plan=spec)
         # a resumed epoch starts where its last checkpoint was: the cursor of a stream resumed
         # after a failure, the server skips what comes before it
         request.resume_cursor = plan.start
         return self._open([request], total=None)
 
-    def _request(self, split: str, spread: bool, **selection: Any) -> pb.LabelRequest:
-        outputs = [pb.PREDICTION, pb.SPREAD] if spread else [pb.PREDICTION]
+    def _request(self, split: str, spread: bool, hidden: bool, **selection: Any) -> pb.LabelRequest:
+        # exactly the outputs wanted: a request without SPREAD or HIDDEN is the one it always was
+        outputs = [
+            pb.PREDICTION,
+            *([pb.SPREAD] if spread else []),
+            *([pb.HIDDEN] if hidden else []),
+        ]
         return pb.LabelRequest(
             dataset_fingerprint=self.expected_fingerprint,
             split=split,
@@ -330,7 +345,7 @@ class SoftLabelClient:
                         self.stats.windows += len(chunk.indices)
                         self.stats.bytes += chunk.payload_bytes
                         self.stats.endpoints.add(ep.address)
-                    yield chunk.indices, chunk.prediction, chunk.spread
+                    yield chunk.indices, chunk.labels
                     if stream.closed:
                         call.cancel()
                         return
@@ -341,8 +356,8 @@ class SoftLabelClient:
             except grpc.RpcError as e:
                 if stream.closed:
                     return
-                code = e.code()  # type: ignore[attr-defined]
-                details = e.details()  # type: ignore[attr-defined]
+                code = e.code()
+                details = e.details()
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     raise LabelMismatchError(details, where=ep.address) from None
                 if code not in RETRYABLE:

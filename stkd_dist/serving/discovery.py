@@ -21,6 +21,7 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from stkd_dist.errors import ConfigError
 
@@ -78,7 +79,7 @@ def ray_endpoints(prefix: str) -> list[Endpoint]:
         for a in ray.util.list_named_actors(all_namespaces=True)
         if str(a["name"]).startswith(prefix)
     ]
-    refs = []
+    refs: list[Any] = []
     for entry in sorted(found, key=lambda a: a["name"]):
         try:
             actor = ray.get_actor(entry["name"], namespace=entry["namespace"])

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from stkd_dist.serving.forward import forward_micro_batches, prepare_inputs, resolve_compute
+from stkd_dist.serving.label_arrays import NumpyLabels, concat_labels, take_rows
 from stkd_dist.serving.teacher import Teacher
-
-Labels = tuple[np.ndarray, np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,14 @@ class BlockRunner:
         teacher: the teacher (its reader, micro-batch and, by default, precision).
         device: ``cpu`` or ``cuda`` (resolved).
         precision: the fill's precision (None: the teacher's).
+        hidden: also compute the hidden states (a cache that stores them).
     """
 
-    def __init__(self, teacher: Teacher, device: str, precision: str | None = None) -> None:
+    def __init__(
+        self, teacher: Teacher, device: str, precision: str | None = None, hidden: bool = False
+    ) -> None:
         self.teacher = teacher
+        self.hidden = hidden
         own = teacher.compute
         # the teacher's device when it is of the asked type (its index included), else `device`
         where = own.device if torch.device(device).type == own.device_type else device
@@ -68,14 +71,14 @@ class BlockRunner:
             else copy.deepcopy(teacher.model).to(self.compute.torch_device)
         )
 
-    def predict(self, idx: np.ndarray) -> Labels:
-        """``(prediction, spread)`` of windows ``idx`` as :meth:`Teacher.predict` computes them."""
+    def predict(self, idx: np.ndarray) -> NumpyLabels:
+        """The labels of windows ``idx`` as :meth:`Teacher.predict` computes them."""
         if self.model is None:
-            return self.teacher.predict(idx)
+            return self.teacher.predict(idx, hidden=self.hidden)
         # reading outside the lock: other fill threads read while this model computes
         batch = prepare_inputs(self.teacher.reader, idx, self.compute)
         with self._lock:
-            return forward_micro_batches(self.model, batch, self.compute)
+            return forward_micro_batches(self.model, batch, self.compute, hidden=self.hidden)
 
     def chunks(
         self,
@@ -83,8 +86,8 @@ class BlockRunner:
         windows: Sequence[np.ndarray],
         batch_size: int,
         progress: Callable[[int], None] | None,
-    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """``(chunk, prediction, spread)`` of consecutive chunks, computed ``batch_size`` at a time.
+    ) -> Iterator[tuple[int, NumpyLabels]]:
+        """``(chunk, labels)`` of consecutive chunks, computed ``batch_size`` at a time.
 
         Chunks may hold fewer windows than a micro-batch: consecutive chunks are computed
         together (at least ``batch_size`` windows per group, whole chunks) so that no call pads
@@ -98,18 +101,16 @@ class BlockRunner:
             if sum(len(windows[j]) for j in group) < batch_size and i < len(chunks) - 1:
                 continue
             index = np.concatenate([windows[j] for j in group])
-            preds, spreads = [], []
+            parts: list[NumpyLabels] = []
             for b in range(0, len(index), batch_size):
-                pred, spread = self.predict(index[b : b + batch_size])
-                preds.append(pred)
-                spreads.append(spread)
+                labels = self.predict(index[b : b + batch_size])
+                parts.append(labels)
                 if progress is not None:
-                    progress(len(pred))
-            pred_all = np.concatenate(preds)
-            spread_all = np.concatenate(spreads) if self.teacher.meta.has_spread else None
+                    progress(len(labels.prediction))
+            every = concat_labels(parts)
             lo = 0
             for j in group:
                 hi = lo + len(windows[j])
-                yield chunks[j], pred_all[lo:hi], None if spread_all is None else spread_all[lo:hi]
+                yield chunks[j], take_rows(every, slice(lo, hi))
                 lo = hi
             group = []

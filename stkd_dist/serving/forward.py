@@ -20,7 +20,12 @@ Compute settings (:class:`ComputeSettings`):
   native bf16), and a setting that works for one architecture but not the next is refused up
   front instead.
 
-Labels always come back as float32 numpy arrays on the CPU, whatever the device and precision.
+Labels always come back as float32 numpy arrays on the CPU, whatever the device and precision,
+as one :class:`~stkd_dist.serving.label_arrays.LabelArrays`: the prediction, the spread of a
+teacher that has one and, when asked for (``hidden=True``), the teacher's hidden representation
+``[n, N, F]``. Asking for the hidden states changes nothing else: the model runs the same network
+call either way (:meth:`Forecaster.forward` only picks what it returns), so the predictions of a
+pass with hidden states are bitwise those of a pass without.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from stkd_dist.config.pipeline import (
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import ConfigError
 from stkd_dist.models.base import Forecaster
+from stkd_dist.serving.label_arrays import LabelArrays, NumpyLabels, empty_labels
 
 __all__ = [
     "CLI_KEYS",
@@ -56,9 +62,6 @@ __all__ = [
     "prepare_inputs",
     "resolve_compute",
 ]
-
-# labels of windows: prediction [n, H, N, C] and spread [n, H, N, C] or None, float32
-Labels = tuple[np.ndarray, np.ndarray | None]
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -222,30 +225,26 @@ def _precision(compute: ComputeSettings) -> Iterator[None]:
         yield
 
 
-def empty_labels(window_shape: tuple[int, int, int], has_spread: bool) -> Labels:
-    """Labels of no windows: ``[0, H, N, C]`` float32."""
-    empty = np.zeros((0, *window_shape), dtype=np.float32)
-    return empty, (empty.copy() if has_spread else None)
-
-
 def forward_micro_batches(
-    model: Forecaster, batch: PreparedBatch, compute: ComputeSettings
-) -> Labels:
+    model: Forecaster, batch: PreparedBatch, compute: ComputeSettings, *, hidden: bool = False
+) -> NumpyLabels:
     """Run ``model`` (already on ``compute.device``) on ``batch``, one micro-batch per call.
 
-    Returns ``(prediction, spread)`` ``[n, H, N, C_out]`` float32 on the CPU (``spread`` None for
-    a teacher without spread). The caller serialises calls on one model.
+    Returns the labels float32 on the CPU: ``prediction`` (and ``spread`` of a teacher with
+    spread) ``[n, H, N, C_out]``; with ``hidden`` also the hidden representation ``[n, N, F]``.
+    The caller serialises calls on one model.
     """
     dims = model.dims
     window_shape = (dims.horizon, dims.nodes, dims.out_channels)
     has_spread = model.has_spread
     if batch.n == 0:
-        return empty_labels(window_shape, has_spread)
+        return empty_labels(window_shape, has_spread, model.hidden_dim() if hidden else 0)
     device = compute.torch_device
     on_cpu = device.type == "cpu"
     b = compute.micro_batch
     means: list[torch.Tensor] = []  # [B, H, N, C_out] each, on the device
     spreads: list[torch.Tensor] = []
+    hiddens: list[torch.Tensor] = []  # [B, N, F] each
     with torch.inference_mode(), _precision(compute):
         for lo in range(0, batch.x.shape[0], b):
             # dim-0 slices of contiguous tensors: views, no copy on the CPU; on CUDA the copies
@@ -254,7 +253,14 @@ def forward_micro_batches(
                 t[lo : lo + b] if on_cpu else t[lo : lo + b].to(device, non_blocking=True)
                 for t in (batch.x, batch.time_of_day, batch.day_of_week)
             )
-            if has_spread:
+            if hidden:
+                # the same network call as below; "all" also returns what the head reads
+                out = model(x, tod, dow, output="all")
+                mean = out.mean
+                hiddens.append(out.hidden.float())
+                if out.log_var is not None:
+                    spreads.append(out.log_var.float())
+            elif has_spread:
                 mean, log_var = model.forward_with_spread(x, tod, dow)
                 spreads.append(log_var.float())
             else:
@@ -263,4 +269,5 @@ def forward_micro_batches(
         # one device-to-host copy per output, after the last kernel (it synchronises the stream)
         prediction = torch.cat(means)[: batch.n].cpu().numpy()
         spread = torch.cat(spreads)[: batch.n].cpu().numpy() if spreads else None
-    return prediction, spread
+        states = torch.cat(hiddens)[: batch.n].cpu().numpy() if hiddens else None
+    return LabelArrays(prediction, spread, states)

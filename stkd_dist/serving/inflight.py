@@ -3,6 +3,10 @@
 None of these classes locks: the :class:`~stkd_dist.serving.batcher.Batcher` calls them under its
 one condition lock, from the stream threads (submit), the collecting thread and the forward
 thread.
+
+Hidden states (the teacher's ``[n, N, F]`` representation) are computed only by batches that a
+request wanting them waits on (:attr:`InflightBatch.hidden`); a request that wants them is never
+served by a batch, in flight or recent, that computed none.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# labels of windows: prediction [n, H, N, C] and spread [n, H, N, C] or None, float32
-Labels = tuple[np.ndarray, np.ndarray | None]
+from stkd_dist.serving.label_arrays import NumpyLabels, allocate_like, label_bytes, take_rows
 
 
 @dataclass(eq=False)  # identity semantics: requests are dict keys of the batches they wait on
@@ -24,35 +27,37 @@ class Request:
 
     Attributes:
         indices: ``[n]`` int64 windows, in the order the caller wants their labels.
-        future: resolves to ``(prediction, spread)`` ``[n, H, N, C]``.
+        future: resolves to their labels (prediction and spread ``[n, H, N, C]``; hidden states
+            ``[n, N, F]`` when ``hidden``).
+        hidden: the request wants the teacher's hidden states.
         taken: windows handed to a batch (or served from the recent LRU) so far.
         done: windows whose labels are in place.
         finished: the future's outcome is decided (resolved or failed; set once).
+        out: the labels, allocated with the first rows placed.
     """
 
     indices: np.ndarray
-    future: Future[Labels]
+    future: Future[NumpyLabels]
+    hidden: bool = False
     taken: int = 0
     done: int = 0
     finished: bool = False
-    prediction: np.ndarray | None = None
-    spread: np.ndarray | None = None
+    out: NumpyLabels | None = None
 
     @property
     def size(self) -> int:
         return int(self.indices.shape[0])
 
-    def put(self, positions: np.ndarray, pred: np.ndarray, spread: np.ndarray | None) -> bool:
-        """Place labels ``[k, H, N, C]`` at ``positions`` ``[k]``; True when that completed it."""
+    def put(self, positions: np.ndarray, labels: NumpyLabels) -> bool:
+        """Place the labels of ``positions`` ``[k]`` (rows in that order; hidden states only when
+        the request wants them); True when that completed it."""
         if self.finished:  # failed by another batch: its labels are not wanted any more
             return False
-        if self.prediction is None:
-            self.prediction = np.empty((self.size, *pred.shape[1:]), dtype=pred.dtype)
-            if spread is not None:
-                self.spread = np.empty((self.size, *spread.shape[1:]), dtype=spread.dtype)
-        self.prediction[positions] = pred
-        if spread is not None and self.spread is not None:
-            self.spread[positions] = spread
+        labels = labels.keep(spread=True, hidden=self.hidden)
+        if self.out is None:
+            self.out = allocate_like(self.size, labels)
+        for name, rows in self.out.named().items():
+            rows[positions] = labels.named()[name]
         self.done += len(positions)
         if self.done == self.size:
             self.finished = True
@@ -66,9 +71,9 @@ class Request:
         self.finished = True
         return True
 
-    def labels(self) -> Labels:
-        assert self.prediction is not None
-        return self.prediction, self.spread
+    def labels(self) -> NumpyLabels:
+        assert self.out is not None
+        return self.out
 
 
 class InflightBatch:
@@ -77,15 +82,20 @@ class InflightBatch:
     Built by the collecting thread (:meth:`add`, :meth:`wait`, then :meth:`seal`); while it is in
     flight other requests may still :meth:`wait` on its windows; the forward thread then takes the
     waiters and :meth:`fill` copies their rows.
+
+    ``hidden``: the forward pass also computes the hidden states; set (under the batcher's lock)
+    while the batch is being collected, when a request that wants them waits on it, and fixed
+    once it is handed to the forward thread.
     """
 
-    def __init__(self, seq: int) -> None:
+    def __init__(self, seq: int, hidden: bool = False) -> None:
         self.seq = seq
+        self.hidden = hidden
         self._fresh: list[int] = []
         self.indices = np.empty(0, dtype=np.int64)  # [u] sorted, set by seal()
         self._row: dict[int, int] = {}
         self._waiters: dict[Request, tuple[list[int], list[int]]] = {}
-        self.labels: Labels | None = None
+        self.labels: NumpyLabels | None = None
 
     @property
     def size(self) -> int:
@@ -98,10 +108,11 @@ class InflightBatch:
 
     @property
     def nbytes(self) -> int:
-        if self.labels is None:
-            return 0
-        pred, spread = self.labels
-        return int(pred.nbytes + (spread.nbytes if spread is not None else 0))
+        return 0 if self.labels is None else label_bytes(self.labels)
+
+    def serves(self, req: Request) -> bool:
+        """Whether this batch's labels are all ``req`` wants (hidden states when it wants them)."""
+        return self.hidden or not req.hidden
 
     def add(self, window: int) -> None:
         """Compute ``window`` in this batch."""
@@ -128,13 +139,8 @@ class InflightBatch:
         """Copy this batch's labels of ``windows`` into ``req`` at ``positions``; True when that
         completed ``req``."""
         assert self.labels is not None
-        pred, spread = self.labels
         rows = [self._row[w] for w in windows]
-        return req.put(
-            np.asarray(positions, dtype=np.int64),
-            pred[rows],
-            None if spread is None else spread[rows],
-        )
+        return req.put(np.asarray(positions, dtype=np.int64), take_rows(self.labels, rows))
 
 
 class RecentBatches:

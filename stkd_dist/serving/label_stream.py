@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from stkd_dist.errors import InputError
+from stkd_dist.serving.label_arrays import LabelArrays, NumpyLabels, take_rows
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 
-# one item of a stream: window indices [n], prediction [n, H, N, C], spread [n, H, N, C] or None
-LabelItem = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+# one item of a stream: window indices [n] and their labels (prediction [n, H, N, C]; spread and
+# hidden [n, N, F] when requested)
+LabelItem = tuple[np.ndarray, NumpyLabels]
 # fetch(request, stream) yields the verified chunks of one request, resuming as needed
 FetchFn = Callable[[pb.LabelRequest, "LabelStream"], Iterator[LabelItem]]
 
@@ -34,7 +36,7 @@ _DONE = object()
 class LabelStream:
     """Labels streamed in the background, consumed in order.
 
-    Iterate it for ``(indices, prediction, spread)`` chunks, or call :meth:`labels_for` with each
+    Iterate it for ``(indices, labels)`` chunks, or call :meth:`labels_for` with each
     batch's window indices. Close it (or use it as a context manager) to stop early.
 
     Args:
@@ -52,10 +54,11 @@ class LabelStream:
         self.closed = False
         self.call: grpc.Call | None = None
         self._queue: queue.Queue[Any] = queue.Queue(prefetch)
-        self._buffer: dict[int, deque[tuple[np.ndarray, np.ndarray | None]]] = defaultdict(deque)
+        # window -> its labels (one window each, [H, N, C] / [N, F]), in arrival order
+        self._buffer: dict[int, deque[NumpyLabels]] = defaultdict(deque)
         self._exhausted = False
-        # zeros shaped like one window's labels, and whether spread comes: for padding samples
-        self._template: tuple[np.ndarray, bool] | None = None
+        # zeros shaped like one window's labels, with the outputs that come: for padding samples
+        self._template: NumpyLabels | None = None
         self._thread = threading.Thread(
             target=self._produce, args=(requests,), name="stkd-labels", daemon=True
         )
@@ -97,8 +100,8 @@ class LabelStream:
 
     def labels_for(
         self, index: torch.Tensor | np.ndarray, valid: torch.Tensor | np.ndarray | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Labels of a batch's windows, in the batch's order: ``(prediction, spread)``.
+    ) -> LabelArrays[torch.Tensor]:
+        """Labels of a batch's windows, in the batch's order.
 
         Chunks are read from the stream until every window of ``index`` (where ``valid``) has
         arrived; each streamed window is handed out once. Padding samples (``valid`` False) get
@@ -109,7 +112,8 @@ class LabelStream:
             valid: ``[batch]`` bool (``WindowBatch.valid``), default all True.
 
         Returns:
-            ``prediction`` ``[batch, H, N, C]`` float32 and ``spread`` (or None).
+            ``prediction`` ``[batch, H, N, C]`` float32, and ``spread`` ``[batch, H, N, C]`` and
+            ``hidden`` ``[batch, N, F]`` when the stream carries them.
 
         Raises:
             InputError: a window is not in the rest of the stream.
@@ -120,12 +124,12 @@ class LabelStream:
             if valid is None
             else np.asarray(valid.cpu() if isinstance(valid, torch.Tensor) else valid, bool)
         )
-        needed = defaultdict(int)
+        needed: defaultdict[int, int] = defaultdict(int)
         for w in idx[ok]:
             needed[int(w)] += 1
         while any(len(self._buffer.get(w, ())) < n for w, n in needed.items()):
             try:
-                indices, pred, spread = next(self)
+                indices, labels = next(self)
             except StopIteration:
                 missing = [w for w, n in needed.items() if len(self._buffer.get(w, ())) < n]
                 raise InputError(
@@ -133,21 +137,23 @@ class LabelStream:
                     where="labels_for",
                 ) from None
             if self._template is None and len(indices):
-                self._template = (np.zeros_like(pred[0]), spread is not None)
+                self._template = labels.map(lambda a: np.zeros_like(a[0]))
             for i, w in enumerate(indices.tolist()):
-                self._buffer[w].append((pred[i], None if spread is None else spread[i]))
+                self._buffer[w].append(take_rows(labels, i))  # views of one window
         rows = [self._buffer[int(w)].popleft() if o else None for w, o in zip(idx, ok, strict=True)]
         for w in needed:
             if not self._buffer[w]:
                 del self._buffer[w]
         if self._template is None:
             raise InputError("no labels have arrived yet to shape padding by", where="labels_for")
-        zeros, has_spread = self._template
-        pred_t = torch.from_numpy(np.stack([r[0] if r else zeros for r in rows]))
-        spread_t = None
-        if has_spread:
-            spread_t = torch.from_numpy(np.stack([r[1] if r else zeros for r in rows]))
-        return pred_t, spread_t
+        zeros = self._template.named()
+        stacked = {
+            name: torch.from_numpy(
+                np.stack([r.named()[name] if r is not None else zero for r in rows])
+            )
+            for name, zero in zeros.items()
+        }
+        return LabelArrays.from_named(stacked)
 
     def close(self) -> None:
         """Stop the background reader (cancels the call in progress)."""

@@ -11,6 +11,9 @@ work is cut into time blocks (runs of consecutive chunks of one split) and fanne
   (:meth:`Teacher.predict` serialises them) on all intra-op threads, while the other threads read
   windows and encode and upload chunks.
 
+With ``hidden=True`` the cache also stores the teacher's hidden states ``[windows, N, F]``
+(every forward pass then returns them too; the labels' bits are unchanged).
+
 Every chunk belongs to exactly one block, so each chunk is written whole by one worker, then its
 done marker (see :mod:`stkd_dist.serving.cache`). Tasks on an object-store cache write their
 chunks themselves; a local cache path may not exist on other nodes, so there the tasks return
@@ -34,19 +37,16 @@ crashed fill leaves nothing a reader takes for complete.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-import numpy as np
 import torch
-from upath import UPath
 
 from stkd_dist import location as loc_
 from stkd_dist.errors import InputError, StoreError
-from stkd_dist.location import location
+from stkd_dist.location import PathInput, location
 from stkd_dist.serving.cache import DEFAULT_CODEC, DEFAULT_LABEL_DTYPE, LabelCache
 from stkd_dist.serving.fill_blocks import Block, BlockRunner, TeacherSource
 from stkd_dist.serving.forward import (
@@ -62,12 +62,10 @@ FILL_MODES = ("auto", "ray", "threads")
 # time blocks per worker: enough to balance uneven workers, few enough to keep tasks coarse
 BLOCKS_PER_WORKER = 4
 
-Labels = tuple[np.ndarray, np.ndarray | None]
-
 
 def precompute_labels(
     teacher: Teacher,
-    out: str | os.PathLike[str] | UPath,
+    out: PathInput,
     splits: Sequence[str],
     *,
     batch_size: int = 256,
@@ -80,6 +78,7 @@ def precompute_labels(
     device: str = "cpu",
     mode: str = "auto",
     precision: str | None = None,
+    hidden: bool = False,
 ) -> LabelCache:
     """Run ``teacher`` on every window of ``splits`` and store the labels at ``out``.
 
@@ -99,6 +98,8 @@ def precompute_labels(
         mode: ``auto`` (Ray when connected and ``source`` given), ``ray`` or ``threads``.
         precision: ``fp32``, ``bf16`` or ``fp16`` (the last two on CUDA); None: the teacher's.
             The micro-batch is always the teacher's (``teacher.compute.micro_batch``).
+        hidden: also compute and store the teacher's hidden states ``[windows, N, F]`` (for
+            students trained with ``distill.loss: hint``).
 
     Raises:
         StoreError: ``out`` exists and ``overwrite`` is False.
@@ -121,7 +122,7 @@ def precompute_labels(
     report = _serialised(progress)
     precision = precision or teacher.compute.precision
     # threads compute here (checked against this machine); Ray workers check their own device
-    runner = BlockRunner(teacher, device, precision) if fill == "threads" else None
+    runner = BlockRunner(teacher, device, precision, hidden) if fill == "threads" else None
     compute = (
         runner.compute
         if runner is not None
@@ -138,6 +139,7 @@ def precompute_labels(
             label_device=compute.device_type,
             micro_batch=compute.micro_batch,
             precision=compute.precision,
+            hidden=hidden,
         )
         blocks = _blocks(cache, splits, workers if workers else _default_workers(fill, device))
         if runner is None:
@@ -228,8 +230,8 @@ def _fill_threads(
     """Fill ``blocks`` from a thread pool; returns the windows computed."""
 
     def fill(block: Block) -> int:
-        for c, pred, spread in runner.chunks(block.chunks, block.windows, batch_size, progress):
-            cache.write_chunk(block.split, c, pred, spread)
+        for c, labels in runner.chunks(block.chunks, block.windows, batch_size, progress):
+            cache.write_chunk(block.split, c, labels)
         return block.n_windows
 
     if not blocks:

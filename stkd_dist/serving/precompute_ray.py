@@ -19,6 +19,7 @@ from stkd_dist import location as loc_
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.fill_blocks import Block, BlockRunner, TeacherSource
 from stkd_dist.serving.forward import ComputeSettings
+from stkd_dist.serving.label_arrays import NumpyLabels
 
 
 def default_workers(device: str) -> int:
@@ -39,16 +40,20 @@ def _task_cpus() -> int:
     return max(1, min(torch.get_num_threads(), int(node_cpus)))
 
 
-_WORKER_RUNNERS: dict[tuple[TeacherSource, str, str, int], BlockRunner] = {}
+_WORKER_RUNNERS: dict[tuple[TeacherSource, str, str, int, bool], BlockRunner] = {}
 
 
 def _worker_runner(
-    source: TeacherSource, device: str, precision: str = "fp32", micro_batch: int = 32
+    source: TeacherSource,
+    device: str,
+    precision: str = "fp32",
+    micro_batch: int = 32,
+    hidden: bool = False,
 ) -> BlockRunner:
     """The teacher of ``source`` on ``device``, loaded once per worker process and settings."""
     from stkd_dist.serving.teacher import load_teacher
 
-    key = (source, device, precision, micro_batch)
+    key = (source, device, precision, micro_batch, hidden)
     if key not in _WORKER_RUNNERS:
         # straight onto the worker's device, with the driver's micro-batch and precision
         teacher = load_teacher(
@@ -59,7 +64,7 @@ def _worker_runner(
             precision=precision,
             micro_batch=micro_batch,
         )
-        _WORKER_RUNNERS[key] = BlockRunner(teacher, device)
+        _WORKER_RUNNERS[key] = BlockRunner(teacher, device, hidden=hidden)
     return _WORKER_RUNNERS[key]
 
 
@@ -74,25 +79,26 @@ def fill_block_task(
     device: str,
     precision: str = "fp32",
     micro_batch: int = 32,
-) -> tuple[int, list[tuple[int, np.ndarray, np.ndarray | None]]]:
+    hidden: bool = False,
+) -> tuple[int, list[tuple[int, NumpyLabels]]]:
     """Body of one Ray task: compute a time block; write it (``cache_url``) or return it.
 
-    Returns ``(windows computed, [(chunk, prediction, spread)])`` (the list is empty when the
-    task wrote the chunks itself).
+    Returns ``(windows computed, [(chunk, labels)])`` (the list is empty when the task wrote the
+    chunks itself). ``hidden``: the cache stores hidden states, compute them too.
     """
     # the driver's intra-op thread count: the same bits as the driver (and a server) computes
     torch.set_num_threads(threads)
-    runner = _worker_runner(source, device, precision, micro_batch)
+    runner = _worker_runner(source, device, precision, micro_batch, hidden)
     cache = LabelCache(cache_url, mode="r+") if cache_url is not None else None
-    out: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+    out: list[tuple[int, NumpyLabels]] = []
     forward = 0
     index = [np.asarray(w, dtype=np.int64) for w in windows]
-    for c, pred, spread in runner.chunks(chunks, index, batch_size, None):
-        forward += len(pred)
+    for c, labels in runner.chunks(chunks, index, batch_size, None):
+        forward += len(labels.prediction)
         if cache is not None:
-            cache.write_chunk(split, c, pred, spread)
+            cache.write_chunk(split, c, labels)
         else:
-            out.append((c, pred, spread))
+            out.append((c, labels))
     return forward, out
 
 
@@ -120,7 +126,7 @@ def fill_ray(
             options["runtime_env"] = {"env_vars": env}
     task = ray.remote(fill_block_task).options(**options)
     url = loc_.url(cache.path) if remote else None
-    settings = (device, compute.precision, compute.micro_batch)
+    settings = (device, compute.precision, compute.micro_batch, bool(cache.hidden_dim))
     pending = {
         task.remote(source, url, b.split, b.chunks, b.windows, batch_size, threads, *settings): b
         for b in blocks
@@ -131,8 +137,8 @@ def fill_ray(
             ready, _ = ray.wait(list(pending), num_returns=1)
             block = pending.pop(ready[0])
             n, labels = ray.get(ready[0])
-            for c, pred, spread in labels:  # a local cache: this process writes the chunks
-                cache.write_chunk(block.split, c, pred, spread)
+            for c, chunk in labels:  # a local cache: this process writes the chunks
+                cache.write_chunk(block.split, c, chunk)
             forward += n
             if progress is not None:
                 progress(block.n_windows)

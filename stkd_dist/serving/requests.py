@@ -2,10 +2,10 @@
 
 :func:`resolve_request` checks a request against the teacher a server holds and returns a
 :class:`LabelPlan`, or raises :class:`RequestError` with the gRPC status code the client gets:
-another dataset fingerprint or teacher version, or a spread the teacher does not have:
-FAILED_PRECONDITION; windows outside the split or a cursor past the end: OUT_OF_RANGE; malformed
-ranges, split or plan, unknown dtype, a message limit below one node's labels of one window:
-INVALID_ARGUMENT. A limit below one whole window is fine: windows are then split along the node
+another dataset fingerprint or teacher version, or a spread (or hidden states) the teacher does
+not have: FAILED_PRECONDITION; windows outside the split or a cursor past the end: OUT_OF_RANGE;
+malformed ranges, split or plan, unknown dtype, a message limit below one node's labels of one
+window: INVALID_ARGUMENT. A limit below one whole window is fine: windows are then split along the node
 axis (see :mod:`~stkd_dist.serving.codec_slices`).
 """
 
@@ -47,6 +47,7 @@ class LabelPlan:
     dtype: int  # wire dtype enum
     spread: bool
     nodes_per_slice: int = 0  # nodes per message of a split window; 0 = whole windows
+    hidden: bool = False  # the teacher's hidden states [N, F] per window too
 
 
 def resolve_request(
@@ -104,7 +105,7 @@ def resolve_request(
             f"resume cursor {request.resume_cursor} is outside the sequence of {total} windows",
         )
     outputs = set(request.outputs) or {pb.PREDICTION}
-    if pb.OUTPUT_UNSPECIFIED in outputs or not outputs <= {pb.PREDICTION, pb.SPREAD}:
+    if pb.OUTPUT_UNSPECIFIED in outputs or not outputs <= {pb.PREDICTION, pb.SPREAD, pb.HIDDEN}:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown outputs {sorted(outputs)}")
     spread = pb.SPREAD in outputs
     if spread and not meta.has_spread:
@@ -112,12 +113,20 @@ def resolve_request(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"teacher {meta.version} has no spread output (built without spread=True)",
         )
+    hidden = pb.HIDDEN in outputs
+    if hidden and not meta.hidden_dim:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"teacher {meta.version}'s hidden representation is not known to this server",
+        )
     try:
         dtype = codec.wire_dtype(request.wire_dtype)
         limit = max_message_bytes
         if request.max_message_bytes:
             limit = min(limit, request.max_message_bytes)
-        layout = codec_slices.chunk_layout(meta.window_shape, dtype, 1 + spread, limit)
+        layout = codec_slices.chunk_layout(
+            meta.window_shape, dtype, 1 + spread, limit, meta.hidden_dim if hidden else 0
+        )
     except InputError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{e.where}: {e.message}") from None
     return LabelPlan(
@@ -128,6 +137,7 @@ def resolve_request(
         dtype,
         spread,
         nodes_per_slice=layout.nodes,
+        hidden=hidden,
     )
 
 

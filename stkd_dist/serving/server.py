@@ -14,8 +14,13 @@ Operations:
   chunk boundary with UNAVAILABLE naming the cursor to resume at; then the server stops;
 * standard ``grpc.health.v1`` health checking (open, no token), Prometheus metrics, key=value logs.
 
+Requests asking for the ``HIDDEN`` output get the teacher's hidden representation ``[n, N, F]``
+in every chunk as well (``Describe`` reports F as ``hidden_dim``): the forward passes their
+windows go through also return what the teacher's output head reads. Requests without it are
+served exactly as before.
+
 Status codes of bad requests: unknown dataset fingerprint or teacher version, or a spread the
-teacher does not have: FAILED_PRECONDITION; windows outside the split or a cursor past the end:
+teacher does not have (or hidden states of unknown width): FAILED_PRECONDITION; windows outside the split or a cursor past the end:
 OUT_OF_RANGE; malformed ranges, split or plan: INVALID_ARGUMENT; no or wrong token:
 UNAUTHENTICATED (see :mod:`~stkd_dist.serving.auth`).
 """
@@ -37,9 +42,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stkd_dist.errors import ConfigError
 from stkd_dist.serving import codec
 from stkd_dist.serving.auth import TokenAuthInterceptor
-from stkd_dist.serving.batcher import Batcher, BatcherStats, Labels
+from stkd_dist.serving.batcher import Batcher, BatcherStats
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.serving.forward import PreparedBatch
+from stkd_dist.serving.label_arrays import NumpyLabels
 from stkd_dist.serving.load import StreamLoad
 from stkd_dist.serving.metrics import ServerMetrics, log_event
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
@@ -210,6 +216,8 @@ class TeacherServer:
         # the forward thread computes with this thread's intra-op thread count (`--threads`):
         # the labels' bits depend on it, and they must match an in-process forward pass
         threads = torch.get_num_threads()
+        # a write-through cache holding hidden states needs them for every window it stores
+        store_hidden = self._writer is not None and bool(cache is not None and cache.hidden_dim)
         self._batcher = Batcher(
             self._run,
             config.batch_size,
@@ -218,6 +226,7 @@ class TeacherServer:
             prepare=teacher.prepare,
             recent_bytes=config.recent_bytes,
             forward_init=lambda: torch.set_num_threads(threads),
+            hidden=store_hidden,
         )
         self._lock = threading.Lock()
         self.load = StreamLoad(config.max_streams)
@@ -389,21 +398,21 @@ class TeacherServer:
         """Counters of the shared batching queue."""
         return self._batcher.stats()
 
-    def _run(self, batch: PreparedBatch) -> Labels:
+    def _run(self, batch: PreparedBatch, hidden: bool) -> NumpyLabels:
         """The forward thread's model call (timed: ``stkd_serve_forward_seconds_total``)."""
         started = time.perf_counter()
         try:
-            return self.teacher.run(batch)
+            return self.teacher.run(batch, hidden=hidden)
         finally:
             self.metrics.forward_seconds.inc(time.perf_counter() - started)
 
-    def _on_batch(self, indices: np.ndarray, labels: Labels, n_requests: int) -> None:
+    def _on_batch(self, indices: np.ndarray, labels: NumpyLabels, n_requests: int) -> None:
         """Called by the forward thread after every teacher forward pass, before the futures of
         the requests it serves resolve; ``indices`` are the windows computed (no padding)."""
         self.metrics.batch_windows.observe(len(indices))
         self.metrics.forward_windows.inc(len(indices))
         if self._writer is not None:
-            self._writer.put(indices, labels[0], labels[1])
+            self._writer.put(indices, labels)
 
     def describe(self) -> pb.TeacherInfo:
         meta = self.teacher.meta
@@ -431,6 +440,7 @@ class TeacherServer:
             outstanding_windows=load.outstanding_windows,
             streams_served=load.streams_served,
             idle_seconds=load.idle_s,
+            hidden_dim=meta.hidden_dim,
         )
 
     # -- requests ------------------------------------------------------------------------------

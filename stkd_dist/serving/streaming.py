@@ -4,6 +4,10 @@
 ``lookahead`` chunks ahead of the one being sent: windows found in the label cache are encoded at
 once; the others go to the server's shared :class:`~stkd_dist.serving.batcher.Batcher`, so the
 batcher always holds work from every stream, and are encoded when the teacher's labels arrive.
+
+A request for the hidden states (``LabelPlan.hidden``) reads only a cache that holds them and asks
+the batcher for them; a chunk carries exactly the outputs its request asked for, so a request
+without hidden states gets the very messages it got before they existed.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import grpc
 import numpy as np
 
 from stkd_dist.serving import codec, codec_slices
-from stkd_dist.serving.batcher import Batcher, Labels
+from stkd_dist.serving.batcher import Batcher
 from stkd_dist.serving.cache import LabelCache
+from stkd_dist.serving.label_arrays import NumpyLabels, merge_rows
 from stkd_dist.serving.metrics import ServerMetrics
 from stkd_dist.serving.requests import LabelPlan, RequestError
 from stkd_dist.serving.write_through import WriteBehind
@@ -34,29 +39,23 @@ class _Pending:
         hi: int,
         indices: np.ndarray,
         hit: np.ndarray,
-        cached: Labels | None,
-        future: futures.Future[Labels] | None,
+        cached: NumpyLabels | None,
+        future: futures.Future[NumpyLabels] | None,
     ) -> None:
         self.lo, self.hi, self.indices = lo, hi, indices
         self.hit, self.cached, self.future = hit, cached, future
         # the chunk's messages: one of whole windows, or the node slices of a large window
         self.encoded: Iterable[codec.EncodedChunk] | None = None
 
-    def labels(self, timeout: float | None) -> Labels:
-        """``(prediction, spread)`` ``[n, H, N, C]`` of the chunk's windows, in order."""
+    def labels(self, timeout: float | None) -> NumpyLabels:
+        """The labels of the chunk's windows, in order (``[n, H, N, C]``, hidden ``[n, N, F]``)."""
         computed = self.future.result(timeout) if self.future is not None else None
         if computed is None:
             assert self.cached is not None
             return self.cached
         if self.cached is None:
             return computed
-        pred = np.empty((len(self.indices), *computed[0].shape[1:]), dtype=np.float32)
-        pred[self.hit], pred[~self.hit] = self.cached[0], computed[0]
-        spread = None
-        if computed[1] is not None and self.cached[1] is not None:
-            spread = np.empty_like(pred)
-            spread[self.hit], spread[~self.hit] = self.cached[1], computed[1]
-        return pred, spread
+        return merge_rows(self.hit, self.cached, computed)
 
 
 class ChunkProducer:
@@ -100,14 +99,15 @@ class ChunkProducer:
         now, ahead of sending; the others go to the batcher and are encoded when they arrive."""
         indices = plan.sequence[lo:hi]
         hit = np.zeros(len(indices), dtype=bool)
-        cached: Labels | None = None
-        if self.cache is not None:
-            hit, cached = self.cache.lookup(plan.split, indices)
+        cached: NumpyLabels | None = None
+        if self.cache is not None and (self.cache.hidden_dim or not plan.hidden):
+            # a cache without hidden states cannot serve a request for them: every row misses
+            hit, cached = self.cache.lookup(plan.split, indices, with_hidden=plan.hidden)
         n_hit = int(hit.sum())
         self.metrics.cache_hits.inc(n_hit)
         computed = None
         if n_hit < len(indices):
-            computed = self._batcher.submit(indices[~hit])
+            computed = self._batcher.submit(indices[~hit], hidden=plan.hidden)
             self.metrics.cache_misses.inc(len(indices) - n_hit)
         pending = _Pending(lo, hi, indices, hit, cached, computed)
         if computed is None:
@@ -118,12 +118,12 @@ class ChunkProducer:
         """The messages of chunk ``p``: one message of whole windows, or, when one window does not
         fit a message, the node slices of its window (encoded one at a time as they are sent, so
         a large window is not held twice)."""
-        pred, spread = p.labels(timeout=0)  # [n, H, N, C]
+        # only the outputs asked for: [n, H, N, C] (hidden [n, N, F])
+        labels = p.labels(timeout=0).keep(spread=plan.spread, hidden=plan.hidden)
         if plan.nodes_per_slice:
             return codec_slices.encode_node_slices(
                 p.indices,
-                pred,
-                spread if plan.spread else None,
+                labels,
                 nodes_per_slice=plan.nodes_per_slice,
                 position=p.lo,
                 dtype=plan.dtype,
@@ -133,8 +133,7 @@ class ChunkProducer:
         return [
             codec.encode_chunk_bytes(
                 p.indices,
-                pred,
-                spread if plan.spread else None,
+                labels,
                 dtype=plan.dtype,
                 teacher_version=self.version,
                 cursor=p.hi,

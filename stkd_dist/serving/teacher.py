@@ -6,9 +6,11 @@ architecture, weights, target statistics and the data section of the config it w
 must be that dataset. Inference reads windows with the same :class:`WindowReader` the training
 loaders use, so the teacher sees exactly the inputs it saw in training.
 
-Labels: ``prediction`` is the forecast ``[n, H, N, C_out]`` in original units; ``spread`` (teachers
-built with ``spread=True`` only) is the log-variance in units² from
-:meth:`Forecaster.forward_with_spread`.
+Labels (a :class:`~stkd_dist.serving.label_arrays.LabelArrays`): ``prediction`` is the forecast
+``[n, H, N, C_out]`` in original units; ``spread`` (teachers built with ``spread=True`` only) is the
+log-variance in units² from :meth:`Forecaster.forward_with_spread`; ``hidden`` (when asked for) is
+the teacher's hidden representation ``[n, N, F]`` (``Forecaster(..., output="features")``), for
+hint distillation.
 
 How labels are computed (device, precision, windows per model call) is the teacher's
 :class:`~stkd_dist.serving.forward.ComputeSettings`; every forward pass runs through the one
@@ -20,7 +22,6 @@ windows, through a small LRU of decoded store chunks) and :meth:`Teacher.run` (t
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ import numpy as np
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.data.windows import SPLITS
 from stkd_dist.errors import InputError, StoreError
-from stkd_dist.location import url
+from stkd_dist.location import PathInput, url
 from stkd_dist.models.base import Forecaster
 from stkd_dist.serving.forward import (
     DEFAULT_KEYS,
@@ -44,6 +45,7 @@ from stkd_dist.serving.forward import (
     prepare_inputs,
     resolve_compute,
 )
+from stkd_dist.serving.label_arrays import NumpyLabels
 from stkd_dist.storage.store import DatasetStore, open_store
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class TeacherMeta:
         splits: window indices of each split (``range`` of start steps).
         val_mae: the teacher's validation MAE from its checkpoint metrics (None when unknown);
             students weight teachers by it (``distill.ensemble: inverse_error``).
+        hidden_dim: F of its hidden representation ``[N, F]`` per window (0: unknown).
     """
 
     version: str
@@ -78,6 +81,7 @@ class TeacherMeta:
     has_spread: bool
     splits: dict[str, range]
     val_mae: float | None = None
+    hidden_dim: int = 0
 
     @property
     def horizon(self) -> int:
@@ -144,6 +148,8 @@ class Teacher:
             has_spread=model.has_spread,
             splits=splits,
             val_mae=val_mae,
+            # measured once on the model's device (one window), before any server thread runs
+            hidden_dim=self.model.hidden_dim(),
         )
 
     @property
@@ -160,24 +166,25 @@ class Teacher:
         """Read the inputs of windows ``indices``, padded to whole micro-batches (any thread)."""
         return prepare_inputs(self.reader, indices, self.compute)
 
-    def run(self, batch: PreparedBatch) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run the model on prepared inputs: ``(prediction, spread)`` ``[n, H, N, C_out]``."""
+    def run(self, batch: PreparedBatch, *, hidden: bool = False) -> NumpyLabels:
+        """Run the model on prepared inputs: prediction (and spread) ``[n, H, N, C_out]``, and
+        with ``hidden`` the hidden states ``[n, N, F]``."""
         # one model call at a time: the server's forward thread is the only caller there, but
         # precompute threads and tests may call from several threads
         with self._lock:
-            labels = forward_micro_batches(self.model, batch, self.compute)
+            labels = forward_micro_batches(self.model, batch, self.compute, hidden=hidden)
             self._forward_windows += batch.n
         return labels
 
-    def predict(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run the teacher on windows ``indices``: ``(prediction, spread)`` ``[n, H, N, C_out]``."""
-        return self.run(self.prepare(indices))
+    def predict(self, indices: Sequence[int] | np.ndarray, *, hidden: bool = False) -> NumpyLabels:
+        """Run the teacher on windows ``indices`` (see :meth:`run`)."""
+        return self.run(self.prepare(indices), hidden=hidden)
 
 
 def load_teacher(
-    checkpoint: str | os.PathLike[str],
-    data: str | os.PathLike[str] | DatasetStore,
-    storage: str | os.PathLike[str] | None = None,
+    checkpoint: PathInput,
+    data: PathInput | DatasetStore,
+    storage: PathInput | None = None,
     *,
     device: str = "cpu",
     precision: str = "fp32",

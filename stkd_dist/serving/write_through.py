@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from stkd_dist.serving.cache import LabelCache
+from stkd_dist.serving.label_arrays import NumpyLabels
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,7 @@ class WriteBehind:
 
     def __init__(self, cache: LabelCache, max_pending: int = 64) -> None:
         self.cache = cache
-        self._queue: queue.Queue[tuple[np.ndarray, np.ndarray, np.ndarray | None] | None] = (
-            queue.Queue(max_pending)
-        )
+        self._queue: queue.Queue[tuple[np.ndarray, NumpyLabels] | None] = queue.Queue(max_pending)
         self._uncounted = 0
         self._counted_at = time.monotonic()
         # batches handed over / written (or failed) so far; streams wait on `_written` so that
@@ -54,11 +53,12 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="stkd-cache-writer", daemon=True)
         self._thread.start()
 
-    def put(self, indices: np.ndarray, prediction: np.ndarray, spread: np.ndarray | None) -> None:
-        """Queue labels of freshly computed windows for writing."""
+    def put(self, indices: np.ndarray, labels: NumpyLabels) -> None:
+        """Queue labels of freshly computed windows for writing (with the hidden states when the
+        cache stores them: the server's batcher then computes them for every batch)."""
         with self._progress:
             self._put += 1
-        self._queue.put((indices, prediction, spread))
+        self._queue.put((indices, labels))
 
     @property
     def handed_over(self) -> int:
@@ -104,8 +104,8 @@ class WriteBehind:
                 if item is None:
                     self._record_count(force=True)
                     return
-                indices, prediction, spread = item
-                self.cache.write(indices, prediction, spread)
+                indices, labels = item
+                self.cache.write(indices, labels)
                 # the teacher ran on these windows to fill the cache
                 self._uncounted += len(indices)
             except Exception:  # a failed write loses cache rows, never served labels

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -25,6 +25,29 @@ from stkd_dist.errors import StoreError
 from stkd_dist.location import is_transient, retrying, storage_error, storage_errors
 
 REINGEST = "re-ingest the dataset"
+#: the modes :func:`zarr.open_group` takes
+ZarrMode = Literal["r", "r+", "a", "w", "w-"]
+
+
+def member_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
+    """The array ``name`` of ``group``; a group of that name is a damaged store."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{name!r} must be an array, found a group", where=where)
+    return node
+
+
+def member_group(group: zarr.Group, name: str, where: str) -> zarr.Group | None:
+    """The sub-group ``name`` of ``group``, or None when it has none."""
+    node = group.get(name)
+    if node is not None and not isinstance(node, zarr.Group):
+        raise StoreError(f"{name!r} must be a group, found an array", where=where)
+    return node
+
+
+def dimension_names(arr: zarr.Array) -> tuple[str, ...]:
+    """The array's dimension names (Zarr v3 metadata; none in v2)."""
+    return tuple(str(n) for n in getattr(arr.metadata, "dimension_names", None) or ())
 
 
 def read_array(
@@ -95,7 +118,7 @@ def corrupt_chunk_error(
     """The one-line error for chunk ``coords`` of ``arr`` that failed to decode with ``error``."""
     grid = _grid(arr)
     key = chunk_key(arr, coords)
-    dims = tuple(arr.metadata.dimension_names or ()) or tuple(f"dim {i}" for i in range(arr.ndim))
+    dims = dimension_names(arr) or tuple(f"dim {i}" for i in range(arr.ndim))
     extent = ", ".join(
         f"{dim} [{c * size}, {min((c + 1) * size, n)})"
         for dim, c, size, n in zip(dims, coords, grid, arr.shape, strict=True)

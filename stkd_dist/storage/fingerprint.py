@@ -9,7 +9,6 @@ bit, a timestamp, an id or an edge weight changes it.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import dask
@@ -17,8 +16,8 @@ import numpy as np
 import zarr
 
 from stkd_dist.compute import compute
-from stkd_dist.location import Location, location, url, zarr_store
-from stkd_dist.storage.chunks import read_array
+from stkd_dist.location import Location, PathInput, location, url, zarr_store
+from stkd_dist.storage.chunks import member_array, member_group, read_array
 from stkd_dist.storage.layout import GRAPH_GROUP
 from stkd_dist.storage.lazy import dask_array
 
@@ -34,7 +33,7 @@ def _block_digest(values: np.ndarray, mask: np.ndarray) -> tuple[bytes, np.ndarr
     return h.digest(), missing
 
 
-def fingerprint_store(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
+def fingerprint_store(path: PathInput | Location) -> dict[str, Any]:
     """Compute ``fingerprint``, ``missing`` (per channel) and ``missing_fraction`` of a store."""
     root = zarr.open_group(zarr_store(location(path)), mode="r", zarr_format=3)
     where = url(path)
@@ -42,7 +41,7 @@ def fingerprint_store(path: str | os.PathLike[str] | Location) -> dict[str, Any]
     def read(arr: zarr.Array) -> np.ndarray:  # a chunk that cannot be decoded is named
         return read_array(arr, where=where)
 
-    steps, nodes, channels = root["values"].shape
+    steps, nodes, channels = member_array(root, "values", where).shape
     block = (min(FINGERPRINT_BLOCK, steps), nodes, channels)
     v = dask_array(path, "values").rechunk(block).to_delayed().ravel()
     m = dask_array(path, "mask").rechunk(block).to_delayed().ravel()
@@ -53,15 +52,16 @@ def fingerprint_store(path: str | os.PathLike[str] | Location) -> dict[str, Any]
     for digest, miss in parts:
         h.update(digest)
         missing += miss
-    h.update(read(root["time"]).astype("<i8").tobytes())
-    h.update(str(dict(root["time"].attrs)).encode())
+    h.update(read(member_array(root, "time", where)).astype("<i8").tobytes())
+    h.update(str(dict(member_array(root, "time", where).attrs)).encode())
     for name in ("node", "channel"):
-        h.update("\x1f".join(str(x) for x in read(root[name])).encode())
-    graph = root.get(GRAPH_GROUP)
+        h.update("\x1f".join(str(x) for x in read(member_array(root, name, where))).encode())
+    graph = member_group(root, GRAPH_GROUP, where)
     if graph is not None and "adjacency" in graph:
-        h.update(np.ascontiguousarray(read(graph["adjacency"]), dtype="<f4").tobytes())
+        adjacency = read(member_array(graph, "adjacency", where))
+        h.update(np.ascontiguousarray(adjacency, dtype="<f4").tobytes())
 
-    names = [str(c) for c in read(root["channel"])]
+    names = [str(c) for c in read(member_array(root, "channel", where))]
     per_channel = steps * nodes
     return {
         "fingerprint": h.hexdigest()[:32],

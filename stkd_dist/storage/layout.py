@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import zarr
 
-from stkd_dist.location import Location, location, zarr_store
+from stkd_dist.location import Location, PathInput, location, zarr_store
 
 SCHEMA_VERSION = 1
 SCHEMA_ATTR = "stkd_schema_version"
@@ -45,7 +44,7 @@ def choose_chunks(steps: int, nodes: int, channels: int, itemsize: int = 4) -> t
     return (min(time_chunk, steps), node_chunk, channels)
 
 
-def consolidate(path: str | os.PathLike[str] | Location) -> None:
+def consolidate(path: PathInput | Location) -> None:
     """Write consolidated metadata, which ``xarray.open_zarr`` reads first.
 
     Zarr warns that consolidated metadata is not (yet) in the v3 spec; xarray and zarr-python both

@@ -12,14 +12,13 @@ cannot be decoded raises :class:`~stkd_dist.errors.StoreError` naming it
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import zarr
 
-from stkd_dist.location import Location, location, url, zarr_store
+from stkd_dist.location import Location, PathInput, location, url, zarr_store
 from stkd_dist.storage.chunks import read_array
 
 
@@ -31,7 +30,7 @@ class LazyZarrArray:
         name: the array's path inside the group (e.g. ``"values"``).
     """
 
-    def __init__(self, path: str | os.PathLike[str] | Location, name: str) -> None:
+    def __init__(self, path: PathInput | Location, name: str) -> None:
         self.path = url(path)
         self.name = name
         arr = self._open()
@@ -60,7 +59,7 @@ class LazyZarrArray:
         return state
 
 
-def dask_array(path: str | os.PathLike[str] | Location, name: str) -> da.Array:
+def dask_array(path: PathInput | Location, name: str) -> da.Array:
     """A Dask array over ``path/name`` chunked like the stored array."""
     source = LazyZarrArray(path, name)
     return da.from_array(source, chunks=source.chunks, lock=False, asarray=False, fancy=False)

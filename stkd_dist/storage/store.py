@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
@@ -19,6 +19,7 @@ import zarr.errors
 from stkd_dist.errors import StoreError
 from stkd_dist.location import (
     Location,
+    PathInput,
     exists,
     is_remote,
     location,
@@ -28,7 +29,14 @@ from stkd_dist.location import (
     zarr_store,
 )
 from stkd_dist.paths import resolve_dataset
-from stkd_dist.storage.chunks import chunk_errors, read_array
+from stkd_dist.storage.chunks import (
+    ZarrMode,
+    chunk_errors,
+    dimension_names,
+    member_array,
+    member_group,
+    read_array,
+)
 from stkd_dist.storage.layout import (
     COORD_ARRAYS,
     DATA_ARRAYS,
@@ -64,8 +72,8 @@ class DatasetStore:
 
     def __init__(
         self,
-        path: str | os.PathLike[str] | Location,
-        mode: str = "r",
+        path: PathInput | Location,
+        mode: ZarrMode = "r",
         *,
         zarr_store: zarr.abc.store.Store | None = None,
     ) -> None:
@@ -103,15 +111,15 @@ class DatasetStore:
         for name in (*DATA_ARRAYS, *COORD_ARRAYS):
             if name not in self.group:
                 raise StoreError(f"required array {name!r} is missing", where=where)
-        self.values: zarr.Array = self.group["values"]
-        self.mask: zarr.Array = self.group["mask"]
+        self.values = member_array(self.group, "values", where)
+        self.mask = member_array(self.group, "mask", where)
         if self.values.shape != self.mask.shape or len(self.values.shape) != 3:
             raise StoreError(
                 f"values {self.values.shape} and mask {self.mask.shape} must both be "
                 "[time, node, channel]",
                 where=where,
             )
-        dims = tuple(self.values.metadata.dimension_names or ())
+        dims = dimension_names(self.values)
         if dims != DIMS:
             raise StoreError(f"values has dims {dims}, expected {DIMS}", where=where)
 
@@ -119,8 +127,8 @@ class DatasetStore:
         """List the chunks of ``values`` and ``mask`` (O(chunks) requests: not done on open)
         and raise :class:`StoreError` when any is missing."""
         for name in DATA_ARRAYS:
-            arr = self.group[name]
-            have = retrying(lambda arr=arr: arr.nchunks_initialized, self.where)
+            arr = member_array(self.group, name, self.where)
+            have = retrying(functools.partial(getattr, arr, "nchunks_initialized"), self.where)
             if have != arr.nchunks:
                 raise StoreError(
                     f"array {name!r} has {arr.nchunks - have} of {arr.nchunks} chunks missing: "
@@ -165,16 +173,18 @@ class DatasetStore:
 
     @cached_property
     def channels(self) -> list[str]:
-        return [str(c) for c in self._read(self.group["channel"])]
+        return [str(c) for c in self._read(member_array(self.group, "channel", self.where))]
 
     @cached_property
     def node_ids(self) -> list[str]:
-        return [str(n) for n in self._read(self.group["node"])]
+        return [str(n) for n in self._read(member_array(self.group, "node", self.where))]
 
     @cached_property
     def time(self) -> pd.DatetimeIndex:
         """The decoded time axis (one timestamp per step)."""
-        with chunk_errors(self.group["time"], self.where):  # xarray reads and decodes it
+        with chunk_errors(
+            member_array(self.group, "time", self.where), self.where
+        ):  # xarray reads and decodes it
             return pd.DatetimeIndex(self.xarray()["time"].values)
 
     def channel_index(self, names: list[str] | tuple[str, ...]) -> list[int]:
@@ -192,21 +202,29 @@ class DatasetStore:
     # -- graph -------------------------------------------------------------------------------
     @property
     def has_adjacency(self) -> bool:
-        graph = self.group.get(GRAPH_GROUP)
+        graph = member_group(self.group, GRAPH_GROUP, self.where)
         return graph is not None and "adjacency" in graph
 
     def adjacency(self) -> np.ndarray:
         """Dense ``[node, node]`` float32 adjacency; identity when the store has no graph."""
         if not self.has_adjacency:
             return np.eye(self.nodes, dtype=np.float32)
-        return np.asarray(self._read(self.group[GRAPH_GROUP]["adjacency"]), dtype=np.float32)
+        graph = member_group(self.group, GRAPH_GROUP, self.where)
+        assert graph is not None  # has_adjacency
+        return np.asarray(
+            self._read(member_array(graph, "adjacency", self.where)), dtype=np.float32
+        )
 
     def locations(self) -> np.ndarray | None:
         """``[node, 2]`` latitude/longitude, or None when the store has no locations."""
         if "latitude" not in self.group:
             return None
         return np.stack(
-            [self._read(self.group["latitude"]), self._read(self.group["longitude"])], axis=1
+            [
+                self._read(member_array(self.group, "latitude", self.where)),
+                self._read(member_array(self.group, "longitude", self.where)),
+            ],
+            axis=1,
         )
 
     # -- data --------------------------------------------------------------------------------
@@ -272,11 +290,11 @@ class DatasetStore:
         return f"DatasetStore({self.where!r}, steps={s}, nodes={n}, channels={c})"
 
 
-def _zarr_source(path: Location, mode: str) -> Any:
+def _zarr_source(path: Location, mode: ZarrMode) -> Any:
     return zarr_store(path, read_only=mode == "r")
 
 
-def _open_group(source: Any, mode: str, where: str) -> zarr.Group:
+def _open_group(source: Any, mode: ZarrMode, where: str) -> zarr.Group:
     try:
         # the consolidated metadata in the root zarr.json: one read, no listing of any prefix
         return zarr.open_group(source, mode=mode, zarr_format=3)
@@ -290,7 +308,7 @@ def _open_group(source: Any, mode: str, where: str) -> zarr.Group:
 
 
 def open_store(
-    ref: str | os.PathLike[str], storage: str | os.PathLike[str] | None = None, mode: str = "r"
+    ref: PathInput, storage: PathInput | None = None, mode: ZarrMode = "r"
 ) -> DatasetStore:
     """Open a store given as a path or as a dataset name under the storage root."""
     return DatasetStore(resolve_dataset(ref, storage), mode=mode)

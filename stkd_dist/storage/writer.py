@@ -11,7 +11,6 @@ nothing a reader takes for a store at the destination.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from stkd_dist.compute import dask_scheduler
 from stkd_dist.errors import InputError, StoreError
 from stkd_dist.location import (
     Location,
+    PathInput,
     exists,
     is_remote,
     location,
@@ -113,7 +113,7 @@ ROOT_METADATA = "zarr.json"
 
 
 def write_store(
-    dest: str | os.PathLike[str] | Location,
+    dest: PathInput | Location,
     values: da.Array,
     mask: da.Array,
     meta: StoreMeta,

@@ -7,7 +7,6 @@ so memory is bounded by a few blocks however many steps are generated.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ from dask.base import tokenize
 from dask.callbacks import Callback
 
 from stkd_dist.errors import ConfigError, StoreError
-from stkd_dist.location import Location, exists, location, url
+from stkd_dist.location import Location, PathInput, exists, location, url
 from stkd_dist.storage import StoreMeta, choose_chunks, write_store
 from stkd_dist.storage.store import DatasetStore
 from stkd_dist.synth.generator import TrafficModel
@@ -72,7 +71,7 @@ def store_chunks(spec: SynthSpec, chunk_steps: int | None) -> tuple[int, int, in
 
 def synthesize(
     spec: SynthSpec,
-    dest: str | os.PathLike[str] | Location,
+    dest: PathInput | Location,
     *,
     name: str | None = None,
     overwrite: bool = False,
@@ -122,7 +121,7 @@ def synthesize(
 
 def ensure_synthetic(
     spec: SynthSpec,
-    dest: str | os.PathLike[str] | Location,
+    dest: PathInput | Location,
     *,
     name: str | None = None,
     chunk_steps: int | None = None,

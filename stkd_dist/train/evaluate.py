@@ -7,9 +7,7 @@ the graph would silently not match.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +16,7 @@ from stkd_dist.checkpoint import load_forecaster
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.data.windows import check_split_name
 from stkd_dist.errors import StoreError
+from stkd_dist.location import Location, PathInput
 from stkd_dist.metrics import MetricAccumulator, MetricResult
 from stkd_dist.paths import resolve_dataset
 from stkd_dist.storage import open_store
@@ -44,7 +43,7 @@ class EvaluationReport:
 
     model: MetricResult
     baselines: dict[str, MetricResult]
-    checkpoint: Path
+    checkpoint: Location
     version: str
     dataset: str
     split: str
@@ -61,12 +60,12 @@ class EvaluationReport:
 
 
 def evaluate_checkpoint(
-    ref: str | os.PathLike[str],
-    data: str | os.PathLike[str] | None = None,
+    ref: PathInput,
+    data: PathInput | None = None,
     split: str = "test",
     batch_size: int | None = None,
     role: str = "teacher",
-    storage: str | os.PathLike[str] | None = None,
+    storage: PathInput | None = None,
     baselines: bool = True,
 ) -> EvaluationReport:
     """Masked metrics of checkpoint ``ref`` on ``split`` of ``data`` (default: its own dataset).

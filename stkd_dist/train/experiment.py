@@ -15,7 +15,6 @@ A training command (``train-teacher``, ``train-student``) does the same around i
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +28,15 @@ from stkd_dist.checkpoint import (
 from stkd_dist.config import Config
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.errors import ConfigError, StoreError
-from stkd_dist.location import Location, absolute, exists, pyarrow_filesystem, read_text, url
+from stkd_dist.location import (
+    Location,
+    PathInput,
+    absolute,
+    exists,
+    pyarrow_filesystem,
+    read_text,
+    url,
+)
 from stkd_dist.paths import resolve_dataset, run_dir
 from stkd_dist.storage import DatasetStore, open_store
 from stkd_dist.train.loop import TrainJob, build_reader
@@ -59,7 +66,7 @@ class Experiment:
     path: Location
 
 
-def open_experiment(cfg: Config, name: str, storage: str | os.PathLike[str] | None) -> Experiment:
+def open_experiment(cfg: Config, name: str, storage: PathInput | None) -> Experiment:
     """Open the config's store and check that every worker gets windows of every split."""
     dataset = absolute(resolve_dataset(cfg.data.dataset, storage))
     store = open_store(dataset)
@@ -166,8 +173,12 @@ def fit(job: TrainJob, run: Location, epochs: int) -> None:
     to ``cluster.max_failures`` times. Call it inside :func:`ray_cluster`; ``epochs`` is for the
     progress lines.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    # Train V2's classes (what ``ray.train`` exports when V2 is enabled, Ray's default): its
+    # ScalingConfig takes a (min, max) worker range and the elastic resize interval
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     from stkd_dist.train.worker import worker_entry
 

@@ -25,6 +25,11 @@ report a mid-epoch checkpoint: a worker group restarted from it (a lost worker, 
 command run again after the driver died) continues the epoch at that step and ends with the same
 weights, bit for bit, as a run that never stopped.
 
+A loss with trained parameters of its own (:class:`FeatureLoss`: the hint projection of
+:mod:`.hint`) hands the worker the module to train in the model's place, the model and those
+parameters together: DDP wraps that module, so the loss's parameters are all-reduced with the
+model's in the same backward pass and stay equal on every rank.
+
 Comments marked ``SYNC`` are collective calls that every rank must make, in the same order.
 """
 
@@ -41,6 +46,7 @@ from stkd_dist.config import Config, ModelSection
 from stkd_dist.data.batch import WindowBatch
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.metrics import MetricAccumulator, MetricResult
+from stkd_dist.models import Forecaster, build_forecaster
 from stkd_dist.storage import DatasetStore
 from stkd_dist.train.steps import EpochProgress
 
@@ -88,6 +94,36 @@ class EpochHooks(Protocol):
     def restore(self, partial: dict[str, Any]) -> None:
         """Continue an epoch resumed mid-way (after :meth:`begin_epoch`) from :meth:`partial`
         (``{}``: nothing summed yet, a rank that joins a re-dealt epoch)."""
+        ...
+
+
+@runtime_checkable
+class FeatureLoss(Protocol):
+    """A loss that reads the student's hidden features and trains parameters of its own.
+
+    The worker trains :meth:`train_module` ``(model)`` instead of the model itself: DDP wraps
+    it and the optimiser steps it, so the loss's parameters (the hint projection) get their
+    gradients all-reduced with the model's. Its ``forward(x, time_of_day, day_of_week)`` is the
+    model's forecast (validation calls it so); with ``output="features"`` it returns
+    ``(forecast [B, H, N, C], features [B, N, F])``, which :meth:`loss_with_features` takes.
+    """
+
+    def train_module(self, model: Forecaster) -> torch.nn.Module:
+        """The module to train: ``model`` and the loss's own parameters."""
+        ...
+
+    def loss_with_features(
+        self, batch: WindowBatch, pred: torch.Tensor, features: torch.Tensor
+    ) -> LossValue:
+        """The loss of a batch from the trained module's ``output="features"`` outputs."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss's own parameters (kept in checkpoints' training state, for resuming)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (after :meth:`train_module`)."""
         ...
 
 
@@ -162,10 +198,8 @@ def build_reader(config: Config, store: DatasetStore) -> WindowReader:
     )
 
 
-def build_model(section: ModelSection, reader: WindowReader, store: DatasetStore) -> Any:
+def build_model(section: ModelSection, reader: WindowReader, store: DatasetStore) -> Forecaster:
     """The Forecaster of ``section`` for the reader's data, with its target statistics."""
-    from stkd_dist.models import build_forecaster
-
     return build_forecaster(
         section.model,
         reader.dims,
@@ -205,7 +239,8 @@ def train_epoch(
     """One pass over this rank's ``loader``: forward, loss, backward, clip, step.
 
     ``model`` is the DDP-wrapped model under Ray Train (``world_size`` > 1), the plain one in a
-    single process. Every rank must call this in the same epoch with loaders of the same number
+    single process; with a :class:`FeatureLoss` it is (the DDP around) the loss's
+    ``train_module``. Every rank must call this in the same epoch with loaders of the same number
     of batches: each step all-reduces the loss weight and the gradients.
 
     Args:
@@ -220,12 +255,19 @@ def train_epoch(
         the windows trained on (padding excluded), over the whole epoch.
     """
     progress = progress if progress is not None else EpochProgress()
+    features = loss_fn if isinstance(loss_fn, FeatureLoss) else None
     for step, batch in enumerate(loader, start=start_step):  # the same count on every rank
         if before_step is not None:
             before_step(step)
         batch = batch.to(device)
-        pred = model(batch.x, batch.time_of_day, batch.day_of_week)  # [B, H, N, C_out]
-        value = loss_fn(batch, pred)
+        if features is not None:
+            # `model` is (DDP around) the loss's train_module: one forward call through DDP, so
+            # its hooks cover the loss's parameters too
+            pred, feat = model(batch.x, batch.time_of_day, batch.day_of_week, output="features")
+            value = features.loss_with_features(batch, pred, feat)  # feat: [B, N, F_t]
+        else:
+            pred = model(batch.x, batch.time_of_day, batch.day_of_week)  # [B, H, N, C_out]
+            value = loss_fn(batch, pred)
         loss = global_mean(value, world_size)  # SYNC: all-reduce of the loss weight
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # SYNC: DDP all-reduces the gradients here

@@ -25,7 +25,7 @@ import ray
 from ray.train import UserCallback
 
 from stkd_dist.config import ClusterSection
-from stkd_dist.location import append_text, exists, location, read_text, url
+from stkd_dist.location import PathInput, append_text, exists, location, read_text, url
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class EpochReporter(UserCallback):
             )
 
 
-def read_history(experiment: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_history(experiment: PathInput) -> list[dict[str, Any]]:
     """The records :class:`EpochReporter` appended, oldest first (empty if none)."""
     path = location(experiment) / HISTORY
     if not exists(path):

@@ -55,6 +55,12 @@ def seed_step(seed: int, rank: int, epoch: int, step: int) -> None:
     random.seed(s)
 
 
+def seed_step_from(seed: int, rank: int, epoch: int, before: int, step: int) -> None:
+    """:func:`seed_step` of step ``before + step``: the ``step``-th step of an epoch whose first
+    ``before`` steps ran in an earlier deal (a re-dealt epoch's steps draw new masks)."""
+    seed_step(seed, rank, epoch, before + step)
+
+
 @dataclass
 class EpochProgress:
     """One rank's sums over the steps of the current epoch.

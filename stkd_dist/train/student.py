@@ -2,10 +2,13 @@
 
 A distilled student trains exactly like a teacher (:mod:`stkd_dist.train.loop`: DDP workers, one
 shard each, checkpoints, best-N, resume, fault tolerance, progress lines); only its loss differs.
-Each rank's :class:`DistillLoss` streams ITS OWN shard's soft labels (the windows of the epoch's
-shard plan for that rank, in the order it reads them) from the teacher(s) and applies the
-registered distillation loss of the ``distill`` section to the student's forecast, the targets and
-the teachers' labels. ``--no-distill`` trains the same student on the targets alone: the baseline.
+Each rank's :class:`~stkd_dist.train.distill_loss.DistillLoss` streams ITS OWN shard's soft labels
+(the windows of the epoch's shard plan for that rank, in the order it reads them) from the
+teacher(s) and applies the registered distillation loss of the ``distill`` section to the student's
+forecast, the targets and the teachers' labels. ``distill.loss: hint`` also distils the teacher's
+hidden states through a projection trained with the student (:mod:`stkd_dist.train.hint`): the
+teacher must deliver them (a teacher service, or a label cache made with them). ``--no-distill``
+trains the same student on the targets alone: the baseline.
 
 Runs live in ``<storage>/runs/<run>/``: the distilled student's Ray experiment is
 ``student_kd/`` (the baseline's ``student_scratch/``) with ``epoch_NNNN`` checkpoints,
@@ -26,33 +29,38 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from stkd_dist.checkpoint import list_checkpoints
 from stkd_dist.config import Config, write_config
-from stkd_dist.config.validate import distill_loss_kwargs, validate_config
-from stkd_dist.distill import FORECAST_LOSSES
+from stkd_dist.config.validate import validate_config
+from stkd_dist.distill import FORECAST_LOSSES, HIDDEN_LOSSES
 from stkd_dist.errors import ConfigError, InputError, StkdError, StoreError
-from stkd_dist.labels.autoscale import WaitReporter
 from stkd_dist.labels.replicas import replica_cache
-from stkd_dist.labels.sources import open_label_source
 from stkd_dist.labels.started import ReplicaPlan, started_replicas
 from stkd_dist.labels.teachers import (
     LabelSpec,
     TeacherSpec,
+    check_cache_hidden,
     resolve_teachers,
 )
 from stkd_dist.labels.usage import LabelUse, write_label_use
-from stkd_dist.location import Location, exists, location, read_json, url, write_json_atomic
+from stkd_dist.location import (
+    Location,
+    PathInput,
+    exists,
+    location,
+    read_json,
+    url,
+    write_json_atomic,
+)
 from stkd_dist.serving.cache import LabelCache
-from stkd_dist.serving.client import ClientOptions, PlanRequest
+from stkd_dist.serving.client import ClientOptions
+from stkd_dist.train.distill_loss import LABELS_DIR, DistillLoss, delivery_path
 from stkd_dist.train.experiment import (
     TrainOutcome,
     existing_outcome,
@@ -60,8 +68,24 @@ from stkd_dist.train.experiment import (
     open_experiment,
     trained_outcome,
 )
+from stkd_dist.train.hint import HintDistillLoss
 from stkd_dist.train.loop import LossFn, LossValue, TrainJob, WorkerContext
 from stkd_dist.train.ray_session import ray_cluster
+
+# the loss and the delivery records live in distill_loss; importable from here as before
+__all__ = [
+    "KD_EXPERIMENT",
+    "LABELS_DIR",
+    "SCRATCH_EXPERIMENT",
+    "TEACHERS_FILE",
+    "DistillLoss",
+    "StudentRequest",
+    "delivery_path",
+    "make_distill_loss",
+    "make_task_loss",
+    "student_teachers",
+    "train_student",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,135 +94,11 @@ SCRATCH_EXPERIMENT = "student_scratch"
 TEACHERS_FILE = "teachers.json"
 
 
-LABELS_DIR = "labels"
-
-
-def delivery_path(experiment: str | Path | Location, epoch: int, rank: int) -> Location:
-    """``<experiment>/labels/epoch_NNNN/rank_R.json``: a rank's label deliveries of an epoch."""
-    return location(experiment) / LABELS_DIR / f"epoch_{epoch:04d}" / f"rank_{rank}.json"
-
-
-class DistillLoss:
-    """A rank's distillation loss: the registered ``distill.loss`` against streamed soft labels.
-
-    Implements the loop's epoch hooks: :meth:`begin_epoch` requests this rank's windows of the
-    epoch from every teacher, in plan order, before the first batch; each call joins the batch's
-    labels by window index; :meth:`end_epoch` writes the rank's delivery record.
-
-    Args:
-        ctx: the worker context.
-        labels: the teachers (resolved on the driver).
-        experiment_dir: where delivery records go.
-    """
-
-    def __init__(self, ctx: WorkerContext, labels: LabelSpec, experiment_dir: str) -> None:
-        from stkd_dist.distill import build_loss
-
-        cfg = ctx.config
-        self.ctx = ctx
-        self.experiment_dir = experiment_dir
-        self.criterion = build_loss(cfg.distill.loss, **distill_loss_kwargs(cfg.distill))
-        self.source = open_label_source(labels)
-        dims = ctx.reader.dims
-        self.entries = dims.horizon * dims.nodes * dims.out_channels  # loss terms per sample
-        self._parts: dict[str, float] = defaultdict(float)
-        self._weight = 0.0
-        self._windows = 0
-        self._start = 0
-        # the autoscaler's signal: this rank's label wait against its step time
-        self.reporter = WaitReporter(labels.wait_meter, rank=ctx.rank)
-        self._last_step: float | None = None
-
-    def begin_epoch(self, epoch: int, loader: Any) -> None:
-        """Ask the teachers for this rank's windows of ``epoch``, in the order it reads them.
-
-        A resumed epoch (the loader starts at a later batch) asks for the rest of the sequence
-        only: a streamed teacher's stream starts at that cursor.
-        """
-        plan = loader.plan
-        self._start = loader.start_window  # windows the epoch's batches before this one held
-        # [n] int64, derived from the rank's blocks (only those the rest of the epoch touches)
-        windows = loader.shard.window_array(self._start)
-        self._windows = len(windows)
-        self._parts, self._weight = defaultdict(float), 0.0
-        # streamed teachers get the plan itself (the server derives the same sequence)
-        request = PlanRequest(
-            world_size=plan.world_size,
-            rank=self.ctx.rank,
-            epoch=plan.epoch,
-            seed=plan.seed,
-            batch_size=plan.batch_size,
-            shuffle=plan.shuffle,
-            chunk_steps=plan.chunk_steps,
-            start=self._start,
-            regroups=plan.regroups,
-        )
-        self.source.begin_epoch(windows, request)
-        # the first step's wait counts from here: with labels late, it is most of the wait
-        self._last_step = time.perf_counter()
-
-    def __call__(self, batch: Any, pred: torch.Tensor) -> LossValue:
-        # labels of the batch's windows, in batch order; padding samples get zeros (no loss)
-        asked = time.perf_counter()
-        teacher, log_var = self.source.labels_for(batch.index, batch.valid)  # [B, H, N, C]
-        got = time.perf_counter()
-        if self._last_step is not None:  # a step = from one loss call to the next
-            self.reporter.step(got - asked, got - self._last_step)
-        self._last_step = got
-        extra = {} if log_var is None else {"teacher_log_var": log_var.to(pred.device)}
-        loss, parts = self.criterion(
-            pred, batch.y, batch.mask, teacher.to(pred.device), valid=batch.valid, **extra
-        )
-        weight = batch.valid.sum() * self.entries  # the teacher term averages over these
-        w = float(weight)
-        for name, value in parts.items():
-            self._parts[name] += value * w
-        self._weight += w
-        return LossValue(loss, weight)
-
-    def end_epoch(self, epoch: int) -> dict[str, Any]:
-        """Write this rank's delivery record; return a few numbers for the epoch's metrics."""
-        records = self.source.end_epoch()
-        self.reporter.flush()
-        self._last_step = None  # validation and checkpointing are not steps
-        write_json_atomic(
-            delivery_path(self.experiment_dir, epoch, self.ctx.rank),
-            {
-                "epoch": epoch,
-                "rank": self.ctx.rank,
-                "world_size": self.ctx.world_size,
-                "plan_windows": self._windows,
-                "start_window": self._start,
-                "teachers": records,
-            },
-        )
-        out: dict[str, Any] = {
-            "labels_delivered": sum(int(r["delivered"]) for r in records),
-            "label_reconnects": sum(int(r.get("reconnects", 0)) for r in records),
-            "label_wait_s": sum(float(r["wait_s"]) for r in records),
-        }
-        for name, total in self._parts.items():
-            if name != "loss":
-                out[f"train_{name}"] = total / max(self._weight, 1.0)
-        return out
-
-    def partial(self) -> dict[str, Any]:
-        """The loss parts summed over the epoch so far (for a mid-epoch checkpoint)."""
-        return {"parts": dict(self._parts), "weight": self._weight}
-
-    def restore(self, partial: dict[str, Any]) -> None:
-        """Continue the sums of :meth:`partial` (after :meth:`begin_epoch` of a resumed epoch)."""
-        # {} on a rank that starts an epoch re-dealt to a new world size (rank 0 got the sums)
-        parts = partial.get("parts", {})
-        self._parts = defaultdict(float, {k: float(v) for k, v in parts.items()})
-        self._weight = float(partial.get("weight", 0.0))
-
-    def close(self) -> None:
-        self.source.close()
-
-
 def make_distill_loss(labels: LabelSpec, experiment_dir: str, ctx: WorkerContext) -> LossFn:
-    """Loss factory of a distilled student (bind ``labels`` and ``experiment_dir`` first)."""
+    """Loss factory of a distilled student (bind ``labels`` and ``experiment_dir`` first): the
+    hint loss with its projection when ``labels`` bring hidden states, else :class:`DistillLoss`."""
+    if labels.hidden:
+        return HintDistillLoss(ctx, labels, experiment_dir)
     return DistillLoss(ctx, labels, experiment_dir)
 
 
@@ -303,7 +203,7 @@ def train_student(
     cfg: Config,
     request: StudentRequest,
     *,
-    storage: str | Path | None = None,
+    storage: PathInput | None = None,
     echo: Callable[[str], None] = print,
 ) -> TrainOutcome:
     """Train (or resume, or report) the student of ``cfg`` on Ray Train.
@@ -314,19 +214,19 @@ def train_student(
         storage: the storage root (default: ``$STKD_STORAGE`` or ``./storage``).
         echo: where status lines go.
     """
-    if request.distill and cfg.distill.loss == "hint":
+    usable = (*FORECAST_LOSSES, *HIDDEN_LOSSES)
+    if request.distill and cfg.distill.loss not in usable:
         raise ConfigError(
-            "the hint loss needs the teacher's hidden states, which teacher services and label "
-            f"caches do not provide yet; use one of {', '.join(FORECAST_LOSSES)}",
+            f"loss {cfg.distill.loss!r} distils class logits, but teachers serve forecasts (and "
+            f"hidden states); use one of {', '.join(usable)}",
             where="distill.loss",
         )
-    if request.distill and cfg.distill.loss not in FORECAST_LOSSES:
-        raise ConfigError(
-            f"loss {cfg.distill.loss!r} distils class logits, but teachers serve forecasts; use "
-            f"one of {', '.join(FORECAST_LOSSES)}",
-            where="distill.loss",
-        )
+    # the hint loss also distils the teacher's hidden states: asked for, checked and pinned
+    hidden = request.distill and cfg.distill.loss in HIDDEN_LOSSES
     validate_config(cfg, roles=("student",), distill=request.distill)
+    if hidden:
+        # a label cache without the hidden states is refused before any cluster starts
+        check_cache_hidden(request.teachers)
     name = request.experiment or (KD_EXPERIMENT if request.distill else SCRATCH_EXPERIMENT)
     exp = open_experiment(cfg, name, storage)
     done = existing_outcome(exp, cfg, "student", echo)
@@ -347,7 +247,8 @@ def train_student(
         dataset=dataset,
         run_name=cfg.run_name,
         client=request.client,
-        plan=dataclasses.replace(request.replicas, cache=cache),
+        # a write-through cache the replicas create keeps the hidden states a hint student reads
+        plan=dataclasses.replace(request.replicas, cache=cache, cache_hidden=hidden),
         storage=storage,
     )
     with ray_cluster(c) as where, replicas as started:
@@ -360,6 +261,7 @@ def train_student(
                 windows=reader.windows("train"),
                 spread=cfg.distill.confidence_weighting,
                 client=request.client,
+                hidden=hidden,
             )
             labels = LabelSpec(
                 resolved,
@@ -368,6 +270,7 @@ def train_student(
                 spread=cfg.distill.confidence_weighting,
                 client=request.client,
                 wait_meter=started.wait_meter,
+                hidden=hidden,
             )
             weights = labels.weights()  # checks inverse_error has every teacher's MAE
             _check_teachers_unchanged(experiment, resolved)
@@ -428,7 +331,7 @@ def train_student(
     return trained_outcome(exp, cfg, "student")
 
 
-def student_teachers(experiment: str | Path | Location) -> dict[str, Any] | None:
+def student_teachers(experiment: PathInput) -> dict[str, Any] | None:
     """``teachers.json`` of a distilled student's experiment (None when absent)."""
     path = location(experiment) / TEACHERS_FILE
     if not exists(path):

@@ -16,10 +16,13 @@ again: its best checkpoint is reported instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+
+import torch
 
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.validate import validate_config
+from stkd_dist.data.batch import WindowBatch
+from stkd_dist.location import PathInput
 from stkd_dist.train.experiment import (
     TrainOutcome,
     existing_outcome,
@@ -39,7 +42,7 @@ def masked_mae_loss(ctx: WorkerContext) -> LossFn:
 
     mae = build_criterion("mae")
 
-    def loss(batch, pred):  # type: ignore[no-untyped-def]
+    def loss(batch: WindowBatch, pred: torch.Tensor) -> LossValue:
         # padding samples have an all-False mask: weight 0, they add nothing
         return LossValue(mae(pred, batch.y, batch.mask), batch.mask.sum())
 
@@ -49,7 +52,7 @@ def masked_mae_loss(ctx: WorkerContext) -> LossFn:
 def train_teacher(
     cfg: Config,
     *,
-    storage: str | Path | None = None,
+    storage: PathInput | None = None,
     echo: Callable[[str], None] = print,
 ) -> TrainOutcome:
     """Train (or resume, or report) the teacher of ``cfg`` on Ray Train.

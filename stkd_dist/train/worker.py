@@ -12,6 +12,7 @@ Comments marked ``SYNC`` are collective calls that every rank must make, in the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import socket
@@ -32,6 +33,7 @@ from stkd_dist.location import location, write_json_atomic
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import (
     EpochHooks,
+    FeatureLoss,
     TrainJob,
     WorkerContext,
     build_model,
@@ -48,7 +50,7 @@ from stkd_dist.train.steps import (
     checkpoint_score,
     gather_progress,
     regroup_progress,
-    seed_step,
+    seed_step_from,
 )
 
 
@@ -166,22 +168,31 @@ def run_worker(job: TrainJob) -> None:
         partial = regroup_progress(partial, world)
     write_worker_status(job, rank, world, state)
 
-    # prepare_model moves the model to the device and wraps it in DDP when world_size > 1; DDP
+    loss_fn = job.make_loss(WorkerContext(cfg, reader, store, rank, world, device))
+    hooks = loss_fn if isinstance(loss_fn, EpochHooks) else None
+    # What is trained: the model, or with a loss that has parameters of its own (the hint
+    # projection) the loss's module of both, so that DDP below wraps those parameters too: their
+    # gradients are all-reduced in the same backward pass and every rank keeps the same copy.
+    features = loss_fn if isinstance(loss_fn, FeatureLoss) else None
+    trained: torch.nn.Module = model
+    if features is not None:
+        trained = features.train_module(model)
+        if saved.get("loss_state") is not None:
+            features.load_state_dict(saved["loss_state"])  # every rank loads the same one
+    # prepare_model moves the module to the device and wraps it in DDP when world_size > 1; DDP
     # broadcasts rank 0's parameters, and registers the gradient all-reduce hooks.
-    ddp = ray.train.torch.prepare_model(model)
+    ddp = ray.train.torch.prepare_model(trained)
     # the optimiser is built (and its state loaded) after the move, so its state lives on the
     # parameters' device
     optim = section.optim
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+        trained.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
     )
     scheduler = build_scheduler(optimizer, section.schedule)
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     plain = model  # the unwrapped Forecaster (what checkpoints hold)
-    loss_fn = job.make_loss(WorkerContext(cfg, reader, store, rank, world, device))
-    hooks = loss_fn if isinstance(loss_fn, EpochHooks) else None
     sched = section.schedule
     steps = StepCheckpoints(cfg.checkpoint, world, device)
 
@@ -199,6 +210,8 @@ def run_worker(job: TrainJob) -> None:
             dataset=store.name,
             optimizer_state=optimizer.state_dict(),
             scheduler_state=scheduler.state_dict(),
+            # the loss's own parameters, for resuming only: the model is the student alone
+            loss_state=None if features is None else features.state_dict(),
             **more,
         )
 
@@ -264,12 +277,10 @@ def run_worker(job: TrainJob) -> None:
             start_step=start,
             progress=progress,
             # seeded by the step into the epoch, so a re-dealt epoch's steps draw new masks
-            before_step=lambda step, epoch=epoch, before=before: seed_step(
-                cfg.run.seed, rank, epoch, before + step
-            ),
+            before_step=functools.partial(seed_step_from, cfg.run.seed, rank, epoch, before),
             after_step=after_step if cfg.checkpoint.enabled else None,
         )
-        extra = hooks.end_epoch(epoch) if hooks is not None else {}
+        extra: dict[str, Any] = hooks.end_epoch(epoch) if hooks is not None else {}
         train_time = time.perf_counter() - t0
         # CPU seconds of all ranks' processes (every thread) in the training phase: a rate per
         # CPU-second that contention on a shared machine disturbs less than wall time
@@ -303,7 +314,8 @@ def run_worker(job: TrainJob) -> None:
             "attempt": state.attempt,
             "world_size": world,
             "rank": rank,
-            "param_digest": weights_digest(plain.state_dict())[:16],
+            # of everything trained (with a hint loss the projection too): equal on every rank
+            "param_digest": weights_digest(trained.state_dict())[:16],
             SCORE: checkpoint_score(val.mae),
             **extra,
         }

@@ -76,10 +76,10 @@ def test_replicas_in_ray_actors_serve_and_fail_over(
         (first,) = client.stats.endpoints
         ray.kill(actors[addresses.index(first)])  # the replica serving us dies
         items.extend(stream)
-    idx = np.concatenate([i for i, _, _ in items])
+    idx = np.concatenate([i for i, _ in items])
     np.testing.assert_array_equal(idx, wanted)
-    pred = np.concatenate([p for _, p, _ in items])
-    ref, _ = direct.predict(np.arange(397))
+    pred = np.concatenate([lab.prediction for _, lab in items])
+    ref = direct.predict(np.arange(397)).prediction
     np.testing.assert_allclose(pred, ref[idx], rtol=1e-5, atol=1e-5)
     assert client.stats.endpoints == set(addresses)
     survivor = actors[1 - addresses.index(first)]
@@ -111,8 +111,8 @@ def test_a_replica_that_dies_is_started_again_and_found_by_its_name(
         )
         with client:
             items = list(client.stream("train", np.arange(60)))
-        pred = np.concatenate([p for _, p, _ in items])
-        np.testing.assert_array_equal(pred, direct.predict(np.arange(60))[0])
+        pred = np.concatenate([lab.prediction for _, lab in items])
+        np.testing.assert_array_equal(pred, direct.predict(np.arange(60)).prediction)
     finally:
         ray.kill(actor)
 
@@ -135,8 +135,10 @@ def test_a_secured_fleet_binds_the_node_address_and_serves_only_over_tls(
         with SoftLabelClient(
             fleet.endpoint, expected_fingerprint=teacher_env.fingerprint, options=options
         ) as client:
-            pred = np.concatenate([p for _, p, _ in client.stream("train", np.arange(40))])
-        np.testing.assert_array_equal(pred, direct.predict(np.arange(40))[0])
+            pred = np.concatenate(
+                [lab.prediction for _, lab in client.stream("train", np.arange(40))]
+            )
+        np.testing.assert_array_equal(pred, direct.predict(np.arange(40)).prediction)
         # the token alone, in plaintext: the replica ends the connection in the TLS handshake,
         # before any call is made (one that got through would have been answered)
         plain = ClientOptions(token=security.token, backoff=FAST)
@@ -172,7 +174,7 @@ def test_a_replica_added_mid_run_gets_the_next_stream_without_a_failure(
             next(busy)
             added = fleet.add()
             fresh = list(client.stream("train", np.arange(100)))
-            assert sum(len(i) for i, _, _ in fresh) == 100
+            assert sum(len(i) for i, _ in fresh) == 100
             # the busy replica owes windows, the new one none: the stream went to the new one
             assert len(client.stats.endpoints) == 2 and client.stats.reconnects == 0
             busy.close()

@@ -125,7 +125,10 @@ def _epoch(source, reader: WindowReader, rank: int = 0, world: int = 2, epoch: i
     """Labels of every batch of one rank's epoch, like a student worker takes them."""
     loader = make_loader(reader, "train", world, rank, epoch=epoch, seed=3, batch_size=16)
     source.begin_epoch(np.asarray(loader.plan.rank_windows(rank)))
-    out = [(b, *source.labels_for(b.index, b.valid)) for b in loader]
+    out = []
+    for b in loader:
+        labels = source.labels_for(b.index, b.valid)
+        out.append((b, labels.prediction, labels.spread))
     return out, source.end_epoch(), loader
 
 
@@ -180,7 +183,9 @@ def test_cache_and_stream_give_bitwise_equal_labels_exactly_once(
     direct = load_teacher(env.ckpt["a"], env.store)
     batch, sp, _ = s_batches[0]
     ok = batch.valid.numpy()
-    np.testing.assert_array_equal(sp.numpy()[ok], direct.predict(batch.index.numpy()[ok])[0])
+    np.testing.assert_array_equal(
+        sp.numpy()[ok], direct.predict(batch.index.numpy()[ok]).prediction
+    )
     streamed.close()
     cached.close()
 
@@ -209,8 +214,8 @@ def test_streaming_by_plan_gives_the_labels_of_the_rank_windows(
     cached.begin_epoch(windows)
     index = torch.from_numpy(windows)
     valid = torch.ones(len(windows), dtype=torch.bool)
-    sp, _ = streamed.labels_for(index, valid)
-    cp, _ = cached.labels_for(index, valid)
+    sp = streamed.labels_for(index, valid).prediction
+    cp = cached.labels_for(index, valid).prediction
     assert torch.equal(sp, cp)
     (rec,) = streamed.end_epoch()
     assert rec["requested"] == rec["delivered"] == len(windows)
@@ -301,7 +306,7 @@ def test_teachers_that_do_not_fit_are_refused(
     teacher = load_teacher(env.ckpt["a"], env.store)
     part = LabelCache.create(tmp_path / "part.zarr", teacher.meta, ["train"])
     idx = np.asarray(windows)[:5]
-    part.write(idx, teacher.predict(idx)[0], None)
+    part.write(idx, teacher.predict(idx))
     with pytest.raises(StoreError, match=f"holds 5 of the {len(windows)} train windows"):
         resolve_teachers((TeacherSpec("cache", str(part.path)),), **base)
 

@@ -117,7 +117,7 @@ def test_outputs_of_forward(key: str, dims: DataDims) -> None:
         valid=torch.ones(3, dtype=torch.bool),
     )
     with torch.no_grad():
-        mean, hidden = model.forward_batch(batch, output="features")
+        mean, hidden = model(batch.x, batch.time_of_day, batch.day_of_week, output="features")
         full = model(x, tod, dow, output="all")
     assert torch.equal(mean, full.mean) and full.log_var is None
     assert hidden.shape[:2] == (3, dims.nodes) and hidden.dim() == 3

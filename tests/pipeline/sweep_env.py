@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import yaml
 
@@ -22,6 +23,14 @@ SPACE: dict[str, Any] = {
 }
 
 
+def read_board(path: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A sweep's leaderboard: ``(trials, aggregates)``, the rows of kind ``trial`` (best first)
+    and the ``soup`` and ``ensemble`` rows."""
+    board = pd.read_csv(path, dtype={"trial": str})
+    trials = board[board["kind"] == "trial"].reset_index(drop=True)
+    return trials, board[board["kind"] != "trial"].reset_index(drop=True)
+
+
 @dataclass(frozen=True)
 class SweepEnv:
     """A store, a teacher checkpoint trained on it, and the base config of the sweeps."""
@@ -31,13 +40,20 @@ class SweepEnv:
     config: Config
 
 
-def sweep_settings(store: Path, run: str, **sweep: Any) -> dict[str, Any]:
-    """The YAML mapping of a tiny sweep on ``store`` (lstm teacher, small students)."""
+def sweep_settings(
+    store: Path, run: str, schedule: dict[str, Any] | None = None, **sweep: Any
+) -> dict[str, Any]:
+    """The YAML mapping of a tiny sweep on ``store`` (lstm teacher, small students);
+    ``schedule`` adds to the students' ``student.schedule``."""
     return {
         "run": {"name": run, "seed": 0},
         "data": {"dataset": str(store), "batch_size": 32, "eval_batch_size": 128},
         "teacher": {"model": "lstm", "kwargs": {"hidden": 8, "layers": 1}},
-        "student": {"model": "mlp", "kwargs": {}, "schedule": {"warmup_epochs": 0}},
+        "student": {
+            "model": "mlp",
+            "kwargs": {},
+            "schedule": {"warmup_epochs": 0, **(schedule or {})},
+        },
         "distill": {"loss": "regression", "alpha": 0.5},
         "cluster": {"num_workers": 1, "cpus_per_worker": 1},
         "evaluate": {"latency_repeats": 2, "latency_warmup": 0},
@@ -50,13 +66,16 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def make_env(root: Path, run: str = "sweep-test", **sweep: Any) -> SweepEnv:
-    """Write the store and a teacher briefly trained in this process (no Ray)."""
+def make_env(
+    root: Path, run: str = "sweep-test", schedule: dict[str, Any] | None = None, **sweep: Any
+) -> SweepEnv:
+    """Write the store and a teacher briefly trained in this process (no Ray); ``schedule`` and
+    ``sweep`` add to the config's ``student.schedule`` and ``sweep`` sections."""
     from tests.conftest import random_store
 
     torch.set_num_threads(1)
     store_path = random_store(root / "tiny.zarr", steps=400, nodes=6, channels=2, chunk_steps=64)
-    cfg_file = write_yaml(root / "sweep.yaml", sweep_settings(store_path, run, **sweep))
+    cfg_file = write_yaml(root / "sweep.yaml", sweep_settings(store_path, run, schedule, **sweep))
     cfg = load_config(cfg_file)
     store = open_store(store_path)
     reader = build_reader(cfg, store)

@@ -247,12 +247,14 @@ def test_further_seeds_have_their_own_experiments() -> None:
         load_config("demo", ["run.seeds=0"])
 
 
-def test_hint_loss_is_refused_before_any_work(tmp_path: Path) -> None:
+def test_the_hint_loss_is_no_longer_refused(tmp_path: Path) -> None:
+    """A hint run passes the up-front checks: the first error here is the bad endpoint's."""
     from stkd_dist.pipeline.distill import run_distill
 
-    cfg = load_config("demo", ["distill.loss=hint", "distill.beta=0.5"])
-    with pytest.raises(ConfigError, match=r"distill\.loss: the hint loss needs the teacher"):
+    cfg = load_config("demo", ["distill.loss=hint", "distill.beta=0.5", 'serve.endpoints="nohost"'])
+    with pytest.raises(ConfigError, match="expected HOST:PORT") as info:
         run_distill(cfg, storage=tmp_path)
+    assert info.value.where == "serve.endpoints (--teacher)"
     assert not (tmp_path / "runs").exists()
 
 

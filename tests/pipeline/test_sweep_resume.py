@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from stkd_dist.pipeline.tune_trial import read_starts
-from tests.pipeline.sweep_env import make_env
+from tests.pipeline.sweep_env import make_env, read_board
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -94,7 +94,7 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
     assert rc == 0, output[-3000:]
     assert "resuming sweep 'resume'" in output
 
-    board = pd.read_csv(sweep_dir / "leaderboard.csv", dtype={"trial": str})
+    board = read_board(sweep_dir / "leaderboard.csv")[0]
     assert len(board) == 2 and set(board["trial"]) == {d.name for d in _started(records)}
     # the trial that had finished was not run again: no new start, no new epoch
     assert read_starts(done) == done_starts

@@ -69,7 +69,8 @@ def test_leaderboard_record_has_settings_and_a_relative_checkpoint(tmp_path: Pat
     rec = r.record(tmp_path)
     assert rec["checkpoint"] == "tune/trial_t1/checkpoint_000002"
     assert rec["distill.alpha"] == 0.4 and rec["params"] == 10 and rec["trial"] == "t1"
-    assert list(rec)[:4] == ["trial", "params", "val_mae", "test_mae"]
+    assert list(rec)[:5] == ["trial", "kind", "params", "val_mae", "test_mae"]
+    assert rec["kind"] == "trial"
 
 
 def _student_checkpoint(tmp_path: Path, name: str, seed: int, val_mae: float) -> Path:
@@ -177,7 +178,7 @@ def test_class_logit_losses_cannot_distil_cached_forecasts() -> None:
 
 
 def test_an_empty_space_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    cfg = load_config("demo", ["run.name=empty"])
+    cfg = load_config("demo", ["run.name=empty", "sweep.space={}"])
     with pytest.raises(ConfigError, match="is empty") as e:
         run_sweep(cfg, checkpoint="none", storage=tmp_path)
     assert e.value.where == "sweep.space"
@@ -190,7 +191,7 @@ def test_cli_reports_a_bad_space_in_one_line(
     from stkd_dist.cli import main
 
     storage = ["--storage", str(tmp_path)]
-    assert main([*storage, "sweep", "--config", "demo"]) == 2
+    assert main([*storage, "sweep", "--config", "demo", "--set", "sweep.space={}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("stkd: error: sweep.space: is empty") and "\n" not in err
 

@@ -137,3 +137,41 @@ def test_findings_verdict_and_integers(run_dir: Path):
     assert "| 2 | 3.300 | 3.300 |" in text  # per-seed table
     html = page.read_text()
     assert "200,000" in html and "200000.0" not in html and "<b>Teacher check:</b>" in html
+
+
+def test_sweep_section_marks_the_aggregates_and_the_schedulers_decisions(run_dir: Path):
+    """A sweep with soup and ensemble rows and a summary: the leaderboard keeps the aggregates
+    after the trials, and the report says in words whether they beat the best trial, why trials
+    stopped and which trials ASHA stopped."""
+    pd.DataFrame(
+        {
+            "trial": ["t1", "t2", "t3", "soup", "ensemble"],
+            "kind": ["trial", "trial", "trial", "soup", "ensemble"],
+            "params": [1000, 5000, 20000, 1000, 26000],
+            "val_mae": [3.0, 3.2, 3.4, 2.9, 2.95],
+            "test_mae": [3.5, 3.6, 3.1, 3.4, 3.7],
+            "members": ["", "", "", "t1 t2", "t1 t2 t3"],
+        }
+    ).to_csv(run_dir / "sweep" / "leaderboard.csv", index=False)
+    summary = {
+        "stop_reasons": {"completed": 1, "early_stopping": 1, "scheduler": 1, "failed": 0},
+        "scheduler": {"name": "asha", "stopped": ["t3"]},
+        "aggregates": {
+            "best": {"trial": "t1", "test_mae": 3.5},
+            "soup": {"members": ["t1", "t2"], "test_mae": 3.4, "beats_best": True},
+            "ensemble": {"members": ["t1", "t2", "t3"], "test_mae": 3.7, "beats_best": False},
+        },
+    }
+    (run_dir / "sweep" / "summary.json").write_text(json.dumps(summary))
+    inp = load_inputs(run_dir)
+    assert list(inp.trials["trial"]) == ["t1", "t2", "t3"]
+    assert list(inp.aggregates["trial"]) == ["soup", "ensemble"]
+    md, page = write_report(run_dir)
+    text = md.read_text()
+    board = text[text.index("## Sweep leaderboard") :]
+    assert board.index("| t3 ") < board.index("| soup ") < board.index("| ensemble ")
+    assert "weight soup (2 member(s): t1, t2) has test MAE 3.400 and beats the best" in text
+    assert "ensemble (3 member(s): t1, t2, t3) has test MAE 3.700 and does not beat" in text
+    assert "ASHA stopped 1 trial(s) at a rung: t3." in text
+    assert "scheduler 1" in text
+    assert "ASHA stopped 1 trial(s)" in page.read_text()

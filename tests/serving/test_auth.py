@@ -128,7 +128,7 @@ FAST_FAIL = Backoff(initial_s=0.01, max_s=0.02, max_attempts=2)
 
 
 def _labels(client: SoftLabelClient) -> np.ndarray:
-    return np.concatenate([i for i, _, _ in client.stream("train", range(0, 40))])
+    return np.concatenate([i for i, _ in client.stream("train", range(0, 40))])
 
 
 def test_token_required_on_teacher_service_but_not_health(server_factory, teacher_env) -> None:

@@ -1,4 +1,5 @@
-"""The shared batching queue: full batches across requests, splitting, dedup, failures."""
+"""The shared batching queue: full batches across requests, splitting, dedup, failures, and
+requests for the hidden states among requests without them."""
 
 from __future__ import annotations
 
@@ -9,40 +10,52 @@ import numpy as np
 import pytest
 
 from stkd_dist.serving.batcher import Batcher
+from stkd_dist.serving.label_arrays import LabelArrays, NumpyLabels
 from stkd_dist.testing import wait_until
 
 
 class FakeModel:
-    """Labels that encode their window: prediction = index, spread = -index; records batches."""
+    """Labels that encode their window: prediction = index, spread = -index, hidden states (when
+    asked for) = 10 * index; records batches and whether each computed hidden states."""
 
     def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
         self.calls: list[np.ndarray] = []
+        self.hidden_calls: list[bool] = []
         self.delay = delay
         self.fail_on = fail_on
         self.lock = threading.Lock()
 
-    def __call__(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, idx: np.ndarray, hidden: bool = False) -> NumpyLabels:
         with self.lock:
             self.calls.append(idx.copy())
+            self.hidden_calls.append(hidden)
         if self.fail_on is not None and self.fail_on in idx:
             raise RuntimeError("boom")
         time.sleep(self.delay)
         pred = np.broadcast_to(idx[:, None, None, None].astype(np.float32), (len(idx), 2, 3, 1))
-        return pred.copy(), -pred.copy()
+        states = None
+        if hidden:  # [n, N, F] = [n, 3, 4]
+            states = np.broadcast_to(10 * idx[:, None, None].astype(np.float32), (len(idx), 3, 4))
+        return LabelArrays(pred.copy(), -pred.copy(), None if states is None else states.copy())
 
 
-def check(indices: np.ndarray, labels: tuple[np.ndarray, np.ndarray | None]) -> None:
-    pred, spread = labels
+def check(indices: np.ndarray, labels: NumpyLabels, hidden: bool = False) -> None:
+    pred, spread = labels.prediction, labels.spread
     assert pred.shape == (len(indices), 2, 3, 1)
     np.testing.assert_array_equal(pred[:, 0, 0, 0], indices)
     assert spread is not None
     np.testing.assert_array_equal(spread[:, 0, 0, 0], -indices)
+    if hidden:
+        assert labels.hidden is not None and labels.hidden.shape == (len(indices), 3, 4)
+        np.testing.assert_array_equal(labels.hidden[:, 0, 0], 10 * indices)
+    else:
+        assert labels.hidden is None
 
 
 def test_requests_from_many_threads_share_full_batches() -> None:
     model = FakeModel(delay=0.01)
     batcher = Batcher(model, batch_size=32, max_wait_s=0.05)
-    results: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    results: dict[int, NumpyLabels] = {}
     requests = {k: np.arange(k * 100, k * 100 + 8) for k in range(16)}  # 16 requests of 8
 
     def worker(k: int) -> None:
@@ -121,7 +134,7 @@ class GatedModel(FakeModel):
         self.release = threading.Event()
         self.fail = fail
 
-    def __call__(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, idx: np.ndarray, hidden: bool = False) -> NumpyLabels:
         first = not self.entered.is_set()
         self.entered.set()
         if first:
@@ -130,7 +143,7 @@ class GatedModel(FakeModel):
                 with self.lock:
                     self.calls.append(idx.copy())
                 raise RuntimeError("boom")
-        return super().__call__(idx)
+        return super().__call__(idx, hidden)
 
 
 def test_windows_in_flight_are_not_computed_again() -> None:
@@ -219,3 +232,65 @@ def test_a_failed_batch_fails_the_requests_attached_to_it() -> None:
     # the batcher goes on; the failed windows are computed afresh when asked again
     check(np.arange(8), batcher.submit(np.arange(8)).result(timeout=10))
     batcher.close()
+
+
+def test_hidden_states_are_computed_only_for_batches_that_want_them() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, batch_size=64, max_wait_s=0.05)
+    plain, wanting = np.arange(0, 10), np.arange(5, 15)
+    fp, fh = batcher.submit(plain), batcher.submit(wanting, hidden=True)
+    check(plain, fp.result(timeout=10))  # no hidden states handed out unasked
+    check(wanting, fh.result(timeout=10), hidden=True)
+    # one batch computed the shared windows once, with hidden states for both requests
+    assert sorted(np.concatenate(model.calls).tolist()) == list(range(15))
+    assert model.hidden_calls == [True]
+    # without a request for them no batch computes them
+    check(np.arange(20, 30), batcher.submit(np.arange(20, 30)).result(timeout=10))
+    batcher.close()
+    assert model.hidden_calls == [True, False]
+
+
+def test_recent_windows_without_hidden_states_are_computed_again_for_them() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, batch_size=16, max_wait_s=0.0)
+    idx = np.arange(8)
+    check(idx, batcher.submit(idx).result(timeout=10))
+    check(idx, batcher.submit(idx, hidden=True).result(timeout=10), hidden=True)
+    # now recent with hidden states: both kinds of request are served from the LRU
+    check(idx, batcher.submit(idx, hidden=True).result(timeout=10), hidden=True)
+    check(idx, batcher.submit(idx).result(timeout=10))
+    batcher.close()
+    assert model.hidden_calls == [False, True]
+    assert batcher.stats().recent_hits == 16
+
+
+def test_windows_in_flight_without_hidden_states_are_computed_again_for_them() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, batch_size=8, max_wait_s=0.0, recent_bytes=0)
+    first = batcher.submit(np.arange(8))
+    assert model.entered.wait(10)
+    shares = batcher.submit(np.arange(0, 4))  # in flight, no hidden states needed: shared
+    wants = batcher.submit(np.arange(4, 12), hidden=True)  # four windows in flight without
+    wait_until(lambda: batcher.stats().shared == 4, 10, "4 windows shared with the first batch")
+    model.release.set()
+    check(np.arange(8), first.result(timeout=10))
+    check(np.arange(4, 12), wants.result(timeout=10), hidden=True)
+    check(np.arange(0, 4), shares.result(timeout=10))
+    batcher.close()
+    assert [c.tolist() for c in model.calls] == [list(range(8)), list(range(4, 12))]
+    assert model.hidden_calls == [False, True]
+
+
+def test_a_batcher_told_to_always_compute_hidden_states_does() -> None:
+    model = FakeModel()
+    seen: list[bool] = []
+    batcher = Batcher(
+        model,
+        batch_size=8,
+        max_wait_s=0.0,
+        hidden=True,
+        on_batch=lambda idx, labels, n: seen.append(labels.hidden is not None),
+    )
+    check(np.arange(5), batcher.submit(np.arange(5)).result(timeout=10))  # not handed out
+    batcher.close()
+    assert model.hidden_calls == [True] and seen == [True]

@@ -18,6 +18,7 @@ from stkd_dist.serving.cache import (
     open_cache,
 )
 from stkd_dist.serving.client import SoftLabelClient
+from stkd_dist.serving.label_arrays import NumpyLabels
 from stkd_dist.serving.precompute import precompute_labels
 from stkd_dist.serving.server import TeacherServer
 from stkd_dist.serving.teacher import load_teacher
@@ -29,9 +30,9 @@ def _stream(
     with SoftLabelClient([server.address], expected_fingerprint=env.fingerprint) as c:
         items = list(c.stream(split, windows, spread=True))
     return (
-        np.concatenate([i for i, _, _ in items]),
-        np.concatenate([p for _, p, _ in items]),
-        np.concatenate([s for _, _, s in items]),
+        np.concatenate([i for i, _ in items]),
+        np.concatenate([lab.prediction for _, lab in items]),
+        np.concatenate([lab.spread for _, lab in items]),
     )
 
 
@@ -65,7 +66,8 @@ def test_precompute_then_serve_without_teacher_passes(
     windows = np.random.default_rng(0).permutation(np.asarray(meta.splits["train"]))[:150]
     idx, pred, spread = _stream(server, teacher_env, "train", windows)
     assert idx.tolist() == windows.tolist()
-    ref, ref_spread = direct.predict(idx)
+    ref_labels = direct.predict(idx)
+    ref, ref_spread = ref_labels.prediction, ref_labels.spread
     np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(spread, ref_spread, rtol=1e-5, atol=1e-5)
     val = list(meta.splits["val"])
@@ -78,7 +80,7 @@ def test_precompute_then_serve_without_teacher_passes(
     # the test split is not cached: the teacher computes it
     tidx, tpred, _ = _stream(server, teacher_env, "test", range(480, 500))
     assert server.teacher.forward_windows == 20
-    np.testing.assert_allclose(tpred, direct.predict(tidx)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tpred, direct.predict(tidx).prediction, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.integration
@@ -102,8 +104,10 @@ def test_write_through_fills_the_cache(
     hit, labels = reopened.lookup("train", np.arange(40, 160))
     assert np.flatnonzero(hit).tolist() == [w - 40 for w in windows]
     assert labels is not None
-    np.testing.assert_allclose(labels[0], direct.predict(windows)[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(labels[0], pred, rtol=1e-6)
+    np.testing.assert_allclose(
+        labels.prediction, direct.predict(windows).prediction, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(labels.prediction, pred, rtol=1e-6)
 
     # a fresh server on the filled cache serves those windows without the teacher
     second = server_factory(cache=LabelCache(path))
@@ -122,8 +126,8 @@ def test_memory_budget_decides_which_splits_are_held(direct, tmp_path) -> None:
         hit, labels = cache.lookup(split, np.array(windows))
         ref_hit, ref = on_disk.lookup(split, np.array(windows))
         assert hit.all() and ref_hit.all() and labels is not None and ref is not None
-        np.testing.assert_array_equal(labels[0], ref[0])
-        np.testing.assert_array_equal(labels[1], ref[1])
+        np.testing.assert_array_equal(labels.prediction, ref.prediction)
+        np.testing.assert_array_equal(labels.spread, ref.spread)
     assert cache.resident_splits == ["val"] and on_disk.resident_splits == []
     assert n_train * row > cache.memory_bytes >= n_val * row
 
@@ -149,11 +153,11 @@ def test_failed_precompute_leaves_nothing(teacher_env, tmp_path, monkeypatch) ->
     calls = {"n": 0}
     real = teacher.predict
 
-    def flaky(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def flaky(idx: np.ndarray, hidden: bool = False) -> NumpyLabels:
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("disk on fire")
-        return real(idx)
+        return real(idx, hidden=hidden)
 
     monkeypatch.setattr(teacher, "predict", flaky)
     out = tmp_path / "labels" / "x.zarr"
@@ -201,7 +205,7 @@ def test_two_write_through_servers_compute_each_window_once(
     # B read A's 50 windows (its fragments of incomplete chunks included) and computed the rest
     assert a.teacher.forward_windows == len(first)
     assert b.teacher.forward_windows == len(set(second) - set(first))
-    ref = direct.predict(np.arange(40, 190))[0]
+    ref = direct.predict(np.arange(40, 190)).prediction
     np.testing.assert_array_equal(pred_a, ref[np.asarray(first) - 40])
     np.testing.assert_array_equal(pred_b, ref[np.asarray(second) - 40])
     # and back on A: everything B stored is read, nothing computed

@@ -248,11 +248,11 @@ def _labels(
     client: SoftLabelClient,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     parts = list(client.stream("train", WINDOWS, spread=True))
-    assert all(s is not None for _, _, s in parts)
+    assert all(lab.spread is not None for _, lab in parts)
     return (
-        np.concatenate([i for i, _, _ in parts]),
-        np.concatenate([p for _, p, _ in parts]),
-        np.concatenate([s for _, _, s in parts]),  # type: ignore[misc]
+        np.concatenate([i for i, _ in parts]),
+        np.concatenate([lab.prediction for _, lab in parts]),
+        np.concatenate([lab.spread for _, lab in parts]),  # type: ignore[misc]
     )
 
 

@@ -46,10 +46,12 @@ def test_labels_for_joins_the_students_batches(server_factory, teacher_env, dire
     with client, client.stream_plan("train", spec, spread=True) as stream:
         for lo, hi in plan.batch_bounds():
             batch = reader.batch(entries[lo:hi], valid[lo:hi])
-            pred, spread = stream.labels_for(batch.index, batch.valid)
+            got = stream.labels_for(batch.index, batch.valid)
+            pred, spread = got.prediction, got.spread
             assert pred.shape == (hi - lo, 12, 5, 2) and spread is not None
             ok = batch.valid.numpy()
-            ref, ref_spread = direct.predict(batch.index.numpy()[ok])
+            ref_labels = direct.predict(batch.index.numpy()[ok])
+            ref, ref_spread = ref_labels.prediction, ref_labels.spread
             np.testing.assert_allclose(pred.numpy()[ok], ref, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(spread.numpy()[ok], ref_spread, rtol=1e-5, atol=1e-5)
             assert not pred.numpy()[~ok].any()  # padding: zeros, masked out of the loss anyway
@@ -79,10 +81,13 @@ def test_corrupted_chunk_is_retried(server_factory, teacher_env, direct, monkeyp
         backoff=FAST,
     ) as c:
         items = list(c.stream("train", range(0, 100)))
-    idx = np.concatenate([i for i, _, _ in items])
+    idx = np.concatenate([i for i, _ in items])
     assert idx.tolist() == list(range(100))
     np.testing.assert_allclose(
-        np.concatenate([p for _, p, _ in items]), direct.predict(idx)[0], rtol=1e-5, atol=1e-5
+        np.concatenate([lab.prediction for _, lab in items]),
+        direct.predict(idx).prediction,
+        rtol=1e-5,
+        atol=1e-5,
     )
     assert c.stats.checksum_failures == 1 and c.stats.reconnects == 1
 
@@ -98,7 +103,7 @@ def test_deadline_expiry_resumes_without_loss(server_factory, teacher_env) -> No
         backoff=Backoff(initial_s=0.01, max_s=0.05, max_attempts=20),
     ) as c:
         got = []
-        for idx, _, _ in c.stream("train", range(0, 397)):
+        for idx, _ in c.stream("train", range(0, 397)):
             got.extend(idx.tolist())
             time.sleep(0.03)  # ~66 chunks x 30 ms: calls outlive their 1 s deadline
     assert got == list(range(397))
@@ -117,7 +122,7 @@ def test_prefetch_is_bounded(server_factory, teacher_env) -> None:
         time.sleep(0.5)  # the consumer does not read
         # queued chunks + the one the reader thread holds
         assert c.stats.chunks <= 3 + 1
-        assert sum(len(i) for i, _, _ in stream) == 397
+        assert sum(len(i) for i, _ in stream) == 397
         stream.close()
 
 
@@ -139,7 +144,7 @@ def test_version_is_pinned_across_replicas(teacher_env, direct) -> None:
         client.placement._next = 0  # ties go to replica a first
         with client:
             stream = client.stream("train", range(0, 397))
-            first, _, _ = next(stream)
+            first, _ = next(stream)
             assert first[0] == 0 and client.stats.endpoints == {a.address}
             assert client.version == teacher_env.version
             a.stop()  # failover can only reach b, which serves another version
@@ -174,7 +179,7 @@ def test_dns_name_resolves_to_replicas(server_factory, teacher_env) -> None:
         expected_fingerprint=teacher_env.fingerprint,
         backoff=FAST,
     ) as c:
-        assert sum(len(i) for i, _, _ in c.stream("val", range(420, 440))) == 20
+        assert sum(len(i) for i, _ in c.stream("val", range(420, 440))) == 20
 
 
 def test_endpoint_specs() -> None:

@@ -1,5 +1,6 @@
 """Node slices of windows larger than a message: layout, bit-exact round trips, golden bytes,
-checksums and the client's reassembly."""
+checksums and the client's reassembly, with and without the teacher's hidden states (sliced on
+their node axis, 1)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from stkd_dist.errors import InputError
 from stkd_dist.serving import codec, codec_slices
 from stkd_dist.serving.codec import NodeSlice
 from stkd_dist.serving.codec_slices import ChunkLayout, WindowAssembler
+from stkd_dist.serving.label_arrays import LabelArrays
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 
 H, N, C = 12, 37, 2
 SHAPE = (H, N, C)
+F = 5  # hidden width
 
 
 @pytest.fixture
@@ -28,6 +31,12 @@ def labels() -> tuple[np.ndarray, np.ndarray]:
     return pred, (-pred / 100).astype(np.float32)
 
 
+@pytest.fixture
+def hidden() -> np.ndarray:
+    """Hidden states ``[3, N, F]`` float32."""
+    return np.random.default_rng(6).normal(0, 2, size=(3, N, F)).astype(np.float32)
+
+
 def _encode(
     labels: tuple[np.ndarray, np.ndarray],
     *,
@@ -35,13 +44,13 @@ def _encode(
     dtype: str = "float32",
     with_spread: bool = True,
     position: int = 40,
+    hidden: np.ndarray | None = None,
 ) -> list[codec.EncodedChunk]:
     pred, spread = labels
     return list(
         codec_slices.encode_node_slices(
             np.array([7, 3, 11]),
-            pred,
-            spread if with_spread else None,
+            LabelArrays(pred, spread if with_spread else None, hidden),
             nodes_per_slice=per_slice,
             position=position,
             dtype=dtype,
@@ -84,8 +93,7 @@ def test_slices_stay_under_the_message_limit(dtype: str, outputs: int, limit: in
     sizes = []
     for msg in codec_slices.encode_node_slices(
         idx,
-        pred,
-        spread,
+        LabelArrays(pred, spread),
         nodes_per_slice=layout.nodes,
         position=10**12,
         dtype=dtype,
@@ -101,6 +109,30 @@ def test_slices_stay_under_the_message_limit(dtype: str, outputs: int, limit: in
     assert (layout.nodes + 1) * row > limit - headers
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_slices_with_hidden_states_stay_under_the_message_limit(dtype: str) -> None:
+    shape, features, limit = (12, 5000, 1), 16, 8192
+    layout = codec_slices.chunk_layout(shape, dtype, 1, limit, hidden_dim=features)
+    # a node row carries [H, 1, C] of labels and [1, F] of hidden states: fewer nodes a slice
+    assert layout.nodes < codec_slices.chunk_layout(shape, dtype, 1, limit).nodes
+    rng = np.random.default_rng(4)
+    sent = LabelArrays(
+        rng.normal(size=(1, *shape)).astype(np.float32),
+        hidden=rng.normal(size=(1, shape[1], features)).astype(np.float32),
+    )
+    messages = list(
+        codec_slices.encode_node_slices(
+            np.array([10**12]), sent, nodes_per_slice=layout.nodes, position=10**12,
+            dtype=dtype, teacher_version="v" * 200, total=10**13,
+        )
+    )  # fmt: skip
+    assert max(len(m.data) for m in messages) <= limit
+    row = codec_slices.node_row_bytes(shape, dtype, 1, features)
+    assert row == (12 + features) * (4 if dtype == "float32" else 2)
+    headers = codec_slices.min_message_bytes(shape, dtype, 1, features) - row
+    assert (layout.nodes + 1) * row > limit - headers
+
+
 def test_limit_below_one_node_row_is_an_input_error() -> None:
     shape = (12, 300, 1)
     minimum = codec_slices.min_message_bytes(shape, "float32", 2)
@@ -110,6 +142,11 @@ def test_limit_below_one_node_row_is_an_input_error() -> None:
         codec_slices.chunk_layout(shape, "float32", 2, minimum - 1)
     assert info.value.where == "max_message_bytes"
     assert "[12, 1, 1]" in info.value.message
+    # hidden states raise the minimum by one node's [1, F]
+    with_hidden = codec_slices.min_message_bytes(shape, "float32", 2, hidden_dim=8)
+    assert with_hidden == minimum + 8 * 4
+    with pytest.raises(InputError, match="hidden states"):
+        codec_slices.chunk_layout(shape, "float32", 2, minimum, hidden_dim=8)
 
 
 # -- round trips -------------------------------------------------------------------------------
@@ -139,6 +176,33 @@ def test_split_windows_round_trip_bit_exactly(
     else:
         assert all(w.spread is None for w in out)
     per_window = H * N * C * (4 if dtype == "float32" else 2) * (2 if with_spread else 1)
+    assert [w.payload_bytes for w in out] == [per_window] * 3
+    assert all(w.hidden is None for w in out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("with_spread", [False, True])
+def test_split_windows_with_hidden_states_round_trip_bit_exactly(
+    labels: tuple[np.ndarray, np.ndarray], hidden: np.ndarray, dtype: str, with_spread: bool
+) -> None:
+    messages = _encode(labels, dtype=dtype, with_spread=with_spread, hidden=hidden)
+    for k, m in enumerate(messages):  # each slice: [1, n, F] of the slice's nodes n
+        msg = pb.LabelChunk.FromString(m.data)
+        assert list(msg.hidden.shape) == [1, msg.node_stop - msg.node_start, F], k
+    assembler, cursor, out = WindowAssembler(), 40, []
+    for m in messages:
+        whole = assembler.add(codec.decode_chunk_bytes(m.data), cursor)
+        if whole is not None:
+            cursor = whole.cursor
+            out.append(whole)
+    assert cursor == 43 and [int(w.indices[0]) for w in out] == [7, 3, 11]
+    got = np.concatenate([w.hidden for w in out if w.hidden is not None])
+    assert got.shape == (3, N, F) and np.array_equal(got, _rounded(hidden, dtype))
+    pred = labels[0]
+    assert np.array_equal(np.concatenate([w.prediction for w in out]), _rounded(pred, dtype))
+    assert all((w.spread is not None) == with_spread for w in out)
+    itemsize = 4 if dtype == "float32" else 2
+    per_window = (H * N * C * (2 if with_spread else 1) + N * F) * itemsize
     assert [w.payload_bytes for w in out] == [per_window] * 3
 
 
@@ -171,8 +235,7 @@ def test_golden_slice_layout_from_numpy(labels: tuple[np.ndarray, np.ndarray]) -
         nodes = NodeSlice(a, b, N)
         reference = codec.encode_chunk(
             np.array([[7, 3, 11][w]]),
-            pred[w : w + 1, :, a:b],
-            spread[w : w + 1, :, a:b],
+            LabelArrays(pred[w : w + 1, :, a:b], spread[w : w + 1, :, a:b]),
             dtype="float32",
             teacher_version="t-e1-abc",
             cursor=40 + w + last,
@@ -189,12 +252,32 @@ def test_golden_slice_layout_from_numpy(labels: tuple[np.ndarray, np.ndarray]) -
         assert np.array_equal(rebuilt[0], pred[w])
 
 
+def test_golden_slice_with_hidden_states_from_numpy(
+    labels: tuple[np.ndarray, np.ndarray], hidden: np.ndarray
+) -> None:
+    """A slice's hidden states are nodes [a, b) of axis 1, checksummed after the spread."""
+    pred, spread = labels
+    messages = _encode(labels, per_slice=10, hidden=hidden)
+    msg = pb.LabelChunk.FromString(messages[5].data)  # window 3 (the second), nodes [10, 20)
+    assert (list(msg.window_indices), msg.node_start, msg.node_stop) == ([3], 10, 20)
+    h_bytes = np.ascontiguousarray(hidden[1, 10:20]).astype("<f4").tobytes()
+    assert list(msg.hidden.shape) == [1, 10, F] and msg.hidden.data == h_bytes
+    crc = google_crc32c.value(
+        np.array([3], "<i8").tobytes()
+        + np.array([10, 20, N], "<i8").tobytes()
+        + np.ascontiguousarray(pred[1, :, 10:20]).astype("<f4").tobytes()
+        + np.ascontiguousarray(spread[1, :, 10:20]).astype("<f4").tobytes()
+        + h_bytes
+    )
+    assert msg.crc32c == crc
+
+
 def test_whole_window_chunks_are_as_before(labels: tuple[np.ndarray, np.ndarray]) -> None:
     """No node fields, the old checksum: messages of whole windows did not change."""
     pred, spread = labels
     idx = np.array([7, 3, 11])
     fast = codec.encode_chunk_bytes(
-        idx, pred, spread, dtype="float32", teacher_version="t", cursor=3, total=3
+        idx, LabelArrays(pred, spread), dtype="float32", teacher_version="t", cursor=3, total=3
     )
     msg = pb.LabelChunk.FromString(fast.data)
     assert (msg.node_start, msg.node_stop, msg.node_count) == (0, 0, 0)
@@ -208,14 +291,15 @@ def test_whole_window_chunks_are_as_before(labels: tuple[np.ndarray, np.ndarray]
 
 # -- corruption and order ----------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "part", ["prediction", "spread", "index", "node_start", "node_stop", "node_count"]
+    "part", ["prediction", "spread", "hidden", "index", "node_start", "node_stop", "node_count"]
 )
 def test_corrupted_slice_fails_its_checksum(
-    labels: tuple[np.ndarray, np.ndarray], part: str
+    labels: tuple[np.ndarray, np.ndarray], hidden: np.ndarray, part: str
 ) -> None:
-    msg = pb.LabelChunk.FromString(_encode(labels)[1].data)  # nodes [10, 20) of window 7
+    # nodes [10, 20) of window 7
+    msg = pb.LabelChunk.FromString(_encode(labels, hidden=hidden)[1].data)
     assert codec.decode_chunk(msg).nodes == NodeSlice(10, 20, N)
-    if part in ("prediction", "spread"):
+    if part in ("prediction", "spread", "hidden"):
         tensor = getattr(msg, part)
         data = bytearray(tensor.data)
         data[len(data) // 3] ^= 0x04  # one flipped bit
@@ -242,8 +326,8 @@ def test_assembler_refuses_slices_out_of_order(labels: tuple[np.ndarray, np.ndar
     parts = [codec.decode_chunk_bytes(m.data) for m in _encode(labels)]  # 4 slices per window
     whole = codec.decode_chunk_bytes(
         codec.encode_chunk_bytes(
-            np.array([1]), labels[0][:1], None, dtype="float32", teacher_version="t", cursor=41,
-            total=100,
+            np.array([1]), LabelArrays(labels[0][:1]), dtype="float32", teacher_version="t",
+            cursor=41, total=100,
         ).data
     )  # fmt: skip
     cases = {
@@ -266,6 +350,17 @@ def test_assembler_refuses_slices_out_of_order(labels: tuple[np.ndarray, np.ndar
     results = [assembler.add(p, 40) for p in parts[:4]]
     assert results[:3] == [None] * 3 and results[3] is not None
     assert np.array_equal(results[3].prediction[0], labels[0][0])
+
+
+def test_assembler_refuses_a_slice_that_drops_the_hidden_states(
+    labels: tuple[np.ndarray, np.ndarray], hidden: np.ndarray
+) -> None:
+    with_h = [codec.decode_chunk_bytes(m.data) for m in _encode(labels, hidden=hidden)]
+    without = [codec.decode_chunk_bytes(m.data) for m in _encode(labels)]
+    assembler = WindowAssembler()
+    assert assembler.add(with_h[0], 40) is None
+    with pytest.raises(codec.ChecksumError, match="does not continue"):
+        assembler.add(without[1], 40)
 
 
 def test_node_slice_ranges_are_validated() -> None:

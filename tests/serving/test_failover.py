@@ -27,13 +27,13 @@ def sequence(direct: Teacher, repeats: int = 30) -> np.ndarray:
 
 
 def check_delivery(direct: Teacher, wanted: np.ndarray, items: list[LabelItem]) -> None:
-    idx = np.concatenate([i for i, _, _ in items])
-    pred = np.concatenate([p for _, p, _ in items])
+    idx = np.concatenate([i for i, _ in items])
+    pred = np.concatenate([lab.prediction for _, lab in items])
     # exactly once, in order: the same sequence, the same length
     assert len(idx) == len(wanted)
     np.testing.assert_array_equal(idx, wanted)
     unique = np.unique(wanted)
-    ref, _ = direct.predict(unique)
+    ref = direct.predict(unique).prediction
     np.testing.assert_allclose(pred, ref[np.searchsorted(unique, idx)], rtol=1e-5, atol=1e-5)
 
 

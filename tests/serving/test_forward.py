@@ -86,13 +86,13 @@ def test_teacher_loads_straight_onto_cuda(teacher_env, direct) -> None:
     assert teacher.compute.device.startswith("cuda:")
     assert all(p.device.type == "cuda" for p in teacher.model.parameters())
     windows = np.arange(0, 100)
-    pred, spread = teacher.predict(windows)
-    ref_pred, ref_spread = direct.predict(windows)
+    got, ref = teacher.predict(windows), direct.predict(windows)
+    pred, spread, ref_pred, ref_spread = got.prediction, got.spread, ref.prediction, ref.spread
     assert pred.dtype == np.float32 and spread is not None and ref_spread is not None
     # another device's kernels: close, not bitwise
     np.testing.assert_allclose(pred, ref_pred, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(spread, ref_spread, rtol=1e-4, atol=1e-4)
-    again, _ = teacher.predict(windows[::-1])
+    again = teacher.predict(windows[::-1]).prediction
     np.testing.assert_allclose(again[::-1], pred, rtol=1e-6, atol=1e-6)
 
 
@@ -104,9 +104,9 @@ def test_cuda_autocast_precisions(teacher_env, direct, precision: str) -> None:
     teacher = load_teacher(
         teacher_env.checkpoint, teacher_env.store, device="cuda", precision=precision
     )
-    pred, _ = teacher.predict(np.arange(64))
+    pred = teacher.predict(np.arange(64)).prediction
     assert pred.dtype == np.float32
-    np.testing.assert_allclose(pred, direct.predict(np.arange(64))[0], rtol=0.05, atol=0.5)
+    np.testing.assert_allclose(pred, direct.predict(np.arange(64)).prediction, rtol=0.05, atol=0.5)
 
 
 @needs_cuda
@@ -117,8 +117,8 @@ def test_a_cuda_server_streams_its_teachers_labels(server_factory, teacher_env) 
     local = load_teacher(teacher_env.checkpoint, teacher_env.store, device="cuda")
     windows = list(range(0, 200))
     with SoftLabelClient([server.address], expected_fingerprint=teacher_env.fingerprint) as c:
-        pred = np.concatenate([p for _, p, _ in c.stream("train", windows)])
+        pred = np.concatenate([lab.prediction for _, lab in c.stream("train", windows)])
     # the same micro-batches on the same GPU; close rather than bitwise (cuDNN may pick other
     # algorithms in another process)
-    np.testing.assert_allclose(pred, local.predict(windows)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pred, local.predict(windows).prediction, rtol=1e-5, atol=1e-5)
     assert server.teacher.forward_windows == len(windows)

@@ -35,6 +35,7 @@ from stkd_dist.serving.cache import (
     open_cache,
     plan_chunk_rows,
 )
+from stkd_dist.serving.label_arrays import LabelArrays
 from stkd_dist.serving.precompute import TeacherSource, precompute_labels
 from stkd_dist.serving.teacher import Teacher
 from stkd_dist.serving.write_through import WriteBehind
@@ -47,7 +48,8 @@ def reference(direct: Teacher) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The live teacher's labels of every window of train and val (the bits a cache must hold)."""
     out = {}
     for split in ("train", "val"):
-        pred, spread = direct.predict(np.asarray(direct.meta.splits[split]))
+        got = direct.predict(np.asarray(direct.meta.splits[split]))
+        pred, spread = got.prediction, got.spread
         assert spread is not None
         out[split] = (pred, spread)
     return out
@@ -69,7 +71,8 @@ def test_codecs_round_trip_bitwise(direct, reference, tmp_path, codec: str) -> N
     cache = precompute_labels(direct, path, ["train", "val"], batch_size=100, codec=codec)
     assert cache.codec == codec and cache.label_dtype == "float32"
     for split in ("train", "val"):
-        pred, spread = cache.read_split(split)
+        got = cache.read_split(split)
+        pred, spread = got.prediction, got.spread
         np.testing.assert_array_equal(pred, reference[split][0])  # bitwise: a live forward
         np.testing.assert_array_equal(spread, reference[split][1])
         assert cache.is_complete(split) and cache.missing_chunks(split) == []
@@ -102,14 +105,15 @@ def test_16_bit_labels(direct, reference, tmp_path, label_dtype: str) -> None:
         return torch.from_numpy(a).to(torch.bfloat16).float().numpy()  # torch's own rounding
 
     expected = rounded(ref)
-    pred, spread = half.read_split("train")
+    got = half.read_split("train")
+    pred, spread = got.prediction, got.spread
     assert pred.dtype == np.float32 and spread is not None
     np.testing.assert_array_equal(pred, expected)
     np.testing.assert_array_equal(spread, rounded(ref_spread))
     np.testing.assert_allclose(pred, ref, rtol=1e-2, atol=1e-2)
     hit, labels = half.lookup("train", np.asarray(direct.meta.splits["train"])[[5, 3, 200]])
     assert hit.all() and labels is not None
-    np.testing.assert_array_equal(labels[0], expected[[5, 3, 200]])
+    np.testing.assert_array_equal(labels.prediction, expected[[5, 3, 200]])
     assert half.stored_bytes() * 1.9 < full.stored_bytes()  # half the bytes (plus metadata)
 
 
@@ -140,7 +144,7 @@ def test_a_chunk_without_its_marker_is_not_present(direct, reference, tmp_path, 
     chunks = cache.chunk_windows("train")
     pred, spread = reference["train"]
     rows = cache.chunk_rows("train")
-    cache.write_chunk("train", 0, pred[:rows], spread[:rows])
+    cache.write_chunk("train", 0, LabelArrays(pred[:rows], spread[:rows]))
     real = loc_.write_json_atomic
 
     def crash_on_marker(loc: Any, data: Any) -> None:
@@ -150,7 +154,7 @@ def test_a_chunk_without_its_marker_is_not_present(direct, reference, tmp_path, 
 
     monkeypatch.setattr(cache_mod.loc_, "write_json_atomic", crash_on_marker)
     with pytest.raises(OSError, match="killed"):
-        cache.write_chunk("train", 1, pred[rows : 2 * rows], spread[rows : 2 * rows])
+        cache.write_chunk("train", 1, LabelArrays(pred[rows : 2 * rows], spread[rows : 2 * rows]))
     monkeypatch.undo()
     # chunk 1's data is in the store, but nothing vouches for it
     assert (tmp_path / "c.zarr" / "train" / "prediction" / "c" / "1").exists()
@@ -160,7 +164,7 @@ def test_a_chunk_without_its_marker_is_not_present(direct, reference, tmp_path, 
     hit, labels = reader.lookup("train", np.concatenate([chunks[0], chunks[1]]))
     assert hit.tolist() == [True] * rows + [False] * rows
     assert labels is not None
-    np.testing.assert_array_equal(labels[0], pred[:rows])
+    np.testing.assert_array_equal(labels.prediction, pred[:rows])
     # a stray temporary file of a crashed atomic write is not a fragment
     frag_dir = tmp_path / "c.zarr" / "_stkd" / "rows" / "train" / "2"
     frag_dir.mkdir(parents=True)
@@ -174,11 +178,11 @@ def test_a_failed_fill_leaves_no_cache_and_a_partial_one_is_not_complete(
     calls = {"n": 0}
     real = direct.predict
 
-    def flaky(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def flaky(idx: np.ndarray, hidden: bool = False) -> LabelArrays:
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("node lost")
-        return real(idx)
+        return real(idx, hidden=hidden)
 
     monkeypatch.setattr(direct, "predict", flaky)
     out = tmp_path / "labels" / "x.zarr"
@@ -189,7 +193,7 @@ def test_a_failed_fill_leaves_no_cache_and_a_partial_one_is_not_complete(
     # rows of half a chunk (write-through) are present, but the split is not complete
     part = LabelCache.create(tmp_path / "p.zarr", direct.meta, ["train"], chunk_steps=64)
     idx = np.asarray(direct.meta.splits["train"])[:5]
-    assert part.write(idx, reference["train"][0][:5], reference["train"][1][:5]) == 5
+    assert part.write(idx, LabelArrays(reference["train"][0][:5], reference["train"][1][:5])) == 5
     reader = LabelCache(part.path)
     assert reader.filled_windows("train") == 5 and not reader.is_complete("train")
     assert reader.missing_chunks("train")[0] == 0  # the chunk itself is not done
@@ -212,7 +216,7 @@ def _concurrent_fill(path: Any, direct: Teacher, reference: Any, writers: int, s
             barrier.wait()
             for lo in range(0, len(mine), 23):
                 rows = mine[lo : lo + 23]
-                caches[i].write(windows[rows], pred[rows], spread[rows])
+                caches[i].write(windows[rows], LabelArrays(pred[rows], spread[rows]))
                 caches[i].add_forward_windows(len(rows))
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -225,7 +229,9 @@ def _concurrent_fill(path: Any, direct: Teacher, reference: Any, writers: int, s
     assert not errors, errors
     # every present row is a whole, correct row; nothing absent is taken for present
     reader = LabelCache(path)
-    got, got_spread = reader.read_split("train")
+    both = reader.read_split("train")
+    got, got_spread = both.prediction, both.spread
+    assert got_spread is not None
     present = ~np.isnan(got.reshape(len(windows), -1)).any(axis=1)
     assert present.sum() == reader.filled_windows("train")
     np.testing.assert_array_equal(got[present], pred[present])
@@ -262,7 +268,7 @@ def test_write_through_writes_whole_chunks_and_fragments(direct, reference, tmp_
     pred, spread = reference["train"]
     first = direct.meta.splits["train"].start
     for w in (chunks[0], chunks[1][:3], chunks[1][3:], chunks[2][:4]):
-        writer.put(w, pred[w - first], spread[w - first])
+        writer.put(w, LabelArrays(pred[w - first], spread[w - first]))
     writer.flush()
     assert cache.missing_chunks("train")[:2] == [2, 3]  # chunks 0 and 1 are whole
     assert not (path / "_stkd" / "rows" / "train" / "1").exists()
@@ -274,9 +280,11 @@ def test_write_through_writes_whole_chunks_and_fragments(direct, reference, tmp_
     hit, labels = reader.lookup("train", chunks[2])
     assert hit.tolist() == [True] * 4 + [False] * (len(chunks[2]) - 4)
     assert labels is not None
-    np.testing.assert_array_equal(labels[0], pred[chunks[2][:4] - first])
+    np.testing.assert_array_equal(labels.prediction, pred[chunks[2][:4] - first])
     # windows already present are not stored again
-    assert cache.write(chunks[0], pred[chunks[0] - first], spread[chunks[0] - first]) == 0
+    assert (
+        cache.write(chunks[0], LabelArrays(pred[chunks[0] - first], spread[chunks[0] - first])) == 0
+    )
 
 
 def test_replicas_creating_one_cache_at_once_share_it(direct, tmp_path) -> None:
@@ -305,9 +313,9 @@ def test_parallel_fill_equals_serial_fill_bitwise(direct, reference, tmp_path) -
     )
     for split in ("train", "val"):
         a, b = serial.read_split(split), parallel.read_split(split)
-        np.testing.assert_array_equal(a[0], b[0])
-        np.testing.assert_array_equal(a[1], b[1])
-        np.testing.assert_array_equal(a[0], reference[split][0])
+        np.testing.assert_array_equal(a.prediction, b.prediction)
+        np.testing.assert_array_equal(a.spread, b.spread)
+        np.testing.assert_array_equal(a.prediction, reference[split][0])
     # the very same chunk objects (same bits, same codec)
     assert _files(tmp_path / "s.zarr") == _files(tmp_path / "p.zarr")
     assert (
@@ -354,12 +362,12 @@ def test_object_store_cache(direct, reference, s3_bucket: str) -> None:
     assert hit.all() and labels is not None
     first = direct.meta.splits["train"].start
     expected = reference["train"][0][windows - first].astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(labels[0], expected)
+    np.testing.assert_array_equal(labels.prediction, expected)
     with pytest.raises(StoreError, match="--overwrite"):
         precompute_labels(direct, url, ["train"])
 
     # a failed fill in place removes what it wrote
-    def broken(idx: np.ndarray) -> Any:
+    def broken(idx: np.ndarray, hidden: bool = False) -> Any:
         raise RuntimeError("teacher died")
 
     failed = f"{s3_bucket}/labels/failed.zarr"
@@ -489,7 +497,7 @@ def test_ray_fill_equals_serial_fill_bitwise(
     remote = precompute_labels(direct, url, ["train"], source=source, workers=2)
     for split, cache in (("train", local), ("val", local), ("train", remote)):
         got = cache.read_split(split)
-        np.testing.assert_array_equal(got[0], reference[split][0])
-        np.testing.assert_array_equal(got[1], reference[split][1])
+        np.testing.assert_array_equal(got.prediction, reference[split][0])
+        np.testing.assert_array_equal(got.spread, reference[split][1])
     assert remote.forward_windows == len(direct.meta.splits["train"])
     assert local.forward_windows == serial.forward_windows

@@ -82,8 +82,9 @@ def serve(wide: Wide) -> Iterator[Callable[..., TeacherServer]]:
 
 def _expected(teacher: Teacher, windows: list[int], spread: bool, dtype: str) -> list[np.ndarray]:
     """The teacher's labels of ``windows`` as they must arrive in wire ``dtype``."""
-    pred, log_var = teacher.predict(windows)
-    out = [pred] + ([log_var] if spread else [])
+    got = teacher.predict(windows)
+    assert got.spread is not None
+    out = [got.prediction] + ([got.spread] if spread else [])
     if dtype == "float16":
         return [a.astype(np.float16).astype(np.float32) for a in out]
     return out
@@ -116,14 +117,14 @@ def test_windows_larger_than_a_message_stream_exactly_once(
     ) as client:
         items = list(client.stream("train", wanted, spread=spread))
     # the consumer gets whole windows, each once, in the requested order
-    assert [i.tolist() for i, _, _ in items] == [[w] for w in wanted]
-    assert all(p.shape == (1, 12, NODES, 1) for _, p, _ in items)
+    assert [i.tolist() for i, _ in items] == [[w] for w in wanted]
+    assert all(lab.prediction.shape == (1, 12, NODES, 1) for _, lab in items)
     expected = _expected(wide.teacher, wanted, spread, dtype)
-    assert np.array_equal(np.concatenate([p for _, p, _ in items]), expected[0])
+    assert np.array_equal(np.concatenate([lab.prediction for _, lab in items]), expected[0])
     if spread:
-        assert np.array_equal(np.concatenate([s for _, _, s in items]), expected[1])
+        assert np.array_equal(np.concatenate([lab.spread for _, lab in items]), expected[1])
     else:
-        assert all(s is None for _, _, s in items)
+        assert all(lab.spread is None for _, lab in items)
     s = client.stats
     assert (s.windows, s.chunks, s.slices) == (6, 6, 6 * slices)
     assert s.bytes == 6 * window_bytes and s.reconnects == 0 and s.checksum_failures == 0
@@ -141,9 +142,10 @@ def test_labels_for_joins_split_windows_to_batches(
         client.stream("train", range(8)) as stream,
     ):
         for batch in ([0, 1, 2], [3, 4, 5, 6, 7]):
-            pred, spread = stream.labels_for(torch.tensor(batch))
+            got = stream.labels_for(torch.tensor(batch))
+            pred, spread = got.prediction, got.spread
             assert spread is None and pred.shape == (len(batch), 12, NODES, 1)
-            assert np.array_equal(pred.numpy(), wide.teacher.predict(batch)[0])
+            assert np.array_equal(pred.numpy(), wide.teacher.predict(batch).prediction)
         assert list(stream) == []
 
 
@@ -243,8 +245,11 @@ def test_stream_broken_mid_window_fails_over_without_loss_or_repetition(
     client.placement._next = 0  # ties go to replica a first
     with client:
         items = list(client.stream("train", wanted))
-    assert [i.tolist() for i, _, _ in items] == [[w] for w in wanted]  # each window once
-    assert np.array_equal(np.concatenate([p for _, p, _ in items]), wide.teacher.predict(wanted)[0])
+    assert [i.tolist() for i, _ in items] == [[w] for w in wanted]  # each window once
+    assert np.array_equal(
+        np.concatenate([lab.prediction for _, lab in items]),
+        wide.teacher.predict(wanted).prediction,
+    )
     s = client.stats
     assert s.reconnects == 1 and s.endpoints == {a.address, b.address}
     assert s.windows == len(wanted) and s.checksum_failures == 0
@@ -299,9 +304,10 @@ def test_a_limit_of_exactly_one_node_row_works(server_factory, teacher_env, dire
         [server.address], expected_fingerprint=teacher_env.fingerprint, max_message_bytes=minimum
     ) as client:
         items = list(client.stream("val", range(420, 424), spread=True))
-    pred, log_var = direct.predict(range(420, 424))
-    assert np.array_equal(np.concatenate([p for _, p, _ in items]), pred)
-    assert np.array_equal(np.concatenate([s for _, _, s in items]), log_var)
+    got = direct.predict(range(420, 424))
+    pred, log_var = got.prediction, got.spread
+    assert np.array_equal(np.concatenate([lab.prediction for _, lab in items]), pred)
+    assert np.array_equal(np.concatenate([lab.spread for _, lab in items]), log_var)
     assert (client.stats.windows, client.stats.slices) == (4, 4 * 5)
 
 
@@ -313,7 +319,7 @@ def test_whole_windows_still_travel_whole(server_factory, teacher_env) -> None:
     ) as client:
         items = list(client.stream("train", range(0, 50)))
     per_chunk = (4096 - 1024) // (12 * 5 * 2 * 4 + 10)
-    assert [len(i) for i, _, _ in items] == [per_chunk] * (50 // per_chunk) + [50 % per_chunk]
+    assert [len(i) for i, _ in items] == [per_chunk] * (50 // per_chunk) + [50 % per_chunk]
     assert client.stats.slices == 0
 
 

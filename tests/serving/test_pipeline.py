@@ -21,27 +21,32 @@ from stkd_dist.serving.server import TeacherServer
 from stkd_dist.serving.teacher import Teacher, load_teacher
 from stkd_dist.storage import open_store
 
-Labels = tuple[np.ndarray, np.ndarray]
+# (prediction, spread) of windows, as these tests compare them
+LabelPair = tuple[np.ndarray, np.ndarray]
 
 
 @pytest.fixture(scope="module")
-def reference(direct: Teacher) -> dict[str, Labels]:
+def reference(direct: Teacher) -> dict[str, LabelPair]:
     """Labels of every window of each split, computed in-process in one call per split."""
-    return {
-        split: direct.predict(np.asarray(windows))  # type: ignore[misc]
-        for split, windows in direct.meta.splits.items()
-        if len(windows)
-    }
+    out = {}
+    for split, windows in direct.meta.splits.items():
+        if len(windows):
+            got = direct.predict(np.asarray(windows))
+            assert got.spread is not None
+            out[split] = (got.prediction, got.spread)
+    return out
 
 
-def _stream(server: TeacherServer, env, split: str, windows, max_bytes: int) -> Labels:
+def _stream(server: TeacherServer, env, split: str, windows, max_bytes: int) -> LabelPair:
     with SoftLabelClient(
         [server.address], expected_fingerprint=env.fingerprint, max_message_bytes=max_bytes
     ) as c:
         items = list(c.stream(split, windows, spread=True))
-    idx = np.concatenate([i for i, _, _ in items])
+    idx = np.concatenate([i for i, _ in items])
     assert idx.tolist() == list(windows)
-    return np.concatenate([p for _, p, _ in items]), np.concatenate([s for _, _, s in items])
+    spreads = [labels.spread for _, labels in items if labels.spread is not None]
+    assert len(spreads) == len(items)
+    return np.concatenate([labels.prediction for _, labels in items]), np.concatenate(spreads)
 
 
 def _rows(direct: Teacher, split: str, windows) -> np.ndarray:
@@ -63,7 +68,7 @@ def test_served_labels_are_bitwise_the_in_process_forward(
     rng = np.random.default_rng(batch_size)
     # overlapping windows in different orders: batches mix streams, windows repeat across them
     requests = [rng.permutation(train)[:150].tolist() for _ in range(4)] + [train[:90].tolist()]
-    out: dict[int, Labels] = {}
+    out: dict[int, LabelPair] = {}
     errors: list[BaseException] = []
 
     def stream(k: int) -> None:
@@ -95,7 +100,7 @@ def test_concurrent_identical_requests_share_one_forward(
     server = server_factory(batch_size=64, batch_wait_s=0.01)
     windows = list(range(40, 160))
     barrier = threading.Barrier(6)
-    out: dict[int, Labels] = {}
+    out: dict[int, LabelPair] = {}
 
     def stream(k: int) -> None:
         barrier.wait(10)
@@ -170,11 +175,13 @@ def test_micro_batch_sets_the_size_of_every_model_call(teacher_env, direct) -> N
     sizes: list[int] = []
     hook = teacher.model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
     try:
-        pred, spread = teacher.predict(np.arange(13))
+        got = teacher.predict(np.arange(13))
+        pred, spread = got.prediction, got.spread
     finally:
         hook.remove()
     assert sizes == [8, 8] and teacher.forward_windows == 13 and pred.shape[0] == 13
-    ref_pred, ref_spread = direct.predict(np.arange(13))
+    ref = direct.predict(np.arange(13))
+    ref_pred, ref_spread = ref.prediction, ref.spread
     np.testing.assert_allclose(pred, ref_pred, rtol=1e-5, atol=1e-5)
     assert spread is not None and ref_spread is not None
 
@@ -238,4 +245,4 @@ def test_micro_batch_is_used_by_the_server_and_the_fill_alike(
     pred, spread = _stream(server, teacher_env, "train", windows, 4096)
     hit, cached = LabelCache(path).lookup("train", np.asarray(windows))
     assert hit.all() and cached is not None
-    assert np.array_equal(pred, cached[0]) and np.array_equal(spread, cached[1])
+    assert np.array_equal(pred, cached.prediction) and np.array_equal(spread, cached.spread)

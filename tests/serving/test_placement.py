@@ -133,20 +133,20 @@ def test_a_full_replica_is_avoided_and_its_refusal_redirects(
         (held,) = client.stats.endpoints
         # placement asks both: the one holding the busy stream is full, the other gets it
         got = list(client.stream("train", np.arange(50)))
-        assert sum(len(i) for i, _, _ in got) == 50
+        assert sum(len(i) for i, _ in got) == 50
         assert client.stats.redirects == 0 and client.stats.reconnects == 0
         assert len(client.stats.endpoints) == 2
         # a client that cannot see loads (stale probe) lands on the full one and is redirected
         client.placement.probe = lambda ep: ReplicaLoad(0, 0, 0)  # type: ignore[method-assign]
         full = next(s for s in (a, b) if s.address == held)
         for _ in range(4):
-            assert sum(len(i) for i, _, _ in client.stream("train", np.arange(20))) == 20
+            assert sum(len(i) for i, _ in client.stream("train", np.arange(20))) == 20
         busy.close()
     refused = full.metrics.value("stkd_serve_stream_errors_total", code="RESOURCE_EXHAUSTED")
     assert client.stats.redirects == refused >= 1  # every refusal was placed elsewhere
     assert client.stats.reconnects == 0  # and none counted as a failure
-    pred = np.concatenate([p for _, p, _ in got])
-    np.testing.assert_array_equal(pred, direct.predict(np.arange(50))[0])  # type: ignore[attr-defined]
+    pred = np.concatenate([lab.prediction for _, lab in got])
+    np.testing.assert_array_equal(pred, direct.predict(np.arange(50)).prediction)  # type: ignore[attr-defined]
 
 
 def test_with_every_replica_full_a_stream_waits_for_a_slot(
@@ -159,7 +159,7 @@ def test_with_every_replica_full_a_stream_waits_for_a_slot(
         result: list[int] = []
         waiting = threading.Thread(
             target=lambda: result.append(
-                sum(len(i) for i, _, _ in client.stream("train", np.arange(30)))
+                sum(len(i) for i, _ in client.stream("train", np.arange(30)))
             )
         )
         waiting.start()

@@ -124,8 +124,8 @@ def _stream_all(server: TeacherServer, env, windows: list[int], out: dict, key: 
     ) as c:
         items = list(c.stream("train", windows))
     out[key] = (
-        np.concatenate([i for i, _, _ in items]),
-        np.concatenate([p for _, p, _ in items]),
+        np.concatenate([i for i, _ in items]),
+        np.concatenate([lab.prediction for _, lab in items]),
         len(items),
     )
 
@@ -148,7 +148,7 @@ def test_16_concurrent_streams_share_the_batcher(server_factory, teacher_env, di
         idx, pred, n_chunks = out[k]
         assert idx.tolist() == windows  # every window once, in the requested order
         assert n_chunks > 1
-        ref, _ = direct.predict(idx)
+        ref = direct.predict(idx).prediction
         np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-5)
     per_chunk = (4096 - 1024) // (12 * 5 * 2 * 4 + 10)  # windows in one request's chunk
     stats = server.batcher_stats()
@@ -242,7 +242,7 @@ def test_plan_requests_stream_the_ranks_windows(server_factory, teacher_env, dir
         seen = []
         for rank in range(3):
             spec = PlanRequest(world_size=3, rank=rank, epoch=2, seed=5, batch_size=16)
-            got = np.concatenate([i for i, _, _ in c.stream_plan("train", spec)])
+            got = np.concatenate([i for i, _ in c.stream_plan("train", spec)])
             plan = make_plan(windows, chunk_steps, 3, epoch=2, seed=5, batch_size=16)
             assert got.tolist() == plan.rank_windows(rank)
             seen.extend(got.tolist())
@@ -263,7 +263,7 @@ def test_a_re_dealt_plan_streams_the_rest_of_the_epoch(server_factory, teacher_e
             spec = PlanRequest(
                 world_size=2, rank=rank, epoch=1, seed=5, batch_size=16, regroups=((3, 2),)
             )
-            rest.append(np.concatenate([i for i, _, _ in c.stream_plan("train", spec)]))
+            rest.append(np.concatenate([i for i, _ in c.stream_plan("train", spec)]))
         bad = PlanRequest(world_size=2, rank=0, epoch=1, seed=5, batch_size=16, regroups=((3, 99),))
         with pytest.raises(TeacherRequestError, match="INVALID_ARGUMENT: steps: a plan of") as e:
             list(c.stream_plan("train", bad))
@@ -278,7 +278,7 @@ def test_metrics_endpoint_counts_windows_and_bytes(server_factory, teacher_env) 
     server = server_factory(metrics_port=0)
     with SoftLabelClient([server.address], expected_fingerprint=teacher_env.fingerprint) as c:
         items = list(c.stream("test", range(480, 530), spread=True))
-    assert sum(len(i) for i, _, _ in items) == 50
+    assert sum(len(i) for i, _ in items) == 50
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read()
     text = text.decode()
     assert 'stkd_serve_windows_total{source="teacher"} 50.0' in text

@@ -19,6 +19,7 @@ class Output(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_UNSPECIFIED: _ClassVar[Output]
     PREDICTION: _ClassVar[Output]
     SPREAD: _ClassVar[Output]
+    HIDDEN: _ClassVar[Output]
 WIRE_DTYPE_UNSPECIFIED: WireDtype
 FLOAT32: WireDtype
 FLOAT16: WireDtype
@@ -26,6 +27,7 @@ BFLOAT16: WireDtype
 OUTPUT_UNSPECIFIED: Output
 PREDICTION: Output
 SPREAD: Output
+HIDDEN: Output
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -46,7 +48,7 @@ class SplitInfo(_message.Message):
     def __init__(self, split: _Optional[str] = ..., windows: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("teacher_version", "model_key", "dataset_fingerprint", "window_shape", "wire_dtypes", "horizon", "input_steps", "has_spread", "splits", "max_message_bytes", "server_id", "forward_windows", "cached_windows", "val_mae", "active_streams", "max_streams", "outstanding_windows", "streams_served", "idle_seconds")
+    __slots__ = ("teacher_version", "model_key", "dataset_fingerprint", "window_shape", "wire_dtypes", "horizon", "input_steps", "has_spread", "splits", "max_message_bytes", "server_id", "forward_windows", "cached_windows", "val_mae", "active_streams", "max_streams", "outstanding_windows", "streams_served", "idle_seconds", "hidden_dim")
     TEACHER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_KEY_FIELD_NUMBER: _ClassVar[int]
     DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,7 @@ class TeacherInfo(_message.Message):
     OUTSTANDING_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_SERVED_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
     teacher_version: str
     model_key: str
     dataset_fingerprint: str
@@ -85,7 +88,8 @@ class TeacherInfo(_message.Message):
     outstanding_windows: int
     streams_served: int
     idle_seconds: float
-    def __init__(self, teacher_version: _Optional[str] = ..., model_key: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., window_shape: _Optional[_Iterable[int]] = ..., wire_dtypes: _Optional[_Iterable[_Union[WireDtype, str]]] = ..., horizon: _Optional[int] = ..., input_steps: _Optional[int] = ..., has_spread: _Optional[bool] = ..., splits: _Optional[_Iterable[_Union[SplitInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., server_id: _Optional[str] = ..., forward_windows: _Optional[int] = ..., cached_windows: _Optional[int] = ..., val_mae: _Optional[float] = ..., active_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., outstanding_windows: _Optional[int] = ..., streams_served: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
+    hidden_dim: int
+    def __init__(self, teacher_version: _Optional[str] = ..., model_key: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., window_shape: _Optional[_Iterable[int]] = ..., wire_dtypes: _Optional[_Iterable[_Union[WireDtype, str]]] = ..., horizon: _Optional[int] = ..., input_steps: _Optional[int] = ..., has_spread: _Optional[bool] = ..., splits: _Optional[_Iterable[_Union[SplitInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., server_id: _Optional[str] = ..., forward_windows: _Optional[int] = ..., cached_windows: _Optional[int] = ..., val_mae: _Optional[float] = ..., active_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., outstanding_windows: _Optional[int] = ..., streams_served: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., hidden_dim: _Optional[int] = ...) -> None: ...
 
 class WindowRange(_message.Message):
     __slots__ = ("start", "stop", "step")
@@ -164,7 +168,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LabelChunk(_message.Message):
-    __slots__ = ("window_indices", "prediction", "spread", "teacher_version", "cursor", "total", "crc32c", "node_start", "node_stop", "node_count")
+    __slots__ = ("window_indices", "prediction", "spread", "teacher_version", "cursor", "total", "crc32c", "node_start", "node_stop", "node_count", "hidden")
     WINDOW_INDICES_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     SPREAD_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +179,7 @@ class LabelChunk(_message.Message):
     NODE_START_FIELD_NUMBER: _ClassVar[int]
     NODE_STOP_FIELD_NUMBER: _ClassVar[int]
     NODE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     window_indices: _containers.RepeatedScalarFieldContainer[int]
     prediction: Tensor
     spread: Tensor
@@ -185,4 +190,5 @@ class LabelChunk(_message.Message):
     node_start: int
     node_stop: int
     node_count: int
-    def __init__(self, window_indices: _Optional[_Iterable[int]] = ..., prediction: _Optional[_Union[Tensor, _Mapping]] = ..., spread: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_version: _Optional[str] = ..., cursor: _Optional[int] = ..., total: _Optional[int] = ..., crc32c: _Optional[int] = ..., node_start: _Optional[int] = ..., node_stop: _Optional[int] = ..., node_count: _Optional[int] = ...) -> None: ...
+    hidden: Tensor
+    def __init__(self, window_indices: _Optional[_Iterable[int]] = ..., prediction: _Optional[_Union[Tensor, _Mapping]] = ..., spread: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_version: _Optional[str] = ..., cursor: _Optional[int] = ..., total: _Optional[int] = ..., crc32c: _Optional[int] = ..., node_start: _Optional[int] = ..., node_stop: _Optional[int] = ..., node_count: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "distilling from ONE teacher whose soft labels are computed once into a label "
             "cache. Each trial keeps its best checkpoints by validation MAE; at the end every "
             "trial's best checkpoint is evaluated on the test split, the leaderboard and the "
-            "Pareto front (parameters vs test MAE) are written and the best student is exported."
+            "Pareto front (parameters vs test MAE) are written and the best student is exported, "
+            "next to a greedy weight soup of the trials and a top-k ensemble (rows soup and "
+            "ensemble of the leaderboard, compared with the best trial)."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

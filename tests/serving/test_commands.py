@@ -29,6 +29,7 @@ def test_help_has_examples(command: str, capsys) -> None:
         (["--tls-client-ca", "ca.pem"], "--tls-client-ca", "--tls-cert"),
         (["--cache", "nowhere.zarr"], "nowhere.zarr", "no label cache"),
         (["--cache-memory-mb", "-1", "--cache", "auto"], "--cache-memory-mb", ">= 0"),
+        (["--cache-hidden", "--cache", "auto"], "--cache-hidden", "--write-through"),
     ],
 )
 def test_serve_errors_are_one_line(teacher_env, capsys, extra, where, words) -> None:
@@ -70,3 +71,14 @@ def test_serve_compute_errors_are_one_line(teacher_env, capsys, extra, where, wo
     assert main([*argv, "--port", "0", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"stkd: error: {where}") and words in err
+
+
+def test_precompute_labels_with_hidden_states(teacher_env, tmp_path, capsys) -> None:
+    from stkd_dist.serving.cache import LabelCache
+
+    out = tmp_path / "h.zarr"
+    argv = ["precompute-labels", "--checkpoint", str(teacher_env.checkpoint)]
+    argv += ["--data", str(teacher_env.store), "--splits", "val", "--out", str(out), "--hidden"]
+    assert main(argv) == 0
+    assert "hidden states  [5, 8] per window" in capsys.readouterr().out
+    assert LabelCache(out).hidden_dim == 8

@@ -19,8 +19,9 @@ demo: install
 	$(BIN)/stkd demo
 
 # `make test` keeps under 30 minutes on 2 cores: the few end-to-end tests of several minutes each
-# (marked `long`: killed and resumed pipelines, distills on a 2-node cluster or an S3 root) run
-# with `make test-long`, or everything with `make test-all`.
+# (marked `long`: killed and resumed pipelines, distills on a 2-node cluster or an S3 root, sweeps
+# with killed and retried trials or PBT, the fleet autoscaling under load) run with
+# `make test-long`, or everything with `make test-all`.
 test: install lint
 	$(BIN)/pytest -m "not long"
 

@@ -26,7 +26,7 @@ from stkd_dist.storage import open_store
 from stkd_dist.train.loop import build_model, build_reader
 from tests.pipeline.sweep_env import make_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]
 
 FROZEN, LEARNS = 1e-30, 5e-3
 SPACE = {

@@ -33,7 +33,7 @@ from stkd_dist.pipeline.sweep import SweepHooks, SweepOutcome, run_sweep
 from stkd_dist.pipeline.trial_records import SCHEDULER_STOP, STOP, read_starts
 from tests.pipeline.sweep_env import make_env, read_board
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]
 
 FROZEN, DIVERGES = 1e-30, 100.0
 SPACE = {

@@ -41,6 +41,7 @@ def _epoch_times(experiment: Path) -> list[float]:
     return [m["epoch_time_s"] for m in map(json.loads, lines) if m.get("rank", 0) == 0]
 
 
+@pytest.mark.long  # about 90 s: a student run long enough for the autoscaler to act
 def test_a_slow_teacher_scales_out_under_the_students_backlog(
     ray_local: None, env: Env, tmp_path: Path
 ) -> None:

@@ -198,6 +198,15 @@ def _resolve_teacher(
     return absolute(train_teacher_stage(cfg, storage=storage, echo=echo).checkpoint)
 
 
+def expected_trials(cfg: Config, specs: Sequence[ParamSpec]) -> int:
+    """Trials the sweep makes: ``sweep.samples`` times the size of the ``grid`` keys' product."""
+    size = 1
+    for spec in specs:
+        if spec.distribution == "grid":
+            size *= len(spec.args)
+    return cfg.sweep.samples * size
+
+
 def run_sweep(
     cfg: Config,
     *,
@@ -306,6 +315,16 @@ def run_sweep(
                 "command again to resume it"
             )
             return SweepOutcome(layout, (), None, {}, resumed, True)
+        expected = expected_trials(cfg, specs)
+        if len(results) < expected:
+            # Tune saves its trial list and its searcher's state as two files; a driver killed
+            # between the two uploads restores a searcher that already made a trial the list
+            # lacks, so that trial is never run. Say so rather than report a smaller sweep.
+            echo(
+                f"warning: the sweep has {len(results)} of its {expected} trial(s): Tune's saved "
+                "state of the interrupted run lacked the others (the driver was killed while "
+                "it was being saved)"
+            )
 
     rows, counts = collect_rows(results, specs, reader, cfg.data.eval_batch_size, echo, layout.tune)
     if not rows:
@@ -330,6 +349,7 @@ def run_sweep(
     summary = {
         "run": cfg.run_name,
         "trials": counts["trials"],
+        "trials_expected": expected,
         "evaluated": len(rows),
         "errored": counts["errored"],
         **trial_outcomes(cfg, specs, results, layout),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -59,12 +60,34 @@ def _started(records: Path) -> list[Path]:
     return sorted(found, key=lambda d: read_starts(d)[0]["time"])
 
 
+def _state_saved(tune_dir: Path, started: list[Path]) -> bool:
+    """Whether Tune's newest saved state knows every started trial, in both of its files.
+
+    Tune uploads the trial list and its searcher's state one after the other; a driver killed
+    between them leaves parts that disagree (a trial the searcher made but the trial list lacks
+    is lost on restore). The test kills only once both know every started trial: the list
+    names each, and the searcher counts the newest among its live trials (or is finished).
+    """
+    try:
+        state = max(tune_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+        searcher = max(tune_dir.glob("basic-variant-state-*.json"), key=lambda p: p.stat().st_mtime)
+        listed = {json.loads(t[0])["trial_id"] for t in json.loads(state.read_text())["trial_data"]}
+        with searcher.open("rb") as f:
+            made = pickle.load(f)
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError):
+        return False  # not there yet, or caught mid-copy
+    newest = started[-1].name
+    return {d.name for d in started} <= listed and (
+        made["_finished"] or newest in made["_live_trials"]
+    )
+
+
 def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
     env = make_env(tmp_path, run="resume", samples=2, max_epochs=2, max_concurrent=1)
     storage, log = tmp_path / "storage", tmp_path / "sweep.log"
     config = tmp_path / "sweep.yaml"
     sweep_dir = storage / "runs" / "resume" / "sweep"
-    records = sweep_dir / "trials"
+    records, tune = sweep_dir / "trials", sweep_dir / "tune"
 
     first = _sweep(storage, config, env.teacher, log)
     try:
@@ -73,6 +96,10 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         assert len(_started(records)) >= 2, log.read_text()[-3000:]
+        while time.monotonic() < deadline and not _state_saved(tune, _started(records)):
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert _state_saved(tune, _started(records)), log.read_text()[-3000:]
         os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-sweep
         first.wait(timeout=30)
     finally:
@@ -95,7 +122,8 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
     assert "resuming sweep 'resume'" in output
 
     board = read_board(sweep_dir / "leaderboard.csv")[0]
-    assert len(board) == 2 and set(board["trial"]) == {d.name for d in _started(records)}
+    assert len(board) == 2, output[-3000:]
+    assert set(board["trial"]) == {d.name for d in _started(records)}
     # the trial that had finished was not run again: no new start, no new epoch
     assert read_starts(done) == done_starts
     assert list(pd.read_csv(progress)["epoch"]) == done_epochs

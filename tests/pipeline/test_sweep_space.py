@@ -174,3 +174,19 @@ def test_apply_params_refuses_out_of_range_values() -> None:
         apply_params(cfg, {"distill.alpha": 1.2})
     with pytest.raises(ConfigError, match="expected float"):
         apply_params(cfg, {"student.optim.lr": "fast"})
+
+
+def test_expected_trials_multiply_samples_by_the_grid() -> None:
+    from stkd_dist.pipeline.sweep import expected_trials
+
+    specs = parse_space(
+        {
+            "distill.alpha": {"grid": [0.2, 0.5, 0.8]},
+            "student.optim.lr": {"loguniform": [1e-4, 1e-2]},
+            "student.kwargs.embed_dim": {"grid": [8, 16]},
+        },
+        schema=Config,
+    )
+    cfg = config_from_text("sweep: {samples: 2}\n", "sweep.yaml")
+    assert expected_trials(cfg, specs) == 2 * 3 * 2
+    assert expected_trials(cfg, ()) == 2

@@ -269,8 +269,11 @@ class SweepSection:
             every checkpoint, since a trial may still continue from any other trial's latest).
         max_failures: times a crashed trial is restarted from its latest checkpoint (-1:
             without limit); a trial that fails more often is recorded as failed, the others go on.
-        cpus_per_trial: CPUs reserved for each trial (and its torch threads).
-        gpus_per_trial: GPUs per trial (fractions share a GPU); 0 trains on CPU.
+        trial_workers: data-parallel workers of each trial. 1: the trial trains in its own Tune
+            actor; N > 1: each trial is a Ray Train run of N DDP workers, placed by Ray Train
+            wherever the cluster has room.
+        cpus_per_worker: CPUs reserved for each worker of a trial (and its torch threads).
+        gpus_per_worker: GPUs per worker (fractions share a GPU); 0 trains on CPU.
         max_concurrent: trials running at once; null = as many as the cluster's resources
             admit at each moment (Tune starts a pending trial when its CPUs and GPUs are free,
             so an autoscaling cluster that adds nodes runs more).
@@ -287,16 +290,17 @@ class SweepSection:
     perturbation_interval: int | None = None
     keep_best: int = 2
     max_failures: int = 2
-    cpus_per_trial: int = 1
-    gpus_per_trial: float = 0.0
+    trial_workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
     max_concurrent: int | None = None
     ensemble_size: int = 3
     top: int = 10
 
     def __post_init__(self) -> None:
-        positive(self, "samples", "max_epochs", "keep_best", "cpus_per_trial")
+        positive(self, "samples", "max_epochs", "keep_best", "cpus_per_worker", "trial_workers")
         positive(self, "top", "ensemble_size")
-        non_negative(self, "gpus_per_trial")
+        non_negative(self, "gpus_per_worker")
         require(
             self.max_failures >= -1,
             "max_failures",

@@ -350,8 +350,15 @@ class RaySession:
             # every worker and replica gets its reservation even on a machine with fewer cores
             # (they then share cores instead of waiting forever for resources)
             need = c.max_workers * c.cpus_per_worker + math.ceil(replicas * s.cpus_per_replica)
+            sweep = self.cfg.sweep
+            need = max(need, sweep.trial_workers * sweep.cpus_per_worker)  # one trial's workers
             cpus = max(need, os.cpu_count() or 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=self.worker_logs)
+            # A data-parallel trial's Ray Train run is ended with its Tune actor; Ray Train's
+            # placement-group cleaner then frees the workers' reservation once the State API
+            # (served by the dashboard) says the run's controller is gone. Without it the
+            # reservation outlives the trial and the trials after it wait forever.
+            dashboard = sweep.trial_workers > 1
+            ray.init(num_cpus=cpus, include_dashboard=dashboard, log_to_driver=self.worker_logs)
             self.where = f"a local Ray cluster ({cpus} CPUs)"
         self._owned = True
         return self.where

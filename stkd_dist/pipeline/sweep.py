@@ -296,8 +296,9 @@ def run_sweep(
             records=url(layout.trials),
             teacher=cache_teacher(absolute(cache.path), reader, cfg, tinfo.val_mae),
             fingerprint=store.fingerprint,
-            threads=cfg.sweep.cpus_per_trial,
-            use_gpu=cfg.sweep.gpus_per_trial > 0,
+            workers=cfg.sweep.trial_workers,
+            cpus_per_worker=cfg.sweep.cpus_per_worker,
+            gpus_per_worker=cfg.sweep.gpus_per_worker,
         )
         where = session.ensure()
         concurrent = max_concurrent(cfg)

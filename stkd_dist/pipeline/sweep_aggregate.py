@@ -49,7 +49,7 @@ from stkd_dist.pipeline.sweep_combine import (
     greedy_soup,
 )
 from stkd_dist.pipeline.sweep_results import SweepLayout, TrialRow, json_safe
-from stkd_dist.pipeline.tune_trial import ROLE
+from stkd_dist.pipeline.trial_records import ROLE
 
 if TYPE_CHECKING:
     from stkd_dist.checkpoint import CheckpointInfo

@@ -34,9 +34,8 @@ from stkd_dist.location import (
     write_text_atomic,
 )
 from stkd_dist.pipeline.run import RunLayout
-from stkd_dist.pipeline.trial_records import TRIAL_DIR_PREFIX
+from stkd_dist.pipeline.trial_records import ROLE, TIME_ATTR, TRIAL_DIR_PREFIX
 from stkd_dist.pipeline.tune_space import applied
-from stkd_dist.pipeline.tune_trial import ROLE, TIME_ATTR
 
 if TYPE_CHECKING:
     from stkd_dist.checkpoint import CheckpointInfo

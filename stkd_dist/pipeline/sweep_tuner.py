@@ -143,6 +143,21 @@ def scheduler_summary(cfg: Config, specs: tuple[ParamSpec, ...]) -> dict[str, An
     return out
 
 
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What a trial's Tune actor reserves.
+
+    A one-process trial reserves its worker's CPUs and GPUs. A data-parallel trial's actor only
+    drives its Ray Train run, whose workers Ray Train places in a placement group of their
+    own; reserving them for the actor as well would hold each trial's resources twice. Ray
+    refuses a reservation of nothing, and any CPU fraction would leave a whole worker's CPU
+    unusable on a cluster the workers fill exactly: the actor reserves one byte of memory.
+    """
+    s = cfg.sweep
+    if s.trial_workers == 1:
+        return {"cpu": s.cpus_per_worker, "gpu": s.gpus_per_worker}
+    return {"cpu": 0, "memory": 1}
+
+
 def checkpoint_config(cfg: Config) -> Any:
     """Which checkpoints each trial keeps: the best ``sweep.keep_best`` (ASHA), or all (PBT)."""
     from ray import tune
@@ -169,10 +184,7 @@ def build_tuner(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     s = cfg.sweep
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job=job),
-        {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
-    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), trial_resources(cfg))
     # Tune keeps its experiment through pyarrow.fs: the run's storage root, local or remote
     tune_filesystem, tune_path = pyarrow_filesystem(layout.tune)
     tune_storage = tune_path.rsplit("/", 1)[0]
@@ -198,7 +210,9 @@ def build_tuner(
             ),
             trial_dirname_creator=trial_dirname,
             trial_name_creator=trial_dirname,
-            reuse_actors=True,
+            # a data-parallel trial's actor must end with the trial: its Ray Train run (the
+            # controller, the workers, their placement group) is fate-shared with it
+            reuse_actors=s.trial_workers == 1,
         ),
         run_config=tune.RunConfig(
             name=layout.tune.name,

@@ -41,6 +41,10 @@ from stkd_dist.location import (
     write_json_atomic,
 )
 
+#: experiment name stored in the trials' checkpoints
+ROLE = "student_sweep"
+#: the metric ASHA counts its rungs in (1-based epochs, stable across restores)
+TIME_ATTR = "epochs_done"
 #: Tune's folder of a trial is ``trial_<trial id>`` (see ``sweep_tuner.trial_dirname``)
 TRIAL_DIR_PREFIX = "trial_"
 STARTS = "starts.jsonl"
@@ -51,19 +55,6 @@ StopReason = Literal["completed", "early_stopping", "scheduler", "failed", "unkn
 #: the reasons a trial ends, in the order ``summary.json`` counts them (``unknown``: a finished
 #: trial without any record of why, which only a record lost with its storage can cause)
 STOP_REASONS: tuple[str, ...] = ("completed", "early_stopping", "scheduler", "failed", "unknown")
-
-
-def worker_record(rank: int = 0) -> dict[str, Any]:
-    """``{rank, pid, node_id}`` of the calling process (``node_id`` None outside Ray)."""
-    node_id: str | None = None
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node_id = ray.get_runtime_context().get_node_id()
-    except Exception:  # a record must never fail a trial
-        node_id = None
-    return {"rank": rank, "pid": os.getpid(), "node_id": node_id}
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

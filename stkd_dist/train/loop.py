@@ -152,6 +152,12 @@ class TrainJob:
         make_loss: module-level factory ``(WorkerContext) -> LossFn``.
         experiment_dir: absolute path of the experiment directory (worker status files go to
             its ``workers/`` folder).
+        initial_checkpoint: a ``ray.train.Checkpoint`` to start from while the run has none of
+            its own (a sweep trial's restore: Tune's checkpoint of it, or a PBT donor's).
+        lineage: the sweep trial this run trains (None outside sweeps). It is recorded in every
+            checkpoint as ``metrics["trial"]``; a start from a checkpoint of another trial (a
+            PBT exploit) begins a new early-stopping count and takes this job's optimiser
+            settings.
     """
 
     config: Config
@@ -160,6 +166,8 @@ class TrainJob:
     dataset: str
     make_loss: Callable[[WorkerContext], LossFn]
     experiment_dir: str
+    initial_checkpoint: Any = None
+    lineage: str | None = None
 
     @property
     def section(self) -> ModelSection:

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from stkd_dist.config.models import ScheduleSection
+from stkd_dist.config.models import OptimSection, ScheduleSection
 
 
 def lr_factor(epoch: int, schedule: ScheduleSection, base_lr: float) -> float:
@@ -56,3 +56,25 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda=lambda epoch: lr_factor(epoch, schedule, base)
     )
+
+
+def apply_optim_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    optim: OptimSection,
+) -> None:
+    """Give a restored optimizer and schedule the job's own ``lr``, weight decay and betas.
+
+    A loaded optimizer state carries the settings of the run that saved it: after a PBT
+    exploit that is the donor trial, whose settings the trial's mutated ones replace. The
+    schedule keeps its position (``last_epoch``). For a run restored from its own checkpoint
+    nothing changes: the learning rate is computed as the schedule computes it, bit for bit.
+    """
+    scheduler.base_lrs = [optim.lr for _ in optimizer.param_groups]
+    factors = [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, factor in zip(optimizer.param_groups, factors, strict=True):
+        group["initial_lr"] = optim.lr
+        group["lr"] = optim.lr * factor
+        group["weight_decay"] = optim.weight_decay
+        group["betas"] = optim.betas
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,10 +1,12 @@
-"""The body of every Ray Train worker: one DDP rank training one model, epoch after epoch.
+"""The one epoch loop: one rank training one model, epoch after epoch.
 
-:func:`run_worker` (through :func:`worker_entry`, ``TorchTrainer``'s ``train_loop_per_worker``)
-restores the latest checkpoint Ray hands it, builds the DDP model, optimiser and scheduler and
-runs the epochs of :mod:`.loop` (:func:`~stkd_dist.train.loop.train_epoch`, then
-:func:`~stkd_dist.train.loop.validate`), reporting to Ray Train after each epoch and after
-every mid-epoch checkpoint (:mod:`.steps`).
+:func:`run_worker` restores the checkpoint its session hands it, builds the (DDP) model,
+optimiser and scheduler and runs the epochs of :mod:`.loop`
+(:func:`~stkd_dist.train.loop.train_epoch`, then :func:`~stkd_dist.train.loop.validate`),
+reporting after each epoch and after every mid-epoch checkpoint (:mod:`.steps`). The session
+(:mod:`.session`) is what differs between trainers: a Ray Train worker
+(:func:`worker_entry`, ``TorchTrainer``'s ``train_loop_per_worker``) reports to Ray Train, a
+one-process sweep trial to Ray Tune.
 
 Comments marked ``SYNC`` are collective calls that every rank must make, in the same order.
 """
@@ -14,22 +16,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import shutil
-import socket
-import tempfile
 import time
 from typing import Any
 
 import torch
 
-from stkd_dist.checkpoint import (
-    TrainState,
-    load_checkpoint_state,
-    read_checkpoint,
-    save_checkpoint,
-    weights_digest,
-)
-from stkd_dist.location import location, write_json_atomic
+from stkd_dist.checkpoint import TrainState, load_checkpoint_state, read_checkpoint, weights_digest
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import (
     EpochHooks,
@@ -42,7 +34,8 @@ from stkd_dist.train.loop import (
     train_epoch,
     validate,
 )
-from stkd_dist.train.schedule import build_scheduler
+from stkd_dist.train.schedule import apply_optim_settings, build_scheduler
+from stkd_dist.train.session import RayTrainSession, Restored, WorkerSession
 from stkd_dist.train.steps import (
     SCORE,
     EpochProgress,
@@ -54,94 +47,27 @@ from stkd_dist.train.steps import (
 )
 
 
-def write_worker_status(job: TrainJob, rank: int, world_size: int, state: TrainState) -> None:
-    """Record which process serves ``rank`` in ``<experiment>/workers/rank-<r>.json``.
+def run_worker(job: TrainJob, session: WorkerSession) -> None:
+    """The epoch loop of one rank: restore, then train, validate and report every epoch.
 
-    Operators (and the fault-tolerance and multi-node tests) use it to find a rank's process,
-    host and Ray node; it is rewritten whenever a worker group (re)starts.
+    Every trainer runs it: the Ray Train workers of ``train-teacher``, ``train-student`` and
+    data-parallel sweep trials (:class:`~stkd_dist.train.session.RayTrainSession`), and a
+    one-process sweep trial inside its Tune function (``TuneSession``).
     """
-    import ray
-
-    folder = location(job.experiment_dir) / "workers"
-    write_json_atomic(
-        folder / f"rank-{rank}.json",
-        {
-            "rank": rank,
-            "world_size": world_size,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "attempt": state.attempt,
-            "resumed_after_epoch": state.epoch,
-            "resumed_at_step": state.epoch_step,
-            "regroups": [list(g) for g in state.regroups],
-            "started": time.time(),
-        },
-    )
-
-
-def _report(
-    job: TrainJob,
-    rank: int,
-    metrics: dict[str, Any],
-    checkpoint: dict[str, Any] | None,
-    dir_name: str,
-) -> None:
-    """SYNC: every rank calls this at the same point (``ray.train.report`` is a barrier).
-
-    Rank 0 (``checkpoint`` given) writes the checkpoint into a fresh local temp dir; Ray copies
-    it to the run storage (in a background thread with ``checkpoint.upload: async``, while
-    training goes on), deletes the temp dir, and registers the checkpoint only once the copy is
-    complete. The others report the metrics alone.
-    """
-    import ray.train
-    from ray.train import Checkpoint, CheckpointUploadMode
-
-    if rank != 0 or checkpoint is None:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    tmp = tempfile.mkdtemp(prefix="stkd-ckpt-")  # Ray deletes it once uploaded
-    try:
-        info = save_checkpoint(tmp, **checkpoint)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    metrics["version"] = info.version
-    asynchronous = job.config.checkpoint.upload == "async"
-    ray.train.report(
-        metrics,
-        checkpoint=Checkpoint.from_directory(tmp),
-        checkpoint_dir_name=dir_name,
-        checkpoint_upload_mode=(
-            CheckpointUploadMode.ASYNC if asynchronous else CheckpointUploadMode.SYNC
-        ),
-        delete_local_checkpoint_after_upload=True,
-    )
-    if not asynchronous:
-        # normally gone already; left when Ray skipped the report (a worker failed meanwhile)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def run_worker(job: TrainJob) -> None:
-    """The body of each Ray Train worker (``train_loop_per_worker``)."""
-    import ray.train
-    import ray.train.torch
-
     from stkd_dist.data.loader import make_loader
 
     cfg, section = job.config, job.section
     torch.set_num_threads(cfg.cluster.torch_threads)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world_size, session.device
 
     store = open_store(job.dataset)
     reader = build_reader(cfg, store)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(section, reader, store)
     state = TrainState()
-    resume = ray.train.get_checkpoint()
+    resume = session.get_checkpoint()
     saved: dict[str, Any] = {}
+    restored = Restored()
     if resume is not None:
         # every rank loads the same (latest registered) checkpoint, so they restart in step
         with resume.as_directory() as d:
@@ -150,6 +76,12 @@ def run_worker(job: TrainJob) -> None:
         model.load_state_dict(saved["model"])
         state = info.state
         state.attempt += 1
+        lineage = info.metrics.get("trial")
+        restored = Restored(resume.path, info, None if lineage is None else str(lineage))
+        if job.lineage is not None and restored.lineage != job.lineage:
+            # another trial's checkpoint (a PBT exploit): its weights, with this trial's
+            # settings, which changed, so the early-stopping count starts again
+            state.bad_epochs, state.stopped_early = 0, False
     # a mid-epoch checkpoint: every rank's sums of the epoch so far, entry r = rank r's
     partial: list[dict[str, Any]] | None = saved.get("partial") if state.step else None
     if partial is not None and len(partial) != world:
@@ -166,7 +98,6 @@ def run_worker(job: TrainJob) -> None:
         state.regroups = (*state.regroups, (len(partial), state.step))
         state.step = 0
         partial = regroup_progress(partial, world)
-    write_worker_status(job, rank, world, state)
 
     loss_fn = job.make_loss(WorkerContext(cfg, reader, store, rank, world, device))
     hooks = loss_fn if isinstance(loss_fn, EpochHooks) else None
@@ -179,9 +110,9 @@ def run_worker(job: TrainJob) -> None:
         trained = features.train_module(model)
         if saved.get("loss_state") is not None:
             features.load_state_dict(saved["loss_state"])  # every rank loads the same one
-    # prepare_model moves the module to the device and wraps it in DDP when world_size > 1; DDP
-    # broadcasts rank 0's parameters, and registers the gradient all-reduce hooks.
-    ddp = ray.train.torch.prepare_model(trained)
+    # on the device, and in DDP when world_size > 1 (which broadcasts rank 0's parameters and
+    # registers the gradient all-reduce hooks)
+    ddp = session.prepare_model(trained)
     # the optimiser is built (and its state loaded) after the move, so its state lives on the
     # parameters' device
     optim = section.optim
@@ -192,6 +123,10 @@ def run_worker(job: TrainJob) -> None:
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if job.lineage is not None:
+            # a trial's own settings (a PBT donor's optimiser state carries the donor's)
+            apply_optim_settings(optimizer, scheduler, optim)
+    session.started(state, model, restored)
     plain = model  # the unwrapped Forecaster (what checkpoints hold)
     sched = section.schedule
     steps = StepCheckpoints(cfg.checkpoint, world, device)
@@ -215,116 +150,125 @@ def run_worker(job: TrainJob) -> None:
             **more,
         )
 
-    for epoch in range(state.epoch + 1, sched.epochs):
-        if state.stopped_early:
-            break
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        lr = optimizer.param_groups[0]["lr"]
-        ddp.train()
-        start = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
-        before = state.steps_before  # > 0 only in an epoch re-dealt to this world size
-        loader = make_loader(
-            reader,
-            "train",
-            world,
-            rank,
-            epoch=epoch,
-            seed=cfg.run.seed,
-            batch_size=cfg.data.batch_size,
-            shuffle=True,
-            start_batch=start,
-            regroups=state.regroups,
-        )
-        resumed = partial is not None
-        progress = EpochProgress.from_json(partial[rank]) if partial else EpochProgress()
-        partial = None
-        if hooks is not None:
-            hooks.begin_epoch(epoch, loader)  # e.g. start streaming this rank's soft labels
-            if resumed:
-                hooks.restore(progress.hooks)
-
-        batches = loader.plan.num_batches
-
-        def after_step(
-            done: int,
-            progress: EpochProgress,
-            epoch: int = epoch,
-            batches: int = batches,
-            before: int = before,
-        ) -> None:
-            # SYNC: every rank runs this after every step; `due` and the gather and report
-            # below are collectives, reached by all ranks at the same step or by none
-            if not steps.due(done, batches):
-                return
+    try:
+        for epoch in range(state.epoch + 1, sched.epochs):
+            if state.stopped_early:
+                break
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            lr = optimizer.param_groups[0]["lr"]
+            ddp.train()
+            start = state.step  # > 0 only in the epoch a mid-epoch checkpoint resumes
+            before = state.steps_before  # > 0 only in an epoch re-dealt to this world size
+            loader = make_loader(
+                reader,
+                "train",
+                world,
+                rank,
+                epoch=epoch,
+                seed=cfg.run.seed,
+                batch_size=cfg.data.batch_size,
+                shuffle=True,
+                start_batch=start,
+                regroups=state.regroups,
+            )
+            resumed = partial is not None
+            progress = EpochProgress.from_json(partial[rank]) if partial else EpochProgress()
+            partial = None
             if hooks is not None:
-                progress.hooks = hooks.partial()
-            everyone = gather_progress(progress, world)  # SYNC
-            at = dataclasses.replace(state, step=done)
-            step = before + done  # into the epoch, over all its deals
-            metrics = {"epoch_in_progress": epoch, "step": step, SCORE: checkpoint_score(None)}
-            ckpt = checkpoint_of({"step": step}, at, partial=everyone) if rank == 0 else None
-            _report(job, rank, metrics, ckpt, f"epoch_{epoch:04d}_step_{step:06d}")  # SYNC
+                hooks.begin_epoch(epoch, loader)  # e.g. start streaming this rank's soft labels
+                if resumed:
+                    hooks.restore(progress.hooks)
+
+            batches = loader.plan.num_batches
+
+            def after_step(
+                done: int,
+                progress: EpochProgress,
+                epoch: int = epoch,
+                batches: int = batches,
+                before: int = before,
+            ) -> None:
+                # SYNC: every rank runs this after every step; `due` and the gather and report
+                # below are collectives, reached by all ranks at the same step or by none
+                if not steps.due(done, batches):
+                    return
+                if hooks is not None:
+                    progress.hooks = hooks.partial()
+                everyone = gather_progress(progress, world)  # SYNC
+                at = dataclasses.replace(state, step=done)
+                step = before + done  # into the epoch, over all its deals
+                metrics = {"epoch_in_progress": epoch, "step": step, SCORE: checkpoint_score(None)}
+                ckpt = checkpoint_of({"step": step}, at, partial=everyone) if rank == 0 else None
+                session.report(metrics, ckpt, f"epoch_{epoch:04d}_step_{step:06d}")  # SYNC
+                steps.mark()
+
+            loss_sum, weight_sum, samples = train_epoch(
+                ddp,
+                loader,
+                loss_fn,
+                optimizer,
+                optim.grad_clip,
+                device,
+                world,
+                start_step=start,
+                progress=progress,
+                # seeded by the step into the epoch, so a re-dealt epoch's steps draw new masks
+                before_step=functools.partial(seed_step_from, cfg.run.seed, rank, epoch, before),
+                after_step=after_step if cfg.checkpoint.enabled else None,
+            )
+            extra: dict[str, Any] = hooks.end_epoch(epoch) if hooks is not None else {}
+            train_time = time.perf_counter() - t0
+            # CPU seconds of all ranks' processes (every thread) in the training phase: a rate per
+            # CPU-second that contention on a shared machine disturbs less than wall time
+            cpu = time.process_time() - cpu0
+            loss_sum, weight_sum, samples_all, cpu_all = sum_all(
+                [loss_sum, weight_sum, samples, cpu], world, device
+            )
+
+            val = validate(ddp, reader, "val", rank, world, cfg.data.eval_batch_size, device)
+            scheduler.step()
+
+            # Early stopping from the all-reduced validation MAE: every rank computes the same
+            # decision, so all ranks leave the loop in the same epoch and keep calling report() in step.
+            state.end_epoch(epoch, val.mae, int(samples_all), sched.patience_at(epoch))
+
+            metrics = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(weight_sum, 1.0),
+                "val_mae": val.mae,
+                "val_rmse": val.rmse,
+                "val_mape": val.mape,
+                "lr": lr,
+                "samples": int(samples_all),
+                "samples_per_s": samples_all / max(train_time, 1e-9),
+                "samples_per_cpu_s": samples_all / max(cpu_all, 1e-9),
+                "epoch_time_s": time.perf_counter() - t0,
+                "best_val_mae": state.best_val_mae,
+                "best_epoch": state.best_epoch,
+                "bad_epochs": state.bad_epochs,
+                "stopped_early": state.stopped_early,
+                "attempt": state.attempt,
+                "world_size": world,
+                "rank": rank,
+                "pid": os.getpid(),
+                # of everything trained (with a hint loss the projection too): equal on every rank
+                "param_digest": weights_digest(trained.state_dict())[:16],
+                SCORE: checkpoint_score(val.mae),
+                **extra,
+            }
+            if job.lineage is not None:
+                metrics["trial"] = job.lineage  # whose checkpoint it is (a PBT exploit reads it)
+            saved_metrics = {k: v for k, v in metrics.items() if k not in ("param_digest", SCORE)}
+            ckpt = checkpoint_of(saved_metrics, state) if rank == 0 else None
+            session.report(metrics, ckpt, f"epoch_{epoch:04d}")  # SYNC: once per epoch
             steps.mark()
-
-        loss_sum, weight_sum, samples = train_epoch(
-            ddp,
-            loader,
-            loss_fn,
-            optimizer,
-            optim.grad_clip,
-            device,
-            world,
-            start_step=start,
-            progress=progress,
-            # seeded by the step into the epoch, so a re-dealt epoch's steps draw new masks
-            before_step=functools.partial(seed_step_from, cfg.run.seed, rank, epoch, before),
-            after_step=after_step if cfg.checkpoint.enabled else None,
-        )
-        extra: dict[str, Any] = hooks.end_epoch(epoch) if hooks is not None else {}
-        train_time = time.perf_counter() - t0
-        # CPU seconds of all ranks' processes (every thread) in the training phase: a rate per
-        # CPU-second that contention on a shared machine disturbs less than wall time
-        cpu = time.process_time() - cpu0
-        loss_sum, weight_sum, samples_all, cpu_all = sum_all(
-            [loss_sum, weight_sum, samples, cpu], world, device
-        )
-
-        val = validate(ddp, reader, "val", rank, world, cfg.data.eval_batch_size, device)
-        scheduler.step()
-
-        # Early stopping from the all-reduced validation MAE: every rank computes the same
-        # decision, so all ranks leave the loop in the same epoch and keep calling report() in step.
-        state.end_epoch(epoch, val.mae, int(samples_all), sched.patience_at(epoch))
-
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(weight_sum, 1.0),
-            "val_mae": val.mae,
-            "val_rmse": val.rmse,
-            "val_mape": val.mape,
-            "lr": lr,
-            "samples": int(samples_all),
-            "samples_per_s": samples_all / max(train_time, 1e-9),
-            "samples_per_cpu_s": samples_all / max(cpu_all, 1e-9),
-            "epoch_time_s": time.perf_counter() - t0,
-            "best_val_mae": state.best_val_mae,
-            "best_epoch": state.best_epoch,
-            "bad_epochs": state.bad_epochs,
-            "stopped_early": state.stopped_early,
-            "attempt": state.attempt,
-            "world_size": world,
-            "rank": rank,
-            # of everything trained (with a hint loss the projection too): equal on every rank
-            "param_digest": weights_digest(trained.state_dict())[:16],
-            SCORE: checkpoint_score(val.mae),
-            **extra,
-        }
-        saved_metrics = {k: v for k, v in metrics.items() if k not in ("param_digest", SCORE)}
-        ckpt = checkpoint_of(saved_metrics, state) if rank == 0 else None
-        _report(job, rank, metrics, ckpt, f"epoch_{epoch:04d}")  # SYNC: once per epoch
-        steps.mark()
+    finally:
+        close = getattr(loss_fn, "close", None)  # e.g. the label stream or cache reader
+        if close is not None:
+            close()
 
 
 def worker_entry(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for ``TorchTrainer``: ``train_loop_config={"job": TrainJob}``."""
-    run_worker(config["job"])
+    job = config["job"]
+    run_worker(job, RayTrainSession(job))

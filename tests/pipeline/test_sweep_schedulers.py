@@ -36,9 +36,9 @@ from stkd_dist.pipeline.trial_records import (
     write_stop,
 )
 from stkd_dist.pipeline.tune_space import apply_params
-from stkd_dist.pipeline.tune_trial import TIME_ATTR, apply_optim_settings
+from stkd_dist.pipeline.tune_trial import TIME_ATTR
+from stkd_dist.train.schedule import apply_optim_settings, lr_at
 from stkd_dist.train.schedule import build_scheduler as lr_schedule
-from stkd_dist.train.schedule import lr_at
 
 SPACE = {
     "distill.alpha": {"uniform": [0.2, 0.9]},

@@ -1,0 +1,114 @@
+"""Data-parallel trials: ``sweep.trial_workers: 2`` makes every trial a Ray Train run of 2 workers.
+
+One sweep of 4 trials (ASHA, 2 epochs each at most) on a local Ray cluster; the tests check, on
+the data side, that each trial ran two distinct worker processes which shared every epoch's
+training windows between them, and what the sweep reported of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+
+from stkd_dist.location import location
+from stkd_dist.pipeline.sweep import SweepHooks, SweepOutcome, run_sweep
+from stkd_dist.pipeline.tune_trial import read_starts
+from stkd_dist.storage import open_store
+from stkd_dist.train.loop import build_reader
+from tests.pipeline.sweep_env import SweepEnv, make_env, read_board
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TRIALS, EPOCHS = 4, 2
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> SweepEnv:
+    return make_env(
+        tmp_path_factory.mktemp("dp"), run="dp", samples=TRIALS, max_epochs=EPOCHS, trial_workers=2
+    )
+
+
+@pytest.fixture(scope="module")
+def swept(env: SweepEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    storage = tmp_path_factory.mktemp("storage")
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STKD_DASK", "threads")
+        # room for two trials of two 1-CPU workers at once; the dashboard serves the State API
+        # that Ray Train's placement-group cleaner asks when a trial's run has ended
+        ray.init(num_cpus=4, include_dashboard=True)
+        try:
+            outcome = run_sweep(
+                env.config,
+                checkpoint=str(env.teacher),
+                storage=storage,
+                hooks=SweepHooks(echo=lines.append),
+            )
+            yield {"outcome": outcome, "lines": lines}
+        finally:
+            ray.shutdown()
+
+
+def _train_windows(env: SweepEnv) -> int:
+    store = open_store(env.config.data.dataset)
+    return len(build_reader(env.config, store).windows("train"))
+
+
+def test_every_trial_ran_two_distinct_worker_processes(swept: dict[str, Any]) -> None:
+    outcome: SweepOutcome = swept["outcome"]
+    summary = outcome.summary
+    assert summary["trials"] == TRIALS and summary["errored"] == 0
+    for record in summary["trial_records"]:
+        trial_dir = outcome.layout.trials / record["trial_id"]
+        start = read_starts(trial_dir)[-1]
+        workers = start["workers"]
+        assert sorted(w["rank"] for w in workers) == [0, 1]
+        pids = {w["pid"] for w in workers}
+        # two processes, neither of them the trial's own Tune function
+        assert len(pids) == 2 and start["pid"] not in pids
+        assert record["workers"] == workers
+
+
+def test_each_epoch_the_two_ranks_shared_the_training_windows(
+    swept: dict[str, Any], env: SweepEnv
+) -> None:
+    outcome: SweepOutcome = swept["outcome"]
+    train = _train_windows(env)
+    for record in outcome.summary["trial_records"]:
+        labels = location(outcome.layout.trials / record["trial_id"]) / "labels"
+        epochs = sorted(p.name for p in labels.iterdir())
+        done = record["epochs_done"]
+        # a trial the scheduler stops may have begun its next epoch before the stop reached it
+        assert len(epochs) in (done, done + 1)
+        for epoch in epochs[:done]:
+            ranks = [json.loads((labels / epoch / f"rank_{r}.json").read_text()) for r in (0, 1)]
+            assert [r["world_size"] for r in ranks] == [2, 2]
+            # the delivery records of the data side: each rank got the labels of its own shard
+            delivered = [r["teachers"][0]["delivered"] for r in ranks]
+            assert all(d > 0 for d in delivered)
+            assert sum(r["plan_windows"] for r in ranks) == train
+
+
+def test_stop_reasons_match_the_epochs_each_trial_ran(swept: dict[str, Any]) -> None:
+    summary = swept["outcome"].summary
+    for record in summary["trial_records"]:
+        done = record["epochs_done"]
+        expected = "completed" if done == EPOCHS else "scheduler"
+        assert record["stop_reason"] == expected, record
+    assert sum(summary["stop_reasons"].values()) == TRIALS
+
+
+def test_labels_came_from_the_cache_once_and_the_board_has_the_aggregates(
+    swept: dict[str, Any],
+) -> None:
+    outcome: SweepOutcome = swept["outcome"]
+    labels = outcome.summary["labels"]
+    assert labels["teacher_windows_computed"] == labels["distinct_windows"]
+    trials, aggregates = read_board(outcome.layout.leaderboard)
+    assert len(trials) == TRIALS
+    assert set(aggregates["kind"]) == {"soup", "ensemble"}

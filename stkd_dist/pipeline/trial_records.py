@@ -7,8 +7,8 @@ syncs only at times of its choosing, and a record must be there when the driver 
   PBT exploit or pause), written by the trial before it trains: the epoch it continues after,
   the checkpoint it loaded (``restored_from``: its path, the trial that wrote it, its epoch and a
   digest of the weights loaded from it), the settings it trains with, and ``workers``: one
-  ``{rank, pid, node_id}`` per worker process. A trial is one process today (rank 0 only); a
-  multi-worker trial lists one entry per rank.
+  ``{rank, pid, node_id}`` per worker process (a one-process trial: rank 0 only, its own
+  process; a data-parallel trial: one per rank of its Ray Train run).
 * ``stop.json``: written by the trial when it ends itself, before its last report (a scheduler
   may stop it at that report): ``reason`` ``completed`` (it ran ``sweep.max_epochs``) or
   ``early_stopping`` (its ``student.schedule.early_stopping_patience`` ran out). Each start

@@ -372,3 +372,15 @@ def test_a_restored_optimizer_takes_the_trials_own_settings() -> None:
     assert len(opt.state) == len(donor_opt.state)  # Adam's moments are the donor's
     sched.step()  # the schedule goes on from the trial's own base rate
     assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(4, SCHEDULE, 4e-3))
+
+
+def test_a_data_parallel_trials_actor_reserves_almost_nothing() -> None:
+    from stkd_dist.pipeline.sweep_tuner import trial_resources
+
+    one = cfg_with("sweep.cpus_per_worker=2", "sweep.gpus_per_worker=0.5")
+    assert trial_resources(one) == {"cpu": 2, "gpu": 0.5}
+    # the Ray Train run places the workers; the actor that drives it holds one byte
+    many = cfg_with("sweep.trial_workers=2", "sweep.cpus_per_worker=2")
+    assert trial_resources(many) == {"cpu": 0, "memory": 1}
+    with pytest.raises(ConfigError, match="trial_workers"):
+        cfg_with("sweep.trial_workers=0")

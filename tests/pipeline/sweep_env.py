@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,32 @@ def make_env(
         state=TrainState(epoch=0),
     )
     return SweepEnv(store_path, info.path, cfg)
+
+
+@contextlib.contextmanager
+def swept_on_ray(
+    env: SweepEnv, storage: Path, num_cpus: int = 2, dashboard: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Run ``env``'s sweep in this process on a fresh local Ray cluster of ``num_cpus`` CPUs;
+    yields ``{"outcome", "storage", "lines"}`` (``lines``: what the sweep printed)."""
+    import pytest
+    import ray
+
+    from stkd_dist.pipeline.sweep import SweepHooks, run_sweep
+
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        # Dask graphs over Zarr v3 arrays fail in Ray's Dask scheduler (zarr metadata does not
+        # survive the trip to a Ray worker); the sweep's driver-side evaluation uses threads
+        mp.setenv("STKD_DASK", "threads")
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard)
+        try:
+            outcome = run_sweep(
+                env.config,
+                checkpoint=str(env.teacher),
+                storage=storage,
+                hooks=SweepHooks(echo=lines.append),
+            )
+            yield {"outcome": outcome, "storage": storage, "lines": lines}
+        finally:
+            ray.shutdown()

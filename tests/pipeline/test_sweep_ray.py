@@ -15,12 +15,12 @@ import ray
 
 from stkd_dist.checkpoint import load_forecaster, read_checkpoint
 from stkd_dist.config import read_config
-from stkd_dist.pipeline.sweep import SweepOutcome, run_sweep
+from stkd_dist.pipeline.sweep import SweepOutcome
 from stkd_dist.pipeline.tune_trial import read_starts
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import build_reader
-from tests.pipeline.sweep_env import SweepEnv, make_env, read_board
+from tests.pipeline.sweep_env import SweepEnv, make_env, read_board, swept_on_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,25 +32,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> SweepEnv:
 
 @pytest.fixture(scope="module")
 def swept(env: SweepEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    storage = tmp_path_factory.mktemp("storage")
-    lines: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:
-        # Dask graphs over Zarr v3 arrays fail in Ray's Dask scheduler (zarr metadata does not
-        # survive the trip to a Ray worker); the sweep's driver-side evaluation uses threads
-        mp.setenv("STKD_DASK", "threads")
-        ray.init(num_cpus=2, include_dashboard=False)
-        try:
-            from stkd_dist.pipeline.sweep import SweepHooks
-
-            outcome = run_sweep(
-                env.config,
-                checkpoint=str(env.teacher),
-                storage=storage,
-                hooks=SweepHooks(echo=lines.append),
-            )
-            yield {"outcome": outcome, "storage": storage, "lines": lines}
-        finally:
-            ray.shutdown()
+    with swept_on_ray(env, tmp_path_factory.mktemp("storage")) as swept:
+        yield swept
 
 
 def test_leaderboard_has_every_trial_evaluated_on_test(

@@ -12,16 +12,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import ray
 
 from stkd_dist.location import location
-from stkd_dist.pipeline.sweep import SweepHooks, SweepOutcome, run_sweep
+from stkd_dist.pipeline.sweep import SweepOutcome
 from stkd_dist.pipeline.tune_trial import read_starts
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import build_reader
-from tests.pipeline.sweep_env import SweepEnv, make_env, read_board
+from tests.pipeline.sweep_env import SweepEnv, make_env, read_board, swept_on_ray
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]
 
 TRIALS, EPOCHS = 4, 2
 
@@ -35,23 +34,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> SweepEnv:
 
 @pytest.fixture(scope="module")
 def swept(env: SweepEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    # room for two trials of two 1-CPU workers at once; the dashboard serves the State API that
+    # Ray Train's placement-group cleaner asks when a trial's run has ended
     storage = tmp_path_factory.mktemp("storage")
-    lines: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STKD_DASK", "threads")
-        # room for two trials of two 1-CPU workers at once; the dashboard serves the State API
-        # that Ray Train's placement-group cleaner asks when a trial's run has ended
-        ray.init(num_cpus=4, include_dashboard=True)
-        try:
-            outcome = run_sweep(
-                env.config,
-                checkpoint=str(env.teacher),
-                storage=storage,
-                hooks=SweepHooks(echo=lines.append),
-            )
-            yield {"outcome": outcome, "lines": lines}
-        finally:
-            ray.shutdown()
+    with swept_on_ray(env, storage, num_cpus=4, dashboard=True) as swept:
+        yield swept
 
 
 def _train_windows(env: SweepEnv) -> int:

@@ -343,3 +343,31 @@ def test_stream_distill_on_two_nodes_survives_a_killed_replica_bitwise(
     assert a.epoch == b.epoch == 1
     wa, wb = (load_checkpoint_state(c.path)["model"] for c in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.long
+def test_submitted_sweep_runs_every_trial_on_both_worker_nodes(
+    local_ray_cluster: Any, tmp_path: Path
+) -> None:
+    """``sweep.trial_workers: 2`` on two 1-CPU worker nodes: each trial's Ray Train run puts one
+    worker on each node, and the nodes share no path but the storage root."""
+    from tests.pipeline.sweep_env import make_env
+
+    cluster = local_ray_cluster
+    storage = tmp_path / "storage"
+    env = make_env(tmp_path / "env", run="sweep-2n", samples=2, max_epochs=2, trial_workers=2)
+    config = tmp_path / "env" / "sweep.yaml"
+    done = cluster.stkd(
+        "--storage", storage, "submit", "--address", cluster.dashboard_url,
+        "--job-id", "sweep-2n", "--", f"sweep --config {config} --checkpoint {env.teacher}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "SUCCEEDED" in done.stderr
+
+    summary = json.loads((storage / "runs" / "sweep-2n" / "sweep" / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["errored"] == 0
+    workers = set(cluster.worker_node_ids.values())
+    for record in summary["trial_records"]:
+        ranks = record["workers"]
+        assert sorted(w["rank"] for w in ranks) == [0, 1]
+        assert {w["node_id"] for w in ranks} == workers, record

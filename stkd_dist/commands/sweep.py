@@ -44,6 +44,9 @@ examples:
   # Population Based Training instead of ASHA
   stkd sweep --config demo --set sweep.scheduler=pbt
 
+  # data-parallel trials: each trial a Ray Train run of 2 DDP workers (1 CPU each)
+  stkd sweep --config los-loop --set sweep.trial_workers=2 --address auto
+
 Results go to <storage>/runs/<run>/sweep/: leaderboard.csv, pareto.csv, summary.json (the
 teacher forward passes the sweep cost, why each trial stopped, its worker processes, the PBT
 exploits) and best/ (the best student's checkpoint, config.yaml and metrics.json); report.md and

@@ -26,12 +26,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-import time
 import uuid
 from typing import Any
 
 from ray.train import UserCallback
-from ray.util.queue import Queue
+from ray.train.torch import TorchConfig
+from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2.torch.torch_trainer import TorchTrainer
+from ray.util.queue import Empty, Queue
 
 from stkd_dist.checkpoint import TrainState, load_checkpoint_state, read_checkpoint
 from stkd_dist.location import Location, exists, pyarrow_filesystem, read_json
@@ -39,6 +41,7 @@ from stkd_dist.pipeline.trial_records import state_digest
 from stkd_dist.pipeline.trial_report import TrialReporter
 from stkd_dist.train.loop import TrainJob
 from stkd_dist.train.session import Restored
+from stkd_dist.train.worker import worker_entry
 
 #: how long the Tune function waits for the next report before it looks at the run again
 _POLL_S = 1.0
@@ -84,13 +87,17 @@ def _restored(job: TrainJob) -> tuple[Restored, str | None]:
     )
 
 
-def _workers(folder: Location, world: int, since: float) -> list[dict[str, Any]]:
-    """``{rank, pid, node_id}`` of each worker of this start (their status files)."""
+def _workers(folder: Location, world: int) -> list[dict[str, Any]]:
+    """``{rank, pid, node_id}`` of each worker of this start, from their status files.
+
+    Read at the run's first report: every rank rewrites its file before it trains, and a
+    report is a barrier of all ranks, so the files are this start's (no clocks compared).
+    """
     out = []
     for rank in range(world):
         path = folder / "workers" / f"rank-{rank}.json"
-        record = read_json(path) if exists(path) else None
-        if record is not None and record.get("started", 0) >= since:
+        if exists(path):
+            record = read_json(path)
             out.append({k: record.get(k) for k in ("rank", "pid", "node_id")})
     return out
 
@@ -105,12 +112,6 @@ def fit_trial(
     gpus_per_worker: float,
 ) -> None:
     """Train one start of a trial on a Ray Train run of ``workers`` workers; see the module."""
-    from ray.train.torch import TorchConfig
-    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.torch.torch_trainer import TorchTrainer
-
-    from stkd_dist.train.worker import worker_entry
-
     os.environ.setdefault(_START_TIMEOUT_ENV, str(_START_TIMEOUT_S))
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
@@ -136,7 +137,6 @@ def fit_trial(
         ),
     )
     restored, digest = _restored(job)
-    since = time.time()
     failure: list[BaseException] = []
     done = threading.Event()
 
@@ -154,12 +154,11 @@ def fit_trial(
     while not (done.is_set() and reports.empty()):
         try:
             item = reports.get(timeout=_POLL_S)
-        except Exception:  # ray.util.queue.Empty: nothing yet, look at the run again
+        except Empty:  # nothing yet: look at the run again
             continue
-        ranks: list[dict[str, Any]] = item["metrics"]
-        head = ranks[0]
+        head: dict[str, Any] = item["metrics"][0]  # rank 0's
         if not reporter.logged:
-            found = _workers(trial_dir, workers, since)
+            found = _workers(trial_dir, workers)
             reporter.log_start(_start_state(restored), restored, digest, found)
         last = head
         reporter.report_epoch(head, item["checkpoint"])  # returns if Tune lets the trial go on

@@ -6,12 +6,10 @@ import argparse
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from stkd_dist.commands import SUMMARIES
@@ -44,6 +42,10 @@ examples:
   # Population Based Training instead of ASHA
   stkd sweep --config demo --set sweep.scheduler=pbt
 
+  # labels from the run's label cache, filled before the trials (default: streamed from
+  # serve.replicas teacher replicas that write through to it)
+  stkd sweep --config los-loop --set sweep.labels=cache
+
   # data-parallel trials: each trial a Ray Train run of 2 DDP workers (1 CPU each)
   stkd sweep --config los-loop --set sweep.trial_workers=2 --address auto
 
@@ -65,8 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Sample student and distillation settings from the config's sweep.space, train a "
             "student per sample with Ray Tune (ASHA stops unpromising trials early, or PBT "
             "continues the worst from the best ones' checkpoints with mutated settings), all "
-            "distilling from ONE teacher whose soft labels are computed once into a label "
-            "cache. Each trial keeps its best checkpoints by validation MAE; at the end every "
+            "distilling from ONE teacher: the trials' workers stream its soft labels from teacher "
+            "replicas the sweep starts, which compute each window once and write it through to "
+            "the run's label cache (sweep.labels: stream), or read the cache filled before the "
+            "trials (sweep.labels: cache). Each trial keeps its best checkpoints by validation MAE; at the end every "
             "trial's best checkpoint is evaluated on the test split, the leaderboard and the "
             "Pareto front (parameters vs test MAE) are written and the best student is exported, "
             "next to a greedy weight soup of the trials and a top-k ensemble (rows soup and "
@@ -138,7 +142,8 @@ def top_table(rows: Sequence[Any], top: int, pareto: set[str]) -> Table:
 def run(args: argparse.Namespace) -> int:
     """Run ``stkd sweep``."""
     from stkd_dist.config import load_config
-    from stkd_dist.pipeline.sweep import SweepHooks, run_sweep
+    from stkd_dist.pipeline.sweep import run_sweep
+    from stkd_dist.pipeline.ui import PipelineUI
 
     # Trials of small students checkpoint every few seconds; with keep_best Tune then snapshots
     # its (small) experiment state as often and warns about it at every trial: not a problem here
@@ -148,42 +153,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(
         args.config, [*args.overrides, *flag_overrides(args, ("teacher",)), *_overrides(args)]
     )
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("teacher labels"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
+    # status lines, stage headers and progress on stderr; the results table on stdout
+    outcome = run_sweep(
+        cfg,
+        checkpoint=args.checkpoint,
+        storage=args.storage,
+        ui=PipelineUI(Console(stderr=True)),
     )
-    task: dict[str, Any] = {}
-
-    def cache_start(total: int) -> None:
-        print(f"stkd sweep: computing the teacher's labels of {total} windows", file=sys.stderr)
-        progress.start()
-        task["id"] = progress.add_task("labels", total=total)
-
-    def cache_progress(n: int) -> None:
-        if "id" in task:
-            progress.advance(task["id"], n)
-
-    def echo(line: str) -> None:
-        if "id" in task:  # the labels are done once anything else is said
-            progress.stop()
-            task.clear()
-        print(f"stkd sweep: {line}", file=sys.stderr, flush=True)
-
-    try:
-        outcome = run_sweep(
-            cfg,
-            checkpoint=args.checkpoint,
-            storage=args.storage,
-            hooks=SweepHooks(echo=echo, cache_start=cache_start, cache_progress=cache_progress),
-        )
-    finally:
-        progress.stop()
     if outcome.interrupted:
         return 130
     summary = outcome.summary
@@ -198,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"teacher forward passes: {labels['teacher_windows_computed']} windows for "
         f"{summary['trials']} trials ({labels['distinct_windows']} distinct windows; the trials "
-        f"read {labels['trial_label_reads']} labels from the cache)"
+        f"read {labels['trial_label_reads']} labels "
+        f"{'streamed from the replicas' if labels['mode'] == 'stream' else 'from the cache'})"
     )
     print(
         f"best trial {best.trial}: val_mae {best.val_mae:.4f}, test_mae {best.test_mae:.4f}, "

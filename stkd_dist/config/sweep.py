@@ -46,6 +46,7 @@ from stkd_dist.config.sections import non_negative, positive, require
 from stkd_dist.errors import ConfigError
 
 Scheduler = Literal["asha", "pbt"]
+TrialLabels = Literal["stream", "cache"]
 #: the keys only one scheduler takes, with their defaults (used when a key is null)
 SCHEDULER_KEYS: dict[str, dict[str, int]] = {
     "asha": {"grace_period": 1, "reduction_factor": 2},
@@ -277,6 +278,13 @@ class SweepSection:
         max_concurrent: trials running at once; null = as many as the cluster's resources
             admit at each moment (Tune starts a pending trial when its CPUs and GPUs are free,
             so an autoscaling cluster that adds nodes runs more).
+        labels: where the trials' soft labels come from. ``stream`` (default): the sweep
+            starts ``serve.replicas`` teacher replicas (Ray actors) and the trials' workers
+            stream their labels from them; the replicas write every window they compute through
+            to the run's label cache and serve it from there afterwards, so workers on any node
+            need no shared filesystem and the teacher computes each distinct window once,
+            however many trials read it. ``cache``: the labels of every training window are
+            computed into the label cache first (the ``labels`` stage) and the trials read it.
         ensemble_size: the best trials averaged into the sweep's ``ensemble`` (``k``).
         top: trials shown in the final table.
     """
@@ -294,6 +302,7 @@ class SweepSection:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0.0
     max_concurrent: int | None = None
+    labels: TrialLabels = "stream"
     ensemble_size: int = 3
     top: int = 10
 

@@ -30,15 +30,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from stkd_dist.config import Config, write_config
-from stkd_dist.labels.replicas import replica_compute
 from stkd_dist.labels.usage import label_use
 from stkd_dist.location import (
     Location,
@@ -61,16 +61,10 @@ from stkd_dist.pipeline.findings import (
     with_seed,
     write_findings,
 )
+from stkd_dist.pipeline.graph import LabelStage, ModelStage, NoteStage, StageGraph
 from stkd_dist.pipeline.outputs import MODELS, read_json, write_evaluation
-from stkd_dist.pipeline.run import RunLayout, StageBook, StageRecord, config_digest
-from stkd_dist.pipeline.stages import (
-    RaySession,
-    ensure_dataset,
-    ensure_label_cache,
-    label_cache_path,
-    train_student_stage,
-    train_teacher_stage,
-)
+from stkd_dist.pipeline.run import RunLayout, config_digest
+from stkd_dist.pipeline.stages import RaySession, train_student_stage
 from stkd_dist.pipeline.ui import PipelineUI, StageReport
 from stkd_dist.pipeline.ui import log as pipeline_log
 from stkd_dist.storage import DatasetStore
@@ -106,7 +100,7 @@ class DistillOutcome:
 
 
 class _Pipeline:
-    """One invocation: the config, the run's bookkeeping, the UI and the Ray session."""
+    """One invocation: the shared stages (:class:`~.graph.StageGraph`) and distill's own."""
 
     def __init__(
         self,
@@ -118,14 +112,14 @@ class _Pipeline:
         self.cfg = cfg
         self.storage = storage
         self.ui = ui
-        self.layout = RunLayout.of(cfg.run_name, storage)
-        self.book = StageBook(self.layout)
         # the epoch lines come from the experiments' history files (PipelineUI.training), so the
         # workers' own chatter is forwarded only when asked for
         self.ray = RaySession(cfg, worker_logs=worker_logs)
-        self.outcome = DistillOutcome(self.layout)
-        self.store: DatasetStore | None = None
-        self.names = self.stage_names()
+        self.graph = StageGraph(cfg, storage, ui, self.stage_names(), self.ray)
+        self.layout = self.graph.layout
+        self.outcome = DistillOutcome(self.layout, stages=self.graph.reports)
+        self.teacher = ModelStage("", "", math.nan)
+        self.cache: LabelStage | None = None
 
     def stage_names(self) -> list[str]:
         names = ["dataset", "teacher"]
@@ -137,137 +131,37 @@ class _Pipeline:
         return [*names, "evaluate", "statistics", "report"]
 
     @property
-    def fingerprint(self) -> str:
-        assert self.store is not None, "the dataset stage runs first"
-        return self.store.fingerprint
+    def store(self) -> DatasetStore:
+        assert self.graph.store is not None, "the dataset stage runs first"
+        return self.graph.store
 
-    def info(self, name: str) -> dict[str, Any]:
-        """The recorded facts of a completed stage (its version, checkpoint, ...)."""
-        return self.book.records[name].info
+    def model(self, name: str) -> ModelStage:
+        """The record of a completed model stage (``teacher``, ``student_kd``, ...)."""
+        return self.graph.recorded(name, ModelStage.from_info)
 
-    def step(
-        self,
-        name: str,
-        key: str,
-        work: Callable[[], tuple[list[Location], dict[str, Any], str]],
-        skipped_detail: Callable[[StageRecord], str],
-    ) -> StageRecord:
-        """Run stage ``name`` unless it completed with the same ``key`` and its outputs exist.
-
-        ``work`` returns ``(outputs, info, detail)``; the stage is recorded once it returns.
-        """
-        index = self.names.index(name) + 1
-        done = self.book.completed(name, key)
-        if done is not None:
-            self.ui.stage(index, len(self.names), name, "skipped: already complete")
-            detail = skipped_detail(done)
-            self.ui.echo(f"{name}: {detail}")
-            self.outcome.stages.append(StageReport(name, "skipped", done.seconds, detail))
-            return done
-        self.ui.stage(index, len(self.names), name, self.book.why_redo(name, key))
-        t0 = time.perf_counter()
-        outputs, info, detail = work()
-        seconds = time.perf_counter() - t0
-        record = self.book.record(name, key, outputs, seconds, info)
-        self.outcome.stages.append(StageReport(name, "ran", seconds, detail))
-        return record
-
-    # -- stages --------------------------------------------------------------------------------
-    def dataset(self) -> None:
-        index = self.names.index("dataset") + 1
-        self.ui.stage(index, len(self.names), "dataset")
-        t0 = time.perf_counter()
-        with self.ui.progress(f"synthesising {self.cfg.data.dataset!r}") as bar:
-            self.store, created = ensure_dataset(self.cfg, self.storage, on_block=bar.on_block)
-        s = self.store
-        detail = (
-            f"{'synthesised' if created else 'opened'} {s.name!r}: {s.steps} steps x {s.nodes} "
-            f"nodes x {len(s.channels)} channel(s), fingerprint {s.fingerprint}"
-        )
-        self.ui.echo(detail)
-        status = "ran" if created else "reused"
-        self.outcome.stages.append(StageReport("dataset", status, time.perf_counter() - t0, detail))
-
-    def teacher(self) -> StageRecord:
-        key = config_digest(self.cfg, ["data", "teacher", "run.seed"], fingerprint=self.fingerprint)
-
-        def work() -> tuple[list[Location], dict[str, Any], str]:
-            where = self.ray.ensure()
-            self.ui.echo(f"Ray: {where}")
-            epochs = self.cfg.teacher.schedule.epochs
-            with self.ui.training(self.layout.experiment("teacher"), "teacher", epochs):
-                res = train_teacher_stage(self.cfg, self.storage, echo=self.ui.echo)
-            return (
-                [self.layout.experiment("teacher") / "best.json", res.checkpoint],
-                _model_info(self.layout, res),
-                _model_detail(res.version, res.val_mae),
-            )
-
-        return self.step("teacher", key, work, _recorded_model_detail)
-
-    def labels(self) -> StageRecord:
-        teacher = self.info("teacher")
-        # a hint student needs the hidden states in the cache: part of the key only then, so
-        # the labels of runs with other losses keep their key
-        hidden = {"hidden": True} if self.cfg.distill.loss == "hint" else {}
-        key = config_digest(
-            self.cfg, [], teacher=teacher["version"], splits=list(LABEL_SPLITS), **hidden
-        )
-
-        def work() -> tuple[list[Location], dict[str, Any], str]:
-            assert self.store is not None
-            with self.ui.progress("teacher soft labels (windows)") as bar:
-                cache = ensure_label_cache(
-                    self.layout.root / teacher["checkpoint"],
-                    self.store.path,
-                    label_cache_path(self.layout, teacher["version"]),
-                    LABEL_SPLITS,
-                    batch_size=self.cfg.serve.batch_size,
-                    compute=replica_compute(self.cfg.serve),
-                    progress=bar.advance,
-                    on_start=bar.start,
-                    # a hint student reads the teacher's hidden states from the cache too
-                    hidden=self.cfg.distill.loss == "hint",
-                )
-            detail = (
-                f"{sum(cache.windows.values())} windows of teacher {cache.version}; "
-                f"{cache.forward_windows} teacher forward passes"
-                + ("" if cache.computed else " (existing cache reused)")
-            )
-            info = {
-                "path": self.layout.relative(cache.path),
-                "version": cache.version,
-                "windows": cache.windows,
-                "forward_windows": cache.forward_windows,
-            }
-            return [cache.path], info, detail
-
-        return self.step("labels", key, work, lambda r: _cache_detail(r.info))
-
-    def student(self, distill: bool, seed: int | None = None) -> StageRecord:
+    # -- distill's own stages ------------------------------------------------------------------
+    def student(self, distill: bool, seed: int | None = None) -> ModelStage:
         """The distilled (or scratch) student; ``seed``: a further seed of ``run.seeds``."""
         cfg = self.cfg if seed is None else with_seed(self.cfg, seed)
         name = "student_kd" if distill else "student_scratch"
         if seed is not None:
             name = seed_experiment(distill, seed)
         if distill:
-            teacher = self.info("teacher")
             sections = ["data", "student", "distill", "run.seed", "serve.mode", "serve.wire_dtype"]
-            extra: dict[str, Any] = {"teacher": teacher["version"]}
+            extra: dict[str, Any] = {"teacher": self.teacher.version}
             if self.cfg.serve.mode == "stream":
                 extra["endpoints"] = self.cfg.serve.endpoints
         else:
             sections, extra = ["data", "student", "distill.task", "run.seed"], {}
-        key = config_digest(cfg, sections, fingerprint=self.fingerprint, **extra)
+        key = config_digest(cfg, sections, fingerprint=self.graph.fingerprint, **extra)
 
-        def work() -> tuple[list[Location], dict[str, Any], str]:
-            where = self.ray.ensure()
-            self.ui.echo(f"Ray: {where}")
+        def work() -> tuple[list[Location], ModelStage]:
+            self.ui.echo(f"Ray: {self.ray.ensure()}")
             labels = teacher_ckpt = None
             if distill:
-                teacher_ckpt = self.layout.root / self.info("teacher")["checkpoint"]
-                if self.cfg.serve.mode == "cache":
-                    labels = self.layout.root / self.info("labels")["path"]
+                teacher_ckpt = self.teacher.path(self.layout)
+                if self.cache is not None:
+                    labels = self.cache.location(self.layout)
                     self.ui.echo(f"soft labels from the label cache {labels}")
                 elif self.cfg.serve.endpoints:
                     self.ui.echo(f"soft labels streamed from {self.cfg.serve.endpoints}")
@@ -290,13 +184,10 @@ class _Pipeline:
                 )
             if distill and seed is None:
                 self._check_teacher_used()
-            return (
-                [self.layout.experiment(name) / "best.json", res.checkpoint],
-                _model_info(self.layout, res),
-                _model_detail(res.version, res.val_mae),
-            )
+            outputs = [self.layout.experiment(name) / "best.json", res.checkpoint]
+            return outputs, ModelStage.of(self.layout, res)
 
-        return self.step(name, key, work, _recorded_model_detail)
+        return self.graph.step(name, key, ModelStage.from_info, work)
 
     def _check_teacher_used(self) -> None:
         """Warn when the distilled student's teacher is not the run's own (given endpoints)."""
@@ -304,16 +195,15 @@ class _Pipeline:
 
         used = student_teachers(self.layout.experiment("student_kd")) or {}
         versions = [t.get("version") for t in used.get("teachers", [])]
-        mine = self.info("teacher")["version"]
+        mine = self.teacher.version
         if versions and versions != [mine]:
             self.ui.echo(
                 f"warning: the student was distilled from teacher(s) {versions}, the report's "
                 f"teacher is the run's own {mine}"
             )
 
-    def evaluate(self) -> StageRecord:
-        assert self.store is not None
-        versions = {m: self.info(m)["version"] for m in MODELS}
+    def evaluate(self) -> NoteStage:
+        versions = {m: self.model(m).version for m in MODELS}
         # the sensor locations are not part of the data's fingerprint, but the evaluation writes
         # them for the error map: a store re-ingested with (other) --locations is evaluated again
         locations = self.store.locations()
@@ -321,23 +211,19 @@ class _Pipeline:
         key = config_digest(
             self.cfg,
             ["data", "evaluate"],
-            fingerprint=self.fingerprint,
+            fingerprint=self.graph.fingerprint,
             locations=where,
             **versions,
         )
-        return self.step("evaluate", key, self._evaluate, lambda r: r.info.get("detail", ""))
+        return self.graph.step("evaluate", key, NoteStage.from_info, self._evaluate)
 
-    def _evaluate(self) -> tuple[list[Location], dict[str, Any], str]:
+    def _evaluate(self) -> tuple[list[Location], NoteStage]:
         from stkd_dist.checkpoint import load_forecaster
         from stkd_dist.pipeline.evaluate_all import evaluate_all
         from stkd_dist.train.loop import build_reader
 
-        assert self.store is not None
         store = self.store
-        models = {
-            m: load_forecaster(self.layout.root / self.info(m)["checkpoint"], role=m)[0]
-            for m in MODELS
-        }
+        models = {m: load_forecaster(self.model(m).path(self.layout), role=m)[0] for m in MODELS}
         reader = build_reader(self.cfg, store)
         with self.ui.progress("evaluating on the test split (windows)") as bar:
             ev = evaluate_all(
@@ -345,37 +231,35 @@ class _Pipeline:
             )
         outputs = write_evaluation(self.layout, ev, store, MODELS)
         kd, tm = ev.metrics["student_kd"].mae, ev.metrics["teacher"].mae
-        detail = f"test MAE: teacher {tm:.4f}, distilled student {kd:.4f}"
-        return outputs, {"detail": detail}, detail
+        return outputs, NoteStage(f"test MAE: teacher {tm:.4f}, distilled student {kd:.4f}")
 
-    def statistics(self) -> StageRecord:
+    def statistics(self) -> NoteStage:
         seeds = extra_seeds(self.cfg)
         versions = {
-            n: self.info(n)["version"]
+            n: self.model(n).version
             for s in seeds
             for n in (seed_experiment(True, s), seed_experiment(False, s))
         }
         key = config_digest(
             self.cfg,
             ["data"],
-            evaluated=self.book.records["evaluate"].finished,
-            teacher_val_mae=self.info("teacher")["val_mae"],
+            evaluated=self.graph.finished("evaluate"),
+            teacher_val_mae=self.teacher.val_mae,
             **versions,
         )
-        return self.step("statistics", key, self._statistics, lambda r: r.info.get("detail", ""))
+        return self.graph.step("statistics", key, NoteStage.from_info, self._statistics)
 
-    def _statistics(self) -> tuple[list[Location], dict[str, Any], str]:
+    def _statistics(self) -> tuple[list[Location], NoteStage]:
         from stkd_dist.checkpoint import load_forecaster
         from stkd_dist.stats import kd_vs_scratch
         from stkd_dist.train.loop import build_reader
 
-        assert self.store is not None
         reader = build_reader(self.cfg, self.store)
         batch = self.cfg.data.eval_batch_size
         metrics = read_json(self.layout.metrics) or {}
         with self.ui.status("validation MAE of the naive baselines ..."):
             base = split_mae(reader, baseline_predictors(reader), "val", batch)
-        check = teacher_check(float(self.info("teacher")["val_mae"]), base)
+        check = teacher_check(self.teacher.val_mae, base)
         self.ui.echo(check["message"])
         findings: dict[str, Any] = {"teacher_check": check}
         detail = "teacher beats both baselines" if check["beats_baselines"] else check["message"]
@@ -388,9 +272,7 @@ class _Pipeline:
                 for s in seeds:
                     for distill, out in ((True, kd), (False, scratch)):
                         name = seed_experiment(distill, s)
-                        model = load_forecaster(
-                            self.layout.root / self.info(name)["checkpoint"], role=name
-                        )[0]
+                        model = load_forecaster(self.model(name).path(self.layout), role=name)[0]
                         mae = split_mae(reader, {name: model_predictor(model)}, "test", batch)
                         out.append(mae[name])
                         bar.advance()
@@ -400,41 +282,40 @@ class _Pipeline:
             findings["kd_vs_scratch"] = entry
             self.ui.echo(entry["verdict"])
             detail = entry["verdict"]
-        cost = label_cost(
-            self.cfg.serve.mode,
-            [u for u in map(label_use, self._distilled_experiments()) if u is not None],
-            self.info("labels") if "labels" in self.names else None,
-        )
+        uses = [u for u in map(label_use, self._distilled_experiments()) if u is not None]
+        cost = label_cost(self.cfg.serve.mode, uses, self.cache)
         if cost is not None:
             findings["labels"] = cost
         write_findings(self.layout.metrics, findings)
-        return [self.layout.metrics], {"detail": detail}, detail
+        return [self.layout.metrics], NoteStage(detail)
 
     def _distilled_experiments(self) -> list[Location]:
         """The experiments of the run's distilled students (every seed)."""
         names = ["student_kd", *(seed_experiment(True, s) for s in extra_seeds(self.cfg))]
         return [self.layout.experiment(n) for n in names]
 
-    def report(self) -> StageRecord:
-        key = config_digest(self.cfg, [], evaluated=self.book.records["statistics"].finished)
+    def report(self) -> NoteStage:
+        key = config_digest(self.cfg, [], evaluated=self.graph.finished("statistics"))
 
-        def work() -> tuple[list[Location], dict[str, Any], str]:
+        def work() -> tuple[list[Location], NoteStage]:
             from stkd_dist.report import write_report
 
             with self.ui.status("rendering the report ..."):
                 md, html = write_report(self.layout.root)
-            return [md, html], {"html": self.layout.relative(html)}, str(html)
+            return [md, html], NoteStage(str(html))
 
-        return self.step("report", key, work, lambda r: str(self.layout.root / r.info["html"]))
+        return self.graph.step("report", key, NoteStage.from_info, work)
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self) -> DistillOutcome:
         t0 = time.perf_counter()
-        self.dataset()
+        self.graph.dataset()
         with self.ray:
-            self.teacher()
-            if "labels" in self.names:
-                self.labels()
+            self.teacher = self.graph.teacher()
+            if self.cfg.serve.mode == "cache":
+                # a hint student reads the teacher's hidden states from the cache too
+                hint = self.cfg.distill.loss == "hint"
+                self.cache = self.graph.labels(self.teacher, LABEL_SPLITS, hidden=hint)
             self.student(distill=True)
             self.student(distill=False)
             for seed in extra_seeds(self.cfg):
@@ -487,31 +368,6 @@ def run_distill(
     with _log_file(pipe.layout):
         ui.echo(f"run {cfg.run_name!r} in {url(pipe.layout.root)}")
         return pipe.run()
-
-
-def _model_info(layout: RunLayout, res: Any) -> dict[str, Any]:
-    return {
-        "checkpoint": layout.relative(res.checkpoint),
-        "version": res.version,
-        "val_mae": res.val_mae,
-        "epochs": res.epochs,
-        "trained": res.trained,
-    }
-
-
-def _model_detail(version: str, val_mae: float) -> str:
-    return f"best {version}, val MAE {val_mae:.4f}"
-
-
-def _recorded_model_detail(record: StageRecord) -> str:
-    return _model_detail(record.info["version"], float(record.info["val_mae"]))
-
-
-def _cache_detail(info: dict[str, Any]) -> str:
-    return (
-        f"{sum(info['windows'].values())} windows of teacher {info['version']}; "
-        f"{info['forward_windows']} teacher forward passes"
-    )
 
 
 @contextlib.contextmanager

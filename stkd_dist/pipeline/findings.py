@@ -25,6 +25,7 @@ from stkd_dist.data.reader import WindowReader
 from stkd_dist.labels.usage import LabelUse
 from stkd_dist.location import Location, read_json, write_json_atomic
 from stkd_dist.metrics import MetricAccumulator
+from stkd_dist.pipeline.graph import LabelStage
 from stkd_dist.report.render import FINDINGS
 
 
@@ -116,23 +117,23 @@ def write_findings(metrics_path: Location, findings: Mapping[str, Any]) -> None:
 
 
 def label_cost(
-    mode: str, uses: Sequence[LabelUse], cache_info: Mapping[str, Any] | None
+    mode: str, uses: Sequence[LabelUse], cache: LabelStage | None
 ) -> dict[str, Any] | None:
     """The ``labels`` finding: teacher windows computed vs distinct windows read.
 
     Args:
         mode: ``serve.mode``.
         uses: ``label_use.json`` of each distilled student (stream mode with started replicas).
-        cache_info: the ``labels`` stage's record (cache mode).
+        cache: the ``labels`` stage's record (cache mode).
 
     Returns None when nothing was measured (e.g. streaming from external servers).
     """
-    if mode == "cache" and cache_info is not None:
+    if mode == "cache" and cache is not None:
         return {
             "mode": mode,
-            "teacher_windows_computed": int(cache_info["forward_windows"]),
-            "distinct_windows": int(sum(cache_info["windows"].values())),
-            "cache": cache_info["path"],
+            "teacher_windows_computed": cache.forward_windows,
+            "distinct_windows": cache.distinct_windows,
+            "cache": cache.path,
         }
     if not uses:
         return None

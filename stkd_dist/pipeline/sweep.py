@@ -1,13 +1,17 @@
 """``stkd sweep``: a Ray Tune sweep of student and distillation settings over one shared teacher.
 
-Stages (each reuses what an earlier call left, see :mod:`stkd_dist.pipeline.stages`):
+Stages (the ``dataset`` → ``teacher`` → ``labels`` stages are ``stkd distill``'s, run and
+recorded by the same :class:`~stkd_dist.pipeline.graph.StageGraph`, so either command reuses the
+other's work in the same run):
 
-1. **Teacher.** The checkpoint given (``--checkpoint``), else the run's teacher, trained (or just
-   found complete) by the same code as ``stkd distill``'s teacher stage.
-2. **Labels, once.** The teacher runs over every training window into the run's label cache
-   (``<run>/labels/<teacher version>.zarr``); an existing complete cache is reused. Trials only
-   read it, so the sweep costs as many teacher forward passes as there are distinct windows,
-   however many trials and epochs read them.
+1. **Teacher.** The checkpoint given (``--checkpoint``), else the run's teacher stage: trained,
+   or skipped when complete.
+2. **Labels** (:mod:`.sweep_labels`). ``sweep.labels: stream`` (default): the sweep starts the
+   teacher's replicas; the trials' workers stream from them, and they write every window they
+   compute through to the run's label cache (``<run>/labels/<teacher version>.zarr``) and serve
+   it from there afterwards. ``sweep.labels: cache``: the ``labels`` stage fills the cache first
+   and the trials read it. Either way the sweep costs as many teacher forward passes as there
+   are distinct windows, however many trials and epochs read them.
 3. **Trials.** Ray Tune draws ``sweep.samples`` settings from ``sweep.space`` and trains a student
    for each (:mod:`.tune_trial`); ASHA stops the unpromising ones at its rungs, or PBT lets the
    worst continue from the best ones' checkpoints with mutated settings (:mod:`.sweep_tuner`); a
@@ -28,18 +32,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from stkd_dist.checkpoint import read_checkpoint
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.sweep import ParamSpec
 from stkd_dist.errors import ConfigError, StkdError, StoreError
-from stkd_dist.labels.replicas import replica_compute
 from stkd_dist.location import (
-    Location,
     absolute,
     exists,
     makedirs,
@@ -48,8 +51,11 @@ from stkd_dist.location import (
     url,
     write_json_atomic,
 )
-from stkd_dist.pipeline.run import RunLayout, config_digest
+from stkd_dist.pipeline.graph import StageGraph
+from stkd_dist.pipeline.run import config_digest
+from stkd_dist.pipeline.stages import RaySession
 from stkd_dist.pipeline.sweep_aggregate import aggregate
+from stkd_dist.pipeline.sweep_labels import trial_labels
 from stkd_dist.pipeline.sweep_results import (
     SweepLayout,
     TrialRow,
@@ -62,10 +68,10 @@ from stkd_dist.pipeline.sweep_results import (
 )
 from stkd_dist.pipeline.tune_space import check_space
 from stkd_dist.pipeline.tune_trial import TrialJob
+from stkd_dist.pipeline.ui import PipelineUI
 
 log = logging.getLogger(__name__)
 
-Echo = Callable[[str], None]
 #: splits whose windows get teacher labels: the student's loss reads the training windows only
 LABEL_SPLITS = ("train",)
 
@@ -91,21 +97,6 @@ class SweepOutcome:
     interrupted: bool
 
 
-@dataclass(frozen=True)
-class SweepHooks:
-    """Progress callbacks of :func:`run_sweep` (all optional).
-
-    Attributes:
-        echo: status lines.
-        cache_start: called with the number of windows when the label cache is being computed.
-        cache_progress: called with the windows labelled after each teacher forward pass.
-    """
-
-    echo: Echo = print
-    cache_start: Callable[[int], None] | None = None
-    cache_progress: Callable[[int], None] | None = None
-
-
 def check_forecast_loss(cfg: Config, specs: Sequence[ParamSpec]) -> None:
     """Every ``distill.loss`` a trial can draw must compare forecasts (what the cache holds)."""
     from stkd_dist.train.student import FORECAST_LOSSES
@@ -121,25 +112,6 @@ def check_forecast_loss(cfg: Config, specs: Sequence[ParamSpec]) -> None:
             f"forecasts; use one of {', '.join(FORECAST_LOSSES)}",
             where="sweep.space.distill.loss" if len(losses) > 1 else "distill.loss",
         )
-
-
-def cache_teacher(cache: Location, reader: Any, cfg: Config, val_mae: float | None) -> Any:
-    """The label cache as a ``cache`` teacher of the student trainer, checked and pinned.
-
-    The check (:func:`~stkd_dist.labels.sources.resolve_teachers`) runs once on the driver: the
-    cache must hold every training window of the student, with the student's label shape.
-    """
-    from stkd_dist.labels.teachers import TeacherSpec, resolve_teachers
-
-    dims = reader.dims
-    (teacher,) = resolve_teachers(
-        [TeacherSpec("cache", str(cache), val_mae=val_mae)],
-        fingerprint=reader.store.fingerprint,
-        window_shape=(dims.horizon, dims.nodes, dims.out_channels),
-        windows=reader.windows("train"),
-        spread=cfg.distill.confidence_weighting,
-    )
-    return teacher
 
 
 def _check_teacher_data(teacher_cfg: Config, cfg: Config, where: str) -> None:
@@ -186,18 +158,6 @@ def _check_settings(layout: SweepLayout, settings: dict[str, Any]) -> None:
         )
 
 
-def _resolve_teacher(
-    cfg: Config, checkpoint: str | None, storage: str | os.PathLike[str] | None, echo: Echo
-) -> Location:
-    """The teacher checkpoint: the one given, else the run's (trained here when missing)."""
-    from stkd_dist.checkpoint import resolve_checkpoint
-    from stkd_dist.pipeline.stages import train_teacher_stage
-
-    if checkpoint is not None:
-        return absolute(resolve_checkpoint(checkpoint, "teacher", storage))
-    return absolute(train_teacher_stage(cfg, storage=storage, echo=echo).checkpoint)
-
-
 def expected_trials(cfg: Config, specs: Sequence[ParamSpec]) -> int:
     """Trials the sweep makes: ``sweep.samples`` times the size of the ``grid`` keys' product."""
     size = 1
@@ -212,7 +172,7 @@ def run_sweep(
     *,
     checkpoint: str | None = None,
     storage: str | os.PathLike[str] | None = None,
-    hooks: SweepHooks | None = None,
+    ui: PipelineUI | None = None,
 ) -> SweepOutcome:
     """Run (or resume) the sweep of ``cfg.sweep`` in run ``cfg.run.name``; see the module docstring.
 
@@ -221,26 +181,19 @@ def run_sweep(
         checkpoint: the teacher (checkpoint, run directory or run name); None = the run's own
             teacher, trained first when the run has none.
         storage: the storage root (default: ``$STKD_STORAGE`` or ``./storage``).
-        hooks: progress callbacks.
+        ui: console output (default: stdout).
 
     Raises:
         ConfigError: an empty or invalid search space, a teacher trained on other windows, or a
             run holding a sweep with other settings.
     """
-    from stkd_dist.checkpoint import read_checkpoint
     from stkd_dist.config.validate import validate_config
-    from stkd_dist.pipeline.stages import (
-        RaySession,
-        ensure_dataset,
-        ensure_label_cache,
-        label_cache_path,
-    )
     from stkd_dist.pipeline.sweep_tuner import build_tuner, max_concurrent, trial_outcomes
     from stkd_dist.report import write_report
     from stkd_dist.train.loop import build_reader
 
-    hooks = hooks or SweepHooks()
-    echo = hooks.echo
+    ui = ui or PipelineUI()
+    echo = ui.echo
     started = time.time()
     specs = check_space(cfg)
     if not specs:
@@ -251,64 +204,59 @@ def run_sweep(
         )
     check_forecast_loss(cfg, specs)
     validate_config(cfg, roles=("student",) if checkpoint else ("teacher", "student"))
-    run = RunLayout.of(cfg.run_name, storage)
+    if cfg.sweep.labels == "stream" and cfg.serve.endpoints:
+        raise ConfigError(
+            "a sweep streams its labels from teacher replicas it starts (they write through to "
+            "the run's label cache); drop serve.endpoints, or set sweep.labels: cache",
+            where="serve.endpoints",
+        )
+    ray = RaySession(cfg)
+    graph = StageGraph(cfg, storage, ui, sweep_stages(cfg), ray)
+    run = graph.layout
     layout = SweepLayout.of(run)
-    store, _ = ensure_dataset(cfg, storage)
+    store = graph.dataset()
     reader = build_reader(cfg, store)  # checks channels and windows; computes + caches statistics
     for split in ("train", "val", "test"):
         if len(reader.windows(split)) == 0:
             raise ConfigError(f"the {split} split has no windows", where="data.split")
 
-    with RaySession(cfg) as session:
-        if checkpoint is None:
-            session.ensure()  # the teacher stage trains on Ray Train
-        teacher = _resolve_teacher(cfg, checkpoint, storage, echo)
-        tinfo = read_checkpoint(teacher)
-        _check_teacher_data(tinfo.config, cfg, where=str(teacher))
-        echo(f"teacher {tinfo.version} ({teacher})")
-        cache = ensure_label_cache(
-            teacher,
-            store.path,
-            label_cache_path(run, tinfo.version),
-            LABEL_SPLITS,
-            batch_size=cfg.serve.batch_size,
-            compute=replica_compute(cfg.serve),
-            progress=hooks.cache_progress,
-            on_start=hooks.cache_start,
-        )
-        echo(
-            f"labels: {sum(cache.windows.values())} windows in {cache.path} "
-            f"({'computed now' if cache.computed else 'reused'}; "
-            f"{cache.forward_windows} teacher forward passes)"
-        )
+    with ray:
+        teacher = graph.teacher() if checkpoint is None else graph.given_teacher(checkpoint)
+        tpath = absolute(teacher.path(run))
+        _check_teacher_data(read_checkpoint(tpath).config, cfg, where=url(tpath))
+        cache = graph.labels(teacher, LABEL_SPLITS) if cfg.sweep.labels == "cache" else None
 
-        settings = _settings(cfg, tinfo.version)
+        settings = _settings(cfg, teacher.version)
         if exists(layout.tune):
             _check_settings(layout, settings)
         makedirs(layout.root)
         write_json_atomic(layout.settings, settings)
         write_config(cfg, layout.root / "config.yaml")
 
-        job = TrialJob(
-            config=cfg,
-            specs=specs,
-            dataset=url(store.path),
-            records=url(layout.trials),
-            teacher=cache_teacher(absolute(cache.path), reader, cfg, tinfo.val_mae),
-            fingerprint=store.fingerprint,
-            workers=cfg.sweep.trial_workers,
-            cpus_per_worker=cfg.sweep.cpus_per_worker,
-            gpus_per_worker=cfg.sweep.gpus_per_worker,
-        )
-        where = session.ensure()
+        where = ray.ensure()
         concurrent = max_concurrent(cfg)
-        tuner, resumed = build_tuner(cfg, job, layout, specs)
-        echo(
-            f"{'resuming' if resumed else 'starting'} sweep {cfg.run_name!r}: "
-            f"{cfg.sweep.samples} trial(s), up to {cfg.sweep.max_epochs} epochs each, "
-            f"{concurrent} at a time on {where} ({cfg.sweep.scheduler.upper()})"
-        )
-        results = tuner.fit()
+        graph.header("trials", f"{cfg.sweep.scheduler.upper()}, labels: {cfg.sweep.labels}")
+        labels = trial_labels(cfg, run, teacher, store.path, reader, cache, storage)
+        with labels as trial_teacher:
+            echo(f"soft labels: {trial_teacher.teacher.name} (teacher {teacher.version})")
+            job = TrialJob(
+                config=cfg,
+                specs=specs,
+                dataset=url(store.path),
+                records=url(layout.trials),
+                teacher=trial_teacher.teacher,
+                fingerprint=store.fingerprint,
+                workers=cfg.sweep.trial_workers,
+                cpus_per_worker=cfg.sweep.cpus_per_worker,
+                gpus_per_worker=cfg.sweep.gpus_per_worker,
+            )
+            tuner, resumed = build_tuner(cfg, job, layout, specs)
+            echo(
+                f"{'resuming' if resumed else 'starting'} sweep {cfg.run_name!r}: "
+                f"{cfg.sweep.samples} trial(s), up to {cfg.sweep.max_epochs} epochs each, "
+                f"{concurrent} at a time on {where} ({cfg.sweep.scheduler.upper()})"
+            )
+            results = tuner.fit()
         finished = results.num_terminated + results.num_errors
         if finished < len(results):
             echo(
@@ -327,6 +275,7 @@ def run_sweep(
                 "it was being saved)"
             )
 
+    graph.header("aggregate")
     rows, counts = collect_rows(results, specs, reader, cfg.data.eval_batch_size, echo, layout.tune)
     if not rows:
         raise StkdError(
@@ -345,8 +294,10 @@ def run_sweep(
     board = [*(r.record(layout.root) for r in rows), *agg.rows(layout.root)]
     write_csv(pd.DataFrame(board), layout.leaderboard)
     write_csv(pd.DataFrame([r.record(layout.root) for r in front]), layout.pareto)
-    update_run_metrics(run, reader, cfg, layout.best, teacher)
+    update_run_metrics(run, reader, cfg, layout.best, tpath)
 
+    distinct = int(sum(len(reader.windows(s)) for s in LABEL_SPLITS))
+    label_cost = trial_teacher.summary(distinct, counts["label_reads"])
     summary = {
         "run": cfg.run_name,
         "trials": counts["trials"],
@@ -359,17 +310,11 @@ def run_sweep(
         "max_epochs": cfg.sweep.max_epochs,
         "max_concurrent": concurrent,
         "max_failures": cfg.sweep.max_failures,
-        "teacher": {"checkpoint": url(teacher), "version": tinfo.version},
-        "labels": {
-            "cache": url(cache.path),
-            "splits": list(LABEL_SPLITS),
-            "distinct_windows": int(sum(len(reader.windows(s)) for s in LABEL_SPLITS)),
-            # recorded in the cache when it was filled: what the teacher cost, once for all trials
-            "teacher_windows_computed": cache.forward_windows,
-            "computed_by_this_sweep": cache.computed,
-            # labelled windows the trials consumed (every epoch of every trial)
-            "trial_label_reads": counts["label_reads"],
-        },
+        "teacher": {"checkpoint": url(tpath), "version": teacher.version},
+        "labels": {**label_cost, "splits": list(LABEL_SPLITS)},
+        # what the teacher computed for the whole sweep, against the windows the trials read
+        "teacher_windows_computed": label_cost["teacher_windows_computed"],
+        "distinct_windows": distinct,
         "best": {**best.record(layout.root), "exported": relative(layout.best, run.root)},
         "pareto": [r.trial for r in front],
         "aggregates": agg.summary(layout.root),
@@ -381,9 +326,14 @@ def run_sweep(
     return SweepOutcome(layout, tuple(rows), best, summary, resumed, False)
 
 
+def sweep_stages(cfg: Config) -> list[str]:
+    """The stages of ``stkd sweep``: the shared ones, then the trials and their aggregation."""
+    labels = ["labels"] if cfg.sweep.labels == "cache" else []
+    return ["dataset", "teacher", *labels, "trials", "aggregate"]
+
+
 __all__ = [
     "LABEL_SPLITS",
-    "SweepHooks",
     "SweepLayout",
     "SweepOutcome",
     "TrialRow",

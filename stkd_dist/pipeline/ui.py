@@ -8,6 +8,7 @@ print a plain line now and then instead. Every line also goes to the run's log f
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import threading
@@ -144,6 +145,24 @@ class PipelineUI:
         for row in rows:
             table.add_row(*(_cell(row[c]) for c in cols))
         self.console.print(table)
+
+
+class LinesUI(PipelineUI):
+    """A :class:`PipelineUI` that keeps the status lines in ``lines`` and draws nothing else
+    (a program embedding the pipeline, or a test reading what it said).
+
+    Args:
+        lines: where the lines go (default: a new list, :attr:`lines`).
+    """
+
+    def __init__(self, lines: list[str] | None = None) -> None:
+        super().__init__(Console(file=io.StringIO(), width=200))
+        self.lines: list[str] = [] if lines is None else lines
+
+    def echo(self, text: str) -> None:
+        """A status line, kept."""
+        self.lines.append(text)
+        log.info(text)
 
 
 def _cell(value: Any) -> str:

@@ -59,6 +59,8 @@ def sweep_settings(
         "distill": {"loss": "regression", "alpha": 0.5},
         "cluster": {"num_workers": 1, "cpus_per_worker": 1},
         "evaluate": {"latency_repeats": 2, "latency_warmup": 0},
+        # the trials stream their labels (sweep.labels: stream) from one replica of the teacher
+        "serve": {"replicas": 1, "cpus_per_replica": 0},
         "sweep": {"space": SPACE, "samples": 4, "max_epochs": 3, "grace_period": 1, **sweep},
     }
 
@@ -115,7 +117,8 @@ def swept_on_ray(
     import pytest
     import ray
 
-    from stkd_dist.pipeline.sweep import SweepHooks, run_sweep
+    from stkd_dist.pipeline.sweep import run_sweep
+    from stkd_dist.pipeline.ui import LinesUI
 
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
@@ -128,7 +131,7 @@ def swept_on_ray(
                 env.config,
                 checkpoint=str(env.teacher),
                 storage=storage,
-                hooks=SweepHooks(echo=lines.append),
+                ui=LinesUI(lines),
             )
             yield {"outcome": outcome, "storage": storage, "lines": lines}
         finally:

@@ -20,8 +20,9 @@ import torch
 
 from stkd_dist.checkpoint import load_checkpoint_state, read_checkpoint
 from stkd_dist.config import Config
-from stkd_dist.pipeline.sweep import SweepHooks, SweepOutcome, run_sweep
+from stkd_dist.pipeline.sweep import SweepOutcome, run_sweep
 from stkd_dist.pipeline.trial_records import read_starts, state_digest
+from stkd_dist.pipeline.ui import LinesUI
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import build_model, build_reader
 from tests.pipeline.sweep_env import make_env
@@ -59,7 +60,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SweepOutcome]:
                 env.config,
                 checkpoint=str(env.teacher),
                 storage=root / "storage",
-                hooks=SweepHooks(echo=lambda line: None),
+                ui=LinesUI(),
             )
         finally:
             ray.shutdown()

@@ -189,17 +189,33 @@ def test_pareto_front_is_non_dominated(swept: dict[str, Any]) -> None:
 
 
 def test_teacher_ran_once_per_distinct_window(swept: dict[str, Any], env: SweepEnv) -> None:
+    """Streamed labels (``sweep.labels: stream``, the default): every trial streamed from the
+    sweep's one teacher replica, which ran its model once per distinct window (its own count),
+    wrote each window through to the run's label cache and served later reads from there."""
+    import numpy as np
+
+    from stkd_dist.serving.teacher import load_teacher
+
     outcome: SweepOutcome = swept["outcome"]
-    labels = outcome.summary["labels"]
+    summary = outcome.summary
+    labels = summary["labels"]
     reader = build_reader(env.config, open_store(env.store))
     distinct = len(reader.windows("train"))
+    assert labels["mode"] == "stream" and labels["replicas"] == 1
+    # counted by the replica's model as it ran: once per window, not per trial or epoch
+    assert labels["replica_forward_windows"] == distinct
+    assert summary["teacher_windows_computed"] == distinct == summary["distinct_windows"]
     cache = LabelCache(labels["cache"])
-    # the cache's own counter of teacher forward passes: once per window, not per trial or epoch
-    assert cache.forward_windows == distinct == labels["teacher_windows_computed"]
-    assert labels["distinct_windows"] == distinct and labels["computed_by_this_sweep"]
+    assert cache.is_complete("train") and cache.forward_windows == distinct
+    # the cache holds the teacher's forecasts of the right windows: some computed again here
+    windows = np.asarray(reader.windows("train"))[[0, distinct // 2, distinct - 1]]
+    hit, cached = cache.lookup("train", windows, with_spread=False)
+    assert hit.all() and cached is not None
+    again = load_teacher(env.teacher, env.store).predict(windows)
+    np.testing.assert_allclose(cached.prediction, again.prediction, rtol=1e-5, atol=1e-5)
     board = read_board(outcome.layout.leaderboard)[0].set_index("trial")
-    assert labels["trial_label_reads"] == distinct * board["epochs"].sum() > cache.forward_windows
-    # every trial got its labels from the cache, one delivery record per epoch
+    assert labels["trial_label_reads"] == distinct * board["epochs"].sum() > distinct
+    # every trial streamed its labels from the replica, one delivery record per epoch
     trials = list(outcome.layout.trials.iterdir())
     assert len(trials) == 4
     for trial_dir in trials:
@@ -207,7 +223,8 @@ def test_teacher_ran_once_per_distinct_window(swept: dict[str, Any], env: SweepE
         assert len(records) == board.loc[trial_dir.name, "epochs"]
         for record in records:
             (teacher,) = json.loads(record.read_text())["teachers"]
-            assert teacher["teacher"].startswith("cache:") and teacher["delivered"] == distinct
+            assert teacher["teacher"].startswith("ray:stkd-teacher-")
+            assert teacher["delivered"] == distinct
 
 
 def test_run_report_includes_the_sweep(swept: dict[str, Any]) -> None:

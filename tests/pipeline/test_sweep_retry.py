@@ -29,8 +29,9 @@ import pandas as pd
 import pytest
 import ray
 
-from stkd_dist.pipeline.sweep import SweepHooks, SweepOutcome, run_sweep
+from stkd_dist.pipeline.sweep import SweepOutcome, run_sweep
 from stkd_dist.pipeline.trial_records import SCHEDULER_STOP, STOP, read_starts
+from stkd_dist.pipeline.ui import LinesUI
 from tests.pipeline.sweep_env import make_env, read_board
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]
@@ -139,7 +140,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 env.config,
                 checkpoint=str(env.teacher),
                 storage=storage,
-                hooks=SweepHooks(echo=lambda line: None),
+                ui=LinesUI(),
             )
             killer.done.set()
             killer.join(timeout=30)

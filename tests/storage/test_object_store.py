@@ -251,7 +251,8 @@ def test_sweep_with_an_s3_root(s3_env: Any, tmp_path: Path) -> None:
     import ray
 
     from stkd_dist.checkpoint import load_forecaster
-    from stkd_dist.pipeline.sweep import SweepHooks, run_sweep
+    from stkd_dist.pipeline.sweep import run_sweep
+    from stkd_dist.pipeline.ui import LinesUI
     from tests.pipeline.sweep_env import make_env
 
     bucket = s3_env.make_bucket()
@@ -262,7 +263,7 @@ def test_sweep_with_an_s3_root(s3_env: Any, tmp_path: Path) -> None:
             env.config,
             checkpoint=str(env.teacher),
             storage=f"s3://{bucket}/root",
-            hooks=SweepHooks(echo=lambda line: None),
+            ui=LinesUI(),
         )
     finally:
         ray.shutdown()

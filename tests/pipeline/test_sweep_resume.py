@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from stkd_dist.pipeline.tune_trial import read_starts
+from stkd_dist.serving.cache import LabelCache
 from tests.pipeline.sweep_env import make_env, read_board
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -111,6 +112,9 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
     progress = sweep_dir / "tune" / f"trial_{done.name}" / "progress.csv"
     done_epochs = list(pd.read_csv(progress)["epoch"])
     assert done_epochs == [0, 1]
+    # the windows the killed sweep's replica wrote through to the run's label cache
+    (cache_path,) = (storage / "runs" / "resume" / "labels").glob("*.zarr")
+    cached_before = LabelCache(cache_path).filled_windows("train")
 
     second = _sweep(storage, config, env.teacher, log)
     try:
@@ -132,8 +136,10 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
         assert starts[0]["after_epoch"] == -1 and len(starts) <= 2
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["resumed"] and summary["trials"] == 2
-    # the labels were computed by the first run only, once per training window
+    # the resumed sweep's replica served what the killed one had cached and computed only the
+    # rest: over both runs, the teacher computed each training window once
     labels = summary["labels"]
-    assert not labels["computed_by_this_sweep"]
-    assert labels["teacher_windows_computed"] == labels["distinct_windows"]
+    assert labels["mode"] == "stream" and cached_before > 0
+    assert labels["replica_forward_windows"] == labels["distinct_windows"] - cached_before
+    assert LabelCache(cache_path).is_complete("train")
     assert (sweep_dir / "best" / "meta.json").is_file()

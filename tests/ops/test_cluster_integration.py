@@ -371,3 +371,9 @@ def test_submitted_sweep_runs_every_trial_on_both_worker_nodes(
         ranks = record["workers"]
         assert sorted(w["rank"] for w in ranks) == [0, 1]
         assert {w["node_id"] for w in ranks} == workers, record
+    # the ranks on both nodes streamed from the sweep's teacher replica over gRPC, which
+    # computed each distinct training window once for both trials
+    labels = summary["labels"]
+    assert labels["mode"] == "stream" and labels["replicas"] == 1
+    assert labels["replica_forward_windows"] == summary["distinct_windows"]
+    assert summary["teacher_windows_computed"] == summary["distinct_windows"]

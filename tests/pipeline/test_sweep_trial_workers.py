@@ -1,8 +1,9 @@
 """Data-parallel trials: ``sweep.trial_workers: 2`` makes every trial a Ray Train run of 2 workers.
 
-One sweep of 4 trials (ASHA, 2 epochs each at most) on a local Ray cluster; the tests check, on
-the data side, that each trial ran two distinct worker processes which shared every epoch's
-training windows between them, and what the sweep reported of it.
+One sweep of 4 trials (ASHA, 2 epochs each at most, labels streamed from a teacher replica) on a
+local Ray cluster; the tests check, on the data side, that each trial ran two distinct worker
+processes which shared every epoch's training windows between them, that the teacher computed
+each distinct window once, and what the sweep reported of it.
 """
 
 from __future__ import annotations
@@ -90,12 +91,23 @@ def test_stop_reasons_match_the_epochs_each_trial_ran(swept: dict[str, Any]) -> 
     assert sum(summary["stop_reasons"].values()) == TRIALS
 
 
-def test_labels_came_from_the_cache_once_and_the_board_has_the_aggregates(
-    swept: dict[str, Any],
+def test_labels_were_streamed_and_computed_once_and_the_board_has_the_aggregates(
+    swept: dict[str, Any], env: SweepEnv
 ) -> None:
+    """Every rank of every trial streamed from the sweep's replica, which ran its model once
+    per distinct training window (its own count) for 4 trials x 2 workers."""
     outcome: SweepOutcome = swept["outcome"]
-    labels = outcome.summary["labels"]
-    assert labels["teacher_windows_computed"] == labels["distinct_windows"]
+    summary = outcome.summary
+    labels = summary["labels"]
+    train = _train_windows(env)
+    assert labels["mode"] == "stream"
+    assert labels["replica_forward_windows"] == train == summary["distinct_windows"]
+    assert summary["teacher_windows_computed"] == train
+    for record in summary["trial_records"]:
+        folder = location(outcome.layout.trials / record["trial_id"]) / "labels"
+        for rank in folder.glob("epoch_*/rank_*.json"):
+            (teacher,) = json.loads(rank.read_text())["teachers"]
+            assert teacher["teacher"].startswith("ray:stkd-teacher-")
     trials, aggregates = read_board(outcome.layout.leaderboard)
     assert len(trials) == TRIALS
     assert set(aggregates["kind"]) == {"soup", "ensemble"}

@@ -64,6 +64,7 @@ def _sweep(storage: Path, args: argparse.Namespace, teacher: str, run: str, work
         "--samples", str(args.samples), "--max-epochs", str(args.max_epochs),
         "--set", f"sweep.grace_period={args.max_epochs}",
         "--set", f"sweep.trial_workers={workers}",
+        "--set", f"sweep.labels={args.labels}",
     )  # fmt: skip
 
 
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-epochs", type=int, default=3)
+    parser.add_argument(
+        "--labels",
+        choices=("cache", "stream"),
+        default="cache",
+        help="sweep.labels of both sweeps (cache: the trials' cost alone, no replicas)",
+    )
     parser.add_argument("--teacher-epochs", type=int, default=2)
     parser.add_argument("--reuse", action="store_true", help="read sweeps already run, if any")
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
@@ -109,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "```bash",
         f".venv/bin/python -m bench.sweep_workers --samples {args.samples} "
-        f"--max-epochs {args.max_epochs}",
+        f"--max-epochs {args.max_epochs} --labels {args.labels}",
         "```",
         "",
         f"{args.samples} trials of the `los-loop` preset's space, {args.max_epochs} epochs each "
-        "(no trial stopped early), labels from the sweep's cache of a "
-        f"{args.teacher_epochs}-epoch teacher; 1 CPU per worker, a local Ray cluster of "
+        "(no trial stopped early), labels "
+        + ("from the sweep's cache" if args.labels == "cache" else "streamed from a replica")
+        + f" of a {args.teacher_epochs}-epoch teacher; 1 CPU per worker, a local Ray cluster of "
         f"{os.cpu_count()} CPUs. Trial phase: from the first trial's start to the last trial's "
         "last result, by Tune's own clocks (a data-parallel trial's includes waiting for room "
         "for its workers and starting its Ray Train run). Sweep wall time also holds the "

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from stkd_dist.config import Config
 from stkd_dist.labels.replicas import replica_compute
-from stkd_dist.location import Location, PathInput, absolute, location
+from stkd_dist.location import Location, PathInput, absolute, location, url
 from stkd_dist.pipeline.run import RunLayout, StageBook, StageRecord, config_digest
 from stkd_dist.pipeline.stages import (
     CacheResult,
@@ -47,8 +47,10 @@ def _resolve(layout: RunLayout, recorded: str) -> Location:
 
 def _record_path(layout: RunLayout, path: PathInput) -> str:
     """How ``path`` is recorded: relative to the run directory when inside it, else absolute."""
-    rel = layout.relative(path)
-    return str(absolute(path)) if rel.startswith("..") else rel
+    try:
+        return layout.relative(path)
+    except ValueError:  # not under the run directory
+        return url(absolute(path))
 
 
 class StageInfo(Protocol):
@@ -291,7 +293,7 @@ class StageGraph:
         path = absolute(resolve_checkpoint(checkpoint, "teacher", self.storage))
         info = read_checkpoint(path)
         val = float(info.val_mae) if info.val_mae is not None else float("nan")
-        record = ModelStage(str(path), str(info.version), val, int(info.epoch) + 1)
+        record = ModelStage(url(path), str(info.version), val, int(info.epoch) + 1)
         self.report("teacher", "given", 0.0, f"{record.detail()} ({path})")
         return record
 

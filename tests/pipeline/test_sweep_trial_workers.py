@@ -1,15 +1,22 @@
 """Data-parallel trials: ``sweep.trial_workers: 2`` makes every trial a Ray Train run of 2 workers.
 
 One sweep of 4 trials (ASHA, 2 epochs each at most, labels streamed from a teacher replica) on a
-local Ray cluster; the tests check, on the data side, that each trial ran two distinct worker
-processes which shared every epoch's training windows between them, that the teacher computed
-each distinct window once, and what the sweep reported of it.
+local Ray cluster, in which both workers of one trial are SIGKILLed after its first epoch; the
+tests check, on the data side, that each trial ran two distinct worker processes which shared
+every epoch's training windows between them, that the killed trial was retried and the sweep
+finished with every trial, that the teacher computed each distinct window once, and what the
+sweep reported of it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,13 +40,41 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> SweepEnv:
     )
 
 
+class WorkerKiller(threading.Thread):
+    """SIGKILLs both workers of the first trial to log a start (its first epoch's report):
+    the trial's Ray Train run fails and Tune must start the trial again."""
+
+    def __init__(self, records: Path) -> None:
+        super().__init__(daemon=True)
+        self.records = records
+        self.done = threading.Event()
+        self.killed: dict[str, Any] = {}
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for trial in self.records.glob("*"):
+                starts = read_starts(trial)
+                if starts and len(starts[0]["workers"]) == 2:
+                    pids = [w["pid"] for w in starts[0]["workers"]]
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)  # raises if the process were gone
+                    self.killed = {"trial": trial.name, "pids": pids}
+                    return
+            time.sleep(0.02)  # polling the records the trials write
+
+
 @pytest.fixture(scope="module")
 def swept(env: SweepEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     # room for two trials of two 1-CPU workers at once; the dashboard serves the State API that
     # Ray Train's placement-group cleaner asks when a trial's run has ended
     storage = tmp_path_factory.mktemp("storage")
-    with swept_on_ray(env, storage, num_cpus=4, dashboard=True) as swept:
-        yield swept
+    killer = WorkerKiller(storage / "runs" / "dp" / "sweep" / "trials")
+    killer.start()
+    try:
+        with swept_on_ray(env, storage, num_cpus=4, dashboard=True) as swept:
+            yield {**swept, "killed": killer.killed}
+    finally:
+        killer.done.set()
 
 
 def _train_windows(env: SweepEnv) -> int:
@@ -80,6 +115,25 @@ def test_each_epoch_the_two_ranks_shared_the_training_windows(
             delivered = [r["teachers"][0]["delivered"] for r in ranks]
             assert all(d > 0 for d in delivered)
             assert sum(r["plan_windows"] for r in ranks) == train
+
+
+def test_the_trial_whose_workers_were_killed_was_retried(swept: dict[str, Any]) -> None:
+    """Both workers of one trial SIGKILLed after its first epoch: Tune started the trial again
+    (new worker processes, continuing from its reported checkpoint or from scratch), and the
+    sweep finished with every trial, none failed."""
+    outcome: SweepOutcome = swept["outcome"]
+    killed = swept["killed"]
+    assert killed, "the workers were never killed"
+    summary = outcome.summary
+    assert summary["trials"] == TRIALS and summary["errored"] == 0
+    assert summary["stop_reasons"]["failed"] == 0
+    starts = read_starts(outcome.layout.trials / killed["trial"])
+    assert len(starts) == 2
+    again = {w["pid"] for w in starts[1]["workers"]}
+    assert len(again) == 2 and not again & set(killed["pids"])
+    assert starts[1]["after_epoch"] in (-1, 0)
+    board = read_board(outcome.layout.leaderboard)[0]
+    assert killed["trial"] in set(board["trial"]) and len(board) == TRIALS
 
 
 def test_stop_reasons_match_the_epochs_each_trial_ran(swept: dict[str, Any]) -> None:

@@ -285,6 +285,12 @@ class SweepSection:
             need no shared filesystem and the teacher computes each distinct window once,
             however many trials read it. ``cache``: the labels of every training window are
             computed into the label cache first (the ``labels`` stage) and the trials read it.
+        label_replicas: teacher replicas the sweep starts for ``labels: stream`` (with the
+            ``serve`` section's batching, compute, CPUs and security; ``serve.replicas`` and
+            ``serve.replicas_per_node`` size ``distill``'s replicas). 1 (default): the teacher
+            computes every distinct window exactly once, since the concurrent trials' requests
+            for a window meet in its one batcher; more replicas spread the streams, but two of
+            them may both compute a window that two trials ask for at the same moment.
         ensemble_size: the best trials averaged into the sweep's ``ensemble`` (``k``).
         top: trials shown in the final table.
     """
@@ -303,12 +309,13 @@ class SweepSection:
     gpus_per_worker: float = 0.0
     max_concurrent: int | None = None
     labels: TrialLabels = "stream"
+    label_replicas: int = 1
     ensemble_size: int = 3
     top: int = 10
 
     def __post_init__(self) -> None:
         positive(self, "samples", "max_epochs", "keep_best", "cpus_per_worker", "trial_workers")
-        positive(self, "top", "ensemble_size")
+        positive(self, "top", "ensemble_size", "label_replicas")
         non_negative(self, "gpus_per_worker")
         require(
             self.max_failures >= -1,

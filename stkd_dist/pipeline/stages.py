@@ -321,11 +321,14 @@ class RaySession:
         cfg: the run's config (``cluster`` and ``serve`` sections size a local cluster).
         worker_logs: forward the output of Ray's workers and actors to this process (Ray's
             ``log_to_driver``); it stays in the Ray session's log files either way.
+        sweep: the session of ``stkd sweep`` (a local cluster also has room for the trials and
+            the ``sweep`` section's label replicas).
     """
 
-    def __init__(self, cfg: Config, worker_logs: bool = True) -> None:
+    def __init__(self, cfg: Config, worker_logs: bool = True, sweep: bool = False) -> None:
         self.cfg = cfg
         self.worker_logs = worker_logs
+        self.sweep = sweep
         self._owned = False
         self.where: str | None = None
 
@@ -346,13 +349,19 @@ class RaySession:
             self.where = f"the Ray cluster at {address}"
         else:
             c, s = self.cfg.cluster, self.cfg.serve
+            cores = os.cpu_count() or 1
             replicas = s.replicas if s.mode == "stream" and s.endpoints is None else 0
             # every worker and replica gets its reservation even on a machine with fewer cores
             # (they then share cores instead of waiting forever for resources)
             need = c.max_workers * c.cpus_per_worker + math.ceil(replicas * s.cpus_per_replica)
+            cpus = max(need, cores)
             sweep = self.cfg.sweep
-            need = max(need, sweep.trial_workers * sweep.cpus_per_worker)  # one trial's workers
-            cpus = max(need, os.cpu_count() or 1)
+            if self.sweep:
+                # the trials get the machine's cores (at least one trial's workers), the label
+                # replicas their reservation on top: streaming takes no trial's place
+                trial = max(sweep.trial_workers * sweep.cpus_per_worker, cores)
+                streamed = sweep.label_replicas * s.cpus_per_replica
+                cpus = max(cpus, trial + math.ceil(streamed if sweep.labels == "stream" else 0))
             # A data-parallel trial's Ray Train run is ended with its Tune actor; Ray Train's
             # placement-group cleaner then frees the workers' reservation once the State API
             # (served by the dashboard) says the run's controller is gone. Without it the

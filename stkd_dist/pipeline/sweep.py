@@ -210,7 +210,9 @@ def run_sweep(
             "the run's label cache); drop serve.endpoints, or set sweep.labels: cache",
             where="serve.endpoints",
         )
-    ray = RaySession(cfg)
+    # the stage lines and Tune's own table say what happens; the workers' chatter stays in
+    # the Ray session's logs
+    ray = RaySession(cfg, worker_logs=False, sweep=True)
     graph = StageGraph(cfg, storage, ui, sweep_stages(cfg), ray)
     run = graph.layout
     layout = SweepLayout.of(run)

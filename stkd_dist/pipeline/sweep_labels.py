@@ -1,12 +1,12 @@
 """Where a sweep's trials get their soft labels (``sweep.labels``), and what the teacher spent.
 
-* ``stream``: :func:`trial_labels` starts ``serve.replicas`` teacher replicas for the length of
-  the trials (:func:`~stkd_dist.labels.started.started_replicas`, private by default: a
+* ``stream``: :func:`trial_labels` starts ``sweep.label_replicas`` teacher replicas (default 1)
+  for the length of the trials (:func:`~stkd_dist.labels.started.started_replicas`, private by default: a
   generated token, CA and per-replica certificates). Every replica writes what it computes
   through to the run's label cache ``<run>/labels/<teacher version>.zarr`` before sending it and
   serves cached windows from there, and one replica's batcher joins the requests of concurrent
   streams for the same windows: the trials, on whatever node, stream over gRPC and need no
-  shared filesystem, and the teacher computes each distinct window once.
+  shared filesystem, and (with one replica) the teacher computes each distinct window once.
 * ``cache``: the ``labels`` stage filled the cache before the trials (see
   :class:`~stkd_dist.pipeline.graph.StageGraph`); the trials read it.
 
@@ -96,7 +96,8 @@ def trial_labels(
     """The trials' label source for the block (Ray initialised): see the module docstring.
 
     Args:
-        cfg: the sweep's config (``serve`` sizes and secures the replicas).
+        cfg: the sweep's config (``sweep.label_replicas`` replicas, served, computed and
+            secured as the ``serve`` section says).
         layout: the run.
         teacher: the teacher the trials distil.
         dataset: the teacher's dataset (store path).
@@ -127,10 +128,13 @@ def trial_labels(
     dest = absolute(label_cache_path(layout, teacher.version))
     # resolved here: the trials' workers on other nodes do not see this process's environment
     client = ClientOptions(token=resolve_token(None), wire_dtype=cfg.serve.wire_dtype)
-    # a fixed fleet: the trials do not report their label wait to an autoscaler
-    plan = dataclasses.replace(replica_plan(cfg.serve), cache=url(dest), autoscale=None)
+    # a fixed fleet of sweep.label_replicas, spread over the nodes (the trials do not report
+    # their label wait to an autoscaler)
+    plan = dataclasses.replace(
+        replica_plan(cfg.serve), cache=url(dest), autoscale=None, per_node=None
+    )
     replicas = started_replicas(
-        [TeacherSpec("replicas", replicas=cfg.serve.replicas)],
+        [TeacherSpec("replicas", replicas=cfg.sweep.label_replicas)],
         checkpoint=url(teacher.path(layout)),
         dataset=dataset,
         run_name=cfg.run_name,

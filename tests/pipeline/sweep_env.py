@@ -59,8 +59,9 @@ def sweep_settings(
         "distill": {"loss": "regression", "alpha": 0.5},
         "cluster": {"num_workers": 1, "cpus_per_worker": 1},
         "evaluate": {"latency_repeats": 2, "latency_warmup": 0},
-        # the trials stream their labels (sweep.labels: stream) from one replica of the teacher
-        "serve": {"replicas": 1, "cpus_per_replica": 0},
+        # the trials stream their labels (sweep.labels: stream) from one teacher replica
+        # (sweep.label_replicas), which shares the trials' cores
+        "serve": {"cpus_per_replica": 0},
         "sweep": {"space": SPACE, "samples": 4, "max_epochs": 3, "grace_period": 1, **sweep},
     }
 

@@ -203,3 +203,20 @@ def test_cli_reports_a_bad_space_in_one_line(
 
     assert main([*storage, "sweep", "--config", "demo", "--samples", "0"]) == 2
     assert "sweep.samples: must be > 0" in capsys.readouterr().err
+
+
+def test_streamed_labels_settings_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    space = f"sweep.space={json.dumps(SPACE)}"
+    with pytest.raises(ConfigError, match="must be > 0") as e:
+        load_config("demo", [space, "sweep.label_replicas=0"])
+    assert e.value.where.endswith("sweep.label_replicas")
+    with pytest.raises(ConfigError, match="stream") as e:
+        load_config("demo", [space, "sweep.labels=file"])
+    assert e.value.where.endswith("sweep.labels")
+    # the trials stream from replicas the sweep starts: given servers are refused, naming both
+    # ways out, before any stage runs
+    cfg = load_config("demo", ["run.name=endpoints", space, "serve.endpoints=127.0.0.1:1"])
+    with pytest.raises(ConfigError, match=r"sweep\.labels: cache") as e:
+        run_sweep(cfg, checkpoint="none", storage=tmp_path)
+    assert e.value.where == "serve.endpoints"
+    assert not (tmp_path / "runs").exists()

@@ -24,7 +24,6 @@ from typing import Any
 
 from stkd_dist.config import Config
 from stkd_dist.data.reader import WindowReader
-from stkd_dist.errors import ConfigError
 from stkd_dist.labels.replicas import ReplicaCounters
 from stkd_dist.labels.started import replica_plan, started_replicas
 from stkd_dist.labels.teachers import TeacherSpec, resolve_teachers
@@ -105,9 +104,6 @@ def trial_labels(
         cache: the ``labels`` stage's cache (``sweep.labels: cache``), None to stream.
         storage: the storage root.
 
-    Raises:
-        ConfigError: ``serve.endpoints`` with ``sweep.labels: stream`` (the sweep streams from
-            replicas it starts, which write through to the run's cache).
     """
     spread = cfg.distill.confidence_weighting
     if cache is not None:
@@ -119,12 +115,6 @@ def trial_labels(
         )
         yield TrialLabels("cache", resolved, path)
         return
-    if cfg.serve.endpoints:
-        raise ConfigError(
-            "a sweep streams its labels from teacher replicas it starts (they write through to "
-            "the run's label cache); drop serve.endpoints, or set sweep.labels: cache",
-            where="serve.endpoints",
-        )
     dest = absolute(label_cache_path(layout, teacher.version))
     # resolved here: the trials' workers on other nodes do not see this process's environment
     client = ClientOptions(token=resolve_token(None), wire_dtype=cfg.serve.wire_dtype)

@@ -35,7 +35,7 @@ from stkd_dist.errors import InputError
 #: one earlier deal of an epoch: ``(world_size, steps)``, that many ranks ran that many steps
 Regroup = tuple[int, int]
 
-__all__ = ["Regroup", "regroup_plan", "resume_plan"]
+__all__ = ["Regroup", "regroup_plan", "resume_plan", "windows_left"]
 
 
 def _rest(shard: RankShard, start: int) -> list[Piece]:
@@ -48,6 +48,17 @@ def _rest(shard: RankShard, start: int) -> list[Piece]:
     if isinstance(w, ResumedWindows):
         return w.sub(start, shard.count)
     raise InputError("only plans from make_plan can be re-dealt", where="plan")
+
+
+def windows_left(plan: ShardPlan, steps: int) -> int:
+    """Real windows of ``plan``'s epoch no rank has trained on after ``steps`` steps.
+
+    A pure function of the plan, so every rank computes the same number without a collective.
+    A mid-epoch checkpoint with fewer windows left than the most workers a run may continue on
+    could not be re-dealt to them (each rank needs a window), so the epoch loop takes none then.
+    """
+    done = int(steps) * plan.batch_size  # entries every rank consumed, padding comes last
+    return sum(max(0, shard.count - done) for shard in plan.ranks)
 
 
 def regroup_plan(plan: ShardPlan, steps: int, world_size: int) -> ShardPlan:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from stkd_dist.checkpoint import TrainState, load_checkpoint_state, read_checkpoint, weights_digest
+from stkd_dist.data.regroup import windows_left
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import (
     EpochHooks,
@@ -150,6 +151,9 @@ def run_worker(job: TrainJob, session: WorkerSession) -> None:
             **more,
         )
 
+    # an elastic run may restart on up to max_workers ranks from a mid-epoch checkpoint, and
+    # the re-deal gives each of them a window (data.regroup)
+    regroup_bound = cfg.cluster.max_workers if cfg.cluster.elastic else 1
     try:
         for epoch in range(state.epoch + 1, sched.epochs):
             if state.stopped_early:
@@ -187,10 +191,16 @@ def run_worker(job: TrainJob, session: WorkerSession) -> None:
                 epoch: int = epoch,
                 batches: int = batches,
                 before: int = before,
+                plan: Any = loader.plan,
             ) -> None:
                 # SYNC: every rank runs this after every step; `due` and the gather and report
                 # below are collectives, reached by all ranks at the same step or by none
                 if not steps.due(done, batches):
+                    return
+                if windows_left(plan, done) < regroup_bound:
+                    # too few windows left to re-deal to every worker an elastic run may
+                    # restart on: the epoch's end checkpoint comes soon (a pure function of the
+                    # plan, so every rank skips this step's checkpoint or none does)
                     return
                 if hooks is not None:
                     progress.hooks = hooks.partial()

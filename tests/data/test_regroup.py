@@ -14,7 +14,7 @@ import torch
 from stkd_dist.data.loader import make_loader
 from stkd_dist.data.plan import make_plan
 from stkd_dist.data.reader import WindowReader
-from stkd_dist.data.regroup import dealt_windows, regroup_plan, resume_plan
+from stkd_dist.data.regroup import dealt_windows, regroup_plan, resume_plan, windows_left
 from stkd_dist.data.windows import WindowSpec
 from stkd_dist.errors import InputError
 from stkd_dist.storage import open_store
@@ -124,3 +124,24 @@ def test_a_re_dealt_loader_reads_exactly_the_rest(make_store, prefetch):
         seen.extend(int(i) for b in batches for i in b.index[b.valid])
     assert len(lengths) == 1  # the new ranks step in lockstep
     assert sorted(done + seen) == list(reader.windows("train"))
+
+
+@pytest.mark.parametrize(("windows", "chunk", "old", "batch", "steps", "new"), CASES)
+def test_windows_left_counts_the_rest(windows, chunk, old, batch, steps, new):
+    plan = make_plan(windows, chunk, old, epoch=3, seed=11, batch_size=batch)
+    old_lists = [list(plan.rank(r).windows) for r in range(old)]
+    left = sum(len(part) for part in reference(old_lists, steps, batch, 1))
+    assert windows_left(plan, steps) == left
+    # the re-dealt plan holds exactly those windows, none trained yet
+    again = regroup_plan(plan, steps, new)
+    assert windows_left(again, 0) == len(dealt_windows(again)) == left
+
+
+def test_a_plan_re_deals_to_a_world_size_iff_enough_windows_are_left():
+    plan = make_plan(range(0, 100), 10, 2, batch_size=10)  # 5 steps a rank, 50 windows each
+    for steps in range(1, 5):
+        left = windows_left(plan, steps)
+        assert left == 2 * (50 - 10 * steps)
+        regroup_plan(plan, steps, left)  # one window a rank: re-dealt
+        with pytest.raises(InputError, match="fewer than the"):
+            regroup_plan(plan, steps, left + 1)

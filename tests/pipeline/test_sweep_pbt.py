@@ -8,6 +8,7 @@ files the donors wrote, not against ``summary.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +19,25 @@ import pytest
 import ray
 import torch
 
-from stkd_dist.checkpoint import load_checkpoint_state, read_checkpoint
+from stkd_dist.checkpoint import (
+    TrainState,
+    load_checkpoint_state,
+    read_checkpoint,
+    write_checkpoint_dir,
+)
 from stkd_dist.config import Config
+from stkd_dist.labels.teachers import LabelSpec, TeacherSpec, resolve_teachers
+from stkd_dist.location import url
+from stkd_dist.models.base import Forecaster
 from stkd_dist.pipeline.sweep import SweepOutcome, run_sweep
 from stkd_dist.pipeline.trial_records import read_starts, state_digest
+from stkd_dist.pipeline.tune_trial import ROLE
 from stkd_dist.pipeline.ui import LinesUI
 from stkd_dist.storage import open_store
-from stkd_dist.train.loop import build_model, build_reader
+from stkd_dist.train.loop import TrainJob, build_model, build_reader
+from stkd_dist.train.session import Restored
+from stkd_dist.train.student import make_distill_loss
+from stkd_dist.train.worker import run_worker
 from tests.pipeline.sweep_env import make_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.long]
@@ -126,6 +139,94 @@ def test_an_exploited_trial_loaded_the_donors_checkpoint_weights(swept: SweepOut
         assert trained.distill.alpha == pytest.approx(e["params"]["distill.alpha"])
         assert trained.student.optim.lr == pytest.approx(e["params"]["student.optim.lr"])
         assert 0.2 <= e["params"]["distill.alpha"] <= 0.9
+
+
+class _OneEpoch:
+    """A one-process session that continues from ``checkpoint`` and keeps the weights of the
+    first epoch it trains, then stops the loop."""
+
+    class Done(Exception):
+        pass
+
+    def __init__(self, checkpoint: Path, out: Path) -> None:
+        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
+        self.checkpoint, self.out = checkpoint, out
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def get_checkpoint(self) -> Any:
+        from ray.train import Checkpoint
+
+        return Checkpoint.from_directory(str(self.checkpoint))
+
+    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def started(self, state: TrainState, model: Forecaster, restored: Restored) -> None:
+        pass
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None, dir_name: str
+    ) -> None:
+        if checkpoint is None or "epoch" not in metrics:
+            return
+        tmp, _ = write_checkpoint_dir(checkpoint)
+        self.weights = load_checkpoint_state(tmp)["model"]
+        raise self.Done
+
+
+def test_an_exploited_trial_trained_on_from_the_donors_file(
+    swept: SweepOutcome, tmp_path: Path
+) -> None:
+    """Replayed here, outside Ray and Tune: one epoch from the donor's checkpoint file with the
+    trial's own settings gives, bit for bit, the weights of the trial's next checkpoint; so the
+    trial continued from exactly that file (not only from something with the same digest)."""
+    summary = json.loads(swept.layout.summary.read_text())
+    cache = summary["labels"]["cache"]
+    replayed = 0
+    for e in _exploits(swept):
+        donor_ckpt = Path(e["restored_from"]["checkpoint"])
+        info = read_checkpoint(donor_ckpt)
+        nxt = [
+            read_checkpoint(c)
+            for c in _checkpoints(swept, e["trial"])
+            if (c / "meta.json").stat().st_mtime > e["time"]
+        ]
+        if not nxt:
+            continue  # the donor's last epoch: nothing trained after the exploit
+        first_after = min(nxt, key=lambda i: i.epoch)
+        assert first_after.epoch == info.epoch + 1
+        cfg = first_after.config  # the trial's settings (mutated by PBT) as it trained
+        store = open_store(cfg.data.dataset)
+        reader = build_reader(cfg, store)
+        dims = reader.dims
+        # the labels the replicas computed, from the run's label cache they wrote through to
+        (teacher,) = resolve_teachers(
+            [TeacherSpec("cache", url(cache))],
+            spread=False,
+            fingerprint=store.fingerprint,
+            window_shape=(dims.horizon, dims.nodes, dims.out_channels),
+            windows=reader.windows("train"),
+        )
+        labels = LabelSpec((teacher,), store.fingerprint)
+        out = tmp_path / f"replay-{e['trial']}-{info.epoch}"
+        job = TrainJob(
+            config=cfg,
+            role="student",
+            experiment=ROLE,
+            dataset=cfg.data.dataset,
+            make_loss=functools.partial(make_distill_loss, labels, str(out)),
+            experiment_dir=str(out),
+            lineage=e["trial"],
+        )
+        session = _OneEpoch(donor_ckpt, out)
+        with pytest.raises(_OneEpoch.Done):
+            run_worker(job, session)  # type: ignore[arg-type]
+        assert session.weights is not None
+        theirs = load_checkpoint_state(first_after.path)["model"]
+        assert session.weights.keys() == theirs.keys()
+        assert all(torch.equal(session.weights[k], theirs[k]) for k in theirs), e
+        replayed += 1
+    assert replayed, "every exploit came after the donor's last epoch: nothing to replay"
 
 
 def test_the_summary_lists_every_exploit(swept: SweepOutcome) -> None:

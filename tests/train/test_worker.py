@@ -1,0 +1,81 @@
+"""The epoch loop of one rank (``run_worker``), run in this process by a recording session."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from stkd_dist.checkpoint import TrainState
+from stkd_dist.models.base import Forecaster
+from stkd_dist.storage import open_store
+from stkd_dist.train.loop import TrainJob, build_reader
+from stkd_dist.train.session import Restored
+from stkd_dist.train.teacher import EXPERIMENT, masked_mae_loss
+from stkd_dist.train.worker import run_worker
+from tests.train.conftest import tiny_config
+
+
+class Recorder:
+    """Rank 0 of 1 from scratch: keeps the metrics of every report."""
+
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+
+    def get_checkpoint(self) -> None:
+        return None
+
+    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def started(self, state: TrainState, model: Forecaster, restored: Restored) -> None:
+        pass
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None, dir_name: str
+    ) -> None:
+        self.reports.append(dict(metrics))
+
+
+@pytest.mark.parametrize("workers", [1, {"min": 1, "max": 12}])
+def test_mid_epoch_checkpoints_leave_a_window_for_every_worker(
+    small_store: Path, tmp_path: Path, workers: Any
+) -> None:
+    """An elastic run may restart from a mid-epoch checkpoint on up to ``max`` workers, and
+    the re-deal gives each a window: the loop takes no checkpoint with fewer windows left."""
+    batch = 8
+    cfg = tiny_config(
+        small_store,
+        "w",
+        "data.horizon=3",
+        f"data.batch_size={batch}",
+        "teacher.schedule.epochs=1",
+        "checkpoint.every_steps=1",
+        f"cluster.num_workers={json.dumps(workers)}",
+    )
+    job = TrainJob(
+        config=cfg,
+        role="teacher",
+        experiment=EXPERIMENT,
+        dataset=str(small_store),
+        make_loss=masked_mae_loss,
+        experiment_dir=str(tmp_path),
+    )
+    session = Recorder()
+    run_worker(job, session)  # type: ignore[arg-type]
+
+    # counted here: one rank reads every training window, `batch` per step
+    n = len(build_reader(cfg, open_store(small_store)).windows("train"))
+    need = 12 if isinstance(workers, dict) else 1
+    expected = [s for s in range(1, math.ceil(n / batch)) if n - s * batch >= need]
+    taken = [m["step"] for m in session.reports if "epoch_in_progress" in m]
+    assert taken == expected
+    if need > 1:  # the last steps' checkpoints were left out, and only those
+        assert len(expected) < math.ceil(n / batch) - 1
+    assert [m["epoch"] for m in session.reports if "epoch" in m] == [0]

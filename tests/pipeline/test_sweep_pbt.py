@@ -19,12 +19,7 @@ import pytest
 import ray
 import torch
 
-from stkd_dist.checkpoint import (
-    TrainState,
-    load_checkpoint_state,
-    read_checkpoint,
-    write_checkpoint_dir,
-)
+from stkd_dist.checkpoint import TrainState, load_checkpoint_state, read_checkpoint
 from stkd_dist.config import Config
 from stkd_dist.labels.teachers import LabelSpec, TeacherSpec, resolve_teachers
 from stkd_dist.location import url
@@ -35,7 +30,7 @@ from stkd_dist.pipeline.tune_trial import ROLE
 from stkd_dist.pipeline.ui import LinesUI
 from stkd_dist.storage import open_store
 from stkd_dist.train.loop import TrainJob, build_model, build_reader
-from stkd_dist.train.session import Restored
+from stkd_dist.train.session import Restored, write_checkpoint_dir
 from stkd_dist.train.student import make_distill_loss
 from stkd_dist.train.worker import run_worker
 from tests.pipeline.sweep_env import make_env

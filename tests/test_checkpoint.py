@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import stkd_dist.checkpoint as checkpoint_module
+import stkd_dist.checkpoint.files as checkpoint_files
 from stkd_dist.checkpoint import (
     META,
     MODEL,
@@ -272,7 +273,7 @@ def test_unreadable_storage_is_an_error_not_a_torn_checkpoint(
     def outage(loc: Location) -> bytes:
         raise StoreError("storage unavailable after 5 attempts (503)", where=url(loc))
 
-    monkeypatch.setattr(checkpoint_module, "read_bytes", outage)  # the files' sha256 reads
+    monkeypatch.setattr(checkpoint_files, "read_bytes", outage)  # the files' sha256 reads
     with pytest.raises(StoreError, match="storage unavailable") as e:
         latest_checkpoint(experiment)
     assert not isinstance(e.value, DamagedCheckpointError)  # never "start from scratch"

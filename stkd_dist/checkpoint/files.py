@@ -1,28 +1,5 @@
-"""Training checkpoints: what one holds, how it is written, found and loaded.
-
-A checkpoint is a directory::
-
-    model.pt        Forecaster state_dict (weights, target statistics, graph buffers)
-    train_state.pt  optimiser and scheduler state (to resume training)
-    meta.json       written LAST: version, epoch, model spec, resolved config, dataset
-                    fingerprint, normalisation statistics, metrics, training state and the
-                    size and sha256 of the two files above
-
-Ray Train copies the directory rank 0 wrote into ``<run>/<experiment>/epoch_NNNN`` and registers it
-in its ``checkpoint_manager_snapshot.json`` only after the copy finished, so Ray never resumes from
-a partial copy. The copy itself is not atomic (``pyarrow.fs.copy_files``, file by file, in any
-order), so a rank 0 killed while it runs leaves a torn directory behind: on a local disk files
-missing or cut short (``meta.json`` included: then it is not valid JSON), on an object store, where
-every object appears whole or not at all, objects missing (``meta.json`` without ``model.pt``, or
-the weights without ``meta.json``). Our own readers therefore go one step further: a directory
-without a readable ``meta.json``, or whose files are missing or differ from the sizes and hashes
-in it, is refused (:class:`DamagedCheckpointError`), so a half-copied checkpoint is never loaded;
-:func:`latest_checkpoint`, what a resumed run continues from, skips such checkpoints for the newest
-one that verifies, with a warning naming both.
-
-``resolve_checkpoint`` accepts a checkpoint directory, a run directory, an experiment directory or
-a run name (meaning the run's best checkpoint, from ``best.json``).
-"""
+"""A checkpoint directory: its records (``TrainState``, ``CheckpointInfo``), writing, reading,
+verifying and loading its state (see the package docstring for the layout)."""
 
 from __future__ import annotations
 
@@ -43,19 +20,16 @@ from stkd_dist.location import (
     PathInput,
     as_path,
     exists,
-    listdir,
     location,
     read_bytes,
     read_json,
-    relative,
     retrying,
     url,
     write_json_atomic,
 )
-from stkd_dist.paths import run_dir
 
 if TYPE_CHECKING:
-    from stkd_dist.models import Forecaster
+    pass
 
 CHECKPOINT_FORMAT = 1
 META = "meta.json"
@@ -291,10 +265,10 @@ def save_checkpoint(
     }
     # meta.json is the completion marker: written last, atomically
     write_json_atomic(d / META, meta)
-    return _info(location(d), meta)
+    return info_from_meta(location(d), meta)
 
 
-def _info(path: Location, meta: dict[str, Any]) -> CheckpointInfo:
+def info_from_meta(path: Location, meta: dict[str, Any]) -> CheckpointInfo:
     where = url(path / META)
     try:
         return CheckpointInfo(
@@ -314,7 +288,7 @@ def _info(path: Location, meta: dict[str, Any]) -> CheckpointInfo:
         raise DamagedCheckpointError(f"malformed checkpoint metadata ({e!r})", where=where) from e
 
 
-def _read_meta(d: Location) -> dict[str, Any]:
+def read_meta(d: Location) -> dict[str, Any]:
     """``meta.json`` of checkpoint directory ``d``: :class:`DamagedCheckpointError` when it is
     missing or not a checkpoint's JSON object, :class:`StoreError` when it is of another format."""
     meta_path = d / META
@@ -349,7 +323,7 @@ def _read_meta(d: Location) -> dict[str, Any]:
     return meta
 
 
-def _verify_files(d: Location, meta: dict[str, Any]) -> None:
+def verify_files(d: Location, meta: dict[str, Any]) -> None:
     """Check the files of checkpoint ``d`` against the sizes and sha256 ``meta`` records.
 
     The size (one stat) is compared first, so a file cut short is refused without reading it;
@@ -384,168 +358,13 @@ def read_checkpoint(path: PathInput, verify: bool = True) -> CheckpointInfo:
     checkpoint is of another format or the storage cannot be read.
     """
     d = location(path)
-    meta = _read_meta(d)
+    meta = read_meta(d)
     if verify:
-        _verify_files(d, meta)
-    return _info(d, meta)
+        verify_files(d, meta)
+    return info_from_meta(d, meta)
 
 
-def list_checkpoints(experiment: PathInput) -> list[CheckpointInfo]:
-    """Checkpoints of an experiment directory with a readable ``meta.json``, by epoch.
-
-    Those without one (incomplete) are skipped; the files are not verified (see
-    :func:`latest_checkpoint` for the checkpoint to resume from).
-    """
-    out = []
-    for d in listdir(location(experiment)):
-        if d.name.startswith(".") or d.is_file():
-            continue
-        try:
-            out.append(read_checkpoint(d, verify=False))
-        except StoreError:
-            continue
-    return sorted(out, key=lambda i: i.state.order)
-
-
-def latest_checkpoint(
-    experiment: PathInput | Location,
-) -> CheckpointInfo | None:
-    """The newest checkpoint of an experiment directory that verifies: the one to resume from.
-
-    Checkpoints are tried newest (highest epoch) first, each verified against its ``meta.json``
-    (sizes, then sha256), until one verifies, so only the checkpoint used and any damaged newer
-    ones are read. A checkpoint that is incomplete or damaged (:class:`DamagedCheckpointError`:
-    ``meta.json`` missing or unreadable, a file missing, cut short or not matching) is skipped,
-    and one warning names the skipped checkpoints, why, and the one used. None when no checkpoint
-    verifies (the run starts from scratch; a warning names the damaged ones) or there are none.
-
-    Storage that cannot be read, or a checkpoint of another format, raises :class:`StoreError`:
-    an outage or a newer stkd-dist is no reason to start over.
-    """
-    exp = location(experiment)
-    readable: list[tuple[CheckpointInfo, dict[str, Any]]] = []
-    skipped: list[tuple[Location, str]] = []
-    for d in listdir(exp):
-        if d.name.startswith(".") or d.is_file():
-            continue
-        try:
-            meta = _read_meta(d)
-            readable.append((_info(d, meta), meta))
-        except DamagedCheckpointError as e:
-            # a folder holding checkpoint files (not e.g. ``workers/``) without a usable meta.json
-            if {p.name for p in listdir(d)} & {META, MODEL, TRAIN_STATE}:
-                skipped.append((d, e.message))
-    chosen = None
-    for info, meta in sorted(readable, key=lambda im: im[0].state.order, reverse=True):
-        try:
-            _verify_files(info.path, meta)
-        except DamagedCheckpointError as e:
-            skipped.append((info.path, e.message))
-            continue
-        chosen = info
-        break
-    if skipped:
-        what = "; ".join(f"{url(p)} ({why})" for p, why in skipped)
-        many = "s" if len(skipped) > 1 else ""
-        if chosen is None:
-            log.warning(
-                "skipping incomplete or damaged checkpoint%s %s; no checkpoint of %s is "
-                "complete, so training starts from scratch",
-                many,
-                what,
-                url(exp),
-            )
-        else:
-            log.warning(
-                "skipping incomplete or damaged checkpoint%s %s; resuming from %s "
-                "(after epoch %d) instead",
-                many,
-                what,
-                url(chosen.path),
-                chosen.epoch + 1,
-            )
-    return chosen
-
-
-def write_best(experiment: PathInput | Location, info: CheckpointInfo, **extra: Any) -> Location:
-    """Write ``<experiment>/best.json`` pointing at ``info`` (path relative to the experiment)."""
-    experiment = location(experiment)
-    data = {
-        "checkpoint": relative(info.path, experiment),
-        "val_mae": info.val_mae,
-        "epoch": info.epoch,
-        "version": info.version,
-        "fingerprint": info.fingerprint,
-        **extra,
-    }
-    write_json_atomic(experiment / BEST, data)
-    return experiment / BEST
-
-
-def read_best(experiment: PathInput) -> dict[str, Any] | None:
-    """``best.json`` of an experiment directory, or None when there is none."""
-    p = location(experiment) / BEST
-    if not exists(p):
-        return None
-    try:
-        return read_json(p)
-    except (OSError, ValueError) as e:
-        raise StoreError(f"unreadable ({e})", where=url(p)) from e
-
-
-def _best_of_experiment(experiment: Location) -> Location | None:
-    best = read_best(experiment)
-    if best is not None:
-        return experiment / best["checkpoint"]
-    # an interrupted run has no best.json yet: use its best complete checkpoint
-    done = [i for i in list_checkpoints(experiment) if i.val_mae is not None]
-    if not done:
-        return None
-    return min(done, key=lambda i: (i.val_mae, -i.epoch)).path
-
-
-def resolve_checkpoint(
-    ref: PathInput,
-    role: str = "teacher",
-    storage: PathInput | None = None,
-) -> Location:
-    """The checkpoint directory ``ref`` means.
-
-    ``ref`` is a checkpoint directory, an experiment directory (``runs/R/teacher``), a run directory
-    (``runs/R``, meaning its ``role`` experiment) or a run name under the storage root; the last
-    three mean the experiment's best checkpoint (``best.json``, else its best complete checkpoint).
-    """
-    path = location(ref)
-    if not exists(path):
-        text = str(ref)
-        try:
-            candidate = run_dir(text, storage)
-        except StoreError:
-            raise StoreError(
-                "no such checkpoint (give a checkpoint directory, a run directory or a run name)",
-                where=text,
-            ) from None
-        if not exists(candidate):
-            raise StoreError(
-                f"no checkpoint at {url(path)} and no run named {text!r} at {url(candidate)}",
-                where=text,
-            )
-        path = candidate
-    if exists(path / META) or exists(path / MODEL):
-        return path
-    for experiment in (path, path / role):
-        if exists(experiment / BEST) or list_checkpoints(experiment):
-            best = _best_of_experiment(experiment)
-            if best is not None:
-                return best
-    raise StoreError(
-        f"no {role} checkpoint here (expected a checkpoint directory with {META}, or a run with "
-        f"{role}/{BEST}); train one with `stkd train-{role.split('_')[0]}`",
-        where=url(path),
-    )
-
-
-def _torch_load(loc: Location, map_location: str | torch.device = "cpu") -> Any:
+def torch_load(loc: Location, map_location: str | torch.device = "cpu") -> Any:
     # torch.load needs a seekable file: read the object whole (checkpoints are small next to RAM)
     return torch.load(io.BytesIO(read_bytes(loc)), map_location=map_location, weights_only=True)
 
@@ -556,28 +375,4 @@ def load_checkpoint_state(path: PathInput) -> dict[str, Any]:
     mid-epoch; ``loss_state``: None unless the loss trains parameters of its own, and absent
     from checkpoints written before it existed)."""
     d = location(path)
-    return {"model": _torch_load(d / MODEL), **_torch_load(d / TRAIN_STATE)}
-
-
-def load_forecaster(
-    ref: PathInput,
-    role: str = "teacher",
-    storage: PathInput | None = None,
-    *,
-    device: str | torch.device = "cpu",
-) -> tuple[Forecaster, CheckpointInfo]:
-    """Load a checkpoint's model: ``(Forecaster in eval mode on device, CheckpointInfo)``.
-
-    ``ref`` is anything :func:`resolve_checkpoint` accepts. The weights are loaded straight onto
-    ``device`` (``map_location``), never staged on the CPU first.
-    """
-    from stkd_dist.models import Forecaster
-
-    info = read_checkpoint(resolve_checkpoint(ref, role, storage))
-    # the architecture is built (randomly initialised, small) on the CPU and moved before the
-    # weights are copied in on the device
-    model = Forecaster.from_spec(info.spec).to(device)
-    state = _torch_load(info.path / MODEL, map_location=device)
-    model.load_state_dict(state)
-    model.eval()
-    return model, info
+    return {"model": torch_load(d / MODEL), **torch_load(d / TRAIN_STATE)}

@@ -18,7 +18,8 @@ from rich.progress import (
 )
 
 from stkd_dist.commands import SUMMARIES
-from stkd_dist.ingest import FORMATS, IngestOptions, IngestProgress, IngestResult, ingest
+from stkd_dist.ingest import FORMATS, IngestOptions, IngestProgress, IngestResult, append, ingest
+from stkd_dist.storage.append import AppendResult
 
 EPILOG = """\
 examples:
@@ -38,9 +39,15 @@ examples:
   # an xarray Zarr dataset with dims time/node[/channel] in any order
   stkd ingest traffic.zarr --variable speed --out stores/traffic.zarr
 
+  # a new day of PeMS readings, appended to the store (its steps follow the store's last)
+  stkd ingest PEMS08-day2.npy --append --name pems08 --missing-value 0
+
 Readings that are NaN/inf/empty, or equal to --missing-value, are masked (not observed).
 The store is written under a temporary name and renamed when complete: a failed ingest leaves
-nothing at the destination.
+nothing at the destination. --append checks the new steps first (overlap, gap, other nodes or
+channels are refused) and marks the store while it writes, so a killed append is rolled back by
+the next one and readers never see half of it; the previous fingerprints are kept in the store's
+fingerprint_history.
 """
 
 
@@ -66,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     dest.add_argument("--name", metavar="NAME", help="dataset name (default: the stem of --out)")
     dest.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    dest.add_argument(
+        "--append",
+        action="store_true",
+        help="add the source's steps to the end of an existing store (same nodes and channels, "
+        "the next time step on; without timestamps they continue the store)",
+    )
     src = p.add_argument_group("source")
     src.add_argument("--format", choices=FORMATS, help="source format (default: detected)")
     src.add_argument(
@@ -201,6 +214,22 @@ def run(args: argparse.Namespace) -> int:
     with Progress(
         *columns, console=console, transient=True, disable=not console.is_terminal
     ) as bar:
-        result = ingest(options, _RichProgress(bar, console))
-    print(_summary(result))
+        if args.append:
+            appended = append(options, _RichProgress(bar, console))
+        else:
+            result = ingest(options, _RichProgress(bar, console))
+    print(_appended(appended) if args.append else _summary(result))
     return 0
+
+
+def _appended(r: AppendResult) -> str:
+    lines = [
+        f"appended {r.steps_added} steps to {r.path}",
+        f"  steps        {r.steps_before} -> {r.steps_before + r.steps_added}",
+        f"  new time     {r.start} .. {r.end}",
+        f"  fingerprint  {r.fingerprint} (was {r.previous_fingerprint}, kept in "
+        "fingerprint_history)",
+    ]
+    if r.rolled_back:
+        lines.insert(1, "  an interrupted earlier append was rolled back first")
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ from stkd_dist.ingest.adjacency import Adjacency, gaussian_kernel_adjacency, loa
 from stkd_dist.ingest.common import FORMATS, IngestOptions, IngestProgress, SourceData
 from stkd_dist.ingest.detect import detect_format
 from stkd_dist.ingest.locations import load_locations
-from stkd_dist.ingest.pipeline import READERS, IngestResult, ingest
+from stkd_dist.ingest.pipeline import READERS, IngestResult, append, ingest
 
 __all__ = [
     "FORMATS",
@@ -19,6 +19,7 @@ __all__ = [
     "IngestProgress",
     "IngestResult",
     "SourceData",
+    "append",
     "detect_format",
     "gaussian_kernel_adjacency",
     "ingest",

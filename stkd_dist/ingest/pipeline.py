@@ -8,6 +8,7 @@ rename, so a failure at any step leaves nothing at the destination).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from stkd_dist.ingest.wide_csv import read_wide_csv
 from stkd_dist.ingest.xarray_source import read_zarr
 from stkd_dist.location import Location, as_path, exists, is_remote, storage_errors, url
 from stkd_dist.storage import SourceFile, StoreMeta, choose_chunks, open_store, write_store
+from stkd_dist.storage.append import AppendResult, append_steps, rollback
 
 Reader = Callable[[Path, IngestOptions, IngestProgress], SourceData]
 READERS: dict[str, Reader] = {
@@ -158,6 +160,88 @@ def ingest(options: IngestOptions, progress: IngestProgress | None = None) -> In
     """
     with local_sources():
         return _ingest(options, progress)
+
+
+def append(options: IngestOptions, progress: IngestProgress | None = None) -> AppendResult:
+    """Append ``options.source``'s steps to the existing store ``options.destination()``.
+
+    The source is read as :func:`ingest` reads it; without timestamps (or ``start``) its steps
+    continue right after the store's last. Graph, locations and chunking are the store's, so
+    ``adjacency``, ``locations``, ``node_ids`` files, ``chunk_steps``, ``overwrite`` and
+    ``provenance`` are refused. See :mod:`stkd_dist.storage.append` for the rules and why a
+    killed append leaves the store as it was.
+
+    Raises:
+        StkdError: bad options, a source that does not continue the store, or storage errors;
+            the store is unchanged then.
+    """
+    with local_sources():
+        return _append(options, progress or IngestProgress())
+
+
+def _append(options: IngestOptions, progress: IngestProgress) -> AppendResult:
+    for option, given in (
+        ("--adjacency", options.adjacency),
+        ("--locations", options.locations),
+        ("--node-ids", options.node_ids),
+        ("--chunk-steps", options.chunk_steps),
+        ("--provenance", options.provenance),
+    ):
+        if given is not None:
+            raise InputError(
+                "an append keeps the store's graph, locations, ids, chunks and provenance: "
+                f"drop {option}",
+                where=option,
+            )
+    if options.overwrite:
+        raise InputError("--append adds to a store, --overwrite replaces it: give one", "--append")
+    source = Path(options.source).expanduser()
+    require_file(source, directory_ok=True)
+    where = str(source)
+    dest = options.destination()
+    progress.start(f"opening {dest.name}")
+    with storage_errors(dest):
+        if not exists(dest):
+            raise StoreError(
+                "no such store to append to: ingest the first steps without --append",
+                where=url(dest),
+            )
+        rolled_back = rollback(dest)  # an append killed earlier is undone before anything else
+    store = open_store(dest)
+    fmt = detect_format(source, options.format)
+    options.check_format_options(fmt)
+    try:
+        data = READERS[fmt](source, options, progress)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", where=where) from e
+    steps, nodes, channels = data.values.shape
+    node_ids = _node_ids(options, data, nodes, where)
+    channel_names = _channel_names(options, data, channels)
+    start = options.start
+    if start is None and data.time is None:
+        # no timestamps: the steps continue the store
+        start = str(store.time[-1] + pd.tseries.frequencies.to_offset(store.freq))
+    freq = options.freq or (store.freq if data.time is None else None)
+    time, freq = build_time_axis(data.time, steps, freq, start, where)
+    progress.start("counting missing readings")
+    mask, nonfinite, equal = mask_readings(data.values, options.missing_value)
+    nonfinite_count, equal_count = (int(n) for n in compute(nonfinite.sum(), equal.sum()))
+    progress.start("hashing the source file")
+    digest = sha256_path(source)
+    progress.start(f"appending {steps} steps to {dest.name}")
+    result = append_steps(
+        dest,
+        data.values,
+        mask,
+        time,
+        node_ids,
+        channel_names,
+        freq,
+        where,
+        source={"name": source.name, "sha256": digest},
+        counts={"nonfinite_count": nonfinite_count, "masked_missing_value_count": equal_count},
+    )
+    return dataclasses.replace(result, rolled_back=rolled_back or result.rolled_back)
 
 
 def _ingest(options: IngestOptions, progress: IngestProgress | None) -> IngestResult:

@@ -10,8 +10,11 @@ from stkd_dist.location import Location, PathInput, location, zarr_store
 
 SCHEMA_VERSION = 1
 SCHEMA_ATTR = "stkd_schema_version"
+# set while `stkd ingest --append` writes (storage.append): readers refuse such a store
+APPEND_ATTR = "stkd_append_in_progress"
 DIMS = ("time", "node", "channel")
 GRAPH_GROUP = "graph"
+FINGERPRINT_GROUP = "fingerprint"  # block digests of the fingerprint (storage.fingerprint)
 DATA_ARRAYS = ("values", "mask")
 COORD_ARRAYS = ("time", "node", "channel")
 

@@ -38,6 +38,7 @@ from stkd_dist.storage.chunks import (
     read_array,
 )
 from stkd_dist.storage.layout import (
+    APPEND_ATTR,
     COORD_ARRAYS,
     DATA_ARRAYS,
     DIMS,
@@ -106,6 +107,14 @@ class DatasetStore:
             raise StoreError(
                 f"store schema version is {version!r}, this stkd-dist reads version "
                 f"{SCHEMA_VERSION}: re-ingest the dataset with this version",
+                where=where,
+            )
+        if APPEND_ATTR in self.group.attrs:
+            marker: Any = self.group.attrs[APPEND_ATTR]
+            steps = marker.get("steps") if isinstance(marker, dict) else "?"
+            raise StoreError(
+                f"an append to this store was interrupted (it had {steps} steps before): run "
+                "`stkd ingest --append` again, which rolls the interrupted append back first",
                 where=where,
             )
         for name in (*DATA_ARRAYS, *COORD_ARRAYS):

@@ -279,3 +279,49 @@ def test_sweep_with_an_s3_root(s3_env: Any, tmp_path: Path) -> None:
     model, _ = load_forecaster(f"s3://{bucket}/{prefix}sweep/best", role="student")
     assert model.num_params() == summary["best"]["params"]
     assert str(outcome.layout.root).startswith("s3://")
+
+
+def test_append_in_a_bucket_equals_one_ingest_and_a_bad_one_changes_no_object(
+    s3_env: Any, tmp_path: Path
+) -> None:
+    """``stkd ingest --append`` on an ``s3://`` store: the grown store holds what one ingest
+    of the whole series holds (fingerprint included); a refused append leaves every object as
+    it was (keys and ETags, listed by boto3)."""
+    from stkd_dist.storage import open_store
+
+    bucket = s3_env.make_bucket()
+    env = {**s3_env.env(), "STKD_STORAGE": f"s3://{bucket}/root"}
+    rng = np.random.default_rng(5)
+    x = rng.uniform(1, 100, size=(1500, 4, 1)).astype(np.float32)
+    for name, part in (("first", x[:900]), ("rest", x[900:]), ("whole", x)):
+        np.save(tmp_path / f"{name}.npy", part)
+    for name in ("first", "whole"):
+        done = stkd("ingest", tmp_path / f"{name}.npy", "--name", name, "--chunk-steps", "128",
+                    env=env, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    def etags() -> dict[str, str]:
+        pages = s3_env.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="root/datasets/first.zarr/"
+        )
+        return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+    before = etags()
+    bad = stkd("ingest", tmp_path / "rest.npy", "--append", "--name", "first",
+               "--start", "2000-01-01 00:00", env=env, cwd=tmp_path)  # fmt: skip
+    line = one_error_line(bad)
+    assert "rest.npy" in line and "600 step(s) overlap" in line, line
+    assert etags() == before
+
+    done = stkd("ingest", tmp_path / "rest.npy", "--append", "--name", "first",
+                env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "appended 600 steps" in done.stdout and "900 -> 1500" in done.stdout
+    grown = open_store(f"s3://{bucket}/root/datasets/first.zarr")
+    whole = open_store(f"s3://{bucket}/root/datasets/whole.zarr")
+    assert grown.fingerprint == whole.fingerprint
+    assert [h["steps"] for h in grown.attrs["fingerprint_history"]] == [900]
+    va, ma = grown.read(0, 1500)
+    vb, mb = whole.read(0, 1500)
+    np.testing.assert_array_equal(ma, mb)
+    np.testing.assert_array_equal(va, vb)

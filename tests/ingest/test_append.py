@@ -225,3 +225,55 @@ def _axes(x: np.ndarray) -> tuple[pd.DatetimeIndex, list[str], list[str], str]:
     start = pd.Timestamp("2016-07-01") + CUT * pd.Timedelta("5min")
     time = pd.date_range(start, periods=len(x), freq="5min")
     return time, [str(i) for i in range(NODES)], ["flow", "speed"], "5min"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_sigkilled_append_command_is_refused_then_rolled_back(tmp_path: Path) -> None:
+    """A real ``stkd ingest --append`` SIGKILLed while it writes: readers refuse the store, and
+    the same command again gives the store one ingest of the whole series gives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(1, 100, size=(40_000, 200, 1)).astype(np.float32)  # ~32 MiB appended
+    head = 1000
+    np.save(tmp_path / "head.npy", x[:head])
+    np.save(tmp_path / "rest.npy", x[head:])
+    np.save(tmp_path / "whole.npy", x)
+    for name in ("head", "whole"):
+        ingest(IngestOptions(source=tmp_path / f"{name}.npy", out=tmp_path / f"{name}.zarr"))
+    store = tmp_path / "head.zarr"
+    chunks = store / "values" / "c"
+    before = sum(1 for _ in chunks.rglob("*") if _.is_file())
+    command = [sys.executable, "-m", "stkd_dist.cli", "ingest", str(tmp_path / "rest.npy"),
+               "--append", "--out", str(store)]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        # the observable event: the marker in the root metadata and new chunks on disk
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            marked = "stkd_append_in_progress" in (store / "zarr.json").read_text()
+            if marked and sum(1 for _ in chunks.rglob("*") if _.is_file()) > before:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the append finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with pytest.raises(StoreError, match="an append to this store was interrupted"):
+        open_store(store)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "an interrupted earlier append was rolled back first" in again.stdout
+    _same_content(store, tmp_path / "whole.zarr")
+    assert open_store(store).fingerprint == open_store(tmp_path / "whole.zarr").fingerprint

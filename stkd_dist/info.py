@@ -30,6 +30,7 @@ _KNOWN_ATTRS = {
     "freq",
     "sources",
     "fingerprint",
+    "fingerprint_history",
     "provenance",
     "missing",
     "missing_fraction",
@@ -63,7 +64,8 @@ class GraphInfo:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Everything ``stkd info`` reports about one store."""
+    """Everything ``stkd info`` reports about one store (``fingerprint_history``: the store's
+    fingerprints before each ``stkd ingest --append``, oldest first)."""
 
     name: str
     path: str
@@ -79,6 +81,7 @@ class DatasetInfo:
     training_stats: dict[str, Any]
     graph: GraphInfo
     fingerprint: str
+    fingerprint_history: list[dict[str, Any]]
     provenance: str
     sources: list[dict[str, str]]
     has_locations: bool
@@ -171,6 +174,7 @@ def dataset_info(store: DatasetStore, splits: SplitSpec = SplitSpec()) -> Datase
         },
         graph=graph_info(store),
         fingerprint=store.fingerprint,
+        fingerprint_history=list(attrs.get("fingerprint_history", [])),
         provenance=str(attrs.get("provenance", "")),
         sources=list(attrs.get("sources", [])),
         has_locations=store.locations() is not None,
@@ -204,6 +208,10 @@ def render_info(info: DatasetInfo) -> RenderableType:
         ("graph", graph),
         ("locations", "yes" if info.has_locations else "no"),
         ("fingerprint", info.fingerprint),
+        *(
+            ("before append", f"{h['fingerprint']} ({h['steps']} steps, to {h['end']})")
+            for h in reversed(info.fingerprint_history)  # newest first, under the current one
+        ),
         ("provenance", info.provenance or "-"),
         ("sources", sources),
     ]

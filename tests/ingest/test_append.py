@@ -17,6 +17,7 @@ import xarray as xr
 
 import stkd_dist.storage.append as append_module
 from stkd_dist.errors import InputError, StoreError
+from stkd_dist.info import dataset_info
 from stkd_dist.ingest import IngestOptions, append, ingest
 from stkd_dist.location import location
 from stkd_dist.storage import open_store
@@ -108,6 +109,8 @@ def test_appended_steps_equal_one_ingest_of_the_whole_series(tmp_path: Path, who
     assert [h["steps"] for h in grown.attrs["fingerprint_history"]] == [CUT, 2100]
     assert [s["name"] for s in grown.attrs["sources"]] == ["grown.npy", "day2.npy", "day3.npy"]
     assert STEPS // FINGERPRINT_BLOCK >= 2  # the blocks before the old end were kept
+    info = dataset_info(grown)  # what `stkd info` shows
+    assert info.steps == STEPS and [h["steps"] for h in info.fingerprint_history] == [CUT, 2100]
     # what users read with xarray: the whole time axis, NaN where not observed
     ds = xr.open_zarr(str(store))
     assert ds.sizes["time"] == STEPS and bool(ds["values"].isnull().equals(~ds["mask"]))

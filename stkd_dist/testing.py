@@ -9,6 +9,8 @@ an S3-compatible HTTP server.
   :func:`last_weights`: an experiment's final weights, to compare runs with ``torch.equal``;
 * :class:`WindowLog`, :func:`trained_windows`: log the windows every step trains on, to count
   them on the data side;
+* :class:`LocalSession`: run the epoch loop of one rank in the test's own process (no Ray),
+  from scratch or from a checkpoint directory, keeping what it reports;
 * :func:`wait_until`: wait for an observable event (a condition polled until a deadline), where
   a test would otherwise sleep and hope;
 * :class:`S3Server` runs runs moto's server mode in a child process on a free port of 127.0.0.1 (as s3fs
@@ -23,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +53,7 @@ from stkd_dist.data.reader import WindowReader
 from stkd_dist.location import Location, PathInput, as_path
 from stkd_dist.models import build_forecaster
 from stkd_dist.storage import StoreMeta, open_store, write_store
+from stkd_dist.train.session import write_checkpoint_dir
 
 
 def random_store(
@@ -256,6 +260,61 @@ class _LoggedLoss:
 
     def restore(self, partial: dict[str, Any]) -> None:
         pass
+
+
+class LocalSession:
+    """A :class:`~stkd_dist.train.session.WorkerSession` of rank 0 of 1 on the CPU, in this
+    process: ``run_worker(job, LocalSession())`` runs the same epoch loop Ray Train and Tune run.
+
+    Args:
+        checkpoint: a checkpoint directory to continue from (None: from scratch).
+        stop_after: stop the loop (raise :class:`LocalSession.Stop`) after this many epochs'
+            reports (None: run to the end).
+
+    Attributes:
+        reports: the metrics of every report (epochs and mid-epoch checkpoints), in order.
+        weights: the model weights of each epoch's checkpoint, in order.
+    """
+
+    class Stop(Exception):
+        """Raised by :meth:`report` after ``stop_after`` epochs."""
+
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def __init__(self, checkpoint: Path | None = None, stop_after: int | None = None) -> None:
+        self.checkpoint, self.stop_after = checkpoint, stop_after
+        self.reports: list[dict[str, Any]] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def get_checkpoint(self) -> Any:
+        """The checkpoint to continue from, as Ray Train would hand it over."""
+        if self.checkpoint is None:
+            return None
+        from ray.train import Checkpoint
+
+        return Checkpoint.from_directory(str(self.checkpoint))
+
+    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
+        """One process: nothing to wrap."""
+        return module
+
+    def started(self, state: TrainState, model: Any, restored: Any) -> None:
+        """Nothing to record at the start."""
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None, dir_name: str
+    ) -> None:
+        """Keep the metrics, and an epoch checkpoint's weights as its files hold them."""
+        self.reports.append(dict(metrics))
+        if checkpoint is None or "epoch" not in metrics:
+            return
+        tmp, _ = write_checkpoint_dir(checkpoint)
+        try:
+            self.weights.append(load_checkpoint_state(tmp)["model"])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.stop_after is not None and len(self.weights) >= self.stop_after:
+            raise self.Stop
 
 
 def trained_windows(folder: Path) -> dict[int, list[int]]:

@@ -19,18 +19,17 @@ import pytest
 import ray
 import torch
 
-from stkd_dist.checkpoint import TrainState, load_checkpoint_state, read_checkpoint
+from stkd_dist.checkpoint import load_checkpoint_state, read_checkpoint
 from stkd_dist.config import Config
 from stkd_dist.labels.teachers import LabelSpec, TeacherSpec, resolve_teachers
 from stkd_dist.location import url
-from stkd_dist.models.base import Forecaster
 from stkd_dist.pipeline.sweep import SweepOutcome, run_sweep
 from stkd_dist.pipeline.trial_records import read_starts, state_digest
 from stkd_dist.pipeline.tune_trial import ROLE
 from stkd_dist.pipeline.ui import LinesUI
 from stkd_dist.storage import open_store
+from stkd_dist.testing import LocalSession
 from stkd_dist.train.loop import TrainJob, build_model, build_reader
-from stkd_dist.train.session import Restored, write_checkpoint_dir
 from stkd_dist.train.student import make_distill_loss
 from stkd_dist.train.worker import run_worker
 from tests.pipeline.sweep_env import make_env
@@ -136,39 +135,6 @@ def test_an_exploited_trial_loaded_the_donors_checkpoint_weights(swept: SweepOut
         assert 0.2 <= e["params"]["distill.alpha"] <= 0.9
 
 
-class _OneEpoch:
-    """A one-process session that continues from ``checkpoint`` and keeps the weights of the
-    first epoch it trains, then stops the loop."""
-
-    class Done(Exception):
-        pass
-
-    def __init__(self, checkpoint: Path, out: Path) -> None:
-        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
-        self.checkpoint, self.out = checkpoint, out
-        self.weights: dict[str, torch.Tensor] | None = None
-
-    def get_checkpoint(self) -> Any:
-        from ray.train import Checkpoint
-
-        return Checkpoint.from_directory(str(self.checkpoint))
-
-    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def started(self, state: TrainState, model: Forecaster, restored: Restored) -> None:
-        pass
-
-    def report(
-        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None, dir_name: str
-    ) -> None:
-        if checkpoint is None or "epoch" not in metrics:
-            return
-        tmp, _ = write_checkpoint_dir(checkpoint)
-        self.weights = load_checkpoint_state(tmp)["model"]
-        raise self.Done
-
-
 def test_an_exploited_trial_trained_on_from_the_donors_file(
     swept: SweepOutcome, tmp_path: Path
 ) -> None:
@@ -213,13 +179,13 @@ def test_an_exploited_trial_trained_on_from_the_donors_file(
             experiment_dir=str(out),
             lineage=e["trial"],
         )
-        session = _OneEpoch(donor_ckpt, out)
-        with pytest.raises(_OneEpoch.Done):
-            run_worker(job, session)  # type: ignore[arg-type]
-        assert session.weights is not None
+        session = LocalSession(donor_ckpt, stop_after=1)
+        with pytest.raises(LocalSession.Stop):
+            run_worker(job, session)
+        (mine,) = session.weights
         theirs = load_checkpoint_state(first_after.path)["model"]
-        assert session.weights.keys() == theirs.keys()
-        assert all(torch.equal(session.weights[k], theirs[k]) for k in theirs), e
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), e
         replayed += 1
     assert replayed, "every exploit came after the donor's last epoch: nothing to replay"
 

@@ -1,4 +1,4 @@
-"""The epoch loop of one rank (``run_worker``), run in this process by a recording session."""
+"""The epoch loop of one rank (``run_worker``), run in this process (no Ray)."""
 
 from __future__ import annotations
 
@@ -8,39 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from stkd_dist.checkpoint import TrainState
-from stkd_dist.models.base import Forecaster
 from stkd_dist.storage import open_store
+from stkd_dist.testing import LocalSession
 from stkd_dist.train.loop import TrainJob, build_reader
-from stkd_dist.train.session import Restored
 from stkd_dist.train.teacher import EXPERIMENT, masked_mae_loss
 from stkd_dist.train.worker import run_worker
 from tests.train.conftest import tiny_config
-
-
-class Recorder:
-    """Rank 0 of 1 from scratch: keeps the metrics of every report."""
-
-    rank, world_size, device = 0, 1, torch.device("cpu")
-
-    def __init__(self) -> None:
-        self.reports: list[dict[str, Any]] = []
-
-    def get_checkpoint(self) -> None:
-        return None
-
-    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def started(self, state: TrainState, model: Forecaster, restored: Restored) -> None:
-        pass
-
-    def report(
-        self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None, dir_name: str
-    ) -> None:
-        self.reports.append(dict(metrics))
 
 
 @pytest.mark.parametrize("workers", [1, {"min": 1, "max": 12}])
@@ -67,8 +41,8 @@ def test_mid_epoch_checkpoints_leave_a_window_for_every_worker(
         make_loss=masked_mae_loss,
         experiment_dir=str(tmp_path),
     )
-    session = Recorder()
-    run_worker(job, session)  # type: ignore[arg-type]
+    session = LocalSession()
+    run_worker(job, session)
 
     # counted here: one rank reads every training window, `batch` per step
     n = len(build_reader(cfg, open_store(small_store)).windows("train"))

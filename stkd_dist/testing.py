@@ -46,6 +46,7 @@ from stkd_dist.checkpoint import (
     TrainState,
     list_checkpoints,
     load_checkpoint_state,
+    read_checkpoint,
     save_checkpoint,
 )
 from stkd_dist.config import Config, DataSection, RunSection
@@ -274,6 +275,7 @@ class LocalSession:
     Attributes:
         reports: the metrics of every report (epochs and mid-epoch checkpoints), in order.
         weights: the model weights of each epoch's checkpoint, in order.
+        infos: each epoch checkpoint's ``meta.json`` as read back (:class:`CheckpointInfo`).
     """
 
     class Stop(Exception):
@@ -285,6 +287,7 @@ class LocalSession:
         self.checkpoint, self.stop_after = checkpoint, stop_after
         self.reports: list[dict[str, Any]] = []
         self.weights: list[dict[str, torch.Tensor]] = []
+        self.infos: list[CheckpointInfo] = []
 
     def get_checkpoint(self) -> Any:
         """The checkpoint to continue from, as Ray Train would hand it over."""
@@ -311,6 +314,7 @@ class LocalSession:
         tmp, _ = write_checkpoint_dir(checkpoint)
         try:
             self.weights.append(load_checkpoint_state(tmp)["model"])
+            self.infos.append(read_checkpoint(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if self.stop_after is not None and len(self.weights) >= self.stop_after:

@@ -2,8 +2,9 @@
 
 Importing this package registers every built-in model:
 
-* teachers: ``lstm`` (per-node encoder–decoder LSTM), ``stgnn`` (Graph WaveNet), ``staeformer``
-  (STAEformer);
+* teachers: ``lstm`` (per-node encoder–decoder LSTM), ``stgnn`` (Graph WaveNet),
+  ``stgnn_inductive`` (Graph WaveNet without per-node parameters: transferable to another
+  graph), ``staeformer`` (STAEformer);
 * students: ``mlp`` (STID), ``lstm_small`` (small per-node LSTM), ``linear`` (per-node linear map).
 """
 

@@ -57,6 +57,10 @@ class Network(nn.Module):
         spread: also output a log-variance (the head is twice as wide).
     """
 
+    #: whether no parameter depends on the node count, so the trained weights forecast
+    #: another graph's nodes (given its adjacency and statistics): see :meth:`Forecaster.rebound`
+    transferable: bool = False
+
     def __init__(self, dims: DataDims, spread: bool = False) -> None:
         super().__init__()
         if not isinstance(dims, DataDims):
@@ -230,9 +234,56 @@ class Forecaster(nn.Module):
         """Number of trainable parameters of the network."""
         return sum(p.numel() for p in self.network.parameters() if p.requires_grad)
 
+    @property
+    def transferable(self) -> bool:
+        """Whether the network's weights can forecast another graph (:meth:`rebound`)."""
+        return bool(getattr(self.network, "transferable", False))
+
     def spec(self) -> dict[str, Any]:
-        """JSON-serialisable ``{key, kwargs, dims}`` that :meth:`from_spec` rebuilds from."""
-        return {"key": self.key, "kwargs": dict(self.kwargs), "dims": dataclasses.asdict(self.dims)}
+        """JSON-serialisable ``{key, kwargs, dims, transferable}`` that :meth:`from_spec`
+        rebuilds from (``transferable`` is recorded in every checkpoint's ``meta.json``)."""
+        return {
+            "key": self.key,
+            "kwargs": dict(self.kwargs),
+            "dims": dataclasses.asdict(self.dims),
+            "transferable": self.transferable,
+        }
+
+    def rebound(
+        self, nodes: int, adjacency: np.ndarray | None, target_scale: tuple[Any, Any]
+    ) -> Forecaster:
+        """This model's trained weights on another graph of ``nodes`` nodes (transfer).
+
+        Args:
+            nodes: the other graph's node count.
+            adjacency: its ``[node, node]`` adjacency (None: no graph).
+            target_scale: ``(mean, std)`` broadcastable to ``[node, C_out]``: the statistics
+                the other graph's targets are normalised with.
+
+        Raises:
+            ConfigError: the network learns per-node parameters (not ``transferable``).
+        """
+        if not self.transferable:
+            raise ConfigError(
+                f"model {self.key!r} learns per-node parameters, so its weights do not apply to "
+                "another graph: train a transferable teacher (e.g. teacher.model: stgnn_inductive)",
+                where="teacher.model",
+            )
+        dims = dataclasses.replace(self.dims, nodes=int(nodes))
+        other = build_forecaster(
+            self.key, dims, adjacency=adjacency, target_scale=target_scale, **self.kwargs
+        )
+        # every parameter (and the normalisation layers' running statistics) is shaped by the
+        # channels, never by the nodes; the graph and the target statistics stay the other's
+        own = {k: v for k, v in self.network.state_dict().items() if k != "adjacency"}
+        missing, unexpected = other.network.load_state_dict(own, strict=False)
+        if unexpected or set(missing) - {"adjacency"}:
+            raise ConfigError(
+                f"weights of {self.key!r} do not fit {nodes} nodes (missing {missing}, "
+                f"unexpected {unexpected})",
+                where="teacher.model",
+            )
+        return other.to(self.target_mean.device).train(self.training)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], adjacency: np.ndarray | None = None) -> Forecaster:

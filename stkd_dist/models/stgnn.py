@@ -197,3 +197,49 @@ class GraphWaveNet(Network):
         flat = out.squeeze(-1).transpose(1, 2)  # [batch, node, head_size]
         hidden = feat.squeeze(-1).transpose(1, 2)  # [batch, node, skip]
         return self.split_head(flat, hidden)
+
+
+@TEACHERS.register("stgnn_inductive")
+class InductiveGraphWaveNet(GraphWaveNet):
+    """Graph WaveNet without the adaptive adjacency: every parameter is shaped by the channels,
+    none by the nodes, so a teacher trained on one graph forecasts another (transfer).
+
+    The graph enters only through the diffusion over the given adjacency (the forward and
+    backward transition matrices), so the network is equivariant to renumbering the nodes:
+    permuting the nodes of the input and the adjacency permutes the forecast the same way.
+
+    Args: those of :class:`GraphWaveNet` without ``adaptive`` and ``node_emb_dim``.
+    """
+
+    transferable = True
+
+    def __init__(
+        self,
+        dims: DataDims,
+        adjacency: np.ndarray | None = None,
+        residual_channels: int = 32,
+        dilation_channels: int = 32,
+        skip_channels: int = 256,
+        end_channels: int = 512,
+        blocks: int = 4,
+        layers_per_block: int = 2,
+        kernel_size: int = 2,
+        diffusion_steps: int = 2,
+        dropout: float = 0.3,
+        spread: bool = False,
+    ) -> None:
+        super().__init__(
+            dims,
+            adjacency,
+            residual_channels=residual_channels,
+            dilation_channels=dilation_channels,
+            skip_channels=skip_channels,
+            end_channels=end_channels,
+            blocks=blocks,
+            layers_per_block=layers_per_block,
+            kernel_size=kernel_size,
+            diffusion_steps=diffusion_steps,
+            adaptive=False,
+            dropout=dropout,
+            spread=spread,
+        )

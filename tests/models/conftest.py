@@ -17,6 +17,14 @@ SMALL_KWARGS: dict[str, dict] = {
         "blocks": 2,
         "layers_per_block": 2,
     },
+    "stgnn_inductive": {
+        "residual_channels": 8,
+        "dilation_channels": 8,
+        "skip_channels": 16,
+        "end_channels": 16,
+        "blocks": 2,
+        "layers_per_block": 2,
+    },
     "staeformer": {
         "input_dim": 4,
         "tod_dim": 4,

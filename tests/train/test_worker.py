@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from stkd_dist.storage import open_store
 from stkd_dist.testing import LocalSession
@@ -53,3 +54,31 @@ def test_mid_epoch_checkpoints_leave_a_window_for_every_worker(
     if need > 1:  # the last steps' checkpoints were left out, and only those
         assert len(expected) < math.ceil(n / batch) - 1
     assert [m["epoch"] for m in session.reports if "epoch" in m] == [0]
+
+
+def test_an_inductive_teacher_trains_and_its_checkpoint_says_transferable(
+    small_store: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(
+        small_store, "ind", "data.horizon=3", "teacher.model=stgnn_inductive",
+        "teacher.schedule.epochs=2", "teacher.schedule.warmup_epochs=0",
+    )  # fmt: skip
+    job = TrainJob(
+        config=cfg,
+        role="teacher",
+        experiment=EXPERIMENT,
+        dataset=str(small_store),
+        make_loss=masked_mae_loss,
+        experiment_dir=str(tmp_path),
+    )
+    session = LocalSession()
+    run_worker(job, session)
+    first, last = session.infos
+    assert first.spec["key"] == "stgnn_inductive" and last.spec["transferable"] is True
+    # it learned: the weights moved and the training loss fell
+    moved = [
+        k
+        for k in session.weights[0]
+        if not torch.equal(session.weights[0][k], session.weights[1][k])
+    ]
+    assert moved and last.metrics["train_loss"] < first.metrics["train_loss"]

@@ -16,8 +16,10 @@ examples:
   stkd distill --config demo --teacher 10.0.0.5:50051,10.0.0.6:50051   # running teacher servers
   stkd distill --config los-loop --address auto --workers 8   # on a node of a Ray cluster
   stkd distill --config los-loop --seeds 5            # does distillation help here? 5 seeds each
+  stkd distill --config los-loop --teacher-data pems08 --set teacher.model=stgnn_inductive
+                                                      # a teacher from another network (transfer)
 
-Stages: dataset, teacher, [labels], student_kd, student_scratch, [the students of further seeds],
+Stages: dataset, teacher, [transfer], [labels], student_kd, student_scratch, [the students of further seeds],
 evaluate, statistics, report. Everything lives
 in <storage>/runs/<run-name>/: config.yaml, stages.json, teacher/, student_kd/, student_scratch/,
 labels/ (serve.mode=cache), metrics.json, history.json, forecasts.npz, locations.npz, report.md,
@@ -34,6 +36,11 @@ run.seed+N-1 against the one teacher (each pair on the same shard plans and init
 writes kd_vs_scratch to metrics.json: the per-seed test MAEs, the mean difference, the paired
 t-test p-value, a bootstrap 95 % interval and gap_closed (the share of the scratch-to-teacher MAE
 gap the distilled students close); the report says in plain words whether distillation helped.
+
+--teacher-data SOURCE (teacher.dataset) trains the teacher on SOURCE, then the transfer stage
+writes it as a teacher of --data: its trained weights with --data's graph, statistics and
+fingerprint (teacher_transfer/), channels matched by name. Labels, students and the evaluation
+are all on --data; the teacher row of the report is the transferred teacher on --data.
 """
 
 
@@ -61,6 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of starting replicas; they should serve this run's teacher",
     )
     parser.add_argument(
+        "--teacher-data",
+        metavar="STORE",
+        help="train the teacher on this other dataset (teacher.dataset) and transfer it to "
+        "--data: its labels of --data's windows teach the students (needs a transferable "
+        "teacher.model, e.g. stgnn_inductive)",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         metavar="N",
@@ -78,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, f"serve.endpoints={json.dumps(args.teacher)}"]
     if args.seeds is not None:
         args.overrides = [*args.overrides, f"run.seeds={args.seeds}"]
+    if args.teacher_data:
+        args.overrides = [*args.overrides, f"teacher.dataset={json.dumps(args.teacher_data)}"]
     cfg = config_from_args(args)
     outcome = run_distill(cfg, storage=args.storage, worker_logs=args.debug)
     return finish(outcome, as_json=args.json)

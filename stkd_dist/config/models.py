@@ -98,9 +98,16 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class TeacherSection(ModelSection):
-    """``teacher``: a :class:`ModelSection` whose model defaults to the ``stgnn`` teacher."""
+    """``teacher``: a :class:`ModelSection` whose model defaults to the ``stgnn`` teacher.
+
+    Attributes:
+        dataset: train the teacher on this dataset (store path or name) instead of
+            ``data.dataset``, then transfer it to ``data.dataset`` (transfer distillation: the
+            model must be transferable, e.g. ``stgnn_inductive``); None: ``data.dataset``.
+    """
 
     model: str = "stgnn"
+    dataset: str | None = None
 
 
 @dataclass(frozen=True)

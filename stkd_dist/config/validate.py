@@ -33,11 +33,18 @@ def validate_model(cfg: Config, role: str, source: str | None = None) -> None:
     )
     prefix = f"{source}: " if source else ""
     try:
-        build_forecaster(section.model, dims, **section.kwargs)
+        model = build_forecaster(section.model, dims, **section.kwargs)
     except StkdError as e:
         raise ConfigError(e.message, where=f"{prefix}{role}.model/{role}.kwargs") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e), where=f"{prefix}{role}.kwargs") from None
+    if role == "teacher" and cfg.teacher.dataset is not None and not model.transferable:
+        raise ConfigError(
+            f"teacher.dataset trains the teacher on another dataset, but {section.model!r} "
+            "learns per-node parameters that do not exist on data.dataset: set teacher.model to "
+            "a transferable model (stgnn_inductive) or remove teacher.dataset",
+            where=f"{prefix}teacher.model",
+        )
 
 
 def distill_loss_kwargs(section: DistillSection) -> dict[str, Any]:

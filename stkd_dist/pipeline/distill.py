@@ -123,6 +123,8 @@ class _Pipeline:
 
     def stage_names(self) -> list[str]:
         names = ["dataset", "teacher"]
+        if self.cfg.teacher.dataset is not None:
+            names.append("transfer")
         if self.cfg.serve.mode == "cache":
             names.append("labels")
         names += ["student_kd", "student_scratch"]
@@ -136,7 +138,10 @@ class _Pipeline:
         return self.graph.store
 
     def model(self, name: str) -> ModelStage:
-        """The record of a completed model stage (``teacher``, ``student_kd``, ...)."""
+        """The record of a completed model stage (``teacher``, ``student_kd``, ...); the
+        teacher of a run with ``teacher.dataset`` is the transferred one."""
+        if name == "teacher" and self.cfg.teacher.dataset is not None:
+            name = "transfer"
         return self.graph.recorded(name, ModelStage.from_info)
 
     # -- distill's own stages ------------------------------------------------------------------
@@ -312,6 +317,9 @@ class _Pipeline:
         self.graph.dataset()
         with self.ray:
             self.teacher = self.graph.teacher()
+            if self.cfg.teacher.dataset is not None:
+                # trained on another network: from here on a teacher of this run's dataset
+                self.teacher = self.graph.transferred(self.teacher)
             if self.cfg.serve.mode == "cache":
                 # a hint student reads the teacher's hidden states from the cache too
                 hint = self.cfg.distill.loss == "hint"

@@ -15,6 +15,7 @@ the same class, never as a dict read by key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +36,8 @@ from stkd_dist.pipeline.stages import (
     train_teacher_stage,
 )
 from stkd_dist.pipeline.ui import PipelineUI, StageReport
-from stkd_dist.storage import DatasetStore
+from stkd_dist.storage import DatasetStore, open_store
+from stkd_dist.train.transfer import transfer_teacher
 
 
 def _resolve(layout: RunLayout, recorded: str) -> Location:
@@ -60,6 +62,9 @@ class StageInfo(Protocol):
 
     def detail(self) -> str: ...
 
+
+#: the experiment folder of the transferred teacher (``teacher.dataset``)
+TRANSFER = "teacher_transfer"
 
 T = TypeVar("T", bound=StageInfo)
 
@@ -272,18 +277,50 @@ class StageGraph:
         return s
 
     def teacher(self) -> ModelStage:
-        """DDP teacher training on Ray Train (or its record, when complete)."""
-        key = config_digest(self.cfg, ["data", "teacher", "run.seed"], fingerprint=self.fingerprint)
+        """DDP teacher training on Ray Train (or its record, when complete); on
+        ``teacher.dataset`` when set (then :meth:`transferred` makes it this run's)."""
+        cfg, fingerprint = self.cfg, self.fingerprint
+        if self.cfg.teacher.dataset is not None:
+            source = open_store(self.cfg.teacher.dataset, self.storage)
+            # the teacher's own run config: trained on the source like any teacher
+            cfg = dataclasses.replace(
+                cfg,
+                data=dataclasses.replace(cfg.data, dataset=self.cfg.teacher.dataset),
+                teacher=dataclasses.replace(cfg.teacher, dataset=None),
+            )
+            fingerprint = source.fingerprint
+        key = config_digest(cfg, ["data", "teacher", "run.seed"], fingerprint=fingerprint)
 
         def work() -> tuple[list[Location], ModelStage]:
             self.ui.echo(f"Ray: {self.ray.ensure()}")
             experiment = self.layout.experiment("teacher")
-            epochs = self.cfg.teacher.schedule.epochs
+            epochs = cfg.teacher.schedule.epochs
             with self.ui.training(experiment, "teacher", epochs):
-                res = train_teacher_stage(self.cfg, self.storage, echo=self.ui.echo)
+                res = train_teacher_stage(cfg, self.storage, echo=self.ui.echo)
             return [experiment / "best.json", res.checkpoint], ModelStage.of(self.layout, res)
 
         return self.step("teacher", key, ModelStage.from_info, work)
+
+    def transferred(self, teacher: ModelStage) -> ModelStage:
+        """``teacher`` (trained on ``teacher.dataset``) as a teacher of this run's dataset:
+        its weights with this dataset's graph, statistics and fingerprint (``train.transfer``)."""
+        key = config_digest(self.cfg, ["data"], teacher=teacher.version, target=self.fingerprint)
+
+        def work() -> tuple[list[Location], ModelStage]:
+            assert self.store is not None, "the dataset stage runs first"
+            dest = self.layout.experiment(TRANSFER) / "checkpoint"
+            info = transfer_teacher(teacher.path(self.layout), self.store, dest, self.storage)
+            self.ui.echo(
+                f"transferred teacher {teacher.version} ({self.cfg.teacher.dataset}) to "
+                f"{self.store.name!r}: {self.store.nodes} nodes, its statistics and graph"
+            )
+            # the validation MAE is the source's: none was measured on this dataset
+            stage = ModelStage(
+                _record_path(self.layout, dest), info.version, teacher.val_mae, teacher.epochs
+            )
+            return [dest], stage
+
+        return self.step("transfer", key, ModelStage.from_info, work)
 
     def given_teacher(self, checkpoint: str) -> ModelStage:
         """A teacher given by reference (checkpoint, run directory or run name), not trained."""

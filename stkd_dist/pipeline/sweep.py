@@ -203,6 +203,12 @@ def run_sweep(
             where="sweep.space",
         )
     check_forecast_loss(cfg, specs)
+    if cfg.teacher.dataset is not None:
+        raise ConfigError(
+            "a sweep distils a teacher of data.dataset: transfer one with `stkd distill "
+            "--teacher-data` and give its teacher_transfer/checkpoint with --checkpoint",
+            where="teacher.dataset",
+        )
     validate_config(cfg, roles=("student",) if checkpoint else ("teacher", "student"))
     if cfg.sweep.labels == "stream" and cfg.serve.endpoints:
         raise ConfigError(

@@ -22,6 +22,7 @@ import torch
 from stkd_dist.config import Config, write_config
 from stkd_dist.config.validate import validate_config
 from stkd_dist.data.batch import WindowBatch
+from stkd_dist.errors import ConfigError
 from stkd_dist.location import PathInput
 from stkd_dist.train.experiment import (
     TrainOutcome,
@@ -62,6 +63,12 @@ def train_teacher(
         storage: the storage root (default: ``$STKD_STORAGE`` or ``./storage``).
         echo: where status lines go.
     """
+    if cfg.teacher.dataset is not None:
+        raise ConfigError(
+            "train-teacher trains on data.dataset: set data.dataset to the dataset to train on "
+            "(teacher.dataset is for `stkd distill`, which then transfers the teacher)",
+            where="teacher.dataset",
+        )
     validate_config(cfg, roles=("teacher",), distill=False)
     exp = open_experiment(cfg, EXPERIMENT, storage)
     done = existing_outcome(exp, cfg, "teacher", echo)

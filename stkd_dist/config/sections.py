@@ -98,6 +98,10 @@ class DataSection:
         input_channels: channel names fed to the model (null = all channels).
         target_channels: channel names forecast (null = the input channels).
         per_node_stats: normalise each node with its own statistics instead of per channel.
+        target_fraction: keep only this share of the training split's targets: the last
+            ``round(fraction x days)`` whole days keep theirs, earlier training steps are not
+            targets (a network with little history; inputs, statistics, validation and test
+            are unchanged). 1 = all.
         batch_size: training windows per step and rank.
         eval_batch_size: windows per step when validating or evaluating.
     """
@@ -110,12 +114,18 @@ class DataSection:
     input_channels: tuple[str, ...] | None = None
     target_channels: tuple[str, ...] | None = None
     per_node_stats: bool = False
+    target_fraction: float = 1.0
     batch_size: int = 32
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
         require(bool(self.dataset), "dataset", "must name a store path or a dataset")
         positive(self, "input_steps", "horizon", "stride", "batch_size", "eval_batch_size")
+        require(
+            0.0 < self.target_fraction <= 1.0,
+            "target_fraction",
+            f"must be in (0, 1] (the share of training targets kept), got {self.target_fraction}",
+        )
         for name in ("input_channels", "target_channels"):
             value = getattr(self, name)
             require(value is None or len(value) > 0, name, "must list channels or be null")

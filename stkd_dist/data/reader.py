@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from stkd_dist.data.batch import DataDims, WindowBatch
@@ -94,6 +95,7 @@ class WindowReader:
         input_channels: Sequence[str] | None = None,
         target_channels: Sequence[str] | None = None,
         per_node_stats: bool = False,
+        target_fraction: float = 1.0,
     ) -> None:
         if not isinstance(window, WindowSpec):
             raise ConfigError(f"expected a WindowSpec, got {type(window).__name__}", "window")
@@ -127,6 +129,12 @@ class WindowReader:
         self._day_of_week = np.asarray(time.day_of_week, dtype=np.int64)  # Monday = 0
         # None: every batch reads its steps from the store (see use_block_cache)
         self.block_cache: BlockCache | None = None
+        # [steps] bool: which steps' readings may be training targets (None: all)
+        self.target_keep: np.ndarray | None = None
+        if target_fraction < 1.0:
+            self.target_keep = kept_target_steps(
+                store.steps, splits.step_ranges(store.steps)["train"], target_fraction, time
+            )
 
     def use_block_cache(self, max_bytes: int = BLOCK_CACHE_BYTES) -> BlockCache:
         """Read :meth:`batch`'s steps through an LRU of decoded time chunks from now on.
@@ -295,6 +303,9 @@ class WindowReader:
         if not self._all_targets:
             y, y_mask = y[..., self.target_idx], y_mask[..., self.target_idx]
         y_mask = y_mask & np.isfinite(y)
+        if self.target_keep is not None:
+            # data.target_fraction: training steps outside the kept days are no targets
+            y_mask &= self.target_keep[int(block_start) + y_steps][:, :, None, None]
         y[~y_mask] = 0.0
         y_mask &= ok[:, None, None, None]  # padding samples contribute nothing
 
@@ -315,3 +326,22 @@ class WindowReader:
             f"WindowReader({self.store!r}, L={self.window.input_steps}, H={self.window.horizon}, "
             f"stride={self.window.stride}, inputs={self.input_idx}, targets={self.target_idx})"
         )
+
+
+def kept_target_steps(
+    steps: int, train: tuple[int, int], fraction: float, time: pd.DatetimeIndex
+) -> np.ndarray:
+    """``[steps]`` bool: the steps whose readings may be training targets (``target_fraction``).
+
+    The training split is cut into whole days (by the time axis; the first and last may be
+    partial) and only the last ``max(1, round(fraction x days))`` days keep their targets: a
+    network with little history has its most recent days. Steps outside the training split keep
+    theirs (validation and test are never reduced).
+    """
+    lo, hi = train
+    keep = np.ones(steps, dtype=bool)
+    days = np.asarray(time[lo:hi].normalize().asi8)  # [train steps] the day of each step
+    first = np.flatnonzero(np.r_[True, days[1:] != days[:-1]])  # where each day starts
+    kept = max(1, round(fraction * len(first)))
+    keep[lo : lo + int(first[len(first) - kept])] = False
+    return keep

@@ -285,7 +285,10 @@ class StageGraph:
             # the teacher's own run config: trained on the source like any teacher
             cfg = dataclasses.replace(
                 cfg,
-                data=dataclasses.replace(cfg.data, dataset=self.cfg.teacher.dataset),
+                # every target of the source (data.target_fraction is about data.dataset)
+                data=dataclasses.replace(
+                    cfg.data, dataset=self.cfg.teacher.dataset, target_fraction=1.0
+                ),
                 teacher=dataclasses.replace(cfg.teacher, dataset=None),
             )
             fingerprint = source.fingerprint

@@ -203,6 +203,7 @@ def build_reader(config: Config, store: DatasetStore) -> WindowReader:
         input_channels=d.input_channels,
         target_channels=d.target_channels,
         per_node_stats=d.per_node_stats,
+        target_fraction=d.target_fraction,
     )
 
 

@@ -9,6 +9,7 @@ an S3-compatible HTTP server.
   :func:`last_weights`: an experiment's final weights, to compare runs with ``torch.equal``;
 * :class:`WindowLog`, :func:`trained_windows`: log the windows every step trains on, to count
   them on the data side;
+* :func:`briefly_trained`: a model fitted for a few steps (it forecasts something, in a second);
 * :class:`LocalSession`: run the epoch loop of one rank in the test's own process (no Ray),
   from scratch or from a checkpoint directory, keeping what it reports;
 * :func:`wait_until`: wait for an observable event (a condition polled until a deadline), where
@@ -261,6 +262,22 @@ class _LoggedLoss:
 
     def restore(self, partial: dict[str, Any]) -> None:
         pass
+
+
+def briefly_trained(model: Any, reader: WindowReader, steps: int = 15, lr: float = 1e-2) -> float:
+    """Fit ``model`` (a Forecaster) on ``reader``'s training windows for ``steps`` Adam steps of
+    16 windows (masked MAE); returns the last loss."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    train = reader.windows("train")
+    loss = torch.zeros(())
+    for step in range(steps):
+        batch = reader.batch([train[(step * 16 + i) % len(train)] for i in range(16)])
+        pred = model(batch.x, batch.time_of_day, batch.day_of_week)
+        loss = ((pred - batch.y).abs() * batch.mask).sum() / batch.mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
 
 
 class LocalSession:

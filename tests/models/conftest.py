@@ -8,23 +8,17 @@ import torch
 from stkd_dist.data.batch import DataDims
 
 #: small hyper-parameters per key so every test stays fast
+_GRAPH_WAVENET = {
+    "residual_channels": 8,
+    "dilation_channels": 8,
+    "skip_channels": 16,
+    "end_channels": 16,
+    "blocks": 2,
+    "layers_per_block": 2,
+}
 SMALL_KWARGS: dict[str, dict] = {
-    "stgnn": {
-        "residual_channels": 8,
-        "dilation_channels": 8,
-        "skip_channels": 16,
-        "end_channels": 16,
-        "blocks": 2,
-        "layers_per_block": 2,
-    },
-    "stgnn_inductive": {
-        "residual_channels": 8,
-        "dilation_channels": 8,
-        "skip_channels": 16,
-        "end_channels": 16,
-        "blocks": 2,
-        "layers_per_block": 2,
-    },
+    "stgnn": _GRAPH_WAVENET,
+    "stgnn_inductive": _GRAPH_WAVENET,
     "staeformer": {
         "input_dim": 4,
         "tod_dim": 4,

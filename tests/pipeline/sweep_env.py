@@ -15,6 +15,7 @@ import yaml
 from stkd_dist.checkpoint import TrainState, save_checkpoint
 from stkd_dist.config import Config, load_config
 from stkd_dist.storage import open_store
+from stkd_dist.testing import briefly_trained
 from stkd_dist.train.loop import build_model, build_reader
 
 SPACE: dict[str, Any] = {
@@ -86,16 +87,7 @@ def make_env(
     reader = build_reader(cfg, store)
     torch.manual_seed(0)
     model = build_model(cfg.teacher, reader, store)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    train = reader.windows("train")
-    for step in range(15):  # a few steps: a teacher that forecasts something, in a second
-        idx = [train[(step * 16 + i) % len(train)] for i in range(16)]
-        batch = reader.batch(idx)
-        pred = model(batch.x, batch.time_of_day, batch.day_of_week)
-        loss = ((pred - batch.y).abs() * batch.mask).sum() / batch.mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss = briefly_trained(model, reader)  # a teacher that forecasts something, in a second
     info = save_checkpoint(
         root / "teacher" / "epoch_0000",
         model_state=model.state_dict(),
@@ -103,7 +95,7 @@ def make_env(
         config=cfg,
         fingerprint=store.fingerprint,
         stats=reader.stats,
-        metrics={"val_mae": float(loss.detach())},
+        metrics={"val_mae": loss},
         state=TrainState(epoch=0),
     )
     return SweepEnv(store_path, info.path, cfg)

@@ -14,7 +14,7 @@ from stkd_dist.serving.client import LabelMismatchError, SoftLabelClient
 from stkd_dist.serving.server import ServerConfig, TeacherServer
 from stkd_dist.serving.teacher import load_teacher
 from stkd_dist.storage import open_store
-from stkd_dist.testing import random_store
+from stkd_dist.testing import briefly_trained, random_store
 from stkd_dist.train.loop import build_model, build_reader
 from stkd_dist.train.transfer import transfer_teacher
 from tests.train.conftest import tiny_config
@@ -27,15 +27,7 @@ def _teacher(root: Path, store: Path, model: str = "stgnn_inductive") -> Path:
     reader = build_reader(cfg, st)
     torch.manual_seed(0)
     net = build_model(cfg.teacher, reader, st)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    train = reader.windows("train")
-    for step in range(10):
-        batch = reader.batch([train[(step * 16 + i) % len(train)] for i in range(16)])
-        pred = net(batch.x, batch.time_of_day, batch.day_of_week)
-        loss = ((pred - batch.y).abs() * batch.mask).sum() / batch.mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss = briefly_trained(net, reader, steps=10)
     info = save_checkpoint(
         root / f"{model}-teacher",
         model_state=net.eval().state_dict(),
@@ -43,7 +35,7 @@ def _teacher(root: Path, store: Path, model: str = "stgnn_inductive") -> Path:
         config=cfg,
         fingerprint=st.fingerprint,
         stats=reader.stats,
-        metrics={"val_mae": float(loss.detach())},
+        metrics={"val_mae": loss},
         state=TrainState(epoch=0),
         dataset=st.name,
     )

@@ -18,6 +18,17 @@ from stkd_dist.train.worker import run_worker
 from tests.train.conftest import tiny_config
 
 
+def _teacher_job(cfg: Any, store: Path, out: Path) -> TrainJob:
+    return TrainJob(
+        config=cfg,
+        role="teacher",
+        experiment=EXPERIMENT,
+        dataset=str(store),
+        make_loss=masked_mae_loss,
+        experiment_dir=str(out),
+    )
+
+
 @pytest.mark.parametrize("workers", [1, {"min": 1, "max": 12}])
 def test_mid_epoch_checkpoints_leave_a_window_for_every_worker(
     small_store: Path, tmp_path: Path, workers: Any
@@ -34,14 +45,7 @@ def test_mid_epoch_checkpoints_leave_a_window_for_every_worker(
         "checkpoint.every_steps=1",
         f"cluster.num_workers={json.dumps(workers)}",
     )
-    job = TrainJob(
-        config=cfg,
-        role="teacher",
-        experiment=EXPERIMENT,
-        dataset=str(small_store),
-        make_loss=masked_mae_loss,
-        experiment_dir=str(tmp_path),
-    )
+    job = _teacher_job(cfg, small_store, tmp_path)
     session = LocalSession()
     run_worker(job, session)
 
@@ -63,14 +67,7 @@ def test_an_inductive_teacher_trains_and_its_checkpoint_says_transferable(
         small_store, "ind", "data.horizon=3", "teacher.model=stgnn_inductive",
         "teacher.schedule.epochs=2", "teacher.schedule.warmup_epochs=0",
     )  # fmt: skip
-    job = TrainJob(
-        config=cfg,
-        role="teacher",
-        experiment=EXPERIMENT,
-        dataset=str(small_store),
-        make_loss=masked_mae_loss,
-        experiment_dir=str(tmp_path),
-    )
+    job = _teacher_job(cfg, small_store, tmp_path)
     session = LocalSession()
     run_worker(job, session)
     first, last = session.infos

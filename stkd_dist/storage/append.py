@@ -240,6 +240,10 @@ def append_steps(
             added = {k: int(old.get(k) or 0) + int(n) for k, n in (counts or {}).items()}
             final = {**fingerprint, **added, "fingerprint_history": history, "sources": sources}
             root.attrs.update(final)
+            # consolidated first (marker still set), so that the root metadata written by the
+            # commit below already holds the grown arrays: no moment shows new attributes
+            # over old shapes
+            consolidate(dest)
             del root.attrs[APPEND_ATTR]  # the commit: the appended store is whole
             consolidate(dest)
         except BaseException:

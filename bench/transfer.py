@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.quality import DATASETS, DEFAULT_STORAGE, REPO, SHARED_DATA, run_timed, stkd_argv
+from stkd_dist.report.inputs import MODEL_ORDER
 
 HEADING = "## Transfer distillation on real data"
 PLOT = REPO / "bench" / "transfer_fractions.png"
@@ -47,7 +48,7 @@ TRANSFER_SET = (
     "data.input_channels=[speed]",
     "data.target_channels=[speed]",
 )
-ROWS = ("teacher", "student_kd", "student_scratch", "last_value", "historical_average")
+ROWS = MODEL_ORDER  # the rows of metrics.json, in the report's order
 LABELS = {
     "teacher": "teacher (PEMS08 prefix, transferred)",
     "student_kd": "student, transfer-KD",
@@ -149,7 +150,8 @@ def section(results: list[dict[str, Any]], argv: list[str], started: float) -> s
     lines.append(
         "- Targets are kept in whole days (the last max(1, round(F x days)) days of the training "
         "split, `data.target_fraction`): on Los-loop's ~5 training days F = 0.25 and F = 0.05 both "
-        "keep one day, so their rows are the same runs' numbers by construction (same seeds)."
+        "keep one day, so both runs train on the same targets and, with the same seeds, give the "
+        "same numbers."
     )
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,7 @@ import torch
 from stkd_dist.config.validate import distill_loss_kwargs
 from stkd_dist.data.batch import WindowBatch
 from stkd_dist.labels.autoscale import WaitReporter
-from stkd_dist.labels.sources import open_label_source
+from stkd_dist.labels.sources import Labels, open_label_source
 from stkd_dist.labels.teachers import LabelSpec
 from stkd_dist.location import Location, PathInput, location, write_json_atomic
 from stkd_dist.serving.client import PlanRequest
@@ -52,6 +52,7 @@ class DistillLoss:
         self.ctx = ctx
         self.experiment_dir = experiment_dir
         self.criterion = build_loss(cfg.distill.loss, **distill_loss_kwargs(cfg.distill))
+        self.spec = labels
         self.source = open_label_source(labels)
         dims = ctx.reader.dims
         self.entries = dims.horizon * dims.nodes * dims.out_channels  # loss terms per sample
@@ -102,7 +103,12 @@ class DistillLoss:
         student's projected ``features`` ``[B, N, F_t]`` (matched to the teacher's)."""
         # labels of the batch's windows, in batch order; padding samples get zeros (no loss)
         asked = time.perf_counter()
-        labels = self.source.labels_for(batch.index, batch.valid)  # [B, H, N, C] (+ [B, N, F_t])
+        if bool(batch.valid.any()):
+            labels = self.source.labels_for(
+                batch.index, batch.valid
+            )  # [B, H, N, C] (+ [B, N, F_t])
+        else:
+            labels = self._padding_labels(pred, features)
         got = time.perf_counter()
         if self._last_step is not None:  # a step = from one loss call to the next
             self.reporter.step(got - asked, got - self._last_step)
@@ -128,6 +134,21 @@ class DistillLoss:
             self._parts[name] += value * w
         self._weight += w
         return LossValue(loss, weight)
+
+    def _padding_labels(self, pred: torch.Tensor, features: torch.Tensor | None) -> Labels:
+        """Zeros for a batch of padding samples only, without asking any teacher.
+
+        A rank whose windows of the epoch ran out still steps with the others (DDP's all-reduce
+        runs in lockstep), on padding. No teacher has labels for those samples, and a resumed
+        epoch's stream may have sent nothing yet to take their shape from; their loss mask is
+        empty, so zeros shaped like the forecast (and the projected features) do.
+        """
+        zeros = torch.zeros_like(pred.detach()).cpu()  # [B, H, N, C]
+        return Labels(
+            zeros,
+            zeros.clone() if self.spec.spread else None,
+            None if features is None else torch.zeros_like(features.detach()).cpu(),
+        )
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Write this rank's delivery record; return a few numbers for the epoch's metrics."""

@@ -162,6 +162,7 @@ class _Pipeline:
 
         def work() -> tuple[list[Location], ModelStage]:
             self.ui.echo(f"Ray: {self.ray.ensure()}")
+            self.graph.fresh_experiment(name, key, self.layout.experiment(name))
             labels = teacher_ckpt = None
             if distill:
                 teacher_ckpt = self.teacher.path(self.layout)

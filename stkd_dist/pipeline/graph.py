@@ -24,7 +24,18 @@ from typing import Any, Protocol, TypeVar
 
 from stkd_dist.config import Config
 from stkd_dist.labels.replicas import replica_compute
-from stkd_dist.location import Location, PathInput, absolute, location, url
+from stkd_dist.location import (
+    Location,
+    PathInput,
+    absolute,
+    exists,
+    location,
+    makedirs,
+    read_json,
+    rename_or_copy,
+    url,
+    write_json_atomic,
+)
 from stkd_dist.pipeline.run import RunLayout, StageBook, StageRecord, config_digest
 from stkd_dist.pipeline.stages import (
     CacheResult,
@@ -65,6 +76,10 @@ class StageInfo(Protocol):
 
 #: the experiment folder of the transferred teacher (``teacher.dataset``)
 TRANSFER = "teacher_transfer"
+#: in a training stage's experiment folder: the stage key its training belongs to
+STAGE_KEY_FILE = "stage_key.json"
+#: under the run directory: experiments a changed stage replaced (moved here, never deleted)
+SUPERSEDED = "superseded"
 
 T = TypeVar("T", bound=StageInfo)
 
@@ -252,6 +267,30 @@ class StageGraph:
         self.reports.append(StageReport(name, "ran", seconds, record.detail()))
         return record
 
+    def fresh_experiment(self, name: str, key: str, experiment: Location) -> None:
+        """Make ``experiment`` the training folder of stage ``name`` with ``key``.
+
+        A trainer resumes whatever its experiment folder holds (and does nothing when that
+        training is complete). That is right when the same stage was interrupted, and wrong when
+        the stage runs because its inputs changed: the folder then holds the training of other
+        inputs. Such a folder (its recorded key differs, or it predates key files and the stage's
+        completed record has another key) is moved to ``<run>/superseded/`` first; the folder
+        then records ``key``, so an interrupted retraining resumes.
+        """
+        marker = experiment / STAGE_KEY_FILE
+        if exists(marker):
+            stale = read_json(marker).get("key") != key
+        else:
+            record = self.book.records.get(name)
+            stale = record is not None and record.key != key and exists(experiment)
+        if stale:
+            dest = self.layout.root / SUPERSEDED / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            makedirs(dest.parent)
+            rename_or_copy(experiment, dest)
+            self.ui.echo(f"{name}: its inputs changed; the earlier training moved to {url(dest)}")
+        makedirs(experiment)
+        write_json_atomic(marker, {"stage": name, "key": key})
+
     def recorded(self, name: str, kind: Callable[[Mapping[str, Any]], T]) -> T:
         """The typed record of stage ``name``, completed earlier in this invocation or before."""
         record: StageRecord = self.book.records[name]
@@ -297,6 +336,7 @@ class StageGraph:
         def work() -> tuple[list[Location], ModelStage]:
             self.ui.echo(f"Ray: {self.ray.ensure()}")
             experiment = self.layout.experiment("teacher")
+            self.fresh_experiment("teacher", key, experiment)
             epochs = cfg.teacher.schedule.epochs
             with self.ui.training(experiment, "teacher", epochs):
                 res = train_teacher_stage(cfg, self.storage, echo=self.ui.echo)

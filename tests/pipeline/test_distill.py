@@ -305,3 +305,34 @@ def test_locations_added_later_redo_evaluation_and_report(run: Run) -> None:
     locations = np.load(d / "locations.npz")
     assert locations["latitude"].shape == (6,)
     assert (d / "report" / "error_map.png").is_file()
+
+
+def test_students_whose_inputs_changed_train_again_from_scratch(run: Run) -> None:
+    # a complete experiment of other inputs must not pass for this stage's training: the
+    # students are trained anew (the same epochs, other losses), the teacher is reused, and the
+    # earlier trainings are kept under superseded/
+    d = run.run_dir
+    before = {n: (d / n / "history.jsonl").read_text() for n in ("student_kd", "student_scratch")}
+    again = stkd(
+        run.storage,
+        "distill",
+        "--config",
+        str(run.config),
+        "--run-name",
+        RUN,
+        "--set",
+        "student.optim.lr=0.004",
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "teacher (skipped: already complete)" in again.stdout
+    assert "student_kd (inputs changed)" in again.stdout
+    assert "stages run: student_kd, student_scratch, evaluate, statistics, report" in again.stdout
+    for name, old in before.items():
+        new = [json.loads(line) for line in (d / name / "history.jsonl").read_text().splitlines()]
+        assert [h["epoch"] for h in new] == [0, 1]  # trained from epoch 0, not resumed
+        old_rows = [json.loads(line) for line in old.splitlines()]
+        assert new[0]["train_loss"] != old_rows[0]["train_loss"]
+        moved = list((d / "superseded").glob(f"{name}-*"))
+        assert len(moved) == 1
+        assert (moved[0] / "history.jsonl").read_text() == old
+    assert read_config(d / name / "config.yaml").student.optim.lr == 0.004

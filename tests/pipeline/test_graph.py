@@ -74,3 +74,34 @@ def test_a_checkpoint_outside_the_run_is_recorded_absolute(
     inside = graph.layout.root / "teacher" / "epoch_0001"
     record = ModelStage.of(graph.layout, TrainResult(inside, "v", 2.0, 2, False))
     assert record.checkpoint == "teacher/epoch_0001"
+
+
+def test_a_training_folder_of_other_inputs_is_moved_aside_and_one_of_these_is_kept(
+    tmp_path: Path,
+) -> None:
+    cfg = load_config("demo", ["run.name=graph"])
+    names = ["student_kd", "student_scratch"]
+    graph = StageGraph(cfg, tmp_path, LinesUI(), names, RaySession(cfg))
+    exp = graph.layout.experiment("student_kd")
+    # a folder from before key files, whose completed record has another key: moved aside
+    (exp / "epoch_0000").mkdir(parents=True)
+    (exp / "history.jsonl").write_text('{"epoch": 0}\n')
+    graph.step("student_kd", "old", NoteStage.from_info, lambda: ([exp], NoteStage("old")))
+    graph.fresh_experiment("student_kd", "new", exp)
+    moved = list((graph.layout.root / "superseded").iterdir())
+    assert len(moved) == 1 and (moved[0] / "history.jsonl").read_text() == '{"epoch": 0}\n'
+    assert sorted(p.name for p in exp.iterdir()) == ["stage_key.json"]
+    # the new training was interrupted: the same key resumes its folder as it is
+    (exp / "epoch_0000").mkdir()
+    graph.fresh_experiment("student_kd", "new", exp)
+    assert (exp / "epoch_0000").is_dir()
+    assert len(list((graph.layout.root / "superseded").iterdir())) == 1
+    # a folder of no recorded stage (the first training, interrupted) is resumed too
+    first = graph.layout.experiment("student_scratch")
+    (first / "epoch_0000").mkdir(parents=True)
+    graph.fresh_experiment("student_scratch", "k", first)
+    assert (first / "epoch_0000").is_dir()
+    # a folder whose key file names other inputs: moved aside, even with no record at all
+    graph.fresh_experiment("student_scratch", "k2", first)
+    assert not (first / "epoch_0000").exists()
+    assert len(list((graph.layout.root / "superseded").iterdir())) == 2

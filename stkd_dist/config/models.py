@@ -149,6 +149,13 @@ class DistillSection:
         confidence_weighting: weight soft labels by the teacher's confidence (``regression``).
         ensemble: how several teachers' labels combine: ``mean`` or ``inverse_error`` (weights
             inversely proportional to each teacher's validation error).
+        rounds: rounds of ``stkd distill``: round 1 is the teacher and its distilled student;
+            each further round fine-tunes the previous round's teacher on the targets and that
+            round's student's predictions, then distils a new student from it.
+        feedback: in those fine-tunings, the weight of the student's predictions, in (0, 1]
+            (the targets get ``1 - feedback``).
+        feedback_epochs: epochs of each fine-tuning (from the previous teacher's best
+            checkpoint, with a fresh optimiser and the ``teacher.schedule`` settings otherwise).
     """
 
     loss: str = "regression"
@@ -161,9 +168,19 @@ class DistillSection:
     huber_delta: float | None = None
     confidence_weighting: bool = False
     ensemble: EnsembleKind = "mean"
+    rounds: int = 1
+    feedback: float = 0.5
+    feedback_epochs: int = 2
 
     def __post_init__(self) -> None:
         require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha!r}")
+        require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds!r}")
+        require(0.0 < self.feedback <= 1.0, "feedback", f"must be in (0, 1], got {self.feedback!r}")
+        require(
+            self.feedback_epochs >= 1,
+            "feedback_epochs",
+            f"must be >= 1, got {self.feedback_epochs!r}",
+        )
         for name in ("beta", "margin"):
             value = getattr(self, name)
             require(value is None or value >= 0, name, f"must be >= 0, got {value!r}")

@@ -63,6 +63,14 @@ from stkd_dist.pipeline.findings import (
 )
 from stkd_dist.pipeline.graph import LabelStage, ModelStage, NoteStage, StageGraph
 from stkd_dist.pipeline.outputs import MODELS, read_json, write_evaluation
+from stkd_dist.pipeline.rounds import (
+    Round,
+    measure_rounds,
+    round_models,
+    round_stage_names,
+    rounds_finding,
+    run_rounds,
+)
 from stkd_dist.pipeline.run import RunLayout, config_digest
 from stkd_dist.pipeline.stages import RaySession, train_student_stage
 from stkd_dist.pipeline.ui import PipelineUI, StageReport
@@ -120,6 +128,7 @@ class _Pipeline:
         self.outcome = DistillOutcome(self.layout, stages=self.graph.reports)
         self.teacher = ModelStage("", "", math.nan)
         self.cache: LabelStage | None = None
+        self.rounds: list[Round] = []
 
     def stage_names(self) -> list[str]:
         names = ["dataset", "teacher"]
@@ -130,6 +139,7 @@ class _Pipeline:
         names += ["student_kd", "student_scratch"]
         for seed in extra_seeds(self.cfg):
             names += [seed_experiment(True, seed), seed_experiment(False, seed)]
+        names += round_stage_names(self.cfg)
         return [*names, "evaluate", "statistics", "report"]
 
     @property
@@ -145,15 +155,27 @@ class _Pipeline:
         return self.graph.recorded(name, ModelStage.from_info)
 
     # -- distill's own stages ------------------------------------------------------------------
-    def student(self, distill: bool, seed: int | None = None) -> ModelStage:
-        """The distilled (or scratch) student; ``seed``: a further seed of ``run.seeds``."""
+    def student(
+        self,
+        distill: bool,
+        seed: int | None = None,
+        teacher: ModelStage | None = None,
+        cache: LabelStage | None = None,
+        name: str | None = None,
+    ) -> ModelStage:
+        """The distilled (or scratch) student; ``seed``: a further seed of ``run.seeds``;
+        ``teacher``, ``cache`` and ``name``: a later round's teacher, its labels and student
+        (default: the run's teacher and label cache)."""
         cfg = self.cfg if seed is None else with_seed(self.cfg, seed)
-        name = "student_kd" if distill else "student_scratch"
-        if seed is not None:
-            name = seed_experiment(distill, seed)
+        teacher = teacher or self.teacher
+        cache = cache if teacher is not self.teacher else self.cache
+        if name is None:
+            name = "student_kd" if distill else "student_scratch"
+            if seed is not None:
+                name = seed_experiment(distill, seed)
         if distill:
             sections = ["data", "student", "distill", "run.seed", "serve.mode", "serve.wire_dtype"]
-            extra: dict[str, Any] = {"teacher": self.teacher.version}
+            extra: dict[str, Any] = {"teacher": teacher.version}
             if self.cfg.serve.mode == "stream":
                 extra["endpoints"] = self.cfg.serve.endpoints
         else:
@@ -165,9 +187,9 @@ class _Pipeline:
             self.graph.fresh_experiment(name, key, self.layout.experiment(name))
             labels = teacher_ckpt = None
             if distill:
-                teacher_ckpt = self.teacher.path(self.layout)
-                if self.cache is not None:
-                    labels = self.cache.location(self.layout)
+                teacher_ckpt = teacher.path(self.layout)
+                if cache is not None:
+                    labels = cache.location(self.layout)
                     self.ui.echo(f"soft labels from the label cache {labels}")
                 elif self.cfg.serve.endpoints:
                     self.ui.echo(f"soft labels streamed from {self.cfg.serve.endpoints}")
@@ -186,9 +208,9 @@ class _Pipeline:
                     labels=labels,
                     storage=self.storage,
                     echo=self.ui.echo,
-                    experiment=None if seed is None else name,
+                    experiment=None if name in ("student_kd", "student_scratch") else name,
                 )
-            if distill and seed is None:
+            if distill and name == "student_kd":
                 self._check_teacher_used()
             outputs = [self.layout.experiment(name) / "best.json", res.checkpoint]
             return outputs, ModelStage.of(self.layout, res)
@@ -246,6 +268,7 @@ class _Pipeline:
             for s in seeds
             for n in (seed_experiment(True, s), seed_experiment(False, s))
         }
+        versions.update({f"round_{v}": v for v in round_models(self.rounds)})
         key = config_digest(
             self.cfg,
             ["data"],
@@ -288,6 +311,13 @@ class _Pipeline:
             findings["kd_vs_scratch"] = entry
             self.ui.echo(entry["verdict"])
             detail = entry["verdict"]
+        if self.rounds:
+            with self.ui.status("test MAE of every round's teacher and student ..."):
+                test_mae = measure_rounds(self.graph, reader, self.rounds, batch)
+            entry = rounds_finding(self.rounds, test_mae, metrics["student_scratch"]["mae"])
+            findings["rounds"] = entry
+            self.ui.echo(entry["verdict"])
+            detail = entry["verdict"]
         uses = [u for u in map(label_use, self._distilled_experiments()) if u is not None]
         cost = label_cost(self.cfg.serve.mode, uses, self.cache)
         if cost is not None:
@@ -325,11 +355,21 @@ class _Pipeline:
                 # a hint student reads the teacher's hidden states from the cache too
                 hint = self.cfg.distill.loss == "hint"
                 self.cache = self.graph.labels(self.teacher, LABEL_SPLITS, hidden=hint)
-            self.student(distill=True)
+            kd = self.student(distill=True)
             self.student(distill=False)
             for seed in extra_seeds(self.cfg):
                 self.student(distill=True, seed=seed)
                 self.student(distill=False, seed=seed)
+            if self.cfg.distill.rounds > 1:
+                self.rounds = run_rounds(
+                    self.graph,
+                    self.storage,
+                    Round(1, self.teacher, kd),
+                    LABEL_SPLITS,
+                    lambda name, teacher, cache: self.student(
+                        True, teacher=teacher, cache=cache, name=name
+                    ),
+                )
         # Ray is shut down before evaluating: idle workers would only disturb the latency timings
         self.evaluate()
         self.statistics()

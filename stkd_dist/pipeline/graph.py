@@ -378,12 +378,17 @@ class StageGraph:
         return record
 
     def labels(
-        self, teacher: ModelStage, splits: Sequence[str], hidden: bool = False
+        self,
+        teacher: ModelStage,
+        splits: Sequence[str],
+        hidden: bool = False,
+        name: str = "labels",
     ) -> LabelStage:
         """The teacher's labels of every window of ``splits``, once, into the run's label cache.
 
         ``hidden``: the cache also holds the teacher's hidden states (a ``hint`` student reads
         them); part of the key only then, so runs with other losses share their caches.
+        ``name``: the stage (``distill.rounds`` label later teachers, and students, the same way).
         """
         extra = {"hidden": True} if hidden else {}
         key = config_digest(self.cfg, [], teacher=teacher.version, splits=list(splits), **extra)
@@ -406,4 +411,4 @@ class StageGraph:
                 self.ui.echo("an existing complete label cache was reused")
             return [cache.path], LabelStage.of(self.layout, cache)
 
-        return self.step("labels", key, LabelStage.from_info, work)
+        return self.step(name, key, LabelStage.from_info, work)

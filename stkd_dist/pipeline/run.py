@@ -110,11 +110,18 @@ class RunLayout:
         return relative(absolute(path), self.root)
 
 
+#: keys no single model's stage depends on: the number of ``distill.rounds`` and how later
+#: rounds fine-tune their teachers (their own stages digest them); left out of a picked section
+ROUND_KEYS = ("distill.rounds", "distill.feedback", "distill.feedback_epochs")
+
+
 def config_digest(cfg: Config, sections: Iterable[str], **extra: Any) -> str:
     """A short digest of the dotted config ``sections`` (``"data"``, ``"run.seed"``) and ``extra``.
 
     Two configs with equal values in those sections give equal digests; anything else in the
-    config (cluster size, run name, ...) does not change it.
+    config (cluster size, run name, ...) does not change it. A whole ``distill`` section leaves
+    out :data:`ROUND_KEYS` (asking for more rounds redoes no round already done); name them to
+    digest them.
     """
     full = to_mapping(cfg)
     picked: dict[str, Any] = {}
@@ -122,6 +129,9 @@ def config_digest(cfg: Config, sections: Iterable[str], **extra: Any) -> str:
         node: Any = full
         for part in dotted.split("."):
             node = node[part]
+        if isinstance(node, dict):
+            inner = [k.split(".", 1)[1] for k in ROUND_KEYS if k.split(".", 1)[0] == dotted]
+            node = {k: v for k, v in node.items() if k not in inner}
         picked[dotted] = node
     picked.update({f"extra.{k}": v for k, v in sorted(extra.items())})
     text = json.dumps(picked, sort_keys=True, default=str)

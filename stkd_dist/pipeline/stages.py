@@ -130,6 +130,30 @@ def train_teacher_stage(
     return _result(train_teacher(cfg, storage=storage, echo=echo))
 
 
+def train_feedback_stage(
+    cfg: Config,
+    *,
+    start: PathInput,
+    student_labels: PathInput,
+    experiment: str,
+    storage: PathInput | None = None,
+    echo: Echo = print,
+) -> TrainResult:
+    """Fine-tune teacher ``start`` on the targets and a student's predictions (a further round
+    of ``distill.rounds``; see :mod:`stkd_dist.train.feedback`)."""
+    from stkd_dist.train.feedback import train_feedback_teacher
+
+    outcome = train_feedback_teacher(
+        cfg,
+        start=start,
+        student_labels=student_labels,
+        experiment=experiment,
+        storage=storage,
+        echo=echo,
+    )
+    return _result(outcome)
+
+
 def train_student_stage(
     cfg: Config,
     *,

@@ -33,7 +33,7 @@ from stkd_dist.report.sweep_section import sweep_board, sweep_notes
 
 #: ``metrics.json`` entries that are findings of the run, not models (see
 #: :mod:`stkd_dist.pipeline.findings`)
-FINDINGS = ("kd_vs_scratch", "labels", "teacher_check")
+FINDINGS = ("kd_vs_scratch", "labels", "rounds", "teacher_check")
 LEARNED = ("teacher", "student_kd", "student_scratch")
 BASELINES = ("last_value", "historical_average")
 
@@ -164,6 +164,10 @@ def finding_lines(findings: dict[str, Any]) -> list[str]:
                 f"bootstrap 95 % interval [{ci[0]:+.3f}, {ci[1]:+.3f}])"
             )
         lines.append(f"**Distilled vs scratch over seeds:** {text}.")
+    rounds = findings.get("rounds")
+    if rounds is not None:
+        text = rounds["verdict"]
+        lines.append(f"**Distillation rounds:** {text[:1].upper() + text[1:]}.")
     cost = findings.get("labels")
     if cost is not None:
         computed, distinct = cost["teacher_windows_computed"], cost["distinct_windows"]
@@ -183,6 +187,20 @@ def seeds_table(entry: dict[str, Any]) -> pd.DataFrame:
             "scratch MAE": entry["scratch"]["mae"],
         }
     ).astype({"seed": object})
+
+
+def rounds_table(entry: dict[str, Any]) -> pd.DataFrame:
+    """Per round of ``distill.rounds``: the teacher's and the student's validation / test MAE."""
+    rows = entry["rounds"]
+    return pd.DataFrame(
+        {
+            "round": [int(r["round"]) for r in rows],
+            "teacher val MAE": [r["teacher_val_mae"] for r in rows],
+            "teacher test MAE": [r["teacher_test_mae"] for r in rows],
+            "student val MAE": [r["student_val_mae"] for r in rows],
+            "student test MAE": [r["student_test_mae"] for r in rows],
+        }
+    ).astype({"round": object})
 
 
 def _fmt(value: object) -> str:
@@ -264,6 +282,9 @@ def _write_report(
     if "kd_vs_scratch" in findings:
         md += ["## Distilled vs scratch student, per seed", ""]
         md += [markdown_table(seeds_table(findings["kd_vs_scratch"])), ""]
+    if "rounds" in findings:
+        md += ["## Distillation rounds", ""]
+        md += [markdown_table(rounds_table(findings["rounds"])), ""]
     for caption, path in figures:
         md += [f"## {caption}", "", f"![{caption}](report/{path.name})", ""]
     board = sweep_board(inp)
@@ -288,6 +309,8 @@ def _write_report(
             "<h2>Distilled vs scratch student, per seed</h2>",
             html_table(seeds_table(findings["kd_vs_scratch"])),
         ]
+    if "rounds" in findings:
+        body += ["<h2>Distillation rounds</h2>", html_table(rounds_table(findings["rounds"]))]
     for caption, path in figures:
         data = base64.b64encode(path.read_bytes()).decode()
         body += [

@@ -158,6 +158,9 @@ class TrainJob:
             checkpoint as ``metrics["trial"]``; a start from a checkpoint of another trial (a
             PBT exploit) begins a new early-stopping count and takes this job's optimiser
             settings.
+        init_weights: a checkpoint whose model weights a new run starts from (a fine-tune: a
+            fresh optimiser, schedule and epoch count); ignored once the run has checkpoints
+            of its own.
     """
 
     config: Config
@@ -168,6 +171,7 @@ class TrainJob:
     experiment_dir: str
     initial_checkpoint: Any = None
     lineage: str | None = None
+    init_weights: str | None = None
 
     @property
     def section(self) -> ModelSection:

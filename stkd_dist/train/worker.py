@@ -83,6 +83,9 @@ def run_worker(job: TrainJob, session: WorkerSession) -> None:
             # another trial's checkpoint (a PBT exploit): its weights, with this trial's
             # settings, which changed, so the early-stopping count starts again
             state.bad_epochs, state.stopped_early = 0, False
+    elif job.init_weights is not None:
+        # a fine-tune's start: every rank loads the same weights (DDP broadcasts them anyway)
+        model.load_state_dict(load_checkpoint_state(job.init_weights)["model"])
     # a mid-epoch checkpoint: every rank's sums of the epoch so far, entry r = rank r's
     partial: list[dict[str, Any]] | None = saved.get("partial") if state.step else None
     if partial is not None and len(partial) != world:

@@ -79,3 +79,47 @@ def test_an_inductive_teacher_trains_and_its_checkpoint_says_transferable(
         if not torch.equal(session.weights[0][k], session.weights[1][k])
     ]
     assert moved and last.metrics["train_loss"] < first.metrics["train_loss"]
+
+
+def test_a_fine_tune_starts_from_the_given_weights_with_a_fresh_count(
+    small_store: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from stkd_dist.checkpoint import TrainState, save_checkpoint
+    from stkd_dist.train.loop import build_model
+
+    # a near-zero learning rate: what the run ends with is what it started from
+    cfg = tiny_config(
+        small_store, "ft", "data.horizon=3", "teacher.schedule.epochs=1", "teacher.optim.lr=1e-12"
+    )
+    store = open_store(small_store)
+    reader = build_reader(cfg, store)
+    torch.manual_seed(123)
+    donor = build_model(cfg.teacher, reader, store)
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(0.5)  # no initialisation of any seed looks like this
+    start = tmp_path / "start"
+    save_checkpoint(
+        start,
+        model_state=donor.state_dict(),
+        spec=donor.spec(),
+        config=cfg,
+        fingerprint=store.fingerprint,
+        stats=reader.stats,
+        metrics={},
+        state=TrainState(epoch=6),  # a later epoch: the fine-tune's count starts at 0 anyway
+    )
+    fresh, tuned = LocalSession(), LocalSession()
+    run_worker(_teacher_job(cfg, small_store, tmp_path / "a"), fresh)
+    job = dataclasses.replace(
+        _teacher_job(cfg, small_store, tmp_path / "b"), init_weights=str(start)
+    )
+    run_worker(job, tuned)
+    # the parameters (batch-norm statistics follow the data whatever the learning rate)
+    want = dict(donor.named_parameters())
+    assert [m["epoch"] for m in tuned.reports if "epoch" in m] == [0]
+    for name, value in want.items():
+        assert torch.allclose(tuned.weights[-1][name], value, atol=1e-6), name
+    assert any(not torch.allclose(fresh.weights[-1][k], v, atol=1e-3) for k, v in want.items())

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from stkd_dist.checkpoint import load_checkpoint_state, load_forecaster, read_checkpoint
+from stkd_dist.config import read_config
 from stkd_dist.data.loader import make_loader
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.storage import open_store
@@ -61,7 +62,7 @@ def test_two_rounds_run_end_to_end_and_record_both(tmp_path: Path) -> None:
     cache = LabelCache(run / stages["student_labels_round2"]["info"]["path"])
     assert cache.version == student.version
     model, _ = load_forecaster(student.path, role="student")
-    reader = build_reader(model_config(run), open_store(store))
+    reader = build_reader(read_config(run / "config.yaml"), open_store(store))
     batch = next(iter(make_loader(reader, "train", batch_size=8, shuffle=False)))
     with torch.no_grad():
         mine = model(batch.x, batch.time_of_day, batch.day_of_week).numpy()
@@ -105,9 +106,3 @@ def test_two_rounds_run_end_to_end_and_record_both(tmp_path: Path) -> None:
     assert "stages run: none" in again.stdout
     for stage in ROUND_STAGES:
         assert f"{stage} (skipped: already complete)" in again.stdout
-
-
-def model_config(run: Path):  # noqa: ANN201
-    from stkd_dist.config import read_config
-
-    return read_config(run / "config.yaml")

@@ -75,7 +75,7 @@ def test_two_rounds_run_end_to_end_and_record_both(tmp_path: Path) -> None:
     t1 = stages["teacher"]["info"]
     assert t2["version"] != t1["version"]
     history = [
-        json.loads(x) for x in (run / "teacher_round2" / "history.jsonl").read_text().split()
+        json.loads(x) for x in (run / "teacher_round2" / "history.jsonl").read_text().splitlines()
     ]
     assert [h["epoch"] for h in history] == [0]
     assert {"train_task", "train_match"} <= set(history[0])

@@ -5,7 +5,7 @@
    --teacher-data pems08-prefix --data los-loop`` with the inductive Graph WaveNet teacher,
    speed in and out on both networks, and ``data.target_fraction=F``. Each run's
    ``metrics.json`` gives, on Los-loop's test split, the transferred teacher, the distilled
-   student (teacher labels on every training window, targets on the last F of the training days),
+   student (teacher labels on every training window, targets on the last F of the training hours),
    the same student trained on the kept targets alone, and the naive baselines.
 
 The teacher is trained once: the teacher stage's key does not depend on ``data.target_fraction``
@@ -90,11 +90,20 @@ def run_fraction(
     if done.returncode != 0:
         raise SystemExit(f"bench.transfer: {shlex.join(argv)} failed; see {log}")
     metrics = json.loads((runs / run / "metrics.json").read_text())
+    seeds = metrics.get("kd_vs_scratch")  # run.seeds >= 2: every seed's pair of students
     return {
         "fraction": fraction,
         "run": run,
         "wall_s": done.wall_s,
         "mae": {k: float(metrics[k]["mae"]) for k in ROWS if k in metrics},
+        "seeds": None
+        if seeds is None
+        else {
+            "seeds": [int(x) for x in seeds["seeds"]],
+            "kd": [float(x) for x in seeds["kd"]["mae"]],
+            "scratch": [float(x) for x in seeds["scratch"]["mae"]],
+            "verdict": str(seeds["verdict"]),
+        },
     }
 
 
@@ -108,18 +117,27 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     fractions = [r["fraction"] for r in results]
     for key in ROWS:
-        ys = [r["mae"].get(key, float("nan")) for r in results]
+        ys = [_plotted(r, key) for r in results]
         style = "--" if key in ("last_value", "historical_average") else "-"
         ax.plot(fractions, ys, style, marker="o", label=LABELS[key])
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
-    ax.set_xlabel("share of Los-loop's training days with targets (data.target_fraction)")
+    ax.set_xlabel("share of Los-loop's training hours with targets (data.target_fraction)")
     ax.set_ylabel("test MAE (mph)")
     ax.set_title("PEMS08 prefix teacher -> Los-loop students")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plotted(result: dict[str, Any], key: str) -> float:
+    """A model's test MAE at one fraction: the mean over seeds for the students when measured."""
+    seeds = result.get("seeds")
+    if seeds and key in ("student_kd", "student_scratch"):
+        values = seeds["kd" if key == "student_kd" else "scratch"]
+        return sum(values) / len(values)
+    return float(result["mae"].get(key, float("nan")))
 
 
 def section(results: list[dict[str, Any]], argv: list[str], started: float) -> str:
@@ -143,17 +161,31 @@ def section(results: list[dict[str, Any]], argv: list[str], started: float) -> s
     for r in results:
         kd, alone = r["mae"]["student_kd"], r["mae"]["student_scratch"]
         verdict = "helps" if kd < alone else "does not help"
-        lines.append(
+        text = (
             f"- F = {r['fraction']:g}: transfer-KD {kd:.3f} vs targets only {alone:.3f} "
-            f"({alone - kd:+.3f}): the teacher from elsewhere {verdict}."
+            f"({alone - kd:+.3f}) with seed {r['seeds']['seeds'][0] if r['seeds'] else 0}: the "
+            f"teacher from elsewhere {verdict}."
         )
+        if r["seeds"]:
+            s = r["seeds"]
+            text += (
+                f" Over seeds {', '.join(map(str, s['seeds']))}: transfer-KD "
+                f"{_mean_sd(s['kd'])}, targets only {_mean_sd(s['scratch'])}; {s['verdict']}."
+            )
+        lines.append(text)
     lines.append(
-        "- Targets are kept in whole days (the last max(1, round(F x days)) days of the training "
-        "split, `data.target_fraction`): on Los-loop's ~5 training days F = 0.25 and F = 0.05 both "
-        "keep one day, so both runs train on the same targets and, with the same seeds, give the "
-        "same numbers."
+        "- Targets are kept in whole hours (the last max(1, round(F x hours)) hours of the "
+        "training split, one contiguous block, `data.target_fraction`); inputs, statistics, "
+        "validation and test are the same at every fraction."
     )
     return "\n".join(lines) + "\n"
+
+
+def _mean_sd(values: list[float]) -> str:
+    import statistics
+
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,7 @@ class DataSection:
         target_channels: channel names forecast (null = the input channels).
         per_node_stats: normalise each node with its own statistics instead of per channel.
         target_fraction: keep only this share of the training split's targets: the last
-            ``round(fraction x days)`` whole days keep theirs, earlier training steps are not
+            ``round(fraction x hours)`` whole hours keep theirs, earlier training steps are not
             targets (a network with little history; inputs, statistics, validation and test
             are unchanged). 1 = all.
         batch_size: training windows per step and rank.

@@ -333,15 +333,16 @@ def kept_target_steps(
 ) -> np.ndarray:
     """``[steps]`` bool: the steps whose readings may be training targets (``target_fraction``).
 
-    The training split is cut into whole days (by the time axis; the first and last may be
-    partial) and only the last ``max(1, round(fraction x days))`` days keep their targets: a
-    network with little history has its most recent days. Steps outside the training split keep
-    theirs (validation and test are never reduced).
+    The training split is cut into whole hours (by the time axis; the first and last may be
+    partial) and only the last ``max(1, round(fraction x hours))`` hours keep their targets, one
+    contiguous block: a network with little history has its most recent readings. Hours, not
+    days: a few days of history at several fractions must still be several amounts. Steps
+    outside the training split keep theirs (validation and test are never reduced).
     """
     lo, hi = train
     keep = np.ones(steps, dtype=bool)
-    days = np.asarray(time[lo:hi].normalize().asi8)  # [train steps] the day of each step
-    first = np.flatnonzero(np.r_[True, days[1:] != days[:-1]])  # where each day starts
+    hours = np.asarray(time[lo:hi].floor("h").asi8)  # [train steps] the hour of each step
+    first = np.flatnonzero(np.r_[True, hours[1:] != hours[:-1]])  # where each hour starts
     kept = max(1, round(fraction * len(first)))
     keep[lo : lo + int(first[len(first) - kept])] = False
     return keep

@@ -1,4 +1,4 @@
-"""``data.target_fraction``: only the last days of the training split keep their targets."""
+"""``data.target_fraction``: only the last hours of the training split keep their targets."""
 
 from __future__ import annotations
 
@@ -27,18 +27,19 @@ def _reader(path: Path, fraction: float) -> WindowReader:
     return WindowReader(open_store(path), WindowSpec(12, 6), SplitSpec(), target_fraction=fraction)
 
 
-@pytest.mark.parametrize(("fraction", "days"), [(0.25, 2), (0.05, 1), (0.5, 4)])
-def test_only_the_last_days_of_training_keep_their_targets(
-    store: Path, fraction: float, days: int
+# 7 training days = 168 hours: round(0.25 x 168) = 42, round(0.05 x 168) = 8, round(0.5 x 168)
+@pytest.mark.parametrize(("fraction", "hours"), [(0.25, 42), (0.05, 8), (0.5, 84), (0.001, 1)])
+def test_only_the_last_hours_of_training_keep_their_targets(
+    store: Path, fraction: float, hours: int
 ) -> None:
     full, few = _reader(store, 1.0), _reader(store, fraction)
     st = open_store(store)
     n_train = round(STEPS * 0.7)  # the default split: 7 days of training steps
     assert n_train == 288 * 7
-    # the reference: steps of the last `days` whole days of the training split, counted here
-    first_kept = n_train - 288 * days
+    # the reference: steps of the last `hours` whole hours of the training split, counted here
+    first_kept = n_train - 12 * hours
     assert pd.Timestamp(st.time[first_kept]) == pd.Timestamp(st.time[0]).normalize() + pd.Timedelta(
-        days=7 - days
+        hours=168 - hours
     )
     train = full.windows("train")
     idx = np.asarray(train)

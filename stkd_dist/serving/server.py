@@ -35,31 +35,27 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
-import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stkd_dist.errors import ConfigError
 from stkd_dist.serving import codec
 from stkd_dist.serving.auth import TokenAuthInterceptor
-from stkd_dist.serving.batcher import Batcher, BatcherStats
+from stkd_dist.serving.batcher import BatcherStats
 from stkd_dist.serving.cache import LabelCache
-from stkd_dist.serving.forward import PreparedBatch
-from stkd_dist.serving.label_arrays import NumpyLabels
 from stkd_dist.serving.load import StreamLoad
 from stkd_dist.serving.metrics import ServerMetrics, log_event
 from stkd_dist.serving.proto_gen import teacher_pb2 as pb
 from stkd_dist.serving.proto_gen import teacher_pb2_grpc as pb_grpc
-from stkd_dist.serving.requests import LabelPlan, RequestError, resolve_request
+from stkd_dist.serving.requests import LabelPlan, RequestError
 from stkd_dist.serving.server_config import (
     LOOPBACK,
     SERVER_KEEPALIVE_OPTIONS,
     ServerConfig,
     is_loopback,
 )
-from stkd_dist.serving.streaming import ChunkProducer
 from stkd_dist.serving.teacher import Teacher
-from stkd_dist.serving.write_through import WriteBehind
+from stkd_dist.serving.versions import ServedVersion, VersionSet
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +96,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         sent = {"windows": 0, "bytes": 0, "cursor": request.resume_cursor}
         status = "OK"
         owed = 0  # windows of this stream counted as outstanding and not sent yet
+        served = None
         try:
-            plan = s.plan(request)
+            served = s.versions.acquire(request)  # this stream's teacher, to its end
+            plan = served.plan(request)
             owed = max(len(plan.sequence) - plan.start, 0)
             s.load.progress(owed)
             log_event(
@@ -109,11 +107,12 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 "stream_start",
                 peer=peer,
                 split=plan.split,
+                teacher=served.version,
                 windows=len(plan.sequence),
                 cursor=plan.start,
                 dtype=codec.dtype_name(plan.dtype),
             )
-            for chunk in s.chunks(plan, context):
+            for chunk in served.producer.chunks(plan, context):
                 yield chunk
                 sent["windows"] += chunk.windows
                 sent["bytes"] += chunk.payload_bytes
@@ -137,6 +136,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 grpc.StatusCode.INTERNAL, f"teacher server error: {type(e).__name__}: {e}"
             )
         finally:
+            if served is not None:
+                s.versions.release(served)
             s.release_stream(owed)
             log_event(
                 log,
@@ -194,15 +195,8 @@ class TeacherServer:
             raise ConfigError(
                 "write-through needs a label cache (--cache)", where="--write-through"
             )
-        if cache is not None:
-            cache.check_matches(teacher.meta)
-            # labels written through must have the cache's bits (refused), served ones should
-            cache.check_compute(teacher.compute)
-        self.teacher = teacher
         self.config = config
-        self.cache = cache
         self.metrics = ServerMetrics()
-        self._writer = WriteBehind(cache) if write_through and cache is not None else None
         micro = teacher.compute.micro_batch
         if config.batch_size % micro:
             log_event(
@@ -213,21 +207,6 @@ class TeacherServer:
                 micro_batch=micro,
                 reason="a full batch ends in a padded micro-batch; use a multiple",
             )
-        # the forward thread computes with this thread's intra-op thread count (`--threads`):
-        # the labels' bits depend on it, and they must match an in-process forward pass
-        threads = torch.get_num_threads()
-        # a write-through cache holding hidden states needs them for every window it stores
-        store_hidden = self._writer is not None and bool(cache is not None and cache.hidden_dim)
-        self._batcher = Batcher(
-            self._run,
-            config.batch_size,
-            config.batch_wait_s,
-            on_batch=self._on_batch,
-            prepare=teacher.prepare,
-            recent_bytes=config.recent_bytes,
-            forward_init=lambda: torch.set_num_threads(threads),
-            hidden=store_hidden,
-        )
         self._lock = threading.Lock()
         self.load = StreamLoad(config.max_streams)
         self._drain_deadline: float | None = None
@@ -235,19 +214,45 @@ class TeacherServer:
         self._stopping = False
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
-        self._producer = ChunkProducer(
-            cache=cache,
-            batcher=self._batcher,
-            metrics=self.metrics,
-            version=teacher.version,
-            lookahead=config.lookahead,
-            stopped=self._stopped,
-            drain_deadline=lambda: self._drain_deadline,
-            writer=self._writer,
+        self.versions = VersionSet(
+            self._served(teacher, cache, write_through), config.keep_versions
         )
         self.host = config.host
         self.port = 0
         self.metrics_port: int | None = None
+
+    def _served(
+        self, teacher: Teacher, cache: LabelCache | None, write_through: bool
+    ) -> ServedVersion:
+        return ServedVersion(
+            teacher,
+            self.config,
+            self.metrics,
+            cache,
+            write_through,
+            self._stopped,
+            lambda: self._drain_deadline,
+        )
+
+    @property
+    def teacher(self) -> Teacher:
+        """The newest teacher version (what new streams of its dataset get)."""
+        return self.versions.newest.teacher
+
+    @property
+    def cache(self) -> LabelCache | None:
+        """The newest version's label cache."""
+        return self.versions.newest.cache
+
+    def publish(
+        self, teacher: Teacher, cache: LabelCache | None = None, write_through: bool = False
+    ) -> None:
+        """Serve ``teacher`` as the newest version: new streams get it (those of its dataset),
+        streams in progress finish on the version they started on, and versions beyond
+        ``config.keep_versions`` stop taking streams (closed when their last one ends)."""
+        if write_through and cache is None:
+            raise ConfigError("write-through needs a label cache", where="cache")
+        self.versions.publish(self._served(teacher, cache, write_through))
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> int:
@@ -311,7 +316,7 @@ class TeacherServer:
             tls=cfg.tls is not None,
             token=bool(cfg.token),
             cache=self.cache.path if self.cache else "none",
-            write_through=self._writer is not None,
+            write_through=self.versions.newest.writer is not None,
             metrics_port=self.metrics_port or "none",
         )
         return self.port
@@ -359,9 +364,7 @@ class TeacherServer:
         self._health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(grace_s).wait()
-        self._batcher.close()
-        if self._writer is not None:
-            self._writer.close()
+        self.versions.close()
         self.metrics.close()
         self._stopped.set()
         log_event(
@@ -374,8 +377,8 @@ class TeacherServer:
 
     def flush_cache(self) -> None:
         """Wait until write-through labels queued so far are on disk."""
-        if self._writer is not None:
-            self._writer.flush()
+        for v in self.versions.all():
+            v.flush()
 
     # -- shared stream state -------------------------------------------------------------------
     def acquire_stream(self) -> bool:
@@ -396,23 +399,7 @@ class TeacherServer:
 
     def batcher_stats(self) -> BatcherStats:
         """Counters of the shared batching queue."""
-        return self._batcher.stats()
-
-    def _run(self, batch: PreparedBatch, hidden: bool) -> NumpyLabels:
-        """The forward thread's model call (timed: ``stkd_serve_forward_seconds_total``)."""
-        started = time.perf_counter()
-        try:
-            return self.teacher.run(batch, hidden=hidden)
-        finally:
-            self.metrics.forward_seconds.inc(time.perf_counter() - started)
-
-    def _on_batch(self, indices: np.ndarray, labels: NumpyLabels, n_requests: int) -> None:
-        """Called by the forward thread after every teacher forward pass, before the futures of
-        the requests it serves resolve; ``indices`` are the windows computed (no padding)."""
-        self.metrics.batch_windows.observe(len(indices))
-        self.metrics.forward_windows.inc(len(indices))
-        if self._writer is not None:
-            self._writer.put(indices, labels)
+        return self.versions.newest.stats()
 
     def describe(self) -> pb.TeacherInfo:
         meta = self.teacher.meta
@@ -445,17 +432,6 @@ class TeacherServer:
 
     # -- requests ------------------------------------------------------------------------------
     def plan(self, request: pb.LabelRequest) -> LabelPlan:
-        """Validate ``request`` and resolve its window sequence; raises :class:`RequestError`."""
-        return resolve_request(
-            request,
-            self.teacher.meta,
-            chunk_steps=self.teacher.reader.store.chunks[0],
-            max_message_bytes=self.config.max_message_bytes,
-            max_chunk_windows=self.config.batch_size,
-        )
-
-    def chunks(
-        self, plan: LabelPlan, context: grpc.ServicerContext
-    ) -> Iterator[codec.EncodedChunk]:
-        """The chunks of ``plan`` from its resume cursor on."""
-        return self._producer.chunks(plan, context)
+        """Validate ``request`` against the newest version and resolve its window sequence;
+        raises :class:`RequestError`."""
+        return self.versions.newest.plan(request)

@@ -34,6 +34,9 @@ class ServerConfig:
         metrics_port: port of the Prometheus endpoint (None = no endpoint, 0 = a free port).
         recent_bytes: label bytes of recently computed batches the batcher keeps, so windows
             asked for again a moment later (streams reading the same epoch) are not recomputed.
+        keep_versions: teacher versions that take new streams once newer ones are published
+            (:meth:`TeacherServer.publish`): a stream pinned to the previous version (resumed,
+            failed over) still finds it; older ones close once their last stream ends.
 
     How the teacher computes (device, precision, micro-batch) is the teacher's own setting
     (:attr:`Teacher.compute <stkd_dist.serving.teacher.Teacher.compute>`). ``batch_size`` is
@@ -52,9 +55,10 @@ class ServerConfig:
     lookahead: int = 2
     metrics_port: int | None = None
     recent_bytes: int = RECENT_BYTES
+    keep_versions: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_streams", "batch_size", "lookahead"):
+        for name in ("max_streams", "batch_size", "lookahead", "keep_versions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", where=name)
         for name in ("batch_wait_s", "drain_grace_s", "recent_bytes"):

@@ -16,7 +16,8 @@ import torch
 
 from stkd_dist.commands import SUMMARIES
 from stkd_dist.errors import ConfigError
-from stkd_dist.location import exists, location, url
+from stkd_dist.location import Location, exists, location, url
+from stkd_dist.paths import run_dir
 from stkd_dist.serving import codec
 from stkd_dist.serving.auth import ServerTls, resolve_token
 from stkd_dist.serving.cache import (
@@ -29,8 +30,10 @@ from stkd_dist.serving.forward import (
     CLI_KEYS,
     DEFAULT_MICRO_BATCH,
     PRECISIONS,
+    ComputeSettings,
     resolve_compute,
 )
+from stkd_dist.serving.published import Follower, Published, read_published
 from stkd_dist.serving.server import ServerConfig, TeacherServer
 from stkd_dist.serving.teacher import Teacher, load_teacher
 
@@ -51,6 +54,9 @@ examples:
   STKD_TOKEN=s3cret stkd serve --checkpoint my-run --data demo --host 0.0.0.0 --port 50051 \\
       --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem --metrics-port 9100
 
+  # keep serving what `stkd update my-run` publishes after `stkd ingest --append` grew the store
+  stkd serve --follow my-run --data demo --port 50051
+
 Without TLS and without a token the server binds 127.0.0.1 whatever --host says. SIGTERM drains:
 health turns NOT_SERVING, new streams are refused, in-flight ones get --drain-grace seconds,
 then end at a chunk boundary and their clients resume on another replica.
@@ -70,7 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="teacher checkpoint, run dir or run name")
+    p.add_argument(
+        "--checkpoint",
+        help="teacher checkpoint, run dir or run name (with --follow: default the run's "
+        "published version, else its teacher)",
+    )
     p.add_argument("--data", required=True, help="the teacher's dataset (store path or name)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -145,6 +155,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sec.add_argument("--token", help="bearer token clients must send (default $STKD_TOKEN)")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    ops.add_argument(
+        "--follow",
+        metavar="RUN",
+        help="serve the versions `stkd update RUN` publishes (run name or run directory): each "
+        "new version is loaded on the store as it is then; new streams get it, streams in "
+        "progress finish on theirs",
+    )
+    ops.add_argument(
+        "--follow-interval",
+        type=float,
+        default=10.0,
+        help="seconds between checks of the run's published version (default %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -205,9 +228,55 @@ def _write_ready(path: Path, server: TeacherServer) -> None:
     os.replace(tmp, path)
 
 
+def _first_checkpoint(args: argparse.Namespace) -> str:
+    """The checkpoint served first: ``--checkpoint``, else the followed run's published
+    version, else that run's teacher."""
+    if args.checkpoint:
+        return str(args.checkpoint)
+    if not args.follow:
+        raise ConfigError("name the teacher: --checkpoint (or --follow RUN)", where="--checkpoint")
+    published = read_published(_followed_run(args))
+    return published.checkpoint if published is not None else str(args.follow)
+
+
+def _followed_run(args: argparse.Namespace) -> Location:
+    ref = location(args.follow)
+    return ref if exists(ref) else run_dir(str(args.follow))
+
+
+def _follow(args: argparse.Namespace, server: TeacherServer, compute: ComputeSettings) -> Follower:
+    """Publish the run's new versions to ``server`` as they appear."""
+
+    def load(published: Published) -> Teacher:
+        return load_teacher(
+            published.checkpoint,
+            args.data,
+            device=compute.device,
+            precision=compute.precision,
+            micro_batch=compute.micro_batch,
+            keys=CLI_KEYS,
+        )
+
+    def on_new(teacher: Teacher) -> None:
+        # --cache auto names one cache per version; a fixed --cache path is the first one's
+        cache = _cache(args, teacher) if args.cache == "auto" else None
+        server.publish(teacher, cache, args.write_through and cache is not None)
+        print(
+            f"stkd serve: now serving teacher {teacher.version} to new streams",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    run = _followed_run(args)
+    return Follower(run, load, on_new, server.teacher.version, args.follow_interval).start()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``stkd serve`` until SIGTERM/SIGINT has drained it."""
     _check_cache_args(args)  # before the (slow) teacher load
+    if args.follow_interval <= 0:
+        raise ConfigError("must be > 0 seconds", where="--follow-interval")
+    checkpoint = _first_checkpoint(args)
     # checked against this machine before the load too: a missing GPU fails in a second
     compute = resolve_compute(args.device, args.precision, args.micro_batch, CLI_KEYS)
     if args.threads:
@@ -224,9 +293,9 @@ def run(args: argparse.Namespace) -> int:
         drain_grace_s=args.drain_grace,
         metrics_port=args.metrics_port,
     )
-    print(f"stkd serve: loading teacher {args.checkpoint}", file=sys.stderr, flush=True)
+    print(f"stkd serve: loading teacher {checkpoint}", file=sys.stderr, flush=True)
     teacher = load_teacher(
-        args.checkpoint,
+        checkpoint,
         args.data,
         device=compute.device,
         precision=compute.precision,
@@ -247,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    follower = _follow(args, server, compute) if args.follow else None
     if args.ready_file is not None:
         _write_ready(args.ready_file, server)
     print(
@@ -257,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
     )
     while not server.wait(timeout=0.5):
         pass
+    if follower is not None:
+        follower.stop()
     print(
         f"stkd serve: stopped after {teacher.forward_windows} teacher forward windows",
         file=sys.stderr,

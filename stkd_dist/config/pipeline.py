@@ -214,3 +214,30 @@ class EvaluateSection:
             "latency_warmup",
             f"must be >= 0, got {self.latency_warmup!r}",
         )
+
+
+@dataclass(frozen=True)
+class UpdateSection:
+    """``update``: how ``stkd update`` follows data appended to the store (online distillation).
+
+    Attributes:
+        days: the teacher and the student fine-tune on the windows of the last ``days`` days of
+            the training split (the data that arrived), from their best checkpoints.
+        teacher_epochs: epochs of the teacher's fine-tune.
+        student_epochs: epochs of the student's fine-tune (on the new version's labels).
+        evaluate_days: the newest days of the test split the old and the updated models are
+            compared on, besides the whole test split (null = ``days``).
+    """
+
+    days: int = 1
+    teacher_epochs: int = 2
+    student_epochs: int = 2
+    evaluate_days: int | None = None
+
+    def __post_init__(self) -> None:
+        positive(self, "days", "teacher_epochs", "student_epochs")
+        require(
+            self.evaluate_days is None or self.evaluate_days > 0,
+            "evaluate_days",
+            f"must be > 0 or null, got {self.evaluate_days!r}",
+        )

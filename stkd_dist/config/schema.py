@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stkd_dist.config.models import DistillSection, ModelSection, StudentSection, TeacherSection
-from stkd_dist.config.pipeline import EvaluateSection, ServeSection
+from stkd_dist.config.pipeline import EvaluateSection, ServeSection, UpdateSection
 from stkd_dist.config.sections import (
     CheckpointSection,
     ClusterSection,
@@ -37,6 +37,7 @@ class Config:
     serve: ServeSection = field(default_factory=ServeSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     sweep: SweepSection = field(default_factory=SweepSection)
+    update: UpdateSection = field(default_factory=UpdateSection)
     storage: StorageSection = field(default_factory=StorageSection)
 
     def __post_init__(self) -> None:

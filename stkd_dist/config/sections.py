@@ -102,6 +102,9 @@ class DataSection:
             ``round(fraction x hours)`` whole hours keep theirs, earlier training steps are not
             targets (a network with little history; inputs, statistics, validation and test
             are unchanged). 1 = all.
+        recent_days: train on the windows of only the last N days of the training split
+            (``stkd update``'s fine-tune on what arrived lately); statistics, validation and test
+            are unchanged. null = every training window.
         batch_size: training windows per step and rank.
         eval_batch_size: windows per step when validating or evaluating.
     """
@@ -115,6 +118,7 @@ class DataSection:
     target_channels: tuple[str, ...] | None = None
     per_node_stats: bool = False
     target_fraction: float = 1.0
+    recent_days: int | None = None
     batch_size: int = 32
     eval_batch_size: int = 64
 
@@ -125,6 +129,11 @@ class DataSection:
             0.0 < self.target_fraction <= 1.0,
             "target_fraction",
             f"must be in (0, 1] (the share of training targets kept), got {self.target_fraction}",
+        )
+        require(
+            self.recent_days is None or self.recent_days >= 1,
+            "recent_days",
+            f"must be >= 1 day (or null for every training window), got {self.recent_days!r}",
         )
         for name in ("input_channels", "target_channels"):
             value = getattr(self, name)

@@ -96,6 +96,7 @@ class WindowReader:
         target_channels: Sequence[str] | None = None,
         per_node_stats: bool = False,
         target_fraction: float = 1.0,
+        recent_days: int | None = None,
     ) -> None:
         if not isinstance(window, WindowSpec):
             raise ConfigError(f"expected a WindowSpec, got {type(window).__name__}", "window")
@@ -135,6 +136,12 @@ class WindowReader:
             self.target_keep = kept_target_steps(
                 store.steps, splits.step_ranges(store.steps)["train"], target_fraction, time
             )
+        # the first step of the training windows (data.recent_days; 0 = all of the split)
+        self._train_from = 0
+        if recent_days is not None:
+            self._train_from = recent_start(
+                splits.step_ranges(store.steps)["train"], recent_days, time
+            )
 
     def use_block_cache(self, max_bytes: int = BLOCK_CACHE_BYTES) -> BlockCache:
         """Read :meth:`batch`'s steps through an LRU of decoded time chunks from now on.
@@ -168,8 +175,13 @@ class WindowReader:
         return self._scale(self.input_idx)
 
     def windows(self, split: str) -> range:
-        """Window indices (start steps) of ``split`` (``train``, ``val`` or ``test``)."""
-        return split_windows(self.store.steps, self.window, self.splits, split)
+        """Window indices (start steps) of ``split`` (``train``, ``val`` or ``test``); with
+        ``recent_days`` the training windows start in the last days of the split only."""
+        w = split_windows(self.store.steps, self.window, self.splits, split)
+        if split != "train" or self._train_from <= w.start:
+            return w
+        skip = -(-(self._train_from - w.start) // w.step)  # whole strides, rounded up
+        return range(min(w.start + skip * w.step, w.stop), w.stop, w.step)
 
     @property
     def last_window(self) -> int:
@@ -326,6 +338,15 @@ class WindowReader:
             f"WindowReader({self.store!r}, L={self.window.input_steps}, H={self.window.horizon}, "
             f"stride={self.window.stride}, inputs={self.input_idx}, targets={self.target_idx})"
         )
+
+
+def recent_start(train: tuple[int, int], days: int, time: pd.DatetimeIndex) -> int:
+    """The first step of the last ``days`` days of the training steps ``train`` (by the time
+    axis; the last day may be partial): where ``data.recent_days`` training windows start."""
+    lo, hi = train
+    day = np.asarray(time[lo:hi].normalize().asi8)  # [train steps] the day of each step
+    first = np.flatnonzero(np.r_[True, day[1:] != day[:-1]])  # where each day starts
+    return lo + int(first[max(0, len(first) - days)])
 
 
 def kept_target_steps(

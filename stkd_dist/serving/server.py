@@ -112,7 +112,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 cursor=plan.start,
                 dtype=codec.dtype_name(plan.dtype),
             )
-            for chunk in served.producer.chunks(plan, context):
+            for chunk in s.chunks(plan, context, served):
                 yield chunk
                 sent["windows"] += chunk.windows
                 sent["bytes"] += chunk.payload_bytes
@@ -435,3 +435,13 @@ class TeacherServer:
         """Validate ``request`` against the newest version and resolve its window sequence;
         raises :class:`RequestError`."""
         return self.versions.newest.plan(request)
+
+    def chunks(
+        self,
+        plan: LabelPlan,
+        context: grpc.ServicerContext,
+        version: ServedVersion | None = None,
+    ) -> Iterator[codec.EncodedChunk]:
+        """The chunks of ``plan`` from its resume cursor on, computed by ``version``'s teacher
+        (default: the newest)."""
+        return (version or self.versions.newest).producer.chunks(plan, context)

@@ -228,6 +228,8 @@ def load_teacher(
         input_channels=section.input_channels,
         target_channels=section.target_channels or section.input_channels,
         per_node_stats=section.per_node_stats,
+        # the checkpoint's training windows (an update's recent days): what it labels as "train"
+        recent_days=section.recent_days,
     )
     log.info(
         "loaded teacher %s (%s) from %s (%s)",

@@ -208,6 +208,7 @@ def build_reader(config: Config, store: DatasetStore) -> WindowReader:
         target_channels=d.target_channels,
         per_node_stats=d.per_node_stats,
         target_fraction=d.target_fraction,
+        recent_days=d.recent_days,
     )
 
 

@@ -131,6 +131,8 @@ class StudentRequest:
         write_through: ``replicas`` teachers share the run's label cache
             (``<run>/labels/<teacher version>.zarr``) and store what they compute in it: the
             teacher computes each window once, however many epochs read it.
+        init_weights: a student checkpoint whose weights a new run starts from (``stkd update``
+            fine-tunes the run's student on a new teacher version's labels).
         experiment: the experiment's name in the run directory; None = ``student_kd`` (or
             ``student_scratch`` with ``distill=False``). ``stkd distill --seeds`` trains its
             further seeds as ``student_kd_seed<N>`` / ``student_scratch_seed<N>``.
@@ -143,6 +145,7 @@ class StudentRequest:
     replicas: ReplicaPlan = field(default_factory=ReplicaPlan)
     experiment: str | None = None
     write_through: bool = True
+    init_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.distill and not self.teachers:
@@ -302,6 +305,7 @@ def train_student(
             dataset=str(dataset),
             make_loss=make_loss,
             experiment_dir=str(experiment),
+            init_weights=request.init_weights,
         )
         kind = "distilled" if request.distill else "baseline (no teacher)"
         echo(

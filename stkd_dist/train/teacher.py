@@ -55,6 +55,8 @@ def train_teacher(
     *,
     storage: PathInput | None = None,
     echo: Callable[[str], None] = print,
+    experiment: str = EXPERIMENT,
+    init_weights: str | None = None,
 ) -> TrainOutcome:
     """Train (or resume, or report) the teacher of ``cfg`` on Ray Train.
 
@@ -62,6 +64,9 @@ def train_teacher(
         cfg: the resolved config (``run.name`` set).
         storage: the storage root (default: ``$STKD_STORAGE`` or ``./storage``).
         echo: where status lines go.
+        experiment: the experiment's name in the run directory (``stkd update`` fine-tunes
+            into ``teacher_update<k>``).
+        init_weights: a checkpoint whose weights a new run starts from (a fine-tune).
     """
     if cfg.teacher.dataset is not None:
         raise ConfigError(
@@ -70,19 +75,21 @@ def train_teacher(
             where="teacher.dataset",
         )
     validate_config(cfg, roles=("teacher",), distill=False)
-    exp = open_experiment(cfg, EXPERIMENT, storage)
+    exp = open_experiment(cfg, experiment, storage)
     done = existing_outcome(exp, cfg, "teacher", echo)
     if done is not None:
         return done
-    write_config(cfg, exp.run / "config.yaml")
+    # the run's config, beside the experiments; a fine-tune's own lies in its experiment
+    write_config(cfg, exp.run / "config.yaml" if init_weights is None else exp.path / "config.yaml")
 
     job = TrainJob(
         config=cfg,
         role="teacher",
-        experiment=EXPERIMENT,
+        experiment=experiment,
         dataset=str(exp.dataset),
         make_loss=masked_mae_loss,
         experiment_dir=str(exp.path),
+        init_weights=init_weights,
     )
     c = cfg.cluster
     with ray_cluster(c) as where:

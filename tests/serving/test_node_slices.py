@@ -221,8 +221,10 @@ def test_stream_broken_mid_window_fails_over_without_loss_or_repetition(
 
     real_chunks = a.chunks
 
-    def breaking(plan: Any, context: grpc.ServicerContext) -> Iterator[codec.EncodedChunk]:
-        for sent, message in enumerate(real_chunks(plan, context), 1):
+    def breaking(
+        plan: Any, context: grpc.ServicerContext, *version: Any
+    ) -> Iterator[codec.EncodedChunk]:
+        for sent, message in enumerate(real_chunks(plan, context, *version), 1):
             yield message
             if sent == received_first:
                 # the message has gone out; once the client has it, replica a dies

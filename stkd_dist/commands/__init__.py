@@ -21,6 +21,7 @@ SUMMARIES: dict[str, str] = {
     "precompute-labels": "store a teacher's soft labels for every window (label cache)",
     "serve": "serve a teacher's soft labels to student workers (gRPC)",
     "distill": "one command: teacher, distilled + baseline students, evaluation and report",
+    "update": "fine-tune a run's teacher and student on data appended to its store (online)",
     "sweep": "Ray Tune sweep of student/distillation settings (ASHA or PBT) over one teacher",
     "demo": "the whole pipeline on an embedded default dataset, in a few minutes",
     "submit": "run a stkd command as a job on a Ray cluster",

@@ -107,7 +107,8 @@ class TrainResult:
     trained: bool
 
 
-def _result(outcome: Any) -> TrainResult:
+def train_result(outcome: Any) -> TrainResult:
+    """The stage record of a trainer's outcome (best checkpoint, version, epochs)."""
     best = outcome.best
     return TrainResult(
         checkpoint=best.path,
@@ -127,7 +128,7 @@ def train_teacher_stage(
     """
     from stkd_dist.train.teacher import train_teacher
 
-    return _result(train_teacher(cfg, storage=storage, echo=echo))
+    return train_result(train_teacher(cfg, storage=storage, echo=echo))
 
 
 def train_feedback_stage(
@@ -151,7 +152,7 @@ def train_feedback_stage(
         storage=storage,
         echo=echo,
     )
-    return _result(outcome)
+    return train_result(outcome)
 
 
 def train_student_stage(
@@ -212,7 +213,7 @@ def train_student_stage(
             experiment=experiment,
             write_through=serve.write_through,
         )
-    return _result(train_student(cfg, request, storage=storage, echo=echo))
+    return train_result(train_student(cfg, request, storage=storage, echo=echo))
 
 
 def _read_ca(ref: str) -> bytes:

@@ -27,14 +27,10 @@ those. Training stages resume from their latest checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
-import os
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +39,8 @@ from stkd_dist.labels.usage import label_use
 from stkd_dist.location import (
     Location,
     PathInput,
-    as_path,
-    is_remote,
     makedirs,
-    scratch_dir,
     url,
-    write_bytes_atomic,
 )
 from stkd_dist.pipeline.findings import (
     baseline_predictors,
@@ -73,8 +65,7 @@ from stkd_dist.pipeline.rounds import (
 )
 from stkd_dist.pipeline.run import RunLayout, config_digest
 from stkd_dist.pipeline.stages import RaySession, train_student_stage
-from stkd_dist.pipeline.ui import PipelineUI, StageReport
-from stkd_dist.pipeline.ui import log as pipeline_log
+from stkd_dist.pipeline.ui import PipelineUI, StageReport, run_log
 from stkd_dist.storage import DatasetStore
 
 log = logging.getLogger(__name__)
@@ -414,41 +405,6 @@ def run_distill(
     pipe = _Pipeline(cfg, storage, ui, worker_logs)
     makedirs(pipe.layout.root)
     write_config(cfg, pipe.layout.config)
-    with _log_file(pipe.layout):
+    with run_log(pipe.layout.logs, "distill"):
         ui.echo(f"run {cfg.run_name!r} in {url(pipe.layout.root)}")
         return pipe.run()
-
-
-@contextlib.contextmanager
-def _log_file(layout: RunLayout) -> Iterator[Location]:
-    """Log this invocation (the pipeline's lines and Python logging) to ``<run>/logs/``.
-
-    With an object-store root the log is written to a local scratch file (logging appends line by
-    line) and uploaded when the invocation ends, also when it fails.
-    """
-    name = f"distill-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    dest = layout.logs / name
-    scratch = scratch_dir("log") if is_remote(dest) else None
-    makedirs(layout.logs)
-    path = as_path(dest) if scratch is None else scratch / name
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    loggers = (logging.getLogger(), pipeline_log)
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        if lg.level > logging.INFO or lg.level == logging.NOTSET:
-            lg.setLevel(logging.INFO)
-    try:
-        yield dest
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-        handler.close()
-        if scratch is not None:
-            try:
-                write_bytes_atomic(dest, path.read_bytes())
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)

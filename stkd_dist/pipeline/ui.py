@@ -11,7 +11,10 @@ import contextlib
 import io
 import json
 import logging
+import os
+import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +31,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from stkd_dist.location import Location, exists, is_remote, location, read_bytes
+from stkd_dist.location import (
+    Location,
+    as_path,
+    exists,
+    is_remote,
+    location,
+    makedirs,
+    read_bytes,
+    scratch_dir,
+    write_bytes_atomic,
+)
 
 log = logging.getLogger("stkd.pipeline")
-# the console already shows these lines; they go to the run's log file only (see distill._log_file)
+# the console already shows these lines; they go to the run's log file only (see run_log)
 log.propagate = False
 
 
@@ -273,3 +286,39 @@ class _HistoryWatcher(threading.Thread):
                 )
             if self.ui.live:  # without a terminal the epoch lines are the progress
                 self.bar.update(int(record["epoch"]) + 1, self.epochs)
+
+
+@contextlib.contextmanager
+def run_log(logs: Location, command: str) -> Iterator[Location]:
+    """Log this invocation (the pipeline's lines and Python logging) to ``logs``
+    (``<run>/logs/<command>-<time>-<pid>.log``).
+
+    With an object-store root the log is written to a local scratch file (logging appends line by
+    line) and uploaded when the invocation ends, also when it fails.
+    """
+    name = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    dest = logs / name
+    scratch = scratch_dir("log") if is_remote(dest) else None
+    makedirs(logs)
+    path = as_path(dest) if scratch is None else scratch / name
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = (logging.getLogger(), log)
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.level > logging.INFO or lg.level == logging.NOTSET:
+            lg.setLevel(logging.INFO)
+    try:
+        yield dest
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
+        if scratch is not None:
+            try:
+                write_bytes_atomic(dest, path.read_bytes())
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)

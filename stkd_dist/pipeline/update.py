@@ -38,7 +38,7 @@ from stkd_dist.metrics import MetricAccumulator
 from stkd_dist.pipeline.graph import LabelStage, ModelStage, NoteStage, StageGraph
 from stkd_dist.pipeline.run import RunLayout, config_digest
 from stkd_dist.pipeline.stages import RaySession, train_result
-from stkd_dist.pipeline.ui import PipelineUI, StageReport
+from stkd_dist.pipeline.ui import PipelineUI, StageReport, run_log
 from stkd_dist.serving.published import Published, publish_version, read_published
 from stkd_dist.storage import open_store
 
@@ -344,5 +344,6 @@ def run_update(
             where=url(store.path),
         )
     k = update_number(layout, store.fingerprint)
-    ui.echo(f"run {cfg.run_name!r}: update {k} to store fingerprint {store.fingerprint}")
-    return _Update(cfg, layout, k, storage, ui).run()
+    with run_log(layout.logs, "update"):
+        ui.echo(f"run {cfg.run_name!r}: update {k} to store fingerprint {store.fingerprint}")
+        return _Update(cfg, layout, k, storage, ui).run()

@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,7 +58,7 @@ def _config(path: Path, store: Path) -> Path:
     return path
 
 
-def _wait_for(what: str, check, timeout: float = 120.0):
+def _wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = check()
@@ -81,6 +83,11 @@ def test_an_update_publishes_v2_while_a_v1_stream_finishes_on_v1(tmp_path: Path)
     run = storage / "runs" / "online"
     v1 = json.loads((run / "stages.json").read_text())["stages"]["teacher"]["info"]["version"]
     fp1 = open_store(store).fingerprint
+    # nothing appended yet: refused, and nothing written
+    early = stkd(storage, "update", "online")
+    assert early.returncode != 0
+    assert "holds nothing the teacher has not seen" in early.stderr
+    assert not (run / "updates.json").exists() and not (run / "published.json").exists()
 
     ready = tmp_path / "ready.json"
     env = {**os.environ, "STKD_STORAGE": str(storage)}
@@ -156,7 +163,7 @@ def test_an_update_publishes_v2_while_a_v1_stream_finishes_on_v1(tmp_path: Path)
     teachers = json.loads((run / "student_update1" / "teachers.json").read_text())["teachers"]
     assert [t["version"] for t in teachers] == [v2]
 
-    # the same store again: nothing new is done; an unchanged store is refused
+    # the same store again: nothing new is done
     again = stkd(storage, "update", "online")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "update1_teacher (skipped: already complete)" in again.stdout

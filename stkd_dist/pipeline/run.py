@@ -113,6 +113,9 @@ class RunLayout:
 #: keys no single model's stage depends on: the number of ``distill.rounds`` and how later
 #: rounds fine-tune their teachers (their own stages digest them); left out of a picked section
 ROUND_KEYS = ("distill.rounds", "distill.feedback", "distill.feedback_epochs")
+#: keys left out of a picked section while they hold this value (features added later: a run
+#: that does not use them keeps the stage keys it had before they existed)
+UNSET_KEYS = {"data.recent_days": None}
 
 
 def config_digest(cfg: Config, sections: Iterable[str], **extra: Any) -> str:
@@ -130,8 +133,15 @@ def config_digest(cfg: Config, sections: Iterable[str], **extra: Any) -> str:
         for part in dotted.split("."):
             node = node[part]
         if isinstance(node, dict):
-            inner = [k.split(".", 1)[1] for k in ROUND_KEYS if k.split(".", 1)[0] == dotted]
-            node = {k: v for k, v in node.items() if k not in inner}
+            inner = {k.split(".", 1)[1] for k in ROUND_KEYS if k.split(".", 1)[0] == dotted}
+            unset = {
+                k.split(".", 1)[1]: v for k, v in UNSET_KEYS.items() if k.split(".", 1)[0] == dotted
+            }
+            node = {
+                k: v
+                for k, v in node.items()
+                if k not in inner and not (k in unset and v == unset[k])
+            }
         picked[dotted] = node
     picked.update({f"extra.{k}": v for k, v in sorted(extra.items())})
     text = json.dumps(picked, sort_keys=True, default=str)

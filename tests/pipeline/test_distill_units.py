@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stkd_dist.config import load_config
+from stkd_dist.config import load_config, to_mapping
 from stkd_dist.errors import ConfigError, StoreError
 from stkd_dist.pipeline.evaluate_all import forecast_sensors, steps_per_day
 from stkd_dist.pipeline.latency import measure_latency
@@ -269,3 +270,22 @@ def test_tls_ca_is_read_on_the_driver_and_checked(tmp_path: Path) -> None:
     assert info.value.where == "serve.tls_ca"
     with pytest.raises(ConfigError, match="cannot read the CA certificate"):
         _read_ca(str(tmp_path / "missing.pem"))
+
+
+def test_round_keys_and_unset_features_leave_stage_keys_as_they_were() -> None:
+    cfg = load_config("demo", ["run.name=k"])
+    # the digest of the sections as they were before rounds and recent_days existed
+    full = to_mapping(cfg)
+    old_distill = {
+        k: v
+        for k, v in full["distill"].items()
+        if k not in ("rounds", "feedback", "feedback_epochs")
+    }
+    old_data = {k: v for k, v in full["data"].items() if k != "recent_days"}
+    text = json.dumps({"data": old_data, "distill": old_distill}, sort_keys=True, default=str)
+    assert config_digest(cfg, ["data", "distill"]) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    more = load_config("demo", ["run.name=k", "distill.rounds=3", "distill.feedback=0.2"])
+    assert config_digest(more, ["distill"]) == config_digest(cfg, ["distill"])
+    assert config_digest(more, ["distill.rounds"]) != config_digest(cfg, ["distill.rounds"])
+    recent = load_config("demo", ["run.name=k", "data.recent_days=2"])
+    assert config_digest(recent, ["data"]) != config_digest(cfg, ["data"])

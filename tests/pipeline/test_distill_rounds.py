@@ -19,36 +19,20 @@ from stkd_dist.storage import open_store
 from stkd_dist.testing import random_store
 from stkd_dist.train.loop import build_reader
 from tests.pipeline.test_distill import stkd
+from tests.pipeline.tiny_run import tiny_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROUND_STAGES = ("student_labels_round2", "teacher_round2", "labels_round2", "student_kd_round2")
 
 
-def _config(path: Path, store: Path) -> Path:
-    tiny = {"residual_channels": 8, "dilation_channels": 8, "skip_channels": 16,
-            "end_channels": 16, "blocks": 1}  # fmt: skip
-    cfg = {
-        "run": {"seed": 0},
-        "data": {"dataset": str(store), "horizon": 6, "batch_size": 16, "eval_batch_size": 64},
-        "teacher": {"model": "stgnn", "kwargs": tiny, "schedule": {"epochs": 2}},
-        "student": {
-            "model": "mlp",
-            "kwargs": {"embed_dim": 8, "node_dim": 4, "tod_dim": 4, "dow_dim": 4, "num_layers": 1},
-            "schedule": {"epochs": 2, "warmup_epochs": 1},
-        },
-        "distill": {"rounds": 2, "feedback": 0.4, "feedback_epochs": 1},
-        "serve": {"mode": "cache"},
-        "evaluate": {"latency_batch_size": 16, "latency_repeats": 2, "forecast_sensors": 2},
-        "cluster": {"num_workers": 1, "cpus_per_worker": 1},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_two_rounds_run_end_to_end_and_record_both(tmp_path: Path) -> None:
     store = random_store(tmp_path / "tiny.zarr", steps=600, nodes=6, chunk_steps=64)
-    config = _config(tmp_path / "rounds.yaml", store)
+    config = tiny_run_config(
+        tmp_path / "rounds.yaml",
+        store,
+        distill={"rounds": 2, "feedback": 0.4, "feedback_epochs": 1},
+    )
     storage = tmp_path / "storage"
     out = stkd(storage, "distill", "--config", str(config), "--run-name", "rounds", timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

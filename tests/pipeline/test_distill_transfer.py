@@ -8,39 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from stkd_dist.checkpoint import list_checkpoints, load_forecaster, read_checkpoint
 from stkd_dist.serving.cache import LabelCache
 from stkd_dist.storage import open_store
 from stkd_dist.testing import random_store
 from tests.pipeline.test_distill import stkd
+from tests.pipeline.tiny_run import tiny_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _config(path: Path) -> Path:
-    tiny = {"residual_channels": 8, "dilation_channels": 8, "skip_channels": 16,
-            "end_channels": 16, "blocks": 1}  # fmt: skip
-    cfg = {
-        "run": {"seed": 0},
-        "data": {"horizon": 6, "batch_size": 16, "eval_batch_size": 64},
-        "teacher": {
-            "model": "stgnn_inductive",
-            "kwargs": tiny,
-            "schedule": {"epochs": 2, "warmup_epochs": 1},
-        },
-        "student": {
-            "model": "mlp",
-            "kwargs": {"embed_dim": 8, "node_dim": 4, "tod_dim": 4, "dow_dim": 4, "num_layers": 1},
-            "schedule": {"epochs": 2, "warmup_epochs": 1},
-        },
-        "serve": {"mode": "cache"},
-        "evaluate": {"latency_batch_size": 16, "latency_repeats": 2, "forecast_sensors": 2},
-        "cluster": {"num_workers": 1, "cpus_per_worker": 1},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.mark.long
@@ -49,7 +25,7 @@ def test_a_teacher_of_another_network_teaches_the_targets_students(tmp_path: Pat
     target = Path(random_store(tmp_path / "target.zarr", steps=600, nodes=9, seed=3))
     storage = tmp_path / "storage"
     done = stkd(
-        storage, "distill", "--config", str(_config(tmp_path / "t.yaml")),
+        storage, "distill", "--config", str(tiny_run_config(tmp_path / "t.yaml", teacher_model="stgnn_inductive")),
         "--teacher-data", str(source), "--data", str(target), "--run-name", "xfer",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -90,7 +66,7 @@ def test_a_teacher_that_cannot_transfer_is_refused_before_any_training(tmp_path:
     source = Path(random_store(tmp_path / "source.zarr", steps=300, nodes=6, seed=0))
     target = Path(random_store(tmp_path / "target.zarr", steps=300, nodes=9, seed=3))
     done = stkd(
-        tmp_path / "storage", "distill", "--config", str(_config(tmp_path / "t.yaml")),
+        tmp_path / "storage", "distill", "--config", str(tiny_run_config(tmp_path / "t.yaml", teacher_model="stgnn_inductive")),
         "--teacher-data", str(source), "--data", str(target), "--set", "teacher.model=stgnn",
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
 from stkd_dist.ingest import IngestOptions, ingest
 from stkd_dist.serving.cache import LabelCache
@@ -24,6 +23,7 @@ from stkd_dist.serving.client import SoftLabelClient
 from stkd_dist.serving.client_options import LabelMismatchError
 from stkd_dist.storage import open_store
 from tests.pipeline.test_distill import stkd
+from tests.pipeline.tiny_run import tiny_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,27 +35,6 @@ def _series() -> np.ndarray:
     t = np.arange(HEAD + DAY)[:, None, None]
     base = 50 + 10 * np.sin(2 * np.pi * t / 288 + rng.uniform(0, 6, size=(1, NODES, 1)))
     return (base + rng.normal(0, 1, size=base.shape)).astype(np.float32)
-
-
-def _config(path: Path, store: Path) -> Path:
-    tiny = {"residual_channels": 8, "dilation_channels": 8, "skip_channels": 16,
-            "end_channels": 16, "blocks": 1}  # fmt: skip
-    cfg = {
-        "run": {"seed": 0},
-        "data": {"dataset": str(store), "horizon": 6, "batch_size": 16, "eval_batch_size": 64},
-        "teacher": {"model": "stgnn", "kwargs": tiny, "schedule": {"epochs": 2}},
-        "student": {
-            "model": "mlp",
-            "kwargs": {"embed_dim": 8, "node_dim": 4, "tod_dim": 4, "dow_dim": 4, "num_layers": 1},
-            "schedule": {"epochs": 2, "warmup_epochs": 1},
-        },
-        "serve": {"mode": "cache"},
-        "update": {"days": 1, "teacher_epochs": 1, "student_epochs": 1},
-        "evaluate": {"latency_batch_size": 16, "latency_repeats": 2, "forecast_sensors": 2},
-        "cluster": {"num_workers": 1, "cpus_per_worker": 1},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
@@ -76,7 +55,11 @@ def test_an_update_publishes_v2_while_a_v1_stream_finishes_on_v1(tmp_path: Path)
     store = tmp_path / "net.zarr"
     ingest(IngestOptions(source=tmp_path / "head.npy", out=store, channels=("speed",),
                          start="2024-01-01 00:00", chunk_steps=64))  # fmt: skip
-    config = _config(tmp_path / "online.yaml", store)
+    config = tiny_run_config(
+        tmp_path / "online.yaml",
+        store,
+        update={"days": 1, "teacher_epochs": 1, "student_epochs": 1},
+    )
     storage = tmp_path / "storage"
     out = stkd(storage, "distill", "--config", str(config), "--run-name", "online", timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -15,7 +15,7 @@ from stkd_dist.testing import LocalSession
 from stkd_dist.train.loop import TrainJob, build_reader
 from stkd_dist.train.teacher import EXPERIMENT, masked_mae_loss
 from stkd_dist.train.worker import run_worker
-from tests.train.conftest import tiny_config
+from tests.train.conftest import tiny_config, write_checkpoint
 
 
 def _teacher_job(cfg: Any, store: Path, out: Path) -> TrainJob:
@@ -86,31 +86,13 @@ def test_a_fine_tune_starts_from_the_given_weights_with_a_fresh_count(
 ) -> None:
     import dataclasses
 
-    from stkd_dist.checkpoint import TrainState, save_checkpoint
-    from stkd_dist.train.loop import build_model
-
     # a near-zero learning rate: what the run ends with is what it started from
     cfg = tiny_config(
         small_store, "ft", "data.horizon=3", "teacher.schedule.epochs=1", "teacher.optim.lr=1e-12"
     )
-    store = open_store(small_store)
-    reader = build_reader(cfg, store)
-    torch.manual_seed(123)
-    donor = build_model(cfg.teacher, reader, store)
-    with torch.no_grad():
-        for p in donor.parameters():
-            p.add_(0.5)  # no initialisation of any seed looks like this
     start = tmp_path / "start"
-    save_checkpoint(
-        start,
-        model_state=donor.state_dict(),
-        spec=donor.spec(),
-        config=cfg,
-        fingerprint=store.fingerprint,
-        stats=reader.stats,
-        metrics={},
-        state=TrainState(epoch=6),  # a later epoch: the fine-tune's count starts at 0 anyway
-    )
+    # another seed's initial weights, at a later epoch: the fine-tune's count starts at 0 anyway
+    donor, _ = write_checkpoint(start, cfg, epoch=6, val_mae=1.0, seed=123)
     fresh, tuned = LocalSession(), LocalSession()
     run_worker(_teacher_job(cfg, small_store, tmp_path / "a"), fresh)
     job = dataclasses.replace(

@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROUND_STAGES = ("student_labels_round2", "teacher_round2", "labels_round2", "student_kd_round2")
 
 
+@pytest.mark.long  # about 90 s: two teachers and two students trained, four label caches
 def test_two_rounds_run_end_to_end_and_record_both(tmp_path: Path) -> None:
     store = random_store(tmp_path / "tiny.zarr", steps=600, nodes=6, chunk_steps=64)
     config = tiny_run_config(

@@ -157,6 +157,9 @@ def section(results: list[dict[str, Any]], argv: list[str], started: float) -> s
     for r in results:
         cells = [f"{r['mae'][k]:.3f}" if k in r["mae"] else "-" for k in ROWS]
         lines.append(f"| {r['fraction']:g} | " + " | ".join(cells) + " |")
+    if any(r["seeds"] for r in results):
+        lines += ["", "The table's students are those of `run.seed`; the plot shows the students' "
+                  "mean over every seed, and the lines below give each seed's spread."]  # fmt: skip
     lines += ["", f"![test MAE by target fraction]({PLOT.name})", ""]
     for r in results:
         kd, alone = r["mae"]["student_kd"], r["mae"]["student_scratch"]

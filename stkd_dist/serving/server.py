@@ -1,10 +1,12 @@
 """The ``TeacherService`` gRPC server (``stkd serve``).
 
-One server holds one :class:`~stkd_dist.serving.teacher.Teacher`. Every ``StreamLabels`` call
-turns its request into an ordered window sequence, then walks it chunk by chunk: windows found in
-the label cache are read from it, the others go to the shared :class:`Batcher` (a few chunks ahead,
-so the batcher always has work from every stream), and each chunk is encoded, checksummed and sent
-with the cursor to resume after it.
+One server starts with one :class:`~stkd_dist.serving.teacher.Teacher` and may be handed newer
+versions of it while it runs (:meth:`TeacherServer.publish`, ``stkd serve --follow``; see
+:mod:`~stkd_dist.serving.versions`): each ``StreamLabels`` call is bound to one version when it
+starts and keeps it to its end. It turns its request into an ordered window sequence, then walks
+it chunk by chunk: windows found in that version's label cache are read from it, the others go to
+the version's shared :class:`Batcher` (a few chunks ahead, so the batcher always has work from
+every stream), and each chunk is encoded, checksummed and sent with the cursor to resume after it.
 
 Operations:
 

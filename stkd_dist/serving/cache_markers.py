@@ -46,6 +46,9 @@ from stkd_dist.serving.cache_layout import (
 )
 from stkd_dist.serving.label_arrays import LabelArrays, NumpyLabels
 
+#: serialises the .npz fragment reads of every cache in the process (see _merge_fragments)
+_NPZ_LOCK = threading.Lock()
+
 # how often a read-only reader looks again for what others stored of a chunk it misses; a
 # writable cache (write-through replicas) looks on every miss, so that no replica computes a
 # window another one has stored (see LabelCache)
@@ -251,7 +254,11 @@ class _ChunkPresence:
                 if self._check_marker(s, c):
                     return None
                 continue
-            with np.load(io.BytesIO(blob)) as f:
+            # one thread at a time: numpy parses each member's .npy header with
+            # ast.literal_eval, and CPython before 3.11.8 corrupts its parser state when two
+            # threads build ASTs at once (SystemError "AST constructor recursion depth
+            # mismatch"); a server's stream threads and its write-behind thread all merge here
+            with _NPZ_LOCK, np.load(io.BytesIO(blob), allow_pickle=False) as f:
                 local = f["rows"].astype(np.int64)
                 # every array of the cache: each fragment holds the rows of all of them
                 got = {name: f[name] for name in self._names}

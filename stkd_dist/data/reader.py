@@ -178,10 +178,7 @@ class WindowReader:
         """Window indices (start steps) of ``split`` (``train``, ``val`` or ``test``); with
         ``recent_days`` the training windows start in the last days of the split only."""
         w = split_windows(self.store.steps, self.window, self.splits, split)
-        if split != "train" or self._train_from <= w.start:
-            return w
-        skip = -(-(self._train_from - w.start) // w.step)  # whole strides, rounded up
-        return range(min(w.start + skip * w.step, w.stop), w.stop, w.step)
+        return windows_from(w, self._train_from) if split == "train" else w
 
     @property
     def last_window(self) -> int:
@@ -338,6 +335,14 @@ class WindowReader:
             f"WindowReader({self.store!r}, L={self.window.input_steps}, H={self.window.horizon}, "
             f"stride={self.window.stride}, inputs={self.input_idx}, targets={self.target_idx})"
         )
+
+
+def windows_from(windows: range, first: int) -> range:
+    """The windows of ``windows`` that start at step ``first`` or later (its stride kept)."""
+    if first <= windows.start:
+        return windows
+    skip = -(-(first - windows.start) // windows.step)  # whole strides, rounded up
+    return range(min(windows.start + skip * windows.step, windows.stop), windows.stop, windows.step)
 
 
 def recent_start(train: tuple[int, int], days: int, time: pd.DatetimeIndex) -> int:

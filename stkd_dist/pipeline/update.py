@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from stkd_dist.config import Config, write_config
-from stkd_dist.data.reader import WindowReader, recent_start
+from stkd_dist.data.reader import WindowReader, recent_start, windows_from
 from stkd_dist.errors import InputError
 from stkd_dist.location import Location, PathInput, exists, read_json, url, write_json_atomic
 from stkd_dist.metrics import MetricAccumulator
 from stkd_dist.pipeline.graph import LabelStage, ModelStage, NoteStage, StageGraph
-from stkd_dist.pipeline.run import RunLayout, config_digest
+from stkd_dist.pipeline.run import RunLayout, StageBook, config_digest
 from stkd_dist.pipeline.stages import RaySession, train_result
 from stkd_dist.pipeline.ui import PipelineUI, StageReport, run_log
 from stkd_dist.serving.published import Published, publish_version, read_published
@@ -138,13 +138,6 @@ class _Update:
         """The teacher and the student this update starts from: the previous update's, else
         the run's own (its ``teacher`` / ``transfer`` and ``student_kd`` stages)."""
         book = self.graph.book
-        missing = [n for n in ("teacher", "student_kd") if n not in book.records]
-        if missing:
-            raise InputError(
-                f"run {self.run_cfg.run_name!r} has no complete {missing[0]} stage: run `stkd "
-                "distill` first, then update it",
-                where=url(self.layout.root),
-            )
         teacher_stage = "transfer" if "transfer" in book.records else "teacher"
         teacher = self.graph.recorded(teacher_stage, ModelStage.from_info)
         student = self.graph.recorded("student_kd", ModelStage.from_info)
@@ -289,9 +282,9 @@ class _Update:
 
 def newest_windows(reader: WindowReader, windows: range, days: int) -> range:
     """The windows of ``windows`` that start in its last ``days`` days (by the time axis)."""
-    lo = recent_start((windows.start, windows.stop), days, reader.store.time)
-    skip = -(-(lo - windows.start) // windows.step)
-    return range(min(windows.start + skip * windows.step, windows.stop), windows.stop, windows.step)
+    return windows_from(
+        windows, recent_start((windows.start, windows.stop), days, reader.store.time)
+    )
 
 
 def windows_mae(
@@ -325,17 +318,22 @@ def run_update(
     ui = ui or PipelineUI()
     layout = RunLayout.of(cfg.run_name, storage)
     store = open_store(cfg.data.dataset, storage)
+    book = StageBook(layout)
+    missing = [n for n in ("teacher", "student_kd") if n not in book.records]
+    if missing:  # refused before anything is written
+        raise InputError(
+            f"run {cfg.run_name!r} has no complete {missing[0]} stage: run `stkd distill` first, "
+            "then update it",
+            where=url(layout.root),
+        )
     published = read_published(layout.root)
     trained_on = published.fingerprint if published is not None else None
     if trained_on is None:
         from stkd_dist.checkpoint import read_checkpoint
-        from stkd_dist.pipeline.run import StageBook
 
-        book = StageBook(layout)
         name = "transfer" if "transfer" in book.records else "teacher"
-        if name in book.records:
-            teacher = ModelStage.from_info(book.records[name].info)
-            trained_on = read_checkpoint(teacher.path(layout), verify=False).fingerprint
+        teacher = ModelStage.from_info(book.records[name].info)
+        trained_on = read_checkpoint(teacher.path(layout), verify=False).fingerprint
     known = [u for u in _updates(layout) if u["fingerprint"] == store.fingerprint]
     if trained_on == store.fingerprint and not known:
         raise InputError(

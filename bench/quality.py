@@ -214,9 +214,18 @@ def other_teacher(storage: Path, run: str) -> dict[str, Any]:
 
 
 def run_dataset(
-    ds: Dataset, storage: Path, data: Path, seeds: int, overrides: list[str], log: Path
+    ds: Dataset,
+    storage: Path,
+    data: Path,
+    seeds: int,
+    overrides: list[str],
+    log: Path,
+    other_overrides: list[str] = [],  # noqa: B006  (read only)
 ) -> DatasetResult:
-    """Ingest, distil with ``seeds`` seeds, train the other teacher family; collect."""
+    """Ingest, distil with ``seeds`` seeds, train the other teacher family; collect.
+
+    ``other_overrides`` apply to the other teacher family's ``train-teacher`` only.
+    """
     from stkd_dist.config import load_config, read_config
 
     cmds: list[Timed] = []
@@ -244,6 +253,7 @@ def run_dataset(
     key, kwargs = OTHER_TEACHERS[load_config(ds.name, overrides).teacher.model]
     other_run = f"{run}-{key}"
     other_sets = ["--set", f"teacher.model={key}", "--set", f"teacher.kwargs={json.dumps(kwargs)}"]
+    other_sets += [a for o in other_overrides for a in ("--set", o)]
     cmds.append(
         run_timed(
             f"teacher {key}",
@@ -449,6 +459,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="config override for every command (repeatable)",
     )
+    p.add_argument(
+        "--other-set",
+        dest="other_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the other teacher family only (repeatable), after --set",
+    )
     p.add_argument("--no-write", action="store_true", help="print the section only")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
@@ -463,7 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     log = storage / "quality.log"
     started = time.time()
     results = [
-        run_dataset(DATASETS[n], storage, args.data.absolute(), args.seeds, args.overrides, log)
+        run_dataset(
+            DATASETS[n],
+            storage,
+            args.data.absolute(),
+            args.seeds,
+            args.overrides,
+            log,
+            args.other_overrides,
+        )
         for n in names
     ]
     text = section(results, argv, started)

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quality import DATASETS, DEFAULT_STORAGE, REPO, SHARED_DATA, run_timed, stkd_argv
+from bench.quality import DATASETS, DEFAULT_STORAGE, REPO, SHARED_DATA
+from bench.timed import run_timed, stkd_argv
 from stkd_dist.report.inputs import MODEL_ORDER
 
 HEADING = "## Transfer distillation on real data"

@@ -64,6 +64,16 @@ def _also(overrides: list[str]) -> str:
     return f" (also {', '.join(f'`{o}`' for o in overrides)})" if overrides else ""
 
 
+def _spread(kvs: dict[str, Any]) -> str:
+    sp = kvs.get("spread")
+    if not sp:
+        return ""
+    return (
+        f" Seed-to-seed standard deviation {sp['kd_sd']:.3f} distilled vs {sp['scratch_sd']:.3f} "
+        f"scratch, Pitman–Morgan p = {sp['p_value']:.3g}."
+    )
+
+
 def _verdict(ok: bool) -> str:
     return "pass" if ok else "**missed**"
 
@@ -152,8 +162,8 @@ def dataset_section(r: DatasetResult) -> list[str]:
         "",
         f"Mean difference (distilled − scratch) {kvs['mean_difference']:+.3f}, bootstrap 95 % "
         f"interval [{ci[0]:+.3f}, {ci[1]:+.3f}], paired t-test p = {p:.3g}; the distilled "
-        f"student wins in {kvs['wins']} of {len(kd)} seeds; gap closed {gap}. Verdict of the "
-        f"report: {kvs['verdict']}.",
+        f"student wins in {kvs['wins']} of {len(kd)} seeds; gap closed {gap}.{_spread(kvs)} "
+        f"Verdict of the report: {kvs['verdict']}.",
         "",
         "| target | measured | verdict |",
         "|---|---:|:---|",

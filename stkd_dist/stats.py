@@ -8,6 +8,9 @@ differences ``d_i = kd_i − scratch_i`` are what is tested.
   integer number of degrees of freedom has a closed form (Abramowitz & Stegun 26.7.3–4), so no
   special-function library is needed;
 * :func:`bootstrap_ci`: percentile bootstrap interval of the mean difference (pairs resampled);
+* :func:`paired_variance_test`: the Pitman–Morgan test of equal variances of paired samples: do
+  the distilled students' test MAEs vary less (or more) from seed to seed than the scratch
+  students'? (A teacher can make students steadier without moving their mean.)
 * :func:`kd_vs_scratch`: the ``kd_vs_scratch`` entry of ``metrics.json``.
 """
 
@@ -64,6 +67,29 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]
     return t, max(0.0, 1.0 - t_cdf_two_sided(t, len(d) - 1))
 
 
+def paired_variance_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Two-sided Pitman–Morgan test of ``var(a) = var(b)`` for paired samples: ``(r, p)``.
+
+    ``var(a) = var(b)`` exactly when ``a + b`` and ``a − b`` are uncorrelated, so the test is the
+    t-test of their correlation ``r``: ``t = r·√(n − 2) / √(1 − r²)`` with ``n − 2`` degrees of
+    freedom (Pitman 1939, Morgan 1939). ``r < 0``: ``a`` varies less than ``b``. Needs at least 3
+    pairs; ``p`` is 1 when either sum or difference is constant (no evidence either way), 0 when
+    ``|r| = 1``.
+    """
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape or len(x) < 3:
+        raise ValueError(f"needs at least 3 pairs of equal length, got {len(x)} and {len(y)}")
+    total, diff = x + y, x - y
+    if float(total.std()) == 0.0 or float(diff.std()) == 0.0:
+        return 0.0, 1.0
+    r = float(np.clip(np.corrcoef(total, diff)[0, 1], -1.0, 1.0))
+    if abs(r) == 1.0:
+        return r, 0.0
+    t = r * math.sqrt(len(x) - 2) / math.sqrt(1.0 - r * r)
+    return r, max(0.0, 1.0 - t_cdf_two_sided(t, len(x) - 2))
+
+
 def bootstrap_ci(
     a: Sequence[float],
     b: Sequence[float],
@@ -118,13 +144,21 @@ def verdict(entry: dict[str, Any]) -> str:
     g = entry.get("gap_closed")
     if g is not None:
         text += f"; it closes {100 * g:.0f} % of the gap between scratch student and teacher"
+    spread = entry.get("spread")
+    if spread and spread["p_value"] is not None and spread["p_value"] < ALPHA:
+        way = "less" if spread["kd_sd"] < spread["scratch_sd"] else "more"
+        text += (
+            f"; the distilled students vary {way} from seed to seed (sd {spread['kd_sd']:.3f} vs "
+            f"{spread['scratch_sd']:.3f}, Pitman–Morgan p = {spread['p_value']:.3g})"
+        )
     return text
 
 
 def kd_vs_scratch(
     kd: Sequence[float], scratch: Sequence[float], teacher_mae: float, seeds: Sequence[int]
 ) -> dict[str, Any]:
-    """The ``kd_vs_scratch`` entry: per-seed test MAEs, paired test, bootstrap interval, gap.
+    """The ``kd_vs_scratch`` entry: per-seed test MAEs, paired test, bootstrap interval, gap,
+    and ``spread``: the seed-to-seed standard deviations and their paired test (3 seeds or more).
 
     Args:
         kd, scratch: test MAE of the distilled and the scratch student of each seed (paired).
@@ -151,5 +185,13 @@ def kd_vs_scratch(
         entry["t"] = t if math.isfinite(t) else None
         entry["p_value"] = p
         entry["ci95"] = list(bootstrap_ci(kd, scratch))
+    if len(kd) >= 3:
+        r, p = paired_variance_test(kd, scratch)
+        entry["spread"] = {
+            "kd_sd": float(np.std(kd, ddof=1)),
+            "scratch_sd": float(np.std(scratch, ddof=1)),
+            "r": r,
+            "p_value": p,
+        }
     entry["verdict"] = verdict(entry)
     return entry

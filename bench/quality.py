@@ -7,8 +7,8 @@ For each dataset (its preset of the same name, H = 12):
    label cache, the distilled and the scratch ``mlp`` student for each of the N seeds (each pair
    on the same shard plans and initialisation), the side-by-side evaluation (test MAE, parameters,
    CPU latency of one batch), the statistics (``kd_vs_scratch``, ``teacher_check``) and the report;
-3. the other teacher family (``stkd train-teacher`` with the same data, schedule and seed), and
-   its test MAE (``stkd evaluate``'s code path), so both teachers are compared on the same split.
+3. the other teacher family (``stkd train-teacher`` with the same data, schedule and seed, plus
+   any ``--other-set`` overrides), and its test MAE (``stkd evaluate``'s code path), so both teachers are compared on the same split.
 
 Targets: each teacher beats last value and historical average on test MAE; the distilled student
 beats the scratch student on mean test MAE on both datasets, with p < 0.05 (paired t-test) on at
@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def run_dataset(
     seeds: int,
     overrides: list[str],
     log: Path,
-    other_overrides: list[str] = [],  # noqa: B006  (read only)
+    other_overrides: Sequence[str] = (),
 ) -> DatasetResult:
     """Ingest, distil with ``seeds`` seeds, train the other teacher family; collect.
 

@@ -8,7 +8,8 @@ For each dataset (its preset of the same name, H = 12):
    on the same shard plans and initialisation), the side-by-side evaluation (test MAE, parameters,
    CPU latency of one batch), the statistics (``kd_vs_scratch``, ``teacher_check``) and the report;
 3. the other teacher family (``stkd train-teacher`` with the same data, schedule and seed, plus
-   any ``--other-set`` overrides), and its test MAE (``stkd evaluate``'s code path), so both teachers are compared on the same split.
+   any ``--other-set`` overrides), and its test MAE (``stkd evaluate``'s code path), so both
+   teachers are compared on the same split.
 
 Targets: each teacher beats last value and historical average on test MAE; the distilled student
 beats the scratch student on mean test MAE on both datasets, with p < 0.05 (paired t-test) on at

@@ -17,8 +17,12 @@ from stkd_dist.config.schema import ROLES, Config
 from stkd_dist.errors import ConfigError, StkdError
 
 
-def validate_model(cfg: Config, role: str, source: str | None = None) -> None:
-    """Build ``cfg.<role>``'s model on small dimensions; unknown keys or kwargs raise."""
+def build_small(cfg: Config, role: str, source: str | None = None) -> Any:
+    """``cfg.<role>``'s model (a ``Forecaster``) built on small dimensions (3 nodes).
+
+    Raises :class:`ConfigError` naming ``<role>.model`` / ``<role>.kwargs`` for an unknown model
+    or a kwarg it does not take or rejects.
+    """
     # imported here: torch is needed only to build a model, not to load or print a config
     from stkd_dist.data.batch import DataDims
     from stkd_dist.models import build_forecaster
@@ -38,6 +42,14 @@ def validate_model(cfg: Config, role: str, source: str | None = None) -> None:
         raise ConfigError(e.message, where=f"{prefix}{role}.model/{role}.kwargs") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e), where=f"{prefix}{role}.kwargs") from None
+    return model
+
+
+def validate_model(cfg: Config, role: str, source: str | None = None) -> None:
+    """Build ``cfg.<role>``'s model on small dimensions; unknown keys or kwargs raise."""
+    model = build_small(cfg, role, source)
+    section = cfg.model(role)
+    prefix = f"{source}: " if source else ""
     if role == "teacher" and cfg.teacher.dataset is not None and not model.transferable:
         raise ConfigError(
             f"teacher.dataset trains the teacher on another dataset, but {section.model!r} "

@@ -60,6 +60,9 @@ class Network(nn.Module):
     #: whether no parameter depends on the node count, so the trained weights forecast
     #: another graph's nodes (given its adjacency and statistics): see :meth:`Forecaster.rebound`
     transferable: bool = False
+    #: whether it learns a vector per day of the week: those of weekdays the training split does
+    #: not hold stay untrained (see :mod:`stkd_dist.data.calendar`)
+    learns_weekdays: bool = False
 
     def __init__(self, dims: DataDims, spread: bool = False) -> None:
         super().__init__()
@@ -238,6 +241,11 @@ class Forecaster(nn.Module):
     def transferable(self) -> bool:
         """Whether the network's weights can forecast another graph (:meth:`rebound`)."""
         return bool(getattr(self.network, "transferable", False))
+
+    @property
+    def learns_weekdays(self) -> bool:
+        """Whether the network learns an embedding per day of the week (its ``dow_dim`` > 0)."""
+        return bool(getattr(self.network, "learns_weekdays", False))
 
     def spec(self) -> dict[str, Any]:
         """JSON-serialisable ``{key, kwargs, dims, transferable}`` that :meth:`from_spec`

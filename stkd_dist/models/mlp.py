@@ -72,6 +72,7 @@ class STIDNet(Network):
         if self.node_emb is not None:
             nn.init.xavier_uniform_(self.node_emb)
         self.time_emb = TimeEmbedding(tod_dim, dow_dim, slots)
+        self.learns_weekdays = dow_dim > 0
         hidden = embed_dim + node_dim + self.time_emb.dim
         self.encoder = nn.Sequential(*(ResidualMLP(hidden, dropout) for _ in range(num_layers)))
         self.head = nn.Linear(hidden, self.head_size)

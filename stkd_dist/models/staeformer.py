@@ -146,6 +146,7 @@ class STAEformer(Network):
         self.input_proj = nn.Linear(dims.in_channels, input_dim)
         self.tod = nn.Embedding(slots, tod_dim) if tod_dim else None
         self.dow = nn.Embedding(7, dow_dim) if dow_dim else None
+        self.learns_weekdays = dow_dim > 0
         self.adaptive = (
             nn.Parameter(torch.empty(dims.input_steps, dims.nodes, adaptive_dim))
             if adaptive_dim

@@ -50,6 +50,7 @@ from stkd_dist.pipeline.findings import (
     seed_experiment,
     split_mae,
     teacher_check,
+    weekday_check,
     with_seed,
     write_findings,
 )
@@ -282,6 +283,9 @@ class _Pipeline:
         check = teacher_check(self.teacher.val_mae, base)
         self.ui.echo(check["message"])
         findings: dict[str, Any] = {"teacher_check": check}
+        weekdays = weekday_check(self.cfg, self.store.time)
+        if weekdays is not None:
+            findings["weekday_check"] = weekdays
         detail = "teacher beats both baselines" if check["beats_baselines"] else check["message"]
         seeds = extra_seeds(self.cfg)
         if seeds:
@@ -337,6 +341,9 @@ class _Pipeline:
     def run(self) -> DistillOutcome:
         t0 = time.perf_counter()
         self.graph.dataset()
+        weekdays = weekday_check(self.cfg, self.store.time)
+        if weekdays is not None:
+            self.ui.echo(weekdays["message"])
         with self.ray:
             self.teacher = self.graph.teacher()
             if self.cfg.teacher.dataset is not None:

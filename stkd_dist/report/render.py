@@ -33,7 +33,7 @@ from stkd_dist.report.sweep_section import sweep_board, sweep_notes
 
 #: ``metrics.json`` entries that are findings of the run, not models (see
 #: :mod:`stkd_dist.pipeline.findings`)
-FINDINGS = ("kd_vs_scratch", "labels", "rounds", "teacher_check")
+FINDINGS = ("kd_vs_scratch", "labels", "rounds", "teacher_check", "weekday_check")
 LEARNED = ("teacher", "student_kd", "student_scratch")
 BASELINES = ("last_value", "historical_average")
 
@@ -153,6 +153,9 @@ def finding_lines(findings: dict[str, Any]) -> list[str]:
     check = findings.get("teacher_check")
     if check is not None and not check.get("beats_baselines", True):
         lines.append(f"**Teacher check:** {check['message']}.")
+    weekdays = findings.get("weekday_check")
+    if weekdays is not None:
+        lines.append(f"**Weekday check:** {weekdays['message']}.")
     entry = findings.get("kd_vs_scratch")
     if entry is not None:
         text = entry.get("verdict", "")

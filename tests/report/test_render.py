@@ -125,9 +125,15 @@ def test_findings_verdict_and_integers(run_dir: Path):
         "beats_baselines": False,
         "message": "warning: the teacher (validation MAE 4.1) does not beat last value 4.0",
     }
+    metrics["weekday_check"] = {
+        "unseen_weekdays": [3, 4],
+        "roles": ["student"],
+        "message": "warning: the training split holds Mon, Tue, Wed, Sat, Sun only",
+    }
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     md, page = write_report(run_dir)
     text = md.read_text()
+    assert "**Weekday check:** warning: the training split holds Mon, Tue, Wed, Sat, Sun" in text
     assert (
         "The distilled student (test MAE 3.200) beat the student trained without distillation "
         "(3.400) and beat both naive baselines; its test MAE is 6.7 % above the teacher's."

@@ -26,6 +26,8 @@ import torch
 
 from stkd_dist.config import Config
 from stkd_dist.config.schema import ROLES
+from stkd_dist.config.validate import build_small
+from stkd_dist.data.calendar import split_weekdays, unseen_weekdays, weekday_names
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.labels.usage import LabelUse
 from stkd_dist.location import Location, read_json, write_json_atomic
@@ -120,9 +122,6 @@ def weekday_check(cfg: Config, time: pd.DatetimeIndex) -> dict[str, Any] | None:
     split does not hold forecasts those days with untrained vectors: a finding, and a one-line
     warning naming the ``<role>.kwargs.dow_dim`` keys to set to 0.
     """
-    from stkd_dist.config.validate import build_small
-    from stkd_dist.data.calendar import split_weekdays, unseen_weekdays, weekday_names
-
     unseen = unseen_weekdays(time, cfg.data.splits())
     roles = [r for r in ROLES if build_small(cfg, r).learns_weekdays]
     if not unseen or not roles:

@@ -45,7 +45,7 @@ def test_builtin_presets_exist_load_and_validate() -> None:
         "stgnn",  # each real dataset's measured better teacher (bench/RESULTS.md)
         "mlp",
     )
-    assert pems.teacher.model == "stgnn"
+    assert pems.teacher.model == "staeformer"
 
 
 def test_file_values_defaults_and_run_name_from_stem(tmp_path: Path) -> None:

@@ -89,3 +89,19 @@ def config_from_args(args: argparse.Namespace, roles: Sequence[str] = ROLES) -> 
     # before any storage path is opened; also inherited by the Ray workers this process starts
     set_storage_options(cfg.storage.options)
     return cfg
+
+
+def warn_untrained_weekdays(cfg: Config, storage: str | None, role: str) -> None:
+    """Print the one-line ``weekday_check`` warning when ``cfg.<role>``'s day-of-week embedding
+    cannot train on the store's training split (``distill`` records it in ``metrics.json``)."""
+    from stkd_dist.config.validate import weekday_check
+    from stkd_dist.errors import StkdError
+    from stkd_dist.storage import open_store
+
+    try:
+        store = open_store(cfg.data.dataset, storage)
+    except StkdError:
+        return  # the training call reports a missing or unreadable store, with its fix
+    entry = weekday_check(cfg, store.time, roles=(role,))
+    if entry is not None:
+        print(entry["message"])

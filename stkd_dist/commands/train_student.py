@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from stkd_dist.commands import SUMMARIES
-from stkd_dist.commands._common import add_config_args, config_from_args
+from stkd_dist.commands._common import add_config_args, config_from_args, warn_untrained_weekdays
 from stkd_dist.serving.client import ClientOptions
 
 CLIENT_DEFAULTS = ClientOptions()
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from stkd_dist.train.student import StudentRequest, train_student
 
     cfg = config_from_args(args, roles=("student",))
+    warn_untrained_weekdays(cfg, args.storage, "student")
     teachers = (
         *(parse_teacher(t) for t in args.teacher),
         *(parse_labels(t) for t in args.labels),

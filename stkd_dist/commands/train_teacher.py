@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from stkd_dist.commands import SUMMARIES
-from stkd_dist.commands._common import add_config_args, config_from_args
+from stkd_dist.commands._common import add_config_args, config_from_args, warn_untrained_weekdays
 
 EPILOG = """\
 examples:
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from stkd_dist.train.teacher import train_teacher
 
     cfg = config_from_args(args, roles=("teacher",))
+    warn_untrained_weekdays(cfg, args.storage, "teacher")
     outcome = train_teacher(cfg, storage=args.storage)
     best = outcome.best
     status = "stopped early, " if outcome.stopped_early else ""

@@ -9,12 +9,15 @@ run it before they start a cluster, so a typo fails in a second instead of on ev
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from stkd_dist.config.models import LOSS_PARAMETERS, DistillSection
 from stkd_dist.config.schema import ROLES, Config
 from stkd_dist.errors import ConfigError, StkdError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def build_small(cfg: Config, role: str, source: str | None = None) -> Any:
@@ -43,6 +46,33 @@ def build_small(cfg: Config, role: str, source: str | None = None) -> Any:
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e), where=f"{prefix}{role}.kwargs") from None
     return model
+
+
+def weekday_check(
+    cfg: Config, time: pd.DatetimeIndex, roles: Sequence[str] = ROLES
+) -> dict[str, Any] | None:
+    """The ``weekday_check`` entry, or None when every model can learn what it is evaluated on.
+
+    A model with a day-of-week embedding (``dow_dim`` > 0) evaluated on weekdays that the training
+    split does not hold forecasts those days with untrained vectors: a finding, and a one-line
+    warning naming the ``<role>.kwargs.dow_dim`` keys to set to 0. ``distill`` checks both
+    models; ``train-teacher`` and ``train-student`` check the one they train (``roles``).
+    """
+    # imported here: pandas is needed only with a store's time axis, not to load a config
+    from stkd_dist.data.calendar import split_weekdays, unseen_weekdays, weekday_names
+
+    unseen = unseen_weekdays(time, cfg.data.splits())
+    learning = [r for r in roles if build_small(cfg, r).learns_weekdays]
+    if not unseen or not learning:
+        return None
+    keys = " and ".join(f"{r}.kwargs.dow_dim" for r in learning)
+    trained = weekday_names(split_weekdays(time, cfg.data.splits())["train"])
+    message = (
+        f"warning: the training split holds {trained} only; the validation/test splits also hold "
+        f"{weekday_names(unseen)}, whose day-of-week embedding the {' and '.join(learning)} never "
+        f"{'trains' if len(learning) == 1 else 'train'}: set {keys} to 0 for a store this short"
+    )
+    return {"unseen_weekdays": unseen, "roles": learning, "message": message}
 
 
 def validate_model(cfg: Config, role: str, source: str | None = None) -> None:

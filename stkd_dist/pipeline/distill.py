@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stkd_dist.config import Config, write_config
+from stkd_dist.config.validate import weekday_check
 from stkd_dist.labels.usage import label_use
 from stkd_dist.location import (
     Location,
@@ -50,7 +51,6 @@ from stkd_dist.pipeline.findings import (
     seed_experiment,
     split_mae,
     teacher_check,
-    weekday_check,
     with_seed,
     write_findings,
 )

@@ -7,7 +7,7 @@ The entries of ``metrics.json`` that are not models:
   line and the report flags it;
 * ``weekday_check`` (only when it fails): the weekdays of the validation/test splits that the
   training split does not hold, and the models whose day-of-week embedding therefore leaves them
-  untrained (:func:`weekday_check`);
+  untrained (:func:`stkd_dist.config.validate.weekday_check`);
 * ``labels``: what the soft labels cost the teacher: ``teacher_windows_computed`` against the
   ``distinct_windows`` the students read (equal when each window was computed once);
 * ``kd_vs_scratch`` (``run.seeds`` >= 2): the test MAE of the distilled and the scratch student of
@@ -21,13 +21,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pandas as pd
 import torch
 
 from stkd_dist.config import Config
-from stkd_dist.config.schema import ROLES
-from stkd_dist.config.validate import build_small
-from stkd_dist.data.calendar import split_weekdays, unseen_weekdays, weekday_names
 from stkd_dist.data.reader import WindowReader
 from stkd_dist.labels.usage import LabelUse
 from stkd_dist.location import Location, read_json, write_json_atomic
@@ -113,27 +109,6 @@ def teacher_check(teacher_val_mae: float, baselines_val_mae: Mapping[str, float]
         "beats_baselines": ok,
         "message": message,
     }
-
-
-def weekday_check(cfg: Config, time: pd.DatetimeIndex) -> dict[str, Any] | None:
-    """The ``weekday_check`` entry, or None when every model can learn what it is evaluated on.
-
-    A model with a day-of-week embedding (``dow_dim`` > 0) evaluated on weekdays that the training
-    split does not hold forecasts those days with untrained vectors: a finding, and a one-line
-    warning naming the ``<role>.kwargs.dow_dim`` keys to set to 0.
-    """
-    unseen = unseen_weekdays(time, cfg.data.splits())
-    roles = [r for r in ROLES if build_small(cfg, r).learns_weekdays]
-    if not unseen or not roles:
-        return None
-    keys = " and ".join(f"{r}.kwargs.dow_dim" for r in roles)
-    trained = weekday_names(split_weekdays(time, cfg.data.splits())["train"])
-    message = (
-        f"warning: the training split holds {trained} only; the validation/test splits also hold "
-        f"{weekday_names(unseen)}, whose day-of-week embedding the {' and '.join(roles)} never "
-        f"{'trains' if len(roles) == 1 else 'train'}: set {keys} to 0 for a store this short"
-    )
-    return {"unseen_weekdays": unseen, "roles": roles, "message": message}
 
 
 def write_findings(metrics_path: Location, findings: Mapping[str, Any]) -> None:

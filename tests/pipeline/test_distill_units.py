@@ -235,29 +235,6 @@ def test_teacher_check_and_findings_in_metrics(layout: RunLayout) -> None:
     assert models == {"teacher": {"mae": 1.0}} and list(findings) == ["teacher_check"]
 
 
-def test_weekday_check_names_the_models_with_untrained_weekday_embeddings() -> None:
-    import pandas as pd
-
-    from stkd_dist.pipeline.findings import weekday_check
-
-    week = pd.date_range("2000-01-01", periods=2016, freq="5min")  # Sat to Fri
-    cfg = load_config("demo", ["student.kwargs.dow_dim=8"])
-    entry = weekday_check(cfg, week)
-    assert entry is not None
-    assert entry["unseen_weekdays"] == [3, 4] and entry["roles"] == ["student"]
-    assert entry["message"] == (
-        "warning: the training split holds Mon, Tue, Wed, Sat, Sun only; the validation/test "
-        "splits also hold Thu, Fri, whose day-of-week embedding the student never trains: set "
-        "student.kwargs.dow_dim to 0 for a store this short"
-    )
-    # the stgnn teacher reads the weekday as a number, it learns no vector per weekday
-    assert weekday_check(load_config("demo", ["student.kwargs.dow_dim=0"]), week) is None
-    four_weeks = pd.date_range("2000-01-01", periods=8064, freq="5min")
-    assert weekday_check(cfg, four_weeks) is None
-    both = load_config("demo", ["teacher.model=staeformer", "teacher.kwargs={}"])
-    assert weekday_check(both, week)["roles"] == ["teacher", "student"]
-
-
 def test_further_seeds_have_their_own_experiments() -> None:
     from stkd_dist.pipeline.findings import extra_seeds, seed_experiment, with_seed
 

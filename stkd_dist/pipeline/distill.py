@@ -46,6 +46,7 @@ from stkd_dist.location import (
 from stkd_dist.pipeline.findings import (
     baseline_predictors,
     extra_seeds,
+    headroom_check,
     label_cost,
     model_predictor,
     seed_experiment,
@@ -282,7 +283,9 @@ class _Pipeline:
             base = split_mae(reader, baseline_predictors(reader), "val", batch)
         check = teacher_check(self.teacher.val_mae, base)
         self.ui.echo(check["message"])
-        findings: dict[str, Any] = {"teacher_check": check}
+        headroom = headroom_check(self.teacher.val_mae, self.model("student_scratch").val_mae)
+        self.ui.echo(headroom["message"])
+        findings: dict[str, Any] = {"teacher_check": check, "headroom": headroom}
         weekdays = weekday_check(self.cfg, self.store.time)
         if weekdays is not None:
             findings["weekday_check"] = weekdays

@@ -5,6 +5,9 @@ The entries of ``metrics.json`` that are not models:
 * ``teacher_check``: the teacher's validation MAE next to last value and historical average on
   the validation split. A teacher that does not beat both is a finding: ``distill`` says so in one
   line and the report flags it;
+* ``headroom``: the teacher's validation MAE next to the scratch student's. A teacher less than
+  2 % ahead of the student trained alone leaves distillation little to add: a finding, said in
+  one line and flagged in the report (:func:`headroom_check`);
 * ``weekday_check`` (only when it fails): the weekdays of the validation/test splits that the
   training split does not hold, and the models whose day-of-week embedding therefore leaves them
   untrained (:func:`stkd_dist.config.validate.weekday_check`);
@@ -107,6 +110,50 @@ def teacher_check(teacher_val_mae: float, baselines_val_mae: Mapping[str, float]
         "validation_mae": {"teacher": teacher_val_mae, **dict(baselines_val_mae)},
         "beats": beats,
         "beats_baselines": ok,
+        "message": message,
+    }
+
+
+#: the least relative validation-MAE advantage of the teacher over the scratch student that a
+#: run is not flagged for: on the real stores of ``bench/RESULTS.md`` the teachers were within
+#: 0.5 % of the scratch students (or behind them), and no distilled student beat its scratch twin
+HEADROOM = 0.02
+
+
+def headroom_check(teacher_val_mae: float, scratch_val_mae: float) -> dict[str, Any]:
+    """The ``headroom`` entry: does the teacher know more than the student learns alone?
+
+    Compares the best validation MAE of the teacher and of the run's scratch student (seed
+    ``run.seed``): distillation can only add what the teacher does better, so a teacher less
+    than :data:`HEADROOM` (relative) ahead, or behind, is a finding with a one-line warning.
+    """
+    gap = (scratch_val_mae - teacher_val_mae) / scratch_val_mae
+    worth = gap >= HEADROOM
+    both = f"teacher {teacher_val_mae:.4g}, scratch student {scratch_val_mae:.4g}"
+    advice = (
+        "a stronger teacher (more data, an ensemble of teachers) or a smaller student is what "
+        "would let distillation pay"
+    )
+    if worth:
+        message = (
+            f"the teacher's validation MAE is {100 * gap:.1f} % below the scratch student's "
+            f"({both}): it knows more than the student learns alone"
+        )
+    elif gap > 0:
+        message = (
+            f"warning: the teacher's validation MAE is only {100 * gap:.1f} % below the scratch "
+            f"student's ({both}), under {100 * HEADROOM:.0f} %: there is little for distillation "
+            f"to add; {advice}"
+        )
+    else:
+        message = (
+            f"warning: the scratch student is as good as the teacher on validation or better "
+            f"({both}): distillation has nothing to add here; {advice}"
+        )
+    return {
+        "validation_mae": {"teacher": teacher_val_mae, "student_scratch": scratch_val_mae},
+        "relative_gap": gap,
+        "worth_distilling": worth,
         "message": message,
     }
 

@@ -33,7 +33,7 @@ from stkd_dist.report.sweep_section import sweep_board, sweep_notes
 
 #: ``metrics.json`` entries that are findings of the run, not models (see
 #: :mod:`stkd_dist.pipeline.findings`)
-FINDINGS = ("kd_vs_scratch", "labels", "rounds", "teacher_check", "weekday_check")
+FINDINGS = ("headroom", "kd_vs_scratch", "labels", "rounds", "teacher_check", "weekday_check")
 LEARNED = ("teacher", "student_kd", "student_scratch")
 BASELINES = ("last_value", "historical_average")
 
@@ -148,11 +148,14 @@ def headline_verdict(inp: ReportInputs) -> str:
 
 
 def finding_lines(findings: dict[str, Any]) -> list[str]:
-    """Plain-words lines of the run's findings (teacher check, distilled vs scratch)."""
+    """Plain-words lines of the run's findings (teacher check, headroom, distilled vs scratch)."""
     lines = []
     check = findings.get("teacher_check")
     if check is not None and not check.get("beats_baselines", True):
         lines.append(f"**Teacher check:** {check['message']}.")
+    headroom = findings.get("headroom")
+    if headroom is not None and not headroom.get("worth_distilling", True):
+        lines.append(f"**Headroom:** {headroom['message']}.")
     weekdays = findings.get("weekday_check")
     if weekdays is not None:
         lines.append(f"**Weekday check:** {weekdays['message']}.")

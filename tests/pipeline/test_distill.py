@@ -161,6 +161,19 @@ def test_metrics_json_has_every_model_and_baseline(run: Run) -> None:
         assert "params" not in metrics[name] and "latency_ms" not in metrics[name]
     # the two students have the same architecture
     assert metrics["student_kd"]["params"] == metrics["student_scratch"]["params"]
+    # headroom: the best validation MAEs of the teacher and the scratch student, as their
+    # training histories logged them epoch by epoch, and said in one line
+    best = {}
+    for name in ("teacher", "student_scratch"):
+        lines = (run.run_dir / name / "history.jsonl").read_text().splitlines()
+        best[name] = min(json.loads(line)["val_mae"] for line in lines if line.strip())
+    headroom = metrics["headroom"]
+    assert headroom["validation_mae"] == pytest.approx(best, rel=1e-12)
+    gap = (best["student_scratch"] - best["teacher"]) / best["student_scratch"]
+    assert headroom["relative_gap"] == pytest.approx(gap) and headroom["worth_distilling"] == (
+        gap >= 0.02
+    )
+    assert headroom["message"] in run.first.stdout
 
 
 def test_run_directory_holds_config_checkpoints_report(run: Run) -> None:

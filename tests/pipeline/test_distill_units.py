@@ -235,6 +235,33 @@ def test_teacher_check_and_findings_in_metrics(layout: RunLayout) -> None:
     assert models == {"teacher": {"mae": 1.0}} and list(findings) == ["teacher_check"]
 
 
+def test_headroom_check_says_whether_the_teacher_knows_more_than_the_student() -> None:
+    from stkd_dist.pipeline.findings import headroom_check
+
+    ahead = headroom_check(3.0, 3.3)  # (3.3 - 3.0) / 3.3 = 9.1 %
+    assert ahead["worth_distilling"] and ahead["relative_gap"] == pytest.approx(0.3 / 3.3)
+    assert ahead["message"] == (
+        "the teacher's validation MAE is 9.1 % below the scratch student's (teacher 3, scratch "
+        "student 3.3): it knows more than the student learns alone"
+    )
+    close = headroom_check(3.25, 3.3)  # 1.5 %: under the 2 % threshold
+    assert not close["worth_distilling"]
+    assert close["message"].startswith(
+        "warning: the teacher's validation MAE is only 1.5 % below the scratch student's "
+        "(teacher 3.25, scratch student 3.3), under 2 %: there is little for distillation to add"
+    )
+    # Los-loop's preset teacher and student as measured: the student alone is better
+    behind = headroom_check(3.286, 3.261)
+    assert not behind["worth_distilling"] and behind["relative_gap"] < 0
+    assert behind["message"] == (
+        "warning: the scratch student is as good as the teacher on validation or better "
+        "(teacher 3.286, scratch student 3.261): distillation has nothing to add here; a "
+        "stronger teacher (more data, an ensemble of teachers) or a smaller student is what "
+        "would let distillation pay"
+    )
+    assert behind["validation_mae"] == {"teacher": 3.286, "student_scratch": 3.261}
+
+
 def test_further_seeds_have_their_own_experiments() -> None:
     from stkd_dist.pipeline.findings import extra_seeds, seed_experiment, with_seed
 

@@ -125,6 +125,10 @@ def test_findings_verdict_and_integers(run_dir: Path):
         "beats_baselines": False,
         "message": "warning: the teacher (validation MAE 4.1) does not beat last value 4.0",
     }
+    metrics["headroom"] = {
+        "worth_distilling": False,
+        "message": "warning: the scratch student is as good as the teacher on validation",
+    }
     metrics["weekday_check"] = {
         "unseen_weekdays": [3, 4],
         "roles": ["student"],
@@ -139,6 +143,7 @@ def test_findings_verdict_and_integers(run_dir: Path):
         "(3.400) and beat both naive baselines; its test MAE is 6.7 % above the teacher's."
     ) in text
     assert "**Teacher check:** warning: the teacher" in text
+    assert "**Headroom:** warning: the scratch student is as good as the teacher" in text
     assert "**Distilled vs scratch over seeds:** Distillation did not help" in text
     assert "| 2 | 3.300 | 3.300 |" in text  # per-seed table
     html = page.read_text()

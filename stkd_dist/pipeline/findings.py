@@ -131,8 +131,8 @@ def headroom_check(teacher_val_mae: float, scratch_val_mae: float) -> dict[str, 
     worth = gap >= HEADROOM
     both = f"teacher {teacher_val_mae:.4g}, scratch student {scratch_val_mae:.4g}"
     advice = (
-        "a stronger teacher (more data, an ensemble of teachers) or a smaller student is what "
-        "would let distillation pay"
+        "it needs a teacher clearly ahead of the student trained alone (trained on "
+        "more data, or a stronger model)"
     )
     if worth:
         message = (

@@ -255,9 +255,9 @@ def test_headroom_check_says_whether_the_teacher_knows_more_than_the_student() -
     assert not behind["worth_distilling"] and behind["relative_gap"] < 0
     assert behind["message"] == (
         "warning: the scratch student is as good as the teacher on validation or better "
-        "(teacher 3.286, scratch student 3.261): distillation has nothing to add here; a "
-        "stronger teacher (more data, an ensemble of teachers) or a smaller student is what "
-        "would let distillation pay"
+        "(teacher 3.286, scratch student 3.261): distillation has nothing to add here; "
+        "it needs a teacher clearly ahead of the student trained alone (trained on "
+        "more data, or a stronger model)"
     )
     assert behind["validation_mae"] == {"teacher": 3.286, "student_scratch": 3.261}
 

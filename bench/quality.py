@@ -43,6 +43,7 @@ from bench.quality_report import (
     DatasetResult,
     section,
 )
+from bench.results import publish
 from bench.timed import Timed, check, run_timed, stkd_argv
 
 DEFAULT_STORAGE = REPO / "bench" / "out" / "quality"
@@ -246,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in names
     ]
     text = section(results, argv, started)
-    print(text)
-    if not args.no_write:
-        from bench import results as results_md
-
-        results_md.write_section(HEADING, text)
-        print(f"wrote the section {HEADING!r} of {results_md.RESULTS}", file=sys.stderr)
+    publish(HEADING, text, write=not args.no_write)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -27,3 +28,11 @@ def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(new)
     tmp.replace(path)
+
+
+def publish(heading: str, text: str, write: bool = True, path: Path = RESULTS) -> None:
+    """Print a benchmark's section and, with ``write``, replace it in ``path``."""
+    print(text)
+    if write:
+        write_section(heading, text, path)
+        print(f"wrote the section {heading!r} of {path}", file=sys.stderr)

@@ -18,7 +18,7 @@ commands, for several seeds:
 
 Runs already complete in ``--storage`` are reused (``train-teacher`` and ``train-student`` do
 not train a finished run again), so the section can be rewritten from the same models. Writes the
-section ``## Distilling an ensemble of teachers`` of ``bench/RESULTS.md``.
+section ``## Distilling an ensemble of teachers: <dataset>`` of ``bench/RESULTS.md``.
 
 Usage::
 
@@ -40,7 +40,8 @@ from bench.quality_report import REPO, SHARED_DATA
 from bench.results import publish
 from bench.timed import Timed, check, run_timed, stkd_argv
 
-HEADING = "## Distilling an ensemble of teachers"
+#: each dataset has a section of its own, so a run on one keeps the other's
+HEADING = "## Distilling an ensemble of teachers: {dataset}"
 DEFAULT_STORAGE = REPO / "bench" / "out" / "ensemble"
 OTHER_EPOCHS = 10
 
@@ -210,7 +211,7 @@ def section(dataset: str, m: dict[str, Any], cmds: list[Timed], argv: list[str])
     t, o, e = m["teacher"], m["other"], m["ensemble"]
     st = m["students"]
     lines = [
-        HEADING,
+        HEADING.format(dataset=dataset),
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {dataset}, 2 CPU cores, with the product's "
         "commands (runs already complete in the storage are reused):",
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.teacher_run, args.other_run),
     )
     text = section(args.dataset, measure(args.dataset, storage, runs, args.seeds), cmds, argv)
-    publish(HEADING, text, write=not args.no_write)
+    publish(HEADING.format(dataset=args.dataset), text, write=not args.no_write)
     return 0
 
 

@@ -115,8 +115,10 @@ def teacher_check(teacher_val_mae: float, baselines_val_mae: Mapping[str, float]
 
 
 #: the least relative validation-MAE advantage of the teacher over the scratch student that a
-#: run is not flagged for: on the real stores of ``bench/RESULTS.md`` the teachers were within
-#: 0.5 % of the scratch students (or behind them), and no distilled student beat its scratch twin
+#: run is not flagged for. A judgement, not a measured boundary: on Los-loop the preset's teacher
+#: is behind its scratch student on validation and no distilled student beat its scratch twin
+#: (``bench/RESULTS.md``); passing it is no promise, the demo's teacher is 2.7 % ahead and its
+#: distilled student still loses
 HEADROOM = 0.02
 
 

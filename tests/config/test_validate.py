@@ -9,7 +9,6 @@ from stkd_dist.config.validate import weekday_check
 
 
 def test_weekday_check_names_the_models_with_untrained_weekday_embeddings() -> None:
-
     week = pd.date_range("2000-01-01", periods=2016, freq="5min")  # Sat to Fri
     cfg = load_config("demo", ["student.kwargs.dow_dim=8"])
     entry = weekday_check(cfg, week)

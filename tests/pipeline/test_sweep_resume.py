@@ -83,6 +83,14 @@ def _state_saved(tune_dir: Path, started: list[Path]) -> bool:
     )
 
 
+def _epochs(progress: Path) -> list[int] | None:
+    """The epochs in a trial's Tune ``progress.csv`` in storage, or None while it has none."""
+    try:
+        return [int(e) for e in pd.read_csv(progress)["epoch"]]
+    except (OSError, pd.errors.EmptyDataError, KeyError):
+        return None
+
+
 def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
     env = make_env(tmp_path, run="resume", samples=2, max_epochs=2, max_concurrent=1)
     storage, log = tmp_path / "storage", tmp_path / "sweep.log"
@@ -101,17 +109,24 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         assert _state_saved(tune, _started(records)), log.read_text()[-3000:]
+        # Tune's own record of the finished trial's epochs, read in storage before the kill:
+        # the driver re-uploads every file of its experiment at each save, and a kill in the
+        # middle of one such copy leaves that file truncated in a local storage root
+        done = _started(records)[0]
+        progress = tune / f"trial_{done.name}" / "progress.csv"
+        while time.monotonic() < deadline and _epochs(progress) != [0, 1]:
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert _epochs(progress) == [0, 1], log.read_text()[-3000:]
         os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-sweep
         first.wait(timeout=30)
     finally:
         _end_group(first)
     assert first.returncode == -signal.SIGKILL
     assert not (sweep_dir / "leaderboard.csv").exists()
-    done = _started(records)[0]
+    assert _started(records)[0] == done
     done_starts = read_starts(done)
-    progress = sweep_dir / "tune" / f"trial_{done.name}" / "progress.csv"
-    done_epochs = list(pd.read_csv(progress)["epoch"])
-    assert done_epochs == [0, 1]
+    done_progress = progress.read_bytes()
     # the windows the killed sweep's replica wrote through to the run's label cache
     (cache_path,) = (storage / "runs" / "resume" / "labels").glob("*.zarr")
     cached_before = LabelCache(cache_path).filled_windows("train")
@@ -130,7 +145,7 @@ def test_killed_sweep_resumes_and_keeps_finished_trials(tmp_path: Path) -> None:
     assert set(board["trial"]) == {d.name for d in _started(records)}
     # the trial that had finished was not run again: no new start, no new epoch
     assert read_starts(done) == done_starts
-    assert list(pd.read_csv(progress)["epoch"]) == done_epochs
+    assert progress.read_bytes() == done_progress  # Tune logged no result of it after the kill
     for trial in _started(records):
         starts = read_starts(trial)
         assert starts[0]["after_epoch"] == -1 and len(starts) <= 2

@@ -10,6 +10,7 @@ from typing import Any
 from upath import UPath
 
 from stkd_dist.location.urls import SCRATCH_ENV, as_path, is_remote, location, storage_options
+from stkd_dist.location.whole_files import whole_file_filesystem
 
 
 def zarr_store(loc: UPath, read_only: bool = True) -> Any:
@@ -25,15 +26,17 @@ def zarr_store(loc: UPath, read_only: bool = True) -> Any:
 
 
 def pyarrow_filesystem(loc: UPath) -> tuple[Any, str]:
-    """``(pyarrow.fs.FileSystem or None, path)`` for Ray Train/Tune's ``storage_path``.
+    """``(pyarrow.fs.FileSystem, path)`` for Ray Train/Tune's ``storage_path``.
 
-    Local paths give ``(None, absolute path)``. A remote URL gives pyarrow's own filesystem for
-    it (which reads ``AWS_ENDPOINT_URL`` and the credentials itself) wrapped around fsspec's when
-    fsspec options are configured, so Ray and stkd-dist reach the same endpoint.
+    A local path gives the :func:`~stkd_dist.location.whole_files.whole_file_filesystem` and
+    the absolute path: a Ray process killed while it writes its state there leaves the previous
+    file, not one cut short. A remote URL gives pyarrow's own filesystem for it (which reads
+    ``AWS_ENDPOINT_URL`` and the credentials itself) wrapped around fsspec's when fsspec
+    options are configured, so Ray and stkd-dist reach the same endpoint.
     """
     loc = location(loc)
     if not is_remote(loc):
-        return None, str(as_path(loc).absolute())
+        return whole_file_filesystem(), str(as_path(loc).absolute())
     import pyarrow.fs as pafs
 
     if storage_options(loc.protocol):

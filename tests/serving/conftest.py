@@ -3,6 +3,7 @@
 * ``teacher_env``: a store (600 steps, 5 nodes, 2 channels) and a checkpoint of a small ``lstm``
   teacher with spread, written with the real ``save_checkpoint`` (session scope).
 * ``direct``: the same teacher loaded in this process, for reference labels.
+* ``split_labels``: ``direct``'s labels and spread of every train and val window (session scope).
 * ``server_factory``: starts in-process servers on 127.0.0.1 and free ports (stopped afterwards).
 * ``spawn_servers``: runs ``stkd serve`` in subprocesses and waits until they are ready.
 """
@@ -192,3 +193,15 @@ def spawn_servers(
         if sp.proc.poll() is None:
             sp.proc.send_signal(signal.SIGKILL)
         sp.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def split_labels(direct: Teacher) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The live teacher's labels of every window of train and val (the bits a cache must hold)."""
+    out = {}
+    for split in ("train", "val"):
+        got = direct.predict(np.asarray(direct.meta.splits[split]))
+        pred, spread = got.prediction, got.spread
+        assert spread is not None
+        out[split] = (pred, spread)
+    return out

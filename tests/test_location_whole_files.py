@@ -80,3 +80,35 @@ def test_a_writer_killed_mid_file_leaves_the_previous_file(tmp_path: Path) -> No
     assert partial.name.startswith(".experiment_state.json.")
     assert partial.name.endswith(PARTIAL_SUFFIX)
     assert partial.read_bytes() == b'{"compl'
+
+
+def test_a_failed_write_publishes_nothing(tmp_path: Path) -> None:
+    """A write the OS refuses (here: past the process's file size limit, EFBIG, as a full disk
+    refuses with ENOSPC) leaves the previous file and no partial one."""
+    target = tmp_path / "experiment_state.json"
+    target.write_bytes(b'{"complete": true}')
+    script = textwrap.dedent(
+        f"""
+        import errno, resource, signal
+        from stkd_dist.location import pyarrow_filesystem
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        fs, root = pyarrow_filesystem({str(tmp_path)!r})
+        try:
+            with fs.open_output_stream(root + "/experiment_state.json") as f:
+                f.write(b"x" * 1000)
+        except OSError as e:
+            print("refused", e.errno == errno.EFBIG, flush=True)
+        """
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=repo,
+        timeout=120,
+    )
+    assert out.stdout == b"refused True\n", out.stderr.decode()[-2000:]
+    assert target.read_bytes() == b'{"complete": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["experiment_state.json"]

@@ -12,7 +12,8 @@ not have the problem (an object is put whole).
 ``LocalFileSystem``, except that a written file goes to a hidden ``.<name>.<random>.partial``
 next to it and replaces the file only once it is closed (``os.replace``: atomic on POSIX within
 one filesystem). A kill leaves the previous file intact and, at worst, a ``.partial`` file that
-neither Ray nor stkd-dist reads.
+neither Ray nor stkd-dist reads; a failed write (a full disk) leaves the previous file and no
+``.partial``.
 """
 
 from __future__ import annotations
@@ -39,11 +40,27 @@ class _ReplaceOnClose(io.FileIO):
         # O_EXCL: the name is new; the mode is the usual 0o666 less the umask
         super().__init__(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
         self.partial = partial
+        self.failed = False
+
+    def write(self, data: Any) -> int:
+        """Write all of ``data`` (a raw write may write less) or mark the file failed."""
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += super().write(view[done:]) or 0
+        except BaseException:
+            self.failed = True  # a file short of some bytes is never published
+            raise
+        return done
 
     def close(self) -> None:
         if self.closed:
             return
         super().close()
+        if self.failed:
+            os.unlink(self.partial)  # the previous file, if any, stays as it was
+            return
         # atomic against a killed process (not a power cut: there is no fsync, which would
         # cost every one of Tune's frequent saves a disk flush)
         os.replace(self.partial, self.final)
